@@ -1,0 +1,193 @@
+"""`create_app(config)`: wires the Falcon ASGI app from one Config.
+
+Per-worker resources (the upstream session, the shared rate-limit table, metric files) are
+opened at ASGI lifespan startup, i.e. in the worker after gunicorn forked it, and closed at
+shutdown. Nothing here reads the environment or does I/O at import time.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import falcon
+import falcon.asgi
+
+from edge.auth import KeyStore
+from edge.config import Config
+from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
+from edge.middleware import AuthMiddleware, ContextMiddleware, RateLimitMiddleware
+from edge.ratelimit import RateLimiter
+from edge.resources import Completions, Health, MetricsResource, Models
+from edge.upstream import Upstream
+
+log = logging.getLogger("edge.app")
+
+
+class EdgeRequest(falcon.asgi.Request):
+    """Falcon's request plus the ASGI `receive` callable, used to notice a client hanging up
+    while a stream is relayed (Falcon does not watch for that on `resp.stream`)."""
+
+    __slots__ = ()
+
+    @property
+    def receive(self) -> Any:
+        return self._receive
+
+
+_HEAD_ONLY = {"type": "http.request", "body": b"", "more_body": True}
+
+
+class EdgeApp(falcon.asgi.App):
+    """The Falcon app, carrying its Runtime (tests look at it).
+
+    Falcon awaits the first ASGI body event before it dispatches, so a request whose headers
+    alone decide its fate (a Content-Length over the limit, a bad key) would wait for body
+    bytes the client may never send. Handing Falcon an empty first chunk lets the middleware
+    and handlers run as soon as the head is parsed; the body is then read on demand.
+    """
+
+    __slots__ = ("runtime",)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            receive = _head_first(receive)
+        await super().__call__(scope, receive, send)
+
+
+def _head_first(receive: Any) -> Any:
+    pending = True
+
+    async def head_then_body() -> Any:
+        nonlocal pending
+        if pending:
+            pending = False
+            return {**_HEAD_ONLY}  # a fresh event: Falcon owns what it is given
+        return await receive()
+
+    return head_then_body
+
+
+class Runtime:
+    """What one worker holds open: the upstream session, the limiter, the metrics."""
+
+    def __init__(
+        self, config: Config, metrics: Any, limiter_factory: Any, upstream: Upstream | None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.upstream = upstream
+        self.limiter: RateLimiter | None = None
+        self._limiter_factory = limiter_factory
+        self.started = False
+
+    @property
+    def ready(self) -> bool:
+        if not self.started:
+            return False
+        return self.upstream is None or self.upstream.ready
+
+    async def process_startup(self, scope: Any, event: Any) -> None:
+        if self._limiter_factory is not None:
+            self.limiter = self._limiter_factory()
+        if self.upstream is not None:
+            await self.upstream.start()
+        self.started = True
+
+    async def process_shutdown(self, scope: Any, event: Any) -> None:
+        self.started = False
+        if self.upstream is not None:
+            await self.upstream.close()
+        if self.limiter is not None:
+            self.limiter.close()
+
+
+def create_app(
+    config: Config,
+    keys: KeyStore | None = None,
+    limiter_factory: Any = None,
+) -> EdgeApp:
+    """The ASGI app for `config`.
+
+    `keys` is the KeyStore loaded by the gunicorn master (so a bad keys file stops the start,
+    not a worker); when None it is loaded here. `limiter_factory` opens the rate limiter in
+    the worker at startup; by default a process-local table is used (tests, single process).
+    """
+    if keys is None:
+        keys = KeyStore.load(config)
+    if config.rate_limit_enabled and limiter_factory is None:
+        from edge.ratelimit.local import LocalRateLimiter
+
+        slots = config.rate_limit_slots
+        policy = config.rate_limit_failure_policy
+
+        def limiter_factory() -> RateLimiter:
+            return LocalRateLimiter(slots, failure_policy=policy)
+
+    metrics = None
+    if config.enable_metrics:
+        from edge.metrics import Metrics
+
+        metrics = Metrics()
+    upstream = Upstream(config) if config.upstream_url else None
+    runtime = Runtime(
+        config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream
+    )
+
+    middleware: list[Any] = [runtime, ContextMiddleware(config, metrics)]
+    if config.auth_enabled:
+        middleware.append(AuthMiddleware(config, keys, metrics))
+    if config.rate_limit_enabled:
+        middleware.append(RateLimitMiddleware(config, runtime, metrics))
+
+    app = EdgeApp(request_type=EdgeRequest, middleware=middleware)
+    app.req_options.strip_url_path_trailing_slash = False
+    app.add_route("/v1/chat/completions", Completions(runtime, chat=True))
+    app.add_route("/v1/completions", Completions(runtime, chat=False))
+    app.add_route("/v1/models", Models(runtime))
+    health = Health(runtime)
+    app.add_route("/health", health)
+    app.add_route("/health/live", health, suffix="live")
+    app.add_route("/health/ready", health, suffix="ready")
+    if metrics is not None:
+        app.add_route("/metrics", MetricsResource(metrics))
+
+    app.add_error_handler(Exception, _unexpected_error)
+    app.add_error_handler(falcon.HTTPError, _falcon_error)
+    app.add_error_handler(ApiError, _api_error)
+    app.runtime = runtime
+    return app
+
+
+def _render(resp: Any, error: ApiError) -> None:
+    resp.status = error.status
+    resp.content_type = "application/json"
+    resp.data = error.body()
+    resp.stream = None
+    if error.headers:
+        resp.set_headers(error.headers)
+
+
+async def _api_error(req: Any, resp: Any, error: ApiError, params: Any) -> None:
+    _render(resp, error)
+
+
+async def _falcon_error(req: Any, resp: Any, error: falcon.HTTPError, params: Any) -> None:
+    status = error.status_code
+    if status == 404:
+        mapped: ApiError = NotFound(f"Unknown route: {req.method} {req.path[:200]}")
+    elif status == 405:
+        mapped = MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.")
+    else:
+        mapped = from_http_status(status, error.description or error.title or "Bad request.")
+    if error.headers:
+        mapped.headers.update(error.headers)
+    _render(resp, mapped)
+
+
+async def _unexpected_error(req: Any, resp: Any, error: Exception, params: Any) -> None:
+    log.error("unhandled error", exc_info=error)
+    _render(
+        resp,
+        ApiError("The server had an error while processing your request.", code="internal_error"),
+    )

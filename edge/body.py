@@ -1,0 +1,104 @@
+"""Read a request body within the size limit, and validate it just enough to proxy safely.
+
+The body is forwarded upstream byte for byte; parsing it here only checks its shape and learns
+the model and whether the client asked for a stream.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+
+from edge.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
+
+MAX_MODEL_LENGTH = 256
+MAX_MESSAGES = 100_000
+
+
+async def read_body(req: Any, limit: int) -> bytes:
+    """The whole body, refusing with 413 as soon as it is known to exceed `limit` bytes.
+
+    A declared Content-Length over the limit is refused before any of the body is read; a
+    chunked body is read piece by piece and refused at the first byte past the limit, so no
+    more than `limit` bytes are ever buffered.
+    """
+    length = req.content_length
+    if length is not None:
+        if length > limit:
+            raise _too_large(limit)
+        return await req.stream.readall() if length else b""
+    chunks = []
+    size = 0
+    async for chunk in req.stream:
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _too_large(limit: int) -> PayloadTooLarge:
+    return PayloadTooLarge(
+        f"Request body exceeds the limit of {limit} bytes.", headers={"connection": "close"}
+    )
+
+
+def check_content_type(content_type: str | None) -> None:
+    """JSON or nothing: anything else is 415."""
+    if content_type is None:
+        return
+    media = content_type.partition(";")[0].strip().lower()
+    if media != "application/json" and not media.endswith("+json"):
+        raise UnsupportedMediaType("Content-Type must be application/json.", param="content-type")
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise BadRequest("The request body is empty; expected a JSON object.")
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        raise BadRequest(
+            "The request body is not valid JSON (or not UTF-8, or nested too deeply)."
+        ) from None
+    if not isinstance(data, dict):
+        raise BadRequest("The request body must be a JSON object.")
+    return data
+
+
+def _common(data: dict[str, Any]) -> tuple[str, bool]:
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise BadRequest("'model' is required and must be a non-empty string.", param="model")
+    if len(model) > MAX_MODEL_LENGTH:
+        raise BadRequest(f"'model' must be at most {MAX_MODEL_LENGTH} characters.", param="model")
+    stream = data.get("stream", False)
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        raise BadRequest("'stream' must be a boolean.", param="stream")
+    return model, stream
+
+
+def validate_chat(data: dict[str, Any]) -> tuple[str, bool]:
+    """(model, stream) of a chat completion request, or BadRequest naming the param."""
+    model, stream = _common(data)
+    messages = data.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty array.", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise BadRequest(f"'messages' must have at most {MAX_MESSAGES} entries.", param="messages")
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise BadRequest(f"'messages[{index}]' must be an object.", param=f"messages[{index}]")
+    return model, stream
+
+
+def validate_completion(data: dict[str, Any]) -> tuple[str, bool]:
+    """(model, stream) of a legacy completion request, or BadRequest naming the param."""
+    model, stream = _common(data)
+    prompt = data.get("prompt")
+    if prompt is None or not isinstance(prompt, str | list):
+        raise BadRequest("'prompt' is required (a string or an array).", param="prompt")
+    return model, stream

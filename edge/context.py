@@ -1,0 +1,110 @@
+"""Per-request context: request id, W3C trace context, timings, and what later stages learn.
+
+The request id lives in a ContextVar as well as on the context object: uvicorn runs each
+request in its own task, so log records from any code running for a request (the upstream
+client, an error handler) carry that request's id and never another's.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from contextvars import ContextVar
+
+request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
+trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
+
+_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
+_ZERO_TRACE = "0" * 32
+_ZERO_SPAN = "0" * 16
+_MAX_TRACESTATE = 512
+
+
+def new_request_id() -> str:
+    return os.urandom(16).hex()
+
+
+def sane_request_id(value: str | None) -> str:
+    """The client's x-request-id if it is short and made of safe characters, else a new one."""
+    if value and _REQUEST_ID_RE.match(value):
+        return value
+    return new_request_id()
+
+
+def parse_traceparent(value: str | None) -> tuple[str, str] | None:
+    """(trace_id, flags) from a valid W3C traceparent header, else None."""
+    if not value:
+        return None
+    match = _TRACEPARENT_RE.match(value.strip().lower())
+    if match is None:
+        return None
+    version, trace_id, span_id, flags, rest = match.groups()
+    if version == "ff" or trace_id == _ZERO_TRACE or span_id == _ZERO_SPAN:
+        return None
+    if version == "00" and rest:
+        return None
+    return trace_id, flags
+
+
+class RequestContext:
+    """What the request path knows about one request. Never holds a key."""
+
+    __slots__ = (
+        "client",
+        "completion_tokens",
+        "identity",
+        "key",
+        "model",
+        "prompt_tokens",
+        "rate_decision",
+        "request_id",
+        "route",
+        "start",
+        "stream",
+        "trace_flags",
+        "trace_id",
+        "traceparent_out",
+        "tracestate",
+        "upstream_error",
+        "upstream_s",
+        "upstream_status",
+    )
+
+    def __init__(self, request_id: str, client: str | None) -> None:
+        self.start = time.perf_counter()
+        self.request_id = request_id
+        self.client = client
+        self.route: str | None = None
+        self.identity: str | None = None
+        self.key = None  # edge.auth.KeyEntry of an authenticated request
+        self.rate_decision = None
+        self.model: str | None = None
+        self.stream = False
+        self.upstream_status: int | None = None
+        self.upstream_s = 0.0
+        self.upstream_error: str | None = None  # timeout, connect, disconnect, invalid
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.trace_id: str | None = None
+        self.trace_flags = "01"
+        self.traceparent_out: str | None = None
+        self.tracestate: str | None = None
+
+    def set_trace(self, traceparent: str | None, tracestate: str | None, start_new: bool) -> None:
+        """Adopt the caller's trace, or start one when tracing is on; prepare what goes upstream.
+
+        Upstream gets the same trace id with a new parent span id (this hop), as W3C
+        propagation asks of an intermediary.
+        """
+        parsed = parse_traceparent(traceparent)
+        if parsed is not None:
+            self.trace_id, self.trace_flags = parsed
+            if tracestate and len(tracestate) <= _MAX_TRACESTATE and tracestate.isascii():
+                self.tracestate = tracestate
+        elif start_new:
+            self.trace_id = os.urandom(16).hex()
+        else:
+            return
+        self.traceparent_out = f"00-{self.trace_id}-{os.urandom(8).hex()}-{self.trace_flags}"

@@ -1,0 +1,159 @@
+"""Prometheus metrics in multiprocess mode.
+
+`PROMETHEUS_MULTIPROC_DIR` is set by gunicorn.conf.py before anything imports prometheus_client,
+so each worker's values go to files in that directory and `/metrics` (any worker) sums them.
+This module imports prometheus_client lazily, inside `Metrics.__init__`, so importing `edge`
+never fixes the value mode too early.
+
+Labels are bounded by construction: routes are URI templates (or "unmatched"), statuses are
+numbers, models are capped at MAX_MODEL_LABELS per worker with the rest counted as "other".
+No key, identity or raw path is ever a label.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from typing import Any
+
+from edge import __version__
+
+MAX_MODEL_LABELS = 32
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+OVERHEAD_BUCKETS = (
+    0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
+)  # fmt: skip
+SIZE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+
+
+class Metrics:
+    """The metric families of one worker, with label children cached for the hot path."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+        # A private registry: several apps in one test process must not collide. In
+        # multiprocess mode the values live in files whatever registry holds the families.
+        self.registry = registry = CollectorRegistry()
+        ns = "edge"
+        self.requests = Counter(
+            "requests", "HTTP requests answered, by route template, method and status.",
+            ["route", "method", "status"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.duration = Histogram(
+            "request_duration_seconds", "Time from request head to last response byte.",
+            ["route"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.overhead = Histogram(
+            "overhead_seconds", "The proxy's own time: total minus time waiting on the upstream.",
+            ["route"], namespace=ns, buckets=OVERHEAD_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.request_size = Histogram(
+            "request_size_bytes", "Request body sizes of proxied requests.",
+            ["route"], namespace=ns, buckets=SIZE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.in_flight = Gauge(
+            "requests_in_flight", "Requests being handled now, all workers.",
+            namespace=ns, multiprocess_mode="livesum", registry=registry,
+        )  # fmt: skip
+        self.auth_failures = Counter(
+            "auth_failures", "Requests refused by authentication, by reason.",
+            ["reason"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.rate_limited = Counter(
+            "rate_limited", "Requests refused by the rate limiter.",
+            namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.limiter_events = Counter(
+            "rate_limiter_failures",
+            "Limiter decisions taken by the failure policy (lock timeout, table full).",
+            ["event", "policy"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.upstream_requests = Counter(
+            "upstream_requests", "Upstream exchanges by outcome (2xx, 4xx, 5xx, error).",
+            ["outcome"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.upstream_errors = Counter(
+            "upstream_errors", "Upstream failures by kind (timeout, connect, 5xx, invalid).",
+            ["kind"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.upstream_duration = Histogram(
+            "upstream_duration_seconds", "Time waiting on the upstream per exchange.",
+            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.ttft = Histogram(
+            "stream_time_to_first_token_seconds", "Time from request to the first streamed chunk.",
+            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.stream_duration = Histogram(
+            "stream_duration_seconds", "Time from request to the end of a streamed response.",
+            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.tokens = Counter(
+            "tokens", "Tokens reported in the upstream's usage, by model and kind.",
+            ["model", "kind"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        build = Gauge(
+            "build_info", "Build information (value is always 1).",
+            ["version", "python"], namespace=ns, multiprocess_mode="max", registry=registry,
+        )  # fmt: skip
+        build.labels(__version__, platform.python_version()).set(1)
+        self._children: dict[tuple[Any, ...], Any] = {}
+        self._models: set[str] = set()
+
+    def _child(self, family: Any, *labels: str) -> Any:
+        key = (id(family), *labels)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(*labels)
+        return child
+
+    def observe_request(
+        self, route: str, method: str, status: int, total_s: float, overhead_s: float
+    ) -> None:
+        self._child(self.requests, route, method, str(status)).inc()
+        self._child(self.duration, route).observe(total_s)
+        self._child(self.overhead, route).observe(overhead_s)
+
+    def observe_upstream(self, status: int | None, seconds: float, error: str | None) -> None:
+        if error is not None:
+            self._child(self.upstream_requests, "error").inc()
+            self._child(self.upstream_errors, error).inc()
+        elif status is not None:
+            outcome = f"{status // 100}xx"
+            self._child(self.upstream_requests, outcome).inc()
+            if status >= 500:
+                self._child(self.upstream_errors, "5xx").inc()
+        self.upstream_duration.observe(seconds)
+
+    def observe_tokens(self, model: str | None, prompt: int | None, completion: int | None) -> None:
+        if model is None:
+            return
+        if model not in self._models:
+            if len(self._models) >= MAX_MODEL_LABELS:
+                model = "other"
+            else:
+                self._models.add(model)
+        if prompt:
+            self._child(self.tokens, model, "prompt").inc(prompt)
+        if completion:
+            self._child(self.tokens, model, "completion").inc(completion)
+
+    def auth_failure(self, reason: str) -> None:
+        self._child(self.auth_failures, reason).inc()
+
+    def limiter_failure(self, event: str, policy: str) -> None:
+        self._child(self.limiter_events, event, policy).inc()
+
+    def render(self) -> tuple[bytes, str]:
+        """A scrape. Under gunicorn: a fresh registry summing every worker's files, dead
+        workers' included; in a single process (tests, plain uvicorn): this registry."""
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            return generate_latest(self.registry), CONTENT_TYPE_LATEST
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=path)
+        return generate_latest(registry), CONTENT_TYPE_LATEST

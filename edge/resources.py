@@ -1,0 +1,191 @@
+"""Route handlers: the OpenAI endpoints, health and metrics."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import orjson
+
+from edge import mock
+from edge.body import (
+    check_content_type,
+    parse_json_object,
+    read_body,
+    validate_chat,
+    validate_completion,
+)
+from edge.context import RequestContext
+from edge.errors import BadGateway, ServiceUnavailable, envelope
+from edge.streams import ResponseStream
+from edge.upstream import UpstreamResponse, relay
+
+log = logging.getLogger("edge.resources")
+
+JSON = "application/json"
+SSE = "text/event-stream"
+_HEALTHY = orjson.dumps({"status": "ok"})
+_ALIVE = orjson.dumps({"status": "alive"})
+_READY = orjson.dumps({"status": "ready"})
+
+
+class Completions:
+    """POST /v1/chat/completions (chat=True) and POST /v1/completions (chat=False)."""
+
+    def __init__(self, runtime: Any, chat: bool) -> None:
+        self._runtime = runtime
+        self._chat = chat
+        self._path = "/chat/completions" if chat else "/completions"
+        self._validate = validate_chat if chat else validate_completion
+        self._max_body = runtime.config.max_request_size
+
+    async def on_post(self, req: Any, resp: Any) -> None:
+        check_content_type(req.content_type)
+        body = await read_body(req, self._max_body)
+        data = parse_json_object(body)
+        model, stream = self._validate(data)
+        ctx: RequestContext = req.context.edge
+        ctx.model = model
+        ctx.stream = stream
+        runtime = self._runtime
+        if runtime.metrics is not None:
+            runtime.metrics.request_size.labels(req.path).observe(len(body))
+        upstream = runtime.upstream
+        if upstream is None:
+            self._mock(req, resp, data, ctx)
+            return
+        if not stream:
+            _send_upstream(resp, ctx, await upstream.call("POST", self._path, body, ctx))
+            return
+        opened = await upstream.open_stream(self._path, body, ctx)
+        if isinstance(opened, UpstreamResponse):
+            _send_upstream(resp, ctx, opened)
+            return
+        ctx.upstream_status = opened.status
+        resp.content_type = SSE
+        resp.set_header("cache-control", "no-cache")
+        resp.set_header("x-accel-buffering", "no")
+        resp.stream = ResponseStream(relay(opened, ctx, req.receive, _usage_watcher(ctx)))
+
+    def _mock(self, req: Any, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
+        chat = self._chat
+        if ctx.stream:
+            ctx.prompt_tokens, ctx.completion_tokens = mock.stream_usage(data, chat)
+            resp.content_type = SSE
+            resp.set_header("cache-control", "no-cache")
+            resp.stream = ResponseStream(mock.stream(data, ctx.model, ctx.request_id, chat))
+            return
+        build = mock.chat if chat else mock.completion
+        resp.data, ctx.prompt_tokens, ctx.completion_tokens = build(data, ctx.model, ctx.request_id)
+        resp.content_type = JSON
+
+
+def _send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> None:
+    """Pass an upstream answer through: status, body, content type, retry headers.
+
+    A success must be a JSON object (its `usage` feeds the token metrics); anything else is
+    502. An error passes through when it is JSON, and is wrapped in the envelope otherwise.
+    """
+    ctx.upstream_status = status = result.status
+    body = result.body
+    try:
+        data = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        data = None
+    if 200 <= status < 300:
+        if not isinstance(data, dict):
+            ctx.upstream_error = "invalid"
+            raise BadGateway("The upstream sent a response that is not a JSON object.")
+        _record_usage(ctx, data.get("usage"))
+        resp.content_type = result.content_type
+    elif isinstance(data, dict) and isinstance(data.get("error"), dict):
+        resp.content_type = result.content_type
+    else:
+        body = envelope(f"The upstream answered HTTP {status}.", "upstream_error", None, None)
+        resp.content_type = JSON
+    resp.status = status if 200 <= status <= 599 else 502
+    resp.data = body
+    for name, value in result.headers.items():
+        resp.set_header(name, value)
+
+
+def _record_usage(ctx: RequestContext, usage: Any) -> None:
+    if isinstance(usage, dict):
+        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        if isinstance(prompt, int) and not isinstance(prompt, bool):
+            ctx.prompt_tokens = prompt
+        if isinstance(completion, int) and not isinstance(completion, bool):
+            ctx.completion_tokens = completion
+
+
+def _usage_watcher(ctx: RequestContext) -> Any:
+    """Pick `usage` out of a relayed stream (sent when stream_options.include_usage is set).
+
+    Only chunks that mention usage are parsed, and only their `data:` line holding it; an
+    event split across two reads is missed, which costs a log field, never the stream.
+    """
+
+    def on_chunk(chunk: bytes) -> None:
+        at = chunk.find(b'"usage"')
+        if at < 0:
+            return
+        start = chunk.rfind(b"data:", 0, at)
+        end = chunk.find(b"\n", at)
+        if start < 0:
+            return
+        try:
+            event = orjson.loads(chunk[start + 5 : end if end >= 0 else len(chunk)])
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(event, dict):
+            _record_usage(ctx, event.get("usage"))
+
+    return on_chunk
+
+
+class Models:
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    async def on_get(self, req: Any, resp: Any) -> None:
+        upstream = self._runtime.upstream
+        if upstream is None:
+            resp.data = mock.models()
+            resp.content_type = JSON
+            return
+        _send_upstream(
+            resp, req.context.edge, await upstream.call("GET", "/models", None, req.context.edge)
+        )
+
+
+class Health:
+    """GET /health (overall), /health/live (the process answers), /health/ready (can serve)."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    async def on_get(self, req: Any, resp: Any) -> None:
+        self._ready_or_503()
+        resp.data = _HEALTHY
+        resp.content_type = JSON
+
+    async def on_get_live(self, req: Any, resp: Any) -> None:
+        resp.data = _ALIVE
+        resp.content_type = JSON
+
+    async def on_get_ready(self, req: Any, resp: Any) -> None:
+        self._ready_or_503()
+        resp.data = _READY
+        resp.content_type = JSON
+
+    def _ready_or_503(self) -> None:
+        if not self._runtime.ready:
+            raise ServiceUnavailable("Not ready: the upstream session is not open.")
+
+
+class MetricsResource:
+    def __init__(self, metrics: Any) -> None:
+        self._metrics = metrics
+
+    async def on_get(self, req: Any, resp: Any) -> None:
+        resp.data, resp.content_type = self._metrics.render()

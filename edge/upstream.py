@@ -1,0 +1,257 @@
+"""The upstream client: one pooled aiohttp session per worker, JSON pass-through and SSE relay.
+
+Only headers built here go upstream (an allow-list, not a deny-list): the configured upstream
+key, the request id and the trace context. The client's Authorization, x-api-key and cookies
+therefore cannot reach the upstream. Upstream URLs come from configuration only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import aiohttp
+import orjson
+
+from edge.config import Config
+from edge.context import RequestContext
+from edge.errors import UPSTREAM, BadGateway, GatewayTimeout, envelope
+
+log = logging.getLogger("edge.upstream")
+
+MAX_RESPONSE_BYTES = 64 * 1024 * 1024
+# Upstream response headers passed back to the client (lower-case).
+PASS_HEADERS = ("retry-after", "retry-after-ms", "openai-processing-ms", "openai-version")
+
+
+class UpstreamResponse:
+    """A complete (non-streamed) upstream answer."""
+
+    __slots__ = ("body", "content_type", "headers", "status")
+
+    def __init__(self, status: int, body: bytes, content_type: str, headers: dict[str, str]):
+        self.status = status
+        self.body = body
+        self.content_type = content_type
+        self.headers = headers
+
+
+class Upstream:
+    def __init__(self, config: Config) -> None:
+        assert config.upstream_url is not None
+        self._base = config.upstream_url
+        self._timeout_s = config.timeout_s
+        self._connect_timeout_s = config.upstream_connect_timeout_s
+        self._pool_size = config.upstream_pool_size
+        self._static_headers = {"content-type": "application/json", "accept-encoding": "identity"}
+        if config.upstream_api_key:
+            self._static_headers["authorization"] = f"Bearer {config.upstream_api_key}"
+        self._stream_timeout = aiohttp.ClientTimeout(
+            total=None,
+            connect=self._connect_timeout_s,
+            sock_connect=self._connect_timeout_s,
+            sock_read=self._timeout_s,
+        )
+        self.session: aiohttp.ClientSession | None = None
+
+    @property
+    def ready(self) -> bool:
+        return self.session is not None and not self.session.closed
+
+    async def start(self) -> None:
+        connector = aiohttp.TCPConnector(
+            limit=self._pool_size, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
+        )
+        self.session = aiohttp.ClientSession(
+            connector=connector,
+            timeout=aiohttp.ClientTimeout(
+                total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
+            ),
+            auto_decompress=False,
+            skip_auto_headers=("User-Agent",),
+            json_serialize=lambda obj: orjson.dumps(obj).decode(),
+        )
+
+    async def close(self) -> None:
+        if self.session is not None:
+            await self.session.close()
+
+    def _headers(self, ctx: RequestContext, stream: bool) -> dict[str, str]:
+        headers = dict(self._static_headers)
+        headers["x-request-id"] = ctx.request_id
+        if ctx.traceparent_out:
+            headers["traceparent"] = ctx.traceparent_out
+            if ctx.tracestate:
+                headers["tracestate"] = ctx.tracestate
+        if stream:
+            headers["accept"] = "text/event-stream"
+        return headers
+
+    async def call(
+        self, method: str, path: str, body: bytes | None, ctx: RequestContext
+    ) -> UpstreamResponse:
+        """One upstream exchange read in full within SERVER_TIMEOUT_SECONDS.
+
+        Timeouts become 504 and connection failures or unreadable responses 502, each with
+        the OpenAI envelope; upstream HTTP errors are returned as they came.
+        """
+        assert self.session is not None
+        started = time.perf_counter()
+        try:
+            async with (
+                asyncio.timeout(self._timeout_s),
+                self.session.request(
+                    method,
+                    self._base + path,
+                    data=body,
+                    headers=self._headers(ctx, False),
+                    allow_redirects=False,
+                ) as resp,
+            ):
+                payload = await _read_bounded(resp)
+                return _response(resp, payload)
+        except TimeoutError:
+            raise _timeout(ctx, self._timeout_s) from None
+        except aiohttp.ClientError as exc:
+            raise _unreachable(ctx, exc) from None
+        finally:
+            ctx.upstream_s += time.perf_counter() - started
+
+    async def open_stream(
+        self, path: str, body: bytes, ctx: RequestContext
+    ) -> aiohttp.ClientResponse | UpstreamResponse:
+        """Send a streaming request and wait (bounded) for the response head.
+
+        Returns the live response when the upstream answered 200 with an event stream, else
+        the complete answer (an upstream error for a stream request is plain JSON).
+        """
+        assert self.session is not None
+        started = time.perf_counter()
+        resp = None
+        try:
+            async with asyncio.timeout(self._timeout_s):
+                resp = await self.session.request(
+                    "POST",
+                    self._base + path,
+                    data=body,
+                    headers=self._headers(ctx, True),
+                    allow_redirects=False,
+                    timeout=self._stream_timeout,
+                )
+                content_type = resp.headers.get("content-type", "")
+                if resp.status == 200 and content_type.startswith("text/event-stream"):
+                    return resp
+                try:
+                    return _response(resp, await _read_bounded(resp))
+                finally:
+                    resp.release()
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise _timeout(ctx, self._timeout_s) from None
+        except aiohttp.ClientError as exc:
+            if resp is not None:
+                resp.close()
+            raise _unreachable(ctx, exc) from None
+        finally:
+            ctx.upstream_s += time.perf_counter() - started
+
+
+async def relay(
+    resp: aiohttp.ClientResponse,
+    ctx: RequestContext,
+    receive: Callable[[], Awaitable[dict[str, Any]]] | None,
+    on_chunk: Callable[[bytes], None] | None = None,
+) -> AsyncIterator[bytes]:
+    """Yield the upstream's SSE bytes as they arrive; never buffer a whole stream.
+
+    Backpressure: the next upstream read happens only after the previous chunk was handed to
+    the server, whose send waits while the client's socket is full. A client disconnect
+    (watched through ASGI `receive`) closes the upstream response at once, so no orphaned
+    upstream work remains. An upstream failure mid-stream ends the stream with an SSE error
+    event instead of a hang.
+    """
+    watcher = asyncio.ensure_future(_watch_disconnect(receive, resp)) if receive else None
+    try:
+        async for chunk in resp.content.iter_any():
+            if on_chunk is not None:
+                on_chunk(chunk)
+            yield chunk
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if watcher is None or not watcher.done():
+            ctx.upstream_error = kind = error_kind(exc)
+            log.warning(
+                "upstream stream failed", extra={"error_kind": kind, "error": type(exc).__name__}
+            )
+            yield _sse_error(kind)
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        resp.close()
+
+
+async def _watch_disconnect(
+    receive: Callable[[], Awaitable[dict[str, Any]]], resp: aiohttp.ClientResponse
+) -> None:
+    while True:
+        event = await receive()
+        if event["type"] == "http.disconnect":
+            resp.close()
+            return
+
+
+def _sse_error(kind: str) -> bytes:
+    message = (
+        "The upstream stopped responding mid-stream."
+        if kind == "timeout"
+        else "The upstream connection failed mid-stream."
+    )
+    return b"data: " + envelope(message, UPSTREAM, None, f"upstream_{kind}") + b"\n\n"
+
+
+async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
+    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
+        raise BadGateway("The upstream response is too large.")
+    chunks = []
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            raise BadGateway("The upstream response is too large.")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _response(resp: aiohttp.ClientResponse, payload: bytes) -> UpstreamResponse:
+    headers = {name: resp.headers[name] for name in PASS_HEADERS if name in resp.headers}
+    return UpstreamResponse(
+        resp.status, payload, resp.headers.get("content-type", "application/json"), headers
+    )
+
+
+def _timeout(ctx: RequestContext, seconds: float) -> GatewayTimeout:
+    ctx.upstream_error = "timeout"
+    log.warning("upstream timed out", extra={"error_kind": "timeout"})
+    return GatewayTimeout(f"The upstream did not answer within {seconds:g} seconds.")
+
+
+def error_kind(exc: BaseException) -> str:
+    """A bounded name for an upstream failure, for metrics and logs."""
+    if isinstance(exc, TimeoutError):
+        return "timeout"
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return "connect"
+    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
+        return "disconnect"
+    return "invalid"
+
+
+def _unreachable(ctx: RequestContext, exc: aiohttp.ClientError) -> BadGateway:
+    ctx.upstream_error = kind = error_kind(exc)
+    log.warning("upstream request failed", extra={"error_kind": kind, "error": type(exc).__name__})
+    if kind == "connect":
+        return BadGateway("The upstream could not be reached.")
+    return BadGateway("The upstream closed the connection or sent an invalid response.")

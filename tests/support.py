@@ -1,0 +1,147 @@
+"""Start the real things for integration tests: gunicorn with our config, the test upstream.
+
+Readiness is polled with deadlines; nothing sleeps and hopes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
+UPSTREAM_SCRIPT = str(ROOT / "tests" / "upstream_server.py")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02) -> Any:
+    """Poll `predicate` until it returns a truthy value; fail with the last error otherwise."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while time.monotonic() < deadline:
+        try:
+            value = predicate()
+        except Exception as exc:
+            last = exc
+        else:
+            if value:
+                return value
+        time.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s (last error: {last!r})")
+
+
+class Process:
+    """A child process with its output captured to a file."""
+
+    def __init__(self, argv: list[str], env: dict[str, str], name: str) -> None:
+        self.log_path = Path(tempfile.mkstemp(prefix=f"{name}-", suffix=".log")[1])
+        self._log = self.log_path.open("wb")
+        self.proc = subprocess.Popen(
+            argv, cwd=ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def output(self) -> str:
+        self._log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def signal(self, signum: int) -> None:
+        self.proc.send_signal(signum)
+
+    def stop(self, timeout: float = 20.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait(5)
+        self._log.close()
+        return self.proc.returncode
+
+
+def base_env(**overrides: str) -> dict[str, str]:
+    env = {
+        key: value
+        for key, value in os.environ.items()
+        if not key.startswith(("PROMETHEUS_", "API_", "AUTH_", "RATE_LIMIT_", "UPSTREAM_"))
+    }
+    env.update({"LOG_LEVEL": "info", "WORKERS": "2", "PYTHONUNBUFFERED": "1"})
+    env.update(overrides)
+    return env
+
+
+class Upstream(Process):
+    def __init__(self, *extra: str) -> None:
+        self.port = free_port()
+        super().__init__(
+            [PYTHON, UPSTREAM_SCRIPT, "--port", str(self.port), *extra], base_env(), "upstream"
+        )
+        self.url = f"http://127.0.0.1:{self.port}"
+        wait_until(lambda: httpx.get(self.url + "/_health", timeout=1).status_code == 200)
+
+    def seen(self, request_id: str) -> dict[str, Any]:
+        response = httpx.get(f"{self.url}/_seen/{request_id}", timeout=5)
+        response.raise_for_status()
+        return response.json()
+
+    def stats(self) -> dict[str, int]:
+        return httpx.get(f"{self.url}/_stats", timeout=5).json()
+
+
+class Gunicorn(Process):
+    """`gunicorn -c gunicorn.conf.py` on a free loopback port, polled until ready."""
+
+    def __init__(self, wait: bool = True, **env: str) -> None:
+        self.port = free_port()
+        env.setdefault("SERVER_ADDRESS", f"127.0.0.1:{self.port}")
+        env.setdefault("INSTANCE_NAME", f"test{self.port}")
+        super().__init__([GUNICORN, "-c", "gunicorn.conf.py"], base_env(**env), "gunicorn")
+        self.url = f"http://127.0.0.1:{self.port}"
+        if wait:
+            self.wait_ready()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"gunicorn exited early:\n{self.output()}")
+            return httpx.get(self.url + "/health/ready", timeout=1).status_code == 200
+
+        wait_until(ready, timeout=timeout)
+
+    def worker_pids(self) -> list[int]:
+        out = subprocess.run(
+            ["pgrep", "-P", str(self.pid)], capture_output=True, text=True, check=False
+        ).stdout
+        return [int(pid) for pid in out.split()]
+
+
+@contextlib.contextmanager
+def running(**env: str) -> Iterator[Gunicorn]:
+    server = Gunicorn(**env)
+    try:
+        yield server
+    finally:
+        server.stop()
