@@ -88,7 +88,7 @@ class Runtime:
         return self.upstream is None or self.upstream.ready
 
     async def process_startup(self, scope: Any, event: Any) -> None:
-        if self._limiter_factory is not None:
+        if self._limiter_factory is not None and self.limiter is None:
             self.limiter = self._limiter_factory()
         if self.upstream is not None:
             await self.upstream.start()
@@ -98,8 +98,9 @@ class Runtime:
         self.started = False
         if self.upstream is not None:
             await self.upstream.close()
-        if self.limiter is not None:
+        if self.limiter is not None and self._limiter_factory is not None:
             self.limiter.close()
+            self.limiter = None
 
 
 def create_app(
@@ -111,19 +112,18 @@ def create_app(
 
     `keys` is the KeyStore loaded by the gunicorn master (so a bad keys file stops the start,
     not a worker); when None it is loaded here. `limiter_factory` opens the rate limiter in
-    the worker at startup; by default a process-local table is used (tests, single process).
+    the worker at startup (and it is closed at shutdown); without one, a process-local table
+    is used (tests, a single process).
     """
     if keys is None:
         keys = KeyStore.load(config)
+    local_limiter = None
     if config.rate_limit_enabled and limiter_factory is None:
         from edge.ratelimit.local import LocalRateLimiter
 
-        slots = config.rate_limit_slots
-        policy = config.rate_limit_failure_policy
-
-        def limiter_factory() -> RateLimiter:
-            return LocalRateLimiter(slots, failure_policy=policy)
-
+        local_limiter = LocalRateLimiter(
+            config.rate_limit_slots, failure_policy=config.rate_limit_failure_policy
+        )
     metrics = None
     if config.enable_metrics:
         from edge.metrics import Metrics
@@ -133,6 +133,7 @@ def create_app(
     runtime = Runtime(
         config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream
     )
+    runtime.limiter = local_limiter
 
     middleware: list[Any] = [runtime, ContextMiddleware(config, metrics)]
     if config.auth_enabled:

@@ -145,3 +145,14 @@ def running(**env: str) -> Iterator[Gunicorn]:
         yield server
     finally:
         server.stop()
+
+
+def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
+    """Send raw bytes, read until the server closes or `timeout`; return everything read."""
+    chunks = []
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(request)
+        with contextlib.suppress(TimeoutError, ConnectionResetError):
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+    return b"".join(chunks)

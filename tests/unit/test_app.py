@@ -1,0 +1,155 @@
+"""App tests through falcon.testing: the middleware and handlers without a server."""
+
+from __future__ import annotations
+
+import hashlib
+
+import falcon.testing
+import pytest
+
+from edge.app import create_app
+from edge.config import Config
+
+KEY = "sk-app-test-key"
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def client(**env: str) -> falcon.testing.TestClient:
+    env.setdefault("API_KEYS", KEY)
+    return falcon.testing.TestClient(create_app(Config.from_env(env)))
+
+
+def auth(key: str = KEY) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+@pytest.fixture
+def app_client():
+    return client()
+
+
+def test_mock_chat_with_rate_headers_and_request_id(app_client):
+    result = app_client.simulate_post(
+        "/v1/chat/completions", json=CHAT, headers={**auth(), "x-request-id": "abc-1"}
+    )
+    assert result.status_code == 200
+    assert result.json["usage"]["prompt_tokens"] == 2
+    assert result.headers["x-request-id"] == "abc-1"
+    assert result.headers["x-ratelimit-limit-requests"] == "100"
+    assert result.headers["x-ratelimit-remaining-requests"] == "99"
+    assert result.headers["x-ratelimit-reset-requests"].endswith("ms")
+
+
+def test_every_response_has_a_request_id(app_client):
+    for result in (
+        app_client.simulate_get("/health"),
+        app_client.simulate_get("/nope", headers=auth()),
+        app_client.simulate_post("/v1/chat/completions", json=CHAT),
+    ):
+        assert len(result.headers["x-request-id"]) == 32
+
+
+def test_missing_and_wrong_keys_get_the_same_shape(app_client):
+    missing = app_client.simulate_post("/v1/chat/completions", json=CHAT)
+    wrong = app_client.simulate_post("/v1/chat/completions", json=CHAT, headers=auth("nope"))
+    for result in (missing, wrong):
+        assert result.status_code == 401
+        assert result.headers["www-authenticate"] == "Bearer"
+        assert set(result.json["error"]) == {"message", "type", "param", "code"}
+        assert result.json["error"]["code"] == "invalid_api_key"
+        assert result.json["error"]["type"] == "invalid_request_error"
+
+
+def test_x_api_key_header_works(app_client):
+    result = app_client.simulate_post("/v1/chat/completions", json=CHAT, headers={"x-api-key": KEY})
+    assert result.status_code == 200
+
+
+def test_stored_digest_does_not_authenticate():
+    digest = hashlib.sha256(KEY.encode()).hexdigest()
+    hashed = client(API_KEYS="", API_KEY_HASHES=digest)
+    assert hashed.simulate_post("/v1/completions", json={"model": "m", "prompt": "x"},
+                                headers=auth()).status_code == 200  # fmt: skip
+    assert hashed.simulate_post("/v1/completions", json={"model": "m", "prompt": "x"},
+                                headers=auth(digest)).status_code == 401  # fmt: skip
+
+
+def test_rate_limit_429_with_retry_headers():
+    limited = client(RATE_LIMIT_BURST="2", RATE_LIMIT_RPM="6")
+    statuses = [
+        limited.simulate_post("/v1/chat/completions", json=CHAT, headers=auth()).status_code
+        for _ in range(3)
+    ]
+    assert statuses == [200, 200, 429]
+    result = limited.simulate_post("/v1/chat/completions", json=CHAT, headers=auth())
+    assert result.json["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(result.headers["retry-after"]) <= 60
+    assert 1 <= int(result.headers["retry-after-ms"]) <= 60_000
+    assert result.headers["x-ratelimit-remaining-requests"] == "0"
+    # Health is never limited.
+    assert limited.simulate_get("/health").status_code == 200
+
+
+def test_health_can_require_a_key():
+    protected = client(AUTH_HEALTH_CHECK="true")
+    assert protected.simulate_get("/health/live").status_code == 401
+    assert protected.simulate_get("/health/live", headers=auth()).status_code == 200
+
+
+def test_metrics_public_by_default_protected_on_request():
+    assert client().simulate_get("/metrics").status_code == 200
+    protected = client(AUTH_METRICS="true")
+    assert protected.simulate_get("/metrics").status_code == 401
+    assert protected.simulate_get("/metrics", headers=auth()).status_code == 200
+
+
+def test_metrics_disabled_removes_the_route():
+    result = client(ENABLE_METRICS="false").simulate_get("/metrics", headers=auth())
+    assert result.status_code == 404
+
+
+def test_public_paths_setting():
+    open_models = client(PUBLIC_PATHS="/v1/models")
+    assert open_models.simulate_get("/v1/models").status_code == 200
+    assert open_models.simulate_post("/v1/completions", json={}).status_code == 401
+
+
+def test_auth_disabled_limits_per_client_address():
+    anonymous = client(AUTH_ENABLED="false", API_KEYS="", RATE_LIMIT_BURST="1", RATE_LIMIT_RPM="1")
+    first = anonymous.simulate_post("/v1/chat/completions", json=CHAT, remote_addr="10.0.0.1")
+    second = anonymous.simulate_post("/v1/chat/completions", json=CHAT, remote_addr="10.0.0.1")
+    other = anonymous.simulate_post("/v1/chat/completions", json=CHAT, remote_addr="10.0.0.2")
+    assert (first.status_code, second.status_code, other.status_code) == (200, 429, 200)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "param"),
+    [
+        (b"", 400, None),
+        (b"{", 400, None),
+        (b'"just a string"', 400, None),
+        (b'{"model": "m", "messages": {}}', 400, "messages"),
+        (b'{"model": "", "messages": [{}]}', 400, "model"),
+        (b'{"model": "m", "messages": [{}], "stream": 1}', 400, "stream"),
+        (b"[" * 5000 + b"]" * 5000, 400, None),
+    ],
+)
+def test_bad_bodies(app_client, body, status, param):
+    result = app_client.simulate_post(
+        "/v1/chat/completions", body=body, headers={**auth(), "content-type": "application/json"}
+    )
+    assert result.status_code == status
+    assert result.json["error"]["param"] == param
+
+
+def test_unexpected_exception_is_500_without_internals(app_client, monkeypatch):
+    from edge import mock
+
+    def explode(*args, **kwargs):
+        raise RuntimeError("internal detail /secret/path")
+
+    monkeypatch.setattr(mock, "chat", explode)
+    result = app_client.simulate_post("/v1/chat/completions", json=CHAT, headers=auth())
+    assert result.status_code == 500
+    assert "secret" not in result.text and "RuntimeError" not in result.text
+    assert result.json["error"]["type"] == "server_error"
