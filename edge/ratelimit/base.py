@@ -1,0 +1,56 @@
+"""The rate-limiter interface shared by every backend (shared memory today, Redis later)."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Final, Protocol
+
+DIGEST_SIZE: Final = 16
+
+LOCK_TIMEOUT: Final = "lock_timeout"
+TABLE_FULL: Final = "table_full"
+
+ALLOW: Final = "allow"
+DENY: Final = "deny"
+FAILURE_POLICIES: Final = (ALLOW, DENY)
+
+
+@dataclass(slots=True, frozen=True)
+class Decision:
+    """The outcome of one rate-limit check.
+
+    When ``failure`` is set the limiter could not consult the bucket and ``allowed``
+    follows the configured failure policy; ``remaining``/``reset_after`` then carry no
+    information (0) and callers may prefer to omit the x-ratelimit-* headers.
+    """
+
+    allowed: bool
+    limit: int  # burst (capacity)
+    remaining: int  # whole tokens left after this decision (floor, >= 0)
+    retry_after: float  # seconds until the request could be admitted (0.0 if allowed)
+    reset_after: float  # seconds until the bucket is full again
+    failure: str | None = None  # None, LOCK_TIMEOUT or TABLE_FULL
+
+
+class RateLimiter(Protocol):
+    def check(self, identity: bytes, rpm: float, burst: int, cost: int = 1) -> Decision: ...
+
+    def close(self) -> None: ...
+
+
+def slot_digest(identity: bytes) -> bytes:
+    """Hash an identity down to the 16-byte digest stored in a slot.
+
+    The identity is already key-derived (never the API key itself); hashing again keeps
+    slot contents fixed-size and uniformly spread for open addressing.
+    """
+    return hashlib.blake2b(identity, digest_size=DIGEST_SIZE).digest()
+
+
+def failure_decision(failure: str, policy: str, burst: int) -> Decision:
+    """The Decision returned when the bucket could not be consulted."""
+    if policy == ALLOW:
+        return Decision(True, burst, 0, 0.0, 0.0, failure)
+    # A transient failure: ask the client to come back soon rather than in a minute.
+    return Decision(False, burst, 0, 1.0, 0.0, failure)

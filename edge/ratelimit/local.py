@@ -1,0 +1,35 @@
+"""A process-local RateLimiter over a bytearray table: for a single process (app tests, plain
+uvicorn). Under gunicorn the shared-memory limiter is used instead, so limits hold host-wide."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from edge.ratelimit.base import ALLOW, Decision, failure_decision, slot_digest
+from edge.ratelimit.table import Table, format_buffer, size_for
+
+
+class LocalRateLimiter:
+    __slots__ = ("_clock", "_policy", "_table")
+
+    def __init__(
+        self,
+        slots: int,
+        failure_policy: str = ALLOW,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        buffer = bytearray(size_for(slots))
+        format_buffer(buffer, slots)
+        self._table = Table(buffer)
+        self._policy = failure_policy
+        self._clock = clock
+
+    def check(self, identity: bytes, rpm: float, burst: int, cost: int = 1) -> Decision:
+        decision = self._table.decide(slot_digest(identity), self._clock(), rpm / 60.0, burst, cost)
+        if decision.failure is not None:
+            return failure_decision(decision.failure, self._policy, burst)
+        return decision
+
+    def close(self) -> None:
+        self._table.close()
