@@ -18,8 +18,8 @@ wsgi_app = "edge.gunicorn_hooks:worker_app()"
 proc_name = f"llm-edge-proxy.{_config.instance}"
 
 timeout = 30  # heartbeat: uvicorn workers notify the master on their own loop
-graceful_timeout = 30
-keepalive = 5
+graceful_timeout = _config.graceful_timeout_s
+keepalive = _config.keepalive_s
 preload_app = False  # workers build the app after fork: sessions and shared memory are per process
 
 loglevel = _config.log_level

@@ -42,6 +42,15 @@ class Config:
     max_request_size: int = 10_485_760
     workers: int = 0  # 0: not set by WORKERS/WEB_CONCURRENCY; see default_workers()
     instance: str = "default"
+    keepalive_s: int = 5
+    graceful_timeout_s: int = 30
+    # HTTP edge limits (enforced in edge.protocol)
+    max_request_line: int = 8192
+    max_header_bytes: int = 32768
+    max_headers: int = 100
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_concurrency: int = 1000
     # Authentication (behaviour in edge.auth)
     auth_enabled: bool = True
     api_keys: tuple[str, ...] = field(default=(), repr=False)
@@ -87,6 +96,24 @@ class Config:
             max_request_size=env.integer("MAX_REQUEST_SIZE", 10_485_760, minimum=1),
             workers=workers,
             instance=env.instance("INSTANCE_NAME", f"port{port}"),
+            keepalive_s=env.integer("KEEPALIVE_TIMEOUT_SECONDS", 5, minimum=1, maximum=3600),
+            graceful_timeout_s=env.integer("GRACEFUL_TIMEOUT_SECONDS", 30, minimum=1, maximum=3600),
+            max_request_line=env.integer(
+                "HTTP_MAX_REQUEST_LINE", 8192, minimum=256, maximum=1 << 20
+            ),
+            max_header_bytes=env.integer(
+                "HTTP_MAX_HEADER_BYTES", 32768, minimum=1024, maximum=1 << 24
+            ),
+            max_headers=env.integer("HTTP_MAX_HEADERS", 100, minimum=8, maximum=10_000),
+            header_timeout_s=env.number(
+                "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=3600
+            ),
+            body_timeout_s=env.number(
+                "HTTP_BODY_TIMEOUT_SECONDS", 30.0, minimum=0.1, maximum=86_400
+            ),
+            max_concurrency=env.integer(
+                "MAX_CONCURRENT_REQUESTS", 1000, minimum=1, maximum=1_000_000
+            ),
             auth_enabled=env.boolean("AUTH_ENABLED", True),
             api_keys=env.secrets("API_KEYS"),
             api_key_hashes=env.digests("API_KEY_HASHES"),

@@ -170,7 +170,14 @@ class RateLimitMiddleware:
         ctx.rate_decision = decision
         if decision.failure is not None and self._metrics is not None:
             self._metrics.limiter_failure(decision.failure, self._policy)
-        headers = rate_headers(decision)
+        if decision.failure is not None:
+            # The bucket could not be consulted: the policy decided, and there is no
+            # meaningful remaining/reset to report.
+            if decision.allowed:
+                return
+            headers = {}
+        else:
+            headers = rate_headers(decision)
         if not decision.allowed:
             if self._metrics is not None:
                 self._metrics.rate_limited.inc()

@@ -1,7 +1,14 @@
 """The gunicorn worker class: uvicorn's, configured from our Config.
 
 gunicorn's own `limit_request_*` settings never reach an ASGI worker, and uvicorn reads only a
-few gunicorn settings, so everything uvicorn should enforce is passed here, explicitly.
+few gunicorn settings, so everything uvicorn should enforce is passed here explicitly, and the
+limits uvicorn lacks are enforced by the protocol class from `edge.protocol`.
+
+Parser: httptools (llhttp, strict mode) rather than h11. The raw-socket tests in
+tests/integration/test_http_edge.py hold both to the same smuggling corpus; httptools refuses
+all of it with 400 and a closed connection, and is several times faster per request. Its
+missing limits (request line, header block, header count, deadlines) are added by
+EdgeHttpToolsProtocol.
 """
 
 from __future__ import annotations
@@ -11,14 +18,24 @@ from typing import Any
 from uvicorn_worker import UvicornWorker
 
 from edge import gunicorn_hooks
+from edge.protocol import EdgeLimits, protocol_class
 
 
 class EdgeUvicornWorker(UvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         config = gunicorn_hooks.current().config
+        limits = EdgeLimits(
+            max_request_line=config.max_request_line,
+            max_header_bytes=config.max_header_bytes,
+            max_headers=config.max_headers,
+            header_timeout=config.header_timeout_s,
+            body_timeout=config.body_timeout_s,
+            max_concurrency=config.max_concurrency,
+        )
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
-            "http": "httptools",
+            "http": protocol_class(limits),
+            "ws": "none",
             "lifespan": "on",
             "access_log": False,  # edge.access writes one JSON line per request instead
             "server_header": False,
@@ -26,4 +43,3 @@ class EdgeUvicornWorker(UvicornWorker):
             "proxy_headers": True,
         }
         super().__init__(*args, **kwargs)
-        del config
