@@ -13,7 +13,20 @@ _config = _settings.config
 
 bind = [_config.bind]
 workers = _config.default_workers()
-worker_class = "edge.worker.EdgeUvicornWorker"
+# HTTP/1.1: uvicorn's httptools worker with our limits (edge/protocol.py). HTTP/2 (over TLS,
+# ALPN h2 + http/1.1): gunicorn's own ASGI worker, the one that speaks h2 (see README).
+worker_class = (
+    "edge.worker.EdgeH2Worker" if _config.http2_enabled else "edge.worker.EdgeUvicornWorker"
+)
+if _config.tls:
+    certfile = str(_config.tls_cert_file)
+    keyfile = str(_config.tls_key_file)
+if _config.http2_enabled:
+    http_protocols = "h2,h1"
+    limit_request_line = _config.max_request_line
+    limit_request_fields = _config.max_headers
+    limit_request_field_size = _config.max_header_bytes
+    worker_connections = _config.max_concurrency
 wsgi_app = "edge.gunicorn_hooks:worker_app()"
 proc_name = f"llm-edge-proxy.{_config.instance}"
 

@@ -11,6 +11,7 @@ import ipaddress
 import math
 import os
 import re
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -75,6 +76,14 @@ class Config:
     upstream_api_key: str | None = field(default=None, repr=False)
     upstream_connect_timeout_s: float = 5.0
     upstream_pool_size: int = 256
+    # TLS and HTTP/2 (HTTP/2 needs TLS: ALPN offers h2 and http/1.1)
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    http2_enabled: bool = False
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert_file is not None
 
     @property
     def bind(self) -> str:
@@ -89,6 +98,12 @@ class Config:
         if workers == 0:
             workers = env.integer("WEB_CONCURRENCY", 0, minimum=1, maximum=512, optional=True)
         upstream_url = env.url("UPSTREAM_URL")
+        tls_cert, tls_key = env.tls_pair("TLS_CERT_FILE", "TLS_KEY_FILE")
+        http2 = env.boolean("HTTP2_ENABLED", False)
+        if http2 and tls_cert is None:
+            raise ConfigError(
+                "HTTP2_ENABLED", "HTTP/2 is served over TLS: set TLS_CERT_FILE and TLS_KEY_FILE"
+            )
         return cls(
             host=host,
             port=port,
@@ -143,6 +158,9 @@ class Config:
                 "UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001, maximum=3600
             ),
             upstream_pool_size=env.integer("UPSTREAM_POOL_SIZE", 256, minimum=1, maximum=65_536),
+            tls_cert_file=tls_cert,
+            tls_key_file=tls_key,
+            http2_enabled=http2,
         )
 
     def default_workers(self) -> int:
@@ -296,6 +314,30 @@ class _Env:
         if not path.is_file():
             raise ConfigError(name, f"{value!r} is not a readable file")
         return path
+
+    def tls_pair(self, cert_name: str, key_name: str) -> tuple[Path | None, Path | None]:
+        """Both files or neither; each readable, and the key must match the certificate."""
+        cert, key = self.raw(cert_name), self.raw(key_name)
+        if cert is None and key is None:
+            return None, None
+        if cert is None or key is None:
+            missing = cert_name if cert is None else key_name
+            raise ConfigError(missing, f"set both {cert_name} and {key_name}, or neither")
+        for name, value in ((cert_name, cert), (key_name, key)):
+            try:
+                with open(value, "rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigError(name, f"cannot read {value!r}: {exc.strerror}") from None
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        try:
+            context.load_cert_chain(cert, key)
+        except ssl.SSLError as exc:
+            raise ConfigError(
+                key_name,
+                f"{key!r} and {cert!r} are not a usable certificate and key ({exc.reason})",
+            ) from None
+        return Path(cert), Path(key)
 
     def paths(self, name: str) -> tuple[str, ...]:
         value = self.raw(name)

@@ -189,8 +189,11 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         request is answered (with `Connection: close`), else the keep-alive or head deadline
         closes it as usual."""
         self._draining = True
-        if self.cycle is not None and not self.cycle.response_complete:
-            self.cycle.keep_alive = False
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_started:
+            cycle.keep_alive = False
+        # A response already under way promised keep-alive in its head: closing right after it
+        # would race the client's next request, so the connection goes idle as usual instead.
 
     # -------------------------------------------------------------- timers and refusals
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from gunicorn.workers.gasgi import ASGIWorker
 from uvicorn_worker import UvicornWorker
 
 from edge import gunicorn_hooks
@@ -43,3 +44,10 @@ class EdgeUvicornWorker(UvicornWorker):
             "proxy_headers": True,
         }
         super().__init__(*args, **kwargs)
+
+
+class EdgeH2Worker(ASGIWorker):
+    """gunicorn's own ASGI worker, used when HTTP2_ENABLED=true: it negotiates h2 over TLS
+    (ALPN) and still serves HTTP/1.1. gunicorn applies its limit_request_* settings here
+    (mapped from ours in gunicorn.conf.py), and worker_connections caps connections; the head
+    and body deadlines of edge.protocol are uvicorn-specific and do not apply."""

@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 PYTHON = sys.executable
 GUNICORN = str(Path(sys.executable).with_name("gunicorn"))
 UPSTREAM_SCRIPT = str(ROOT / "tests" / "upstream_server.py")
+
+
+def trusting(cafile: str) -> ssl.SSLContext:
+    return ssl.create_default_context(cafile=cafile)
 
 
 def free_port() -> int:
@@ -119,15 +124,27 @@ class Gunicorn(Process):
         env.setdefault("SERVER_ADDRESS", f"127.0.0.1:{self.port}")
         env.setdefault("INSTANCE_NAME", f"test{self.port}")
         super().__init__([GUNICORN, "-c", "gunicorn.conf.py"], base_env(**env), "gunicorn")
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.tls_cert: str | None = env.get("TLS_CERT_FILE")
+        scheme = "https" if self.tls_cert else "http"
+        self.url = f"{scheme}://127.0.0.1:{self.port}"
         if wait:
-            self.wait_ready()
+            try:
+                self.wait_ready()
+            except BaseException:
+                self.stop()
+                raise
+
+    @property
+    def verify(self) -> ssl.SSLContext | bool:
+        """What an httpx client needs to trust this server (its self-signed certificate)."""
+        return trusting(self.tls_cert) if self.tls_cert else True
 
     def wait_ready(self, timeout: float = 30.0) -> None:
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gunicorn exited early:\n{self.output()}")
-            return httpx.get(self.url + "/health/ready", timeout=1).status_code == 200
+            url = self.url + "/health/ready"
+            return httpx.get(url, timeout=1, verify=self.verify).status_code == 200
 
         wait_until(ready, timeout=timeout)
 
