@@ -6,12 +6,12 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from edge.ratelimit.base import ALLOW, Decision, failure_decision, slot_digest
+from edge.ratelimit.base import ALLOW, Decision, DigestCache, failure_decision
 from edge.ratelimit.table import Table, format_buffer, size_for
 
 
 class LocalRateLimiter:
-    __slots__ = ("_clock", "_policy", "_table")
+    __slots__ = ("_clock", "_digest", "_policy", "_table")
 
     def __init__(
         self,
@@ -24,9 +24,12 @@ class LocalRateLimiter:
         self._table = Table(buffer)
         self._policy = failure_policy
         self._clock = clock
+        self._digest = DigestCache()
 
     def check(self, identity: bytes, rpm: float, burst: int, cost: int = 1) -> Decision:
-        decision = self._table.decide(slot_digest(identity), self._clock(), rpm / 60.0, burst, cost)
+        decision = self._table.decide(
+            self._digest(identity), self._clock(), rpm / 60.0, burst, cost
+        )
         if decision.failure is not None:
             return failure_decision(decision.failure, self._policy, burst)
         return decision

@@ -34,8 +34,8 @@ from edge.ratelimit.base import (
     FAILURE_POLICIES,
     LOCK_TIMEOUT,
     Decision,
+    DigestCache,
     failure_decision,
-    slot_digest,
 )
 from edge.ratelimit.table import (
     DEFAULT_PROBE_WINDOW,
@@ -185,7 +185,7 @@ class SharedTable:
 class ShmRateLimiter:
     """RateLimiter over a SharedTable attached in this process."""
 
-    __slots__ = ("_clock", "_lock_timeout_s", "_policy", "_shared", "_table")
+    __slots__ = ("_clock", "_digest", "_lock_timeout_s", "_policy", "_shared", "_table")
 
     def __init__(
         self,
@@ -205,9 +205,10 @@ class ShmRateLimiter:
         self._lock_timeout_s = lock_timeout_s
         self._policy = failure_policy
         self._clock = clock
+        self._digest = DigestCache()
 
     def check(self, identity: bytes, rpm: float, burst: int, cost: int = 1) -> Decision:
-        digest = slot_digest(identity)
+        digest = self._digest(identity)
         shared = self._shared
         if not shared.acquire(self._lock_timeout_s):
             return failure_decision(LOCK_TIMEOUT, self._policy, burst)
