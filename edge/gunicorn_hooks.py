@@ -106,14 +106,16 @@ def _metrics_dir(environ: MutableMapping[str, str], config: Config, pid: int) ->
 def on_starting(server: Any) -> None:
     settings = current()
     config = settings.config
-    _prepare_metrics_dir(settings.metrics_dir)
+    _prepare_metrics_dir(settings.metrics_dir, **_worker_owner(server))
     if config.rate_limit_enabled:
         from edge.ratelimit import SharedTable, remove_stale
 
         global _master_table
         remove_stale(table_prefix(config))
         # The master keeps only the name: workers attach with descriptors of their own.
-        _master_table = SharedTable.create(settings.table_name, config.rate_limit_slots)
+        _master_table = SharedTable.create(
+            settings.table_name, config.rate_limit_slots, **_worker_owner(server)
+        )
         _master_table.close()
     if config.upstream_url is None:
         log.warning(
@@ -128,8 +130,20 @@ def on_starting(server: Any) -> None:
         log.warning("RATE_LIMIT_ENABLED=false: requests are not rate limited")
 
 
-def _prepare_metrics_dir(path: Path) -> None:
+def _worker_owner(server: Any) -> dict[str, int]:
+    """uid/gid for objects the workers must open, when gunicorn's `user`/`group` make them run
+    as someone other than the master (a root master); empty otherwise."""
+    cfg = getattr(server, "cfg", None)
+    uid, gid = getattr(cfg, "uid", os.geteuid()), getattr(cfg, "gid", os.getegid())
+    if (uid, gid) == (os.geteuid(), os.getegid()):
+        return {}
+    return {"uid": uid, "gid": gid}
+
+
+def _prepare_metrics_dir(path: Path, uid: int | None = None, gid: int | None = None) -> None:
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if uid is not None or gid is not None:
+        os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
     for stale in path.glob("*.db"):
         stale.unlink(missing_ok=True)
 

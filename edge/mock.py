@@ -17,14 +17,23 @@ _REPLY = "This is a mock response from llm-edge-proxy: no upstream is configured
 
 
 def _words(value: Any) -> int:
-    """A rough token count: the words of a prompt, or of the messages' text content."""
-    if isinstance(value, str):
-        return len(value.split())
-    if isinstance(value, list):
-        return sum(_words(item) for item in value)
-    if isinstance(value, dict):  # a message, or a content part
-        return _words(value.get("content")) + _words(value.get("text"))
-    return 0
+    """A rough token count: the words of a prompt, or of the messages' text content.
+
+    Iterative, so a request nested as deep as the JSON parser allows cannot exhaust the
+    interpreter's recursion limit.
+    """
+    count = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            count += len(item.split())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):  # a message, or a content part
+            pending.append(item.get("content"))
+            pending.append(item.get("text"))
+    return count
 
 
 def _reply(prompt_words: int) -> str:

@@ -47,6 +47,7 @@ from edge.ratelimit.table import (
 )
 
 DEFAULT_LOCK_TIMEOUT_S = 0.05
+LOCK_COOLOFF_S = 1.0  # after a lock timeout, only non-blocking tries for this long
 SHM_DIR = "/dev/shm"
 _MODE = 0o600
 _LOCK = fcntl.LOCK_EX | fcntl.LOCK_NB
@@ -185,7 +186,15 @@ class SharedTable:
 class ShmRateLimiter:
     """RateLimiter over a SharedTable attached in this process."""
 
-    __slots__ = ("_clock", "_digest", "_lock_timeout_s", "_policy", "_shared", "_table")
+    __slots__ = (
+        "_clock",
+        "_cooloff_until",
+        "_digest",
+        "_lock_timeout_s",
+        "_policy",
+        "_shared",
+        "_table",
+    )
 
     def __init__(
         self,
@@ -206,12 +215,20 @@ class ShmRateLimiter:
         self._policy = failure_policy
         self._clock = clock
         self._digest = DigestCache()
+        self._cooloff_until = 0.0
 
     def check(self, identity: bytes, rpm: float, burst: int, cost: int = 1) -> Decision:
         digest = self._digest(identity)
         shared = self._shared
-        if not shared.acquire(self._lock_timeout_s):
+        # After a timeout, wait no more for a while: a holder that hangs (stopped, not dead)
+        # must not stall this worker's event loop for the full timeout on every request. One
+        # non-blocking try is still made, so a freed lock is used again at once.
+        cooling = self._cooloff_until and self._clock() < self._cooloff_until
+        if not shared.acquire(0.0 if cooling else self._lock_timeout_s):
+            if not cooling:
+                self._cooloff_until = self._clock() + LOCK_COOLOFF_S
             return failure_decision(LOCK_TIMEOUT, self._policy, burst)
+        self._cooloff_until = 0.0
         try:
             # Read the clock under the lock so writes to a slot carry non-decreasing times.
             decision = self._table.decide(digest, self._clock(), rpm / 60.0, burst, cost)

@@ -327,6 +327,11 @@ def test_lock_timeout_is_bounded_and_follows_the_policy(
         assert decision.allowed is allowed
         assert decision.retry_after == (0.0 if allowed else 1.0)
         assert timeout <= elapsed < timeout + 1.0
+        # Cooling off: the next decisions try once without waiting, and follow the policy.
+        started = time.monotonic()
+        decision = limiter.check(b"waiting", 60, 3)
+        assert decision.failure == LOCK_TIMEOUT
+        assert time.monotonic() - started < timeout
         parent.send("release")
         assert parent.poll(WAIT_S) and parent.recv() == "released"
         decision = limiter.check(b"waiting", 60, 3)
