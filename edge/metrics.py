@@ -12,6 +12,8 @@ No key, identity or raw path is ever a label.
 
 from __future__ import annotations
 
+import functools
+import glob
 import os
 import platform
 from typing import Any
@@ -149,11 +151,32 @@ class Metrics:
         """A scrape. Under gunicorn: a fresh registry summing every worker's files, dead
         workers' included; in a single process (tests, plain uvicorn): this registry."""
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
-        from prometheus_client.multiprocess import MultiProcessCollector
 
         path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not path:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
-        MultiProcessCollector(registry, path=path)
+        _non_empty_files_collector()(registry, path=path)
         return generate_latest(registry), CONTENT_TYPE_LATEST
+
+
+@functools.cache
+def _non_empty_files_collector() -> Any:
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    class NonEmptyFilesCollector(MultiProcessCollector):
+        """MultiProcessCollector that skips empty files: a worker that is starting has created
+        its file but not sized it yet, and prometheus_client fails to read such a file. An
+        empty file holds no values, so skipping it loses nothing."""
+
+        def collect(self) -> Any:
+            files = []
+            for path in glob.glob(os.path.join(self._path, "*.db")):
+                try:
+                    if os.path.getsize(path) > 0:
+                        files.append(path)
+                except OSError:  # removed since it was listed
+                    continue
+            return self.merge(files, accumulate=True)
+
+    return NonEmptyFilesCollector

@@ -175,8 +175,15 @@ async def relay(
     event instead of a hang.
     """
     watcher = asyncio.ensure_future(_watch_disconnect(receive, resp)) if receive else None
+    content = resp.content
+    clock = time.perf_counter
     try:
-        async for chunk in resp.content.iter_any():
+        while True:
+            started = clock()
+            chunk = await content.readany()
+            ctx.upstream_s += clock() - started  # waiting on the upstream is not our overhead
+            if not chunk:
+                break
             if on_chunk is not None:
                 on_chunk(chunk)
             yield chunk
