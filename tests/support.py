@@ -93,7 +93,16 @@ def base_env(**overrides: str) -> dict[str, str]:
         for key, value in os.environ.items()
         if not key.startswith(("PROMETHEUS_", "API_", "AUTH_", "RATE_LIMIT_", "UPSTREAM_"))
     }
-    env.update({"LOG_LEVEL": "info", "WORKERS": "2", "PYTHONUNBUFFERED": "1"})
+    # A short graceful timeout: a test that leaves a request hanging must not make the
+    # master outlive Process.stop()'s patience (it would be SIGKILLed and skip its cleanup).
+    env.update(
+        {
+            "LOG_LEVEL": "info",
+            "WORKERS": "2",
+            "PYTHONUNBUFFERED": "1",
+            "GRACEFUL_TIMEOUT_SECONDS": "5",
+        }
+    )
     env.update(overrides)
     return env
 

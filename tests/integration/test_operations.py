@@ -252,7 +252,7 @@ def test_hup_ttin_ttou_under_load_lose_nothing(tmp_path):
         f'[[keys]]\nname = "load"\nkey = "{KEY}"\nrpm = 100000000\nburst = 100000000\n'
         '[[keys]]\nname = "probe"\nkey = "sk-probe"\nrpm = 0.001\nburst = 50\n'
     )
-    server = Gunicorn(API_KEYS_FILE=str(keys), WORKERS="2")
+    server = Gunicorn(API_KEYS_FILE=str(keys), WORKERS="2", GRACEFUL_TIMEOUT_SECONDS="15")
     probe = {"x-api-key": "sk-probe"}
     try:
         for _ in range(20):
