@@ -12,7 +12,11 @@ explicit list of fields.
 from __future__ import annotations
 
 import logging
+from datetime import UTC, datetime
 from typing import Any
+
+import orjson
+from pythonjsonlogger.orjson import OrjsonFormatter
 
 from edge.config import Config
 from edge.context import request_id_var, trace_id_var
@@ -20,10 +24,31 @@ from edge.context import request_id_var, trace_id_var
 ACCESS_LOGGER = "edge.access"
 
 
+class JsonFormatter(OrjsonFormatter):
+    """python-json-logger's orjson formatter, with a fast path for the access log.
+
+    An access record carries its fields, already JSON-ready, in `record.access`; serialising
+    that dict directly skips python-json-logger's per-record walk over every LogRecord
+    attribute, which was the largest single cost of logging a request. The output has the
+    same shape as every other line: level, logger, message, the fields, timestamp.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = record.__dict__.get("access")
+        if fields is None:
+            return super().format(record)
+        line = {"level": record.levelname, "logger": record.name, "message": record.msg}
+        line.update(fields)
+        line["timestamp"] = datetime.fromtimestamp(record.created, tz=UTC).isoformat()
+        return orjson.dumps(line).decode()
+
+
 class ContextFilter(logging.Filter):
     """Stamp every record with the current request's id and trace id (from ContextVars)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if "access" in record.__dict__:
+            return True  # carries its own request and trace ids
         # uvicorn adds an ANSI-coloured duplicate of its message; JSON logs don't want it.
         record.__dict__.pop("color_message", None)
         if not hasattr(record, "request_id"):
@@ -51,7 +76,7 @@ def logconfig_dict(config: Config) -> dict[str, Any]:
         "filters": {"context": {"()": "edge.logs.ContextFilter"}},
         "formatters": {
             "json": {
-                "()": "pythonjsonlogger.orjson.OrjsonFormatter",
+                "()": "edge.logs.JsonFormatter",
                 "fmt": ["levelname", "name", "message"],
                 "rename_fields": {"levelname": "level", "name": "logger"},
                 "timestamp": True,

@@ -92,6 +92,8 @@ class ContextMiddleware:
                 if stream.first_chunk_at is not None:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)
                 metrics.stream_duration.observe(total)
+        if not access_log.isEnabledFor(logging.INFO):
+            return
         record = {
             "request_id": ctx.request_id,
             "method": req.method,
@@ -110,7 +112,7 @@ class ContextMiddleware:
         }
         if ctx.trace_id is not None:
             record["trace_id"] = ctx.trace_id
-        access_log.info("request", extra=record)
+        access_log.info("request", extra={"access": record})
 
 
 class AuthMiddleware:
