@@ -112,7 +112,12 @@ class ContextMiddleware:
         }
         if ctx.trace_id is not None:
             record["trace_id"] = ctx.trace_id
-        access_log.info("request", extra={"access": record})
+        # makeRecord + handle is what Logger.info does, minus the caller lookup (a stack walk
+        # that the access line never shows).
+        line = access_log.makeRecord(
+            ACCESS_LOGGER, logging.INFO, __file__, 0, "request", None, None, {"access": record}
+        )
+        access_log.handle(line)
 
 
 class AuthMiddleware:
