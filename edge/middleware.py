@@ -115,7 +115,14 @@ class ContextMiddleware:
         # makeRecord + handle is what Logger.info does, minus the caller lookup (a stack walk
         # that the access line never shows).
         line = access_log.makeRecord(
-            ACCESS_LOGGER, logging.INFO, __file__, 0, "request", None, None, {"access": record}
+            ACCESS_LOGGER,
+            logging.INFO,
+            __file__,
+            0,
+            "request",
+            None,
+            None,
+            extra={"access": record},
         )
         access_log.handle(line)
 
