@@ -103,8 +103,10 @@ class RequestContext:
             self.trace_id, self.trace_flags = parsed
             if tracestate and len(tracestate) <= _MAX_TRACESTATE and tracestate.isascii():
                 self.tracestate = tracestate
+            span_id = os.urandom(8).hex()
         elif start_new:
-            self.trace_id = os.urandom(16).hex()
+            ids = os.urandom(24).hex()  # one call for the trace id and this hop's span id
+            self.trace_id, span_id = ids[:32], ids[32:]
         else:
             return
-        self.traceparent_out = f"00-{self.trace_id}-{os.urandom(8).hex()}-{self.trace_flags}"
+        self.traceparent_out = f"00-{self.trace_id}-{span_id}-{self.trace_flags}"

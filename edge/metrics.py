@@ -117,6 +117,9 @@ class Metrics:
         self._child(self.duration, route).observe(total_s)
         self._child(self.overhead, route).observe(overhead_s)
 
+    def observe_request_size(self, route: str, size: int) -> None:
+        self._child(self.request_size, route).observe(size)
+
     def observe_upstream(self, status: int | None, seconds: float, error: str | None) -> None:
         if error is not None:
             self._child(self.upstream_requests, "error").inc()

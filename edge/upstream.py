@@ -49,6 +49,13 @@ class Upstream:
         self._static_headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if config.upstream_api_key:
             self._static_headers["authorization"] = f"Bearer {config.upstream_api_key}"
+        # Non-streamed exchanges: aiohttp's own total timeout covers connecting, sending and
+        # reading the whole response, so no second timer is needed per request.
+        self._call_timeout = aiohttp.ClientTimeout(
+            total=self._timeout_s,
+            connect=self._connect_timeout_s,
+            sock_connect=self._connect_timeout_s,
+        )
         self._stream_timeout = aiohttp.ClientTimeout(
             total=None,
             connect=self._connect_timeout_s,
@@ -101,16 +108,14 @@ class Upstream:
         assert self.session is not None
         started = time.perf_counter()
         try:
-            async with (
-                asyncio.timeout(self._timeout_s),
-                self.session.request(
-                    method,
-                    self._base + path,
-                    data=body,
-                    headers=self._headers(ctx, False),
-                    allow_redirects=False,
-                ) as resp,
-            ):
+            async with self.session.request(
+                method,
+                self._base + path,
+                data=body,
+                headers=self._headers(ctx, False),
+                allow_redirects=False,
+                timeout=self._call_timeout,
+            ) as resp:
                 payload = await _read_bounded(resp)
                 return _response(resp, payload)
         except TimeoutError:
