@@ -34,6 +34,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from edge.context import new_request_id
 from edge.errors import OVERLOADED, envelope
 
 _OVERLOADED_BODY = envelope(
@@ -67,6 +68,7 @@ async def _overloaded(scope: Any, receive: Any, send: Any) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
                 (b"retry-after", b"1"),
+                (b"x-request-id", new_request_id().encode()),
             ],
         }
     )
@@ -250,6 +252,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"content-type: application/json\r\n")
+        head.append(b"x-request-id: " + new_request_id().encode() + b"\r\n")
         head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self.transport.close()
