@@ -82,6 +82,15 @@ class UnsupportedMediaType(ApiError):
     code = "unsupported_media_type"
 
 
+class ClientClosedRequest(ApiError):
+    """The client hung up before the answer was ready (nginx's 499; never reaches the client,
+    but it is what the access log and metrics record)."""
+
+    status = 499
+    type = INVALID_REQUEST
+    code = "client_closed_request"
+
+
 class RateLimited(ApiError):
     status = 429
     type = RATE_LIMIT

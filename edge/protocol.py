@@ -34,7 +34,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
-from edge.context import new_request_id
+from edge.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, new_request_id
 from edge.errors import OVERLOADED, envelope
 
 _OVERLOADED_BODY = envelope(
@@ -102,6 +102,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_timers()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # A handler waiting on the upstream for this request has nobody left to answer:
+            # end its wait now (edge.resources turns this into a logged 499).
+            task = cycle.scope.get(CANCEL_ON_DISCONNECT)
+            if task is not None:
+                cycle.scope[CLIENT_GONE] = True
+                task.cancel()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -121,7 +129,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
                 self._refuse(400, "Invalid HTTP request received.")
             return
         except httptools.HttpParserUpgrade:
-            self._refuse(400, "Protocol upgrades are not supported.")
+            self._ignore_upgrade()
             return
         except httptools.HttpParserError:
             self._refuse(400, "Invalid HTTP request received.")
@@ -133,6 +141,28 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(431, "Request header block too large.")
+        elif (
+            self._head_timer is None
+            and self.timeout_keep_alive_task is None
+            and (self.cycle is None or self.cycle.response_complete)
+        ):
+            # Bytes that start no request (the blank lines a parser skips) cancelled the
+            # keep-alive deadline above; without a new deadline they would hold the
+            # connection open for ever.
+            self._arm_head_timer()
+
+    def _ignore_upgrade(self) -> None:
+        """Answer a request carrying an Upgrade we do not speak (e.g. `Upgrade: h2c`) over
+        HTTP/1.1, as RFC 9110 7.8 allows, then close: the parser stops at an upgrade, so
+        nothing after this request can be read on the connection. One with a body still to
+        come cannot be read either, and is refused."""
+        cycle = self.cycle
+        if cycle is None or cycle.more_body:
+            self._refuse(400, "Requests with a body cannot ask for a protocol upgrade.")
+            return
+        cycle.keep_alive = False
+        self._refused = True  # read nothing more; the response closes the connection
+        self._cancel_timers()
 
     # -------------------------------------------------------------- parser callbacks
 
@@ -164,8 +194,13 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._head_started = False
         self._cancel_head_timer()
+        if not any(name == b"host" for name, _ in self.headers) and (
+            self.parser.get_http_version() == "1.1"
+        ):
+            raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         app = self.app
-        if len(self.tasks) >= self.limits.max_concurrency:
+        # Health checks are exempt from the cap: a saturated worker is busy, not dead.
+        if len(self.tasks) >= self.limits.max_concurrency and not self.url.startswith(b"/health"):
             self.app = _overloaded
         try:
             super().on_headers_complete()
@@ -222,7 +257,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             return
         if self._head_started:
             self._refuse(408, "Request head not received in time.")
-        elif self.cycle is None:  # connected, sent nothing
+        elif self.cycle is None or self.cycle.response_complete:  # idle: sent no request
             self._refused = True
             self.transport.close()
 
@@ -244,6 +279,12 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         """Answer `status` and close: nothing more is read or answered on this connection."""
         self._refused = True
         self._cancel_timers()
+        cycle = self.cycle
+        if cycle is not None and not cycle.response_complete:
+            # The app may already be handling this request: it now sees a disconnect, and
+            # whatever it sends is dropped, so this refusal stays the only response.
+            cycle.disconnected = True
+            cycle.message_event.set()
         if self.transport.is_closing():
             return
         body = envelope(message, "invalid_request_error", None, _CODES.get(status))

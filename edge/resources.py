@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from typing import Any
+from collections.abc import Awaitable
+from typing import Any, TypeVar
 
 import orjson
 
@@ -15,12 +17,13 @@ from edge.body import (
     validate_chat,
     validate_completion,
 )
-from edge.context import RequestContext
-from edge.errors import BadGateway, ServiceUnavailable, envelope
+from edge.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
+from edge.errors import BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
 from edge.streams import ResponseStream
 from edge.upstream import UpstreamResponse, relay
 
 log = logging.getLogger("edge.resources")
+T = TypeVar("T")
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -55,9 +58,10 @@ class Completions:
             self._mock(req, resp, data, ctx)
             return
         if not stream:
-            _send_upstream(resp, ctx, await upstream.call("POST", self._path, body, ctx))
+            result = await _unless_client_leaves(req, upstream.call("POST", self._path, body, ctx))
+            _send_upstream(resp, ctx, result)
             return
-        opened = await upstream.open_stream(self._path, body, ctx)
+        opened = await _unless_client_leaves(req, upstream.open_stream(self._path, body, ctx))
         if isinstance(opened, UpstreamResponse):
             _send_upstream(resp, ctx, opened)
             return
@@ -78,6 +82,28 @@ class Completions:
         build = mock.chat if chat else mock.completion
         resp.data, ctx.prompt_tokens, ctx.completion_tokens = build(data, ctx.model, ctx.request_id)
         resp.content_type = JSON
+
+
+async def _unless_client_leaves(req: Any, awaitable: Awaitable[T]) -> T:
+    """Await an upstream exchange, ending it at once if the client hangs up meanwhile.
+
+    edge.protocol cancels the task registered here when the connection drops (see
+    CANCEL_ON_DISCONNECT); the cancellation becomes ClientClosedRequest, so the request is
+    still finished, logged and counted like any other. Without this, a hung-up request would
+    keep its upstream call and its concurrency slot until SERVER_TIMEOUT_SECONDS.
+    """
+    scope = req.scope
+    task = asyncio.current_task()
+    scope[CANCEL_ON_DISCONNECT] = task
+    try:
+        return await awaitable
+    except asyncio.CancelledError:
+        if not scope.get(CLIENT_GONE) or task is None:
+            raise
+        task.uncancel()
+        raise ClientClosedRequest("The client closed the connection.") from None
+    finally:
+        del scope[CANCEL_ON_DISCONNECT]
 
 
 def _send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> None:
@@ -153,9 +179,9 @@ class Models:
             resp.data = mock.models()
             resp.content_type = JSON
             return
-        _send_upstream(
-            resp, req.context.edge, await upstream.call("GET", "/models", None, req.context.edge)
-        )
+        ctx = req.context.edge
+        result = await _unless_client_leaves(req, upstream.call("GET", "/models", None, ctx))
+        _send_upstream(resp, ctx, result)
 
 
 class Health:

@@ -118,9 +118,11 @@ class Upstream:
             ) as resp:
                 payload = await _read_bounded(resp)
                 return _response(resp, payload)
-        except TimeoutError:
+        except TimeoutError as exc:
+            _forget_traceback(exc)
             raise _timeout(ctx, self._timeout_s) from None
         except aiohttp.ClientError as exc:
+            _forget_traceback(exc)
             raise _unreachable(ctx, exc) from None
         finally:
             ctx.upstream_s += time.perf_counter() - started
@@ -153,11 +155,13 @@ class Upstream:
                     return _response(resp, await _read_bounded(resp))
                 finally:
                     resp.release()
-        except TimeoutError:
+        except TimeoutError as exc:
+            _forget_traceback(exc)
             if resp is not None:
                 resp.close()
             raise _timeout(ctx, self._timeout_s) from None
         except aiohttp.ClientError as exc:
+            _forget_traceback(exc)
             if resp is not None:
                 resp.close()
             raise _unreachable(ctx, exc) from None
@@ -193,6 +197,7 @@ async def relay(
                 on_chunk(chunk)
             yield chunk
     except (aiohttp.ClientError, TimeoutError) as exc:
+        _forget_traceback(exc)
         if watcher is None or not watcher.done():
             ctx.upstream_error = kind = error_kind(exc)
             log.warning(
@@ -211,8 +216,18 @@ async def _watch_disconnect(
     while True:
         event = await receive()
         if event["type"] == "http.disconnect":
+            # An exception of our own for the pending read: left to itself, aiohttp hands every
+            # closed response one shared exception object, whose traceback then grows with
+            # each hung-up stream's frames and keeps them all alive.
+            resp.content.set_exception(aiohttp.ClientConnectionError("client disconnected"))
             resp.close()
             return
+
+
+def _forget_traceback(exc: BaseException) -> None:
+    """Drop the traceback of a caught aiohttp exception: aiohttp reuses some exception objects
+    across requests, and a traceback left on one keeps every frame it passed through alive."""
+    exc.__traceback__ = None
 
 
 def _sse_error(kind: str) -> bytes:

@@ -16,6 +16,7 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     stall-mid-stream      two SSE chunks, then silence
     paced                 SSE chunks every --pace seconds (also: model "paced-N" sends N chunks)
     long-stream           SSE chunks as fast as the client reads, for --long-chunks chunks
+    fast-N                N SSE chunks without pause (quick streams for soak and leak runs)
 
 What it received is kept per x-request-id: GET /_seen/{request_id} returns the headers (and the
 body's size) of that request, so a test can check what the proxy sent upstream. GET /_stats
@@ -140,6 +141,8 @@ async def _stream(request, model, chat, options) -> web.StreamResponse:
         count = int(model.split("-", 1)[1])
     if model == "long-stream":
         count, pace = options.long_chunks, 0.0
+    if model.startswith("fast-"):
+        count, pace = int(model.split("-", 1)[1]), 0.0
     try:
         for index in range(count):
             if index == 2 and model == "reset-mid-stream":

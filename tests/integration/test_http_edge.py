@@ -1,0 +1,663 @@
+"""The HTTP edge held to its limits with raw sockets against real gunicorn (2 workers).
+
+Request line, header block (sent whole and trickled), header count, body size (declared and
+chunked), the request-smuggling corpus, slowloris heads, slow bodies and the per-worker
+concurrency cap. Every refusal must come as the documented status, on a connection the server
+then closes, with no second response behind it; and the server must stay healthy throughout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import select
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+from support import Gunicorn, Upstream, wait_until
+
+KEY = "sk-http-edge-test-key"
+MAX_BODY = 4096
+MAX_LINE = 4096
+MAX_HEADER_BYTES = 8192
+MAX_HEADERS = 32
+HEAD_TIMEOUT = 2.0
+BODY_TIMEOUT = 2.0
+KEEPALIVE = 2
+SLACK = 3.0  # scheduling slack on top of a deadline: enough to prove "no hang", not a speed bound
+
+CHAT = b'{"model":"m","messages":[{"role":"user","content":"hello"}]}'
+POST_HEAD = (
+    b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n"
+    b"Authorization: Bearer " + KEY.encode() + b"\r\nContent-Type: application/json\r\n"
+)
+STATUS_LINE = re.compile(rb"HTTP/1\.[01] \d{3} ")
+
+
+@pytest.fixture(scope="module")
+def edge():
+    server = Gunicorn(
+        API_KEYS=KEY,
+        RATE_LIMIT_ENABLED="false",
+        MAX_REQUEST_SIZE=str(MAX_BODY),
+        HTTP_MAX_REQUEST_LINE=str(MAX_LINE),
+        HTTP_MAX_HEADER_BYTES=str(MAX_HEADER_BYTES),
+        HTTP_MAX_HEADERS=str(MAX_HEADERS),
+        HTTP_HEADER_TIMEOUT_SECONDS=str(HEAD_TIMEOUT),
+        HTTP_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
+        KEEPALIVE_TIMEOUT_SECONDS=str(KEEPALIVE),
+        SERVER_TIMEOUT_SECONDS="2",
+    )
+    yield server
+    server.stop()
+
+
+# ------------------------------------------------------------------ raw-socket helpers
+
+
+def connect(server: Gunicorn, timeout: float = 10.0) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", server.port), timeout=timeout)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+def read_until_closed(sock: socket.socket, timeout: float = 10.0) -> tuple[bytes, bool]:
+    """Everything the server sends until it closes, or until `timeout`: (data, closed)."""
+    deadline = time.monotonic() + timeout
+    chunks = []
+    while (left := deadline - time.monotonic()) > 0:
+        sock.settimeout(left)
+        try:
+            chunk = sock.recv(65536)
+        except TimeoutError:
+            break
+        except ConnectionResetError:
+            return b"".join(chunks), True
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+    return b"".join(chunks), False
+
+
+def exchange(server: Gunicorn, request: bytes, timeout: float = 10.0) -> tuple[bytes, bool]:
+    with connect(server) as sock:
+        # The server may refuse before it has read everything; its answer is read below.
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            sock.sendall(request)
+        return read_until_closed(sock, timeout)
+
+
+def trickle(sock: socket.socket, data: bytes, piece: int, pause: float) -> tuple[int, bytes, bool]:
+    """Send `data` `piece` bytes at a time, `pause` apart, stopping as soon as the server
+    answers or closes. Returns (bytes sent, what the server sent, whether it closed)."""
+    sent = 0
+    while sent < len(data):
+        try:
+            sock.sendall(data[sent : sent + piece])
+        except (BrokenPipeError, ConnectionResetError):
+            break
+        sent = min(len(data), sent + piece)
+        readable, _, _ = select.select([sock], [], [], pause)
+        if readable:
+            break
+    response, closed = read_until_closed(sock, timeout=10)
+    return sent, response, closed
+
+
+def status_of(response: bytes) -> int:
+    match = re.match(rb"HTTP/1\.1 (\d{3}) ", response)
+    assert match, response[:200]
+    return int(match.group(1))
+
+
+def header(response: bytes, name: str) -> str | None:
+    head = response.split(b"\r\n\r\n", 1)[0].decode("latin-1")
+    for line in head.split("\r\n")[1:]:
+        key, _, value = line.partition(":")
+        if key.strip().lower() == name:
+            return value.strip()
+    return None
+
+
+def envelope(response: bytes) -> dict:
+    """The OpenAI error envelope of a single raw response (content-length framed)."""
+    head, _, body = response.partition(b"\r\n\r\n")
+    assert (header(response, "content-type") or "").startswith("application/json"), head
+    length = int(header(response, "content-length") or -1)
+    assert len(body) >= length >= 0, response
+    error = json.loads(body[:length])["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    return error
+
+
+def assert_refused(response: bytes, closed: bool, status: int) -> dict:
+    """One response of `status`, with the envelope, on a connection the server closed."""
+    assert status_of(response) == status, response[:300]
+    assert len(STATUS_LINE.findall(response)) == 1, response
+    assert closed, "the server kept the connection open after refusing the request"
+    assert (header(response, "connection") or "").lower() == "close"
+    return envelope(response)
+
+
+def post(body: bytes, *extra: bytes) -> bytes:
+    return (
+        POST_HEAD
+        + b"".join(extra)
+        + b"Content-Length: %d\r\nConnection: close\r\n\r\n" % len(body)
+        + body
+    )
+
+
+def ready(server: Gunicorn) -> None:
+    response = httpx.get(server.url + "/health/ready", timeout=5)
+    assert response.status_code == 200
+    assert response.json() == {"status": "ready"}
+
+
+# ------------------------------------------------------------------ request line and headers
+
+
+def test_long_request_line_is_414_and_closed(edge):
+    line = b"GET /health?pad=" + b"a" * (MAX_LINE + 100) + b" HTTP/1.1\r\nHost: edge\r\n\r\n"
+    error = assert_refused(*exchange(edge, line), 414)
+    assert error["code"] == "request_line_too_long"
+
+
+def test_request_line_just_under_the_limit_is_served(edge):
+    target = b"/health?pad=" + b"a" * (MAX_LINE - 200)
+    response, _ = exchange(
+        edge, b"GET " + target + b" HTTP/1.1\r\nHost: e\r\nConnection: close\r\n\r\n"
+    )
+    assert status_of(response) == 200
+
+
+def test_long_request_line_trickled_is_414_before_it_ends(edge):
+    line = b"GET /health?pad=" + b"a" * (MAX_LINE * 4) + b" HTTP/1.1\r\nHost: edge\r\n\r\n"
+    with connect(edge) as sock:
+        sent, response, closed = trickle(sock, line, 512, 0.01)
+    assert_refused(response, closed, 414)
+    assert sent < len(line), "the server read the whole request line before refusing it"
+
+
+def test_oversized_header_block_sent_whole_is_431_and_closed(edge):
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 1000) for i in range(12))  # ~12 KiB
+    request = b"GET /health HTTP/1.1\r\nHost: edge\r\n" + pad + b"\r\n"
+    error = assert_refused(*exchange(edge, request), 431)
+    assert error["code"] == "request_header_fields_too_large"
+
+
+def test_one_huge_header_sent_whole_is_431(edge):
+    request = b"GET /health HTTP/1.1\r\nHost: edge\r\nX-Huge: " + b"h" * 200_000 + b"\r\n\r\n"
+    assert_refused(*exchange(edge, request), 431)
+
+
+@pytest.mark.parametrize("shape", ["many-headers", "one-header"])
+def test_oversized_header_block_trickled_is_431_before_it_ends(edge, shape):
+    """1 KiB per send: the server cuts it as soon as it passes the limit, not at the end."""
+    if shape == "many-headers":
+        pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 2000) for i in range(MAX_HEADERS - 4))
+    else:  # a single header whose value never completes within the limit
+        pad = b"X-Huge: " + b"h" * (MAX_HEADER_BYTES * 8) + b"\r\n"
+    request = b"GET /health HTTP/1.1\r\nHost: edge\r\n" + pad + b"\r\n"
+    assert len(request) > MAX_HEADER_BYTES * 6
+    with connect(edge) as sock:
+        sent, response, closed = trickle(sock, request, 1024, 0.03)
+    assert_refused(response, closed, 431)
+    # Cut as soon as it passed the limit, long before the end (the margin only absorbs the
+    # time the refusal takes to reach this client, a few sends at most on a quiet machine).
+    assert MAX_HEADER_BYTES < sent < len(request) - 16 * 1024, sent
+
+
+@pytest.mark.parametrize("trickled", [False, True], ids=["whole", "trickled"])
+def test_header_block_under_the_limit_is_served(edge, trickled):
+    pad = b"".join(b"X-Pad-%d: %s\r\n" % (i, b"p" * 500) for i in range(12))  # ~6.2 KiB
+    request = b"GET /health HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n" + pad + b"\r\n"
+    assert len(request) < MAX_HEADER_BYTES - 1024
+    with connect(edge) as sock:
+        if trickled:
+            _, response, _ = trickle(sock, request, 1024, 0.02)
+        else:
+            sock.sendall(request)
+            response, _ = read_until_closed(sock)
+    assert status_of(response) == 200, response[:300]
+
+
+def test_too_many_headers_is_431_and_closed(edge):
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(MAX_HEADERS + 10))
+    request = b"GET /health HTTP/1.1\r\nHost: edge\r\n" + fields + b"\r\n"
+    error = assert_refused(*exchange(edge, request), 431)
+    assert error["code"] == "request_header_fields_too_large"
+
+
+def test_header_count_at_the_limit_is_served(edge):
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(MAX_HEADERS - 2))  # + Host + Connection
+    request = b"GET /health HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n" + fields + b"\r\n"
+    response, _ = exchange(edge, request)
+    assert status_of(response) == 200, response[:300]
+
+
+# ------------------------------------------------------------------ request body size
+
+
+def test_content_length_over_the_limit_is_413_before_the_body(edge):
+    with connect(edge) as sock:
+        sock.sendall(POST_HEAD + b"Content-Length: %d\r\n\r\n" % (MAX_BODY + 1))
+        response, closed = read_until_closed(sock, timeout=BODY_TIMEOUT + SLACK)
+    assert status_of(response) == 413
+    assert envelope(response)["code"] == "request_too_large"
+    assert closed
+    assert len(STATUS_LINE.findall(response)) == 1
+
+
+def test_huge_content_length_is_413_before_the_body(edge):
+    with connect(edge) as sock:
+        sock.sendall(POST_HEAD + b"Content-Length: 99999999999\r\n\r\n")
+        sock.settimeout(5)
+        first = sock.recv(65536)  # before a single body byte was sent
+    assert status_of(first) == 413
+
+
+def test_chunked_body_growing_past_the_limit_is_413_while_still_sending(edge):
+    chunks = 40  # 40 x 512 bytes = 20 KiB, five times the limit
+    with connect(edge) as sock:
+        sock.sendall(POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n")
+        sent = 0
+        for index in range(chunks):
+            piece = (b'{"model":"' if index == 0 else b"").ljust(512, b"x")
+            try:
+                sock.sendall(b"200\r\n" + piece + b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                break
+            sent += 1
+            readable, _, _ = select.select([sock], [], [], 0.05)
+            if readable:
+                break
+        response, closed = read_until_closed(sock)
+    assert status_of(response) == 413, response[:300]
+    assert envelope(response)["code"] == "request_too_large"
+    assert closed
+    assert sent < chunks, "the 413 only came after the client had sent everything"
+    # Refused at the first byte past the limit: about MAX_BODY / 512 chunks, plus the time the
+    # refusal takes to reach this client.
+    assert MAX_BODY // 512 <= sent <= MAX_BODY // 512 + 12, sent
+
+
+def test_body_exactly_at_the_limit_is_accepted(edge):
+    prefix = b'{"model":"m","messages":[{"role":"user","content":"hi"}],"pad":"'
+    body = prefix + b"x" * (MAX_BODY - len(prefix) - 2) + b'"}'
+    assert len(body) == MAX_BODY
+    response, _ = exchange(edge, post(body))
+    assert status_of(response) == 200, response[:300]
+    chunked = (
+        POST_HEAD + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    )  # fmt: skip
+    response, _ = exchange(edge, chunked)
+    assert status_of(response) == 200, response[:300]
+    response, _ = exchange(edge, post(body + b" "))
+    assert status_of(response) == 413
+
+
+# ------------------------------------------------------------------ request smuggling corpus
+
+SMUGGLED = b"GET /health/live HTTP/1.1\r\nHost: edge\r\n\r\n"
+
+SMUGGLING = {
+    "cl-and-te": POST_HEAD + b"Content-Length: 4\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "te-and-cl": POST_HEAD + b"Transfer-Encoding: chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+    "te-xchunked": POST_HEAD + b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+    "te-chunked-gzip": POST_HEAD + b"Transfer-Encoding: chunked, gzip\r\n\r\n0\r\n\r\n",
+    "te-space-before-colon": POST_HEAD + b"Transfer-Encoding : chunked\r\n\r\n0\r\n\r\n",
+    "te-identity": POST_HEAD + b"Transfer-Encoding: identity\r\n\r\n" + CHAT,
+    "te-twice": POST_HEAD
+    + b"Transfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    "cl-duplicate-same": POST_HEAD
+    + b"Content-Length: %d\r\nContent-Length: %d\r\n\r\n" % (len(CHAT), len(CHAT))
+    + CHAT,
+    "cl-duplicate-different": POST_HEAD
+    + b"Content-Length: %d\r\nContent-Length: 5\r\n\r\n" % len(CHAT)
+    + CHAT,
+    "cl-comma-list": POST_HEAD + b"Content-Length: %d, %d\r\n\r\n" % (len(CHAT), len(CHAT)) + CHAT,
+    "cl-negative": POST_HEAD + b"Content-Length: -1\r\n\r\n" + CHAT,
+    "cl-non-numeric": POST_HEAD + b"Content-Length: abc\r\n\r\n" + CHAT,
+    "cl-plus-sign": POST_HEAD + b"Content-Length: +%d\r\n\r\n" % len(CHAT) + CHAT,
+    "bare-lf": (POST_HEAD + b"Content-Length: %d\r\n\r\n" % len(CHAT)).replace(b"\r\n", b"\n")
+    + CHAT,
+    "bare-lf-one-line": b"GET /health HTTP/1.1\nHost: edge\r\n\r\n",
+    "bare-cr": b"GET /health HTTP/1.1\rHost: edge\r\r",
+    "obs-fold": b"GET /health HTTP/1.1\r\nHost: edge\r\nX-Folded: a\r\n b\r\n\r\n",
+    "obs-fold-te": POST_HEAD
+    + b"Transfer-Encoding: identity\r\n chunked\r\nContent-Length: 4\r\n\r\n0\r\n\r\n",
+    "nul-in-header-value": b"GET /health HTTP/1.1\r\nHost: edge\r\nX-Nul: a\x00b\r\n\r\n",
+    "space-in-header-name": b"GET /health HTTP/1.1\r\nHost: edge\r\nX Bad: v\r\n\r\n",
+    "chunk-size-bare-lf": POST_HEAD + b"Transfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+    "chunk-size-overflow": POST_HEAD
+    + b"Transfer-Encoding: chunked\r\n\r\nffffffffffffffffff1\r\nhello\r\n0\r\n\r\n",
+    "cl-te-smuggled-second-request": POST_HEAD
+    + b"Content-Length: %d\r\nTransfer-Encoding: chunked\r\n\r\n" % (5 + len(SMUGGLED))
+    + b"0\r\n\r\n"
+    + SMUGGLED,
+    "te-cl-smuggled-second-request": POST_HEAD
+    + b"Transfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n"
+    + SMUGGLED,
+}
+
+
+@pytest.mark.parametrize("request_bytes", list(SMUGGLING.values()), ids=list(SMUGGLING))
+def test_smuggling_shapes_are_400_closed_and_answered_once(edge, request_bytes):
+    response, closed = exchange(edge, request_bytes, timeout=10)
+    error = assert_refused(response, closed, 400)
+    assert error["type"] == "invalid_request_error"
+    assert b"alive" not in response  # nothing of a smuggled /health/live answer
+
+
+def test_a_valid_pipeline_still_gets_both_answers(edge):
+    """The control for the corpus: two honest pipelined requests get two responses."""
+    request = (
+        b"GET /health/live HTTP/1.1\r\nHost: edge\r\n\r\n"
+        b"GET /health HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n"
+    )
+    response, closed = exchange(edge, request)
+    assert closed
+    assert [int(s[-4:-1]) for s in STATUS_LINE.findall(response)] == [200, 200]
+
+
+# ------------------------------------------------------------------ slow clients
+
+
+@contextlib.contextmanager
+def sockets(count: int, server: Gunicorn) -> Iterator[list[socket.socket]]:
+    opened: list[socket.socket] = []
+    try:
+        for _ in range(count):
+            opened.append(connect(server))
+        yield opened
+    finally:
+        for sock in opened:
+            sock.close()
+
+
+def still_open(sock: socket.socket) -> bool:
+    """Nothing received and not closed: the server is still waiting on this client."""
+    sock.setblocking(False)
+    try:
+        sock.recv(1, socket.MSG_PEEK)  # data or EOF: answered or closed already
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        sock.setblocking(True)
+    return False
+
+
+def collect_until_closed(socks: list[socket.socket], deadline: float) -> dict[int, bytes]:
+    """Read every socket until the server closes it; {index: bytes} of those closed by
+    `deadline` (a socket missing from the result was not closed in time)."""
+    pending = {sock.fileno(): index for index, sock in enumerate(socks)}
+    by_fd = {sock.fileno(): sock for sock in socks}
+    data: dict[int, list[bytes]] = {index: [] for index in pending.values()}
+    closed: dict[int, bytes] = {}
+    while pending and (left := deadline - time.monotonic()) > 0:
+        readable, _, _ = select.select(list(pending), [], [], min(left, 0.5))
+        for fd in readable:
+            index = pending[fd]
+            try:
+                chunk = by_fd[fd].recv(65536)
+            except ConnectionResetError:
+                chunk = b""
+            if chunk:
+                data[index].append(chunk)
+            else:
+                closed[index] = b"".join(data[index])
+                del pending[fd]
+    return closed
+
+
+def test_slowloris_does_not_hold_up_new_clients_and_is_cut_at_the_deadline(edge):
+    partial_count, silent_count = 220, 5
+    with sockets(partial_count, edge) as partial, sockets(silent_count, edge) as silent:
+        for sock in partial:
+            sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        opened = time.monotonic()
+
+        # A new, normal client is served while all of them hang on.
+        assert httpx.get(edge.url + "/health/ready", timeout=5).status_code == 200
+        chat = httpx.post(
+            edge.url + "/v1/chat/completions", content=CHAT, timeout=5,
+            headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
+        )  # fmt: skip
+        assert chat.status_code == 200
+        assert all(still_open(sock) for sock in partial + silent), "cut before the deadline"
+
+        closed = collect_until_closed(partial + silent, opened + HEAD_TIMEOUT + SLACK)
+        cut_at = time.monotonic() - opened
+    missing = [i for i in range(partial_count + silent_count) if i not in closed]
+    assert not missing, f"{len(missing)} stalled connections still open after {cut_at:.1f}s"
+    for index in range(partial_count):
+        assert status_of(closed[index]) == 408, closed[index][:200]
+        assert envelope(closed[index])["code"] == "request_timeout"
+    for index in range(partial_count, partial_count + silent_count):
+        assert closed[index] == b""  # sent nothing: closed without an answer
+    ready(edge)
+
+
+def test_head_trickled_one_byte_at_a_time_is_cut_with_408(edge):
+    head = b"GET /health HTTP/1.1\r\nHost: edge\r\nX-Slow: " + b"s" * 100 + b"\r\n\r\n"
+    with connect(edge) as sock:
+        started = time.monotonic()
+        sent, response, closed = trickle(sock, head, 1, 0.5)
+        elapsed = time.monotonic() - started
+    assert status_of(response) == 408, response[:200]
+    assert closed
+    assert sent < len(head)
+    assert HEAD_TIMEOUT - 0.5 <= elapsed <= HEAD_TIMEOUT + SLACK, elapsed
+
+
+def test_slow_body_is_cut_with_408_and_the_server_stays_healthy(edge):
+    with connect(edge) as sock:
+        sock.sendall(POST_HEAD + b"Content-Length: 100\r\n\r\n" + b'{"model":"')
+        started = time.monotonic()
+        response, closed = read_until_closed(sock, timeout=BODY_TIMEOUT + SLACK)
+        elapsed = time.monotonic() - started
+    assert closed, "a stalled body was not cut"
+    assert elapsed <= BODY_TIMEOUT + SLACK
+    if response:  # README: 408 and closed
+        assert status_of(response) == 408, response[:200]
+        assert envelope(response)["code"] == "request_timeout"
+    ready(edge)
+
+
+def test_slow_chunked_body_is_cut(edge):
+    with connect(edge) as sock:
+        sock.sendall(POST_HEAD + b'Transfer-Encoding: chunked\r\n\r\n5\r\n{"mod\r\n')
+        response, closed = read_until_closed(sock, timeout=BODY_TIMEOUT + SLACK)
+    assert closed
+    assert status_of(response) == 408
+
+
+def test_idle_keepalive_connection_cannot_be_held_open_with_crlf(edge):
+    with connect(edge) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: edge\r\n\r\n")
+        sock.settimeout(5)
+        assert status_of(sock.recv(65536)) == 200
+        deadline = time.monotonic() + KEEPALIVE + HEAD_TIMEOUT + SLACK
+        closed = False
+        while not closed and time.monotonic() < deadline:
+            try:
+                sock.sendall(b"\r\n")
+            except (BrokenPipeError, ConnectionResetError):
+                closed = True
+                break
+            readable, _, _ = select.select([sock], [], [], 0.5)
+            if readable:
+                try:
+                    closed = sock.recv(65536) == b"" or closed
+                except ConnectionResetError:
+                    closed = True
+    assert closed, "the connection was still open past the keep-alive and head deadlines"
+
+
+def test_idle_keepalive_connection_is_closed(edge):
+    with connect(edge) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: edge\r\n\r\n")
+        sock.settimeout(5)
+        assert status_of(sock.recv(65536)) == 200
+        _, closed = read_until_closed(sock, timeout=KEEPALIVE + SLACK)
+    assert closed
+
+
+def test_unsupported_upgrade_is_ignored_not_refused(edge):
+    request = (
+        b"GET /health HTTP/1.1\r\nHost: edge\r\nConnection: Upgrade, HTTP2-Settings\r\n"
+        b"Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n\r\n"
+    )
+    response, _ = exchange(edge, request, timeout=KEEPALIVE + SLACK)
+    assert status_of(response) == 200, response[:200]
+
+
+def test_websocket_upgrade_is_refused_with_one_400(edge):
+    request = (
+        b"GET /health HTTP/1.1\r\nHost: edge\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    response, closed = exchange(edge, request)
+    assert status_of(response) in (400, 200)  # never a 101
+    assert len(STATUS_LINE.findall(response)) == 1
+    assert closed
+
+
+# ------------------------------------------------------------------ concurrency cap
+
+
+@pytest.fixture(scope="module")
+def hanging_upstream():
+    server = Upstream("--pace", "0.2")
+    yield server
+    server.stop(timeout=3)  # `hang` handlers never finish: don't wait out aiohttp's shutdown
+
+
+@pytest.fixture(scope="module")
+def capped(hanging_upstream):
+    server = Gunicorn(
+        API_KEYS=KEY,
+        RATE_LIMIT_ENABLED="false",
+        WORKERS="1",
+        MAX_CONCURRENT_REQUESTS="2",
+        UPSTREAM_URL=hanging_upstream.url + "/v1",
+        SERVER_TIMEOUT_SECONDS="10",
+        HTTP_HEADER_TIMEOUT_SECONDS=str(HEAD_TIMEOUT),
+        HTTP_BODY_TIMEOUT_SECONDS=str(BODY_TIMEOUT),
+    )
+    yield server
+    server.stop()
+
+
+def chat_request(model: str, stream: bool = False) -> bytes:
+    body = json.dumps(
+        {"model": model, "stream": stream, "messages": [{"role": "user", "content": "hi"}]}
+    ).encode()
+    return POST_HEAD + b"Content-Length: %d\r\n\r\n" % len(body) + body
+
+
+def third_request(server: Gunicorn) -> httpx.Response:
+    return httpx.post(
+        server.url + "/v1/chat/completions",
+        json={"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"authorization": f"Bearer {KEY}"},
+        timeout=15,
+    )
+
+
+def served_again(server: Gunicorn) -> bool:
+    return third_request(server).status_code == 200
+
+
+@contextlib.contextmanager
+def held(server: Gunicorn, request: bytes, count: int = 2) -> Iterator[list[socket.socket]]:
+    """`count` requests sent and left in flight; closed (client hang-up) on exit."""
+    with sockets(count, server) as socks:
+        for sock in socks:
+            sock.sendall(request)
+        yield socks
+
+
+def assert_overloaded(response: httpx.Response) -> None:
+    assert response.status_code == 503, response.text
+    assert response.headers["retry-after"] == "1"
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["type"] == "overloaded_error"
+    assert error["message"]
+
+
+def test_concurrency_cap_is_503_with_retry_after_then_recovers(capped):
+    assert served_again(capped)
+    with held(capped, chat_request("hang")):
+        overloaded = wait_until(lambda: (r := third_request(capped)).status_code == 503 and r)
+        assert_overloaded(overloaded)
+        assert_overloaded(third_request(capped))  # still full: both held requests are waiting
+    # The held requests are released (the clients hung up; their upstream deadline ends them at
+    # the latest): requests are served again.
+    wait_until(lambda: served_again(capped), timeout=10 + SLACK + 2)
+
+
+def test_hung_up_non_stream_requests_free_their_slots_promptly(capped):
+    try:
+        with held(capped, chat_request("hang")):
+            wait_until(lambda: third_request(capped).status_code == 503)
+        wait_until(lambda: served_again(capped), timeout=SLACK)
+    finally:
+        wait_until(lambda: served_again(capped), timeout=10 + SLACK + 2)
+
+
+def test_hung_up_streams_free_their_slots_promptly(capped, hanging_upstream):
+    cancelled = hanging_upstream.stats()["streams_cancelled"]
+    with held(capped, chat_request("paced-50", stream=True)) as socks:
+        for sock in socks:  # both streams are under way
+            sock.settimeout(5)
+            assert status_of(sock.recv(65536)) == 200
+        assert_overloaded(third_request(capped))
+    wait_until(lambda: served_again(capped), timeout=SLACK)  # paced-50 would take 10 s
+    wait_until(lambda: hanging_upstream.stats()["streams_cancelled"] >= cancelled + 2, timeout=5)
+
+
+def test_stalled_heads_take_no_request_slot(capped):
+    with sockets(20, capped) as socks:
+        for sock in socks:
+            sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+        assert served_again(capped)
+        assert served_again(capped)
+
+
+def test_stalled_bodies_hold_slots_only_until_the_body_deadline(capped):
+    body_head = POST_HEAD + b"Content-Length: 100\r\n\r\n" + b'{"model":"'
+    with held(capped, body_head) as socks:
+        overloaded = wait_until(lambda: (r := third_request(capped)).status_code == 503 and r)
+        assert_overloaded(overloaded)
+        closed = collect_until_closed(socks, time.monotonic() + BODY_TIMEOUT + SLACK)
+        assert sorted(closed) == [0, 1]
+        assert all(status_of(data) == 408 for data in closed.values())
+    wait_until(lambda: served_again(capped), timeout=SLACK)
+
+
+# ------------------------------------------------------------------ afterwards
+
+
+def test_server_is_healthy_after_all_of_this(edge, capped):
+    ready(edge)
+    for server in (edge, capped):
+        with connect(server) as sock:
+            sock.sendall(b"GET /health/ready HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n")
+            response, closed = read_until_closed(sock)
+        assert status_of(response) == 200 and closed
+        log = server.output()
+        assert "Exception in ASGI application" not in log
+        assert "unhandled error" not in log
+        assert "Traceback" not in log
