@@ -12,6 +12,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 _TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(\d+)")
 
 
+@pytest.fixture(autouse=True)
+def _close_sdk_clients():
+    yield
+    from support import close_sdk_clients
+
+    close_sdk_clients()
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _no_stale_test_tables():
     """After the run, remove rate-limit tables of test masters that are gone (a master killed

@@ -182,3 +182,23 @@ def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:
             while chunk := sock.recv(65536):
                 chunks.append(chunk)
     return b"".join(chunks)
+
+
+_SDK_CLIENTS: list[Any] = []
+
+
+def sdk_client(url: str, key: str, **options: Any) -> Any:
+    """An official openai SDK client for `url`, closed after the test by conftest (an
+    unclosed one leaks its pooled sockets)."""
+    import openai
+
+    options.setdefault("max_retries", 0)
+    options.setdefault("timeout", 20)
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, **options)
+    _SDK_CLIENTS.append(client)
+    return client
+
+
+def close_sdk_clients() -> None:
+    while _SDK_CLIENTS:
+        _SDK_CLIENTS.pop().close()

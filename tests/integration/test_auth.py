@@ -140,11 +140,11 @@ def test_non_ascii_key_is_refused_cleanly(proxy):
 
 def test_sdk_raises_authentication_error_and_works_with_a_good_key(proxy):
     bad = openai.OpenAI(base_url=proxy.url + "/v1", api_key=WRONG, max_retries=0)
-    with pytest.raises(openai.AuthenticationError) as caught:
+    with bad, pytest.raises(openai.AuthenticationError) as caught:
         bad.chat.completions.create(**CHAT)
     assert caught.value.code == "invalid_api_key"
-    good = openai.OpenAI(base_url=proxy.url + "/v1", api_key=FILE_KEY, max_retries=0)
-    assert good.chat.completions.create(**CHAT).choices[0].message.content
+    with openai.OpenAI(base_url=proxy.url + "/v1", api_key=FILE_KEY, max_retries=0) as good:
+        assert good.chat.completions.create(**CHAT).choices[0].message.content
 
 
 def test_health_and_metrics_public_by_default(proxy):

@@ -26,7 +26,7 @@ import openai
 import pytest
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
-from support import Gunicorn, Upstream, free_port, wait_until
+from support import Gunicorn, Upstream, free_port, sdk_client, wait_until
 
 WORKERS = "3"
 # Canary keys: valid (team key), valid with a tiny bucket, and never configured. None of them
@@ -223,7 +223,7 @@ def chat(server: Gunicorn, model: str, request_id: str, **headers: str) -> httpx
 
 
 def sdk(server: Gunicorn, key: str = TEAM_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=20)
+    return sdk_client(server.url, key)
 
 
 # ------------------------------------------------------------------ 1. counters across workers

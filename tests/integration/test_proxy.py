@@ -10,7 +10,7 @@ import time
 import httpx
 import openai
 import pytest
-from support import GUNICORN, ROOT, Gunicorn, Upstream, base_env, free_port
+from support import GUNICORN, ROOT, Gunicorn, Upstream, base_env, free_port, sdk_client
 
 CLIENT_KEY = "sk-client-key-for-tests"
 UPSTREAM_KEY = "sk-upstream-secret-for-tests"
@@ -45,7 +45,7 @@ def mock_proxy():
 
 
 def sdk(server: Gunicorn, key: str = CLIENT_KEY) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.url + "/v1", api_key=key, max_retries=0, timeout=20)
+    return sdk_client(server.url, key)
 
 
 def post(server: Gunicorn, path: str, **kwargs) -> httpx.Response:
