@@ -34,6 +34,7 @@ from typing import Any
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from edge.config import Config
 from edge.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, new_request_id
 from edge.errors import OVERLOADED, envelope
 
@@ -44,12 +45,23 @@ _OVERLOADED_BODY = envelope(
 
 @dataclass(frozen=True)
 class EdgeLimits:
-    max_request_line: int = 8192
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    header_timeout: float = 10.0
-    body_timeout: float = 30.0
-    max_concurrency: int = 1000
+    max_request_line: int
+    max_header_bytes: int
+    max_headers: int
+    header_timeout: float
+    body_timeout: float
+    max_concurrency: int
+
+    @classmethod
+    def from_config(cls, config: Config) -> EdgeLimits:
+        return cls(
+            max_request_line=config.max_request_line,
+            max_header_bytes=config.max_header_bytes,
+            max_headers=config.max_headers,
+            header_timeout=config.header_timeout_s,
+            body_timeout=config.body_timeout_s,
+            max_concurrency=config.max_concurrency,
+        )
 
 
 class _Refuse(Exception):
@@ -81,7 +93,7 @@ def protocol_class(limits: EdgeLimits) -> type[HttpToolsProtocol]:
 
 
 class EdgeHttpToolsProtocol(HttpToolsProtocol):
-    limits = EdgeLimits()
+    limits: EdgeLimits  # set by protocol_class()
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

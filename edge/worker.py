@@ -25,14 +25,7 @@ from edge.protocol import EdgeLimits, protocol_class
 class EdgeUvicornWorker(UvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         config = gunicorn_hooks.current().config
-        limits = EdgeLimits(
-            max_request_line=config.max_request_line,
-            max_header_bytes=config.max_header_bytes,
-            max_headers=config.max_headers,
-            header_timeout=config.header_timeout_s,
-            body_timeout=config.body_timeout_s,
-            max_concurrency=config.max_concurrency,
-        )
+        limits = EdgeLimits.from_config(config)
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
             "http": protocol_class(limits),

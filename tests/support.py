@@ -202,3 +202,20 @@ def sdk_client(url: str, key: str, **options: Any) -> Any:
 def close_sdk_clients() -> None:
     while _SDK_CLIENTS:
         _SDK_CLIENTS.pop().close()
+
+
+def assert_envelope(
+    response: httpx.Response, status: int, code: str | None = None, type_: str | None = None
+) -> dict[str, Any]:
+    """The response is `status` with the OpenAI error envelope (and an x-request-id)."""
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert error["message"]
+    if code is not None:
+        assert error["code"] == code
+    if type_ is not None:
+        assert error["type"] == type_
+    assert "x-request-id" in response.headers
+    return error

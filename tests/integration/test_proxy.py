@@ -10,7 +10,16 @@ import time
 import httpx
 import openai
 import pytest
-from support import GUNICORN, ROOT, Gunicorn, Upstream, base_env, free_port, sdk_client
+from support import (
+    GUNICORN,
+    ROOT,
+    Gunicorn,
+    Upstream,
+    assert_envelope,
+    base_env,
+    free_port,
+    sdk_client,
+)
 
 CLIENT_KEY = "sk-client-key-for-tests"
 UPSTREAM_KEY = "sk-upstream-secret-for-tests"
@@ -51,18 +60,6 @@ def sdk(server: Gunicorn, key: str = CLIENT_KEY) -> openai.OpenAI:
 def post(server: Gunicorn, path: str, **kwargs) -> httpx.Response:
     headers = {"authorization": f"Bearer {CLIENT_KEY}", **kwargs.pop("headers", {})}
     return httpx.post(server.url + path, headers=headers, timeout=20, **kwargs)
-
-
-def assert_envelope(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    if code is not None:
-        assert error["code"] == code
-    assert "x-request-id" in response.headers
-    return error
 
 
 # ------------------------------------------------------------------ built-in mock provider

@@ -17,7 +17,7 @@ from types import ModuleType
 import httpx
 import openai
 import pytest
-from support import ROOT, Gunicorn, Upstream, wait_until
+from support import ROOT, Gunicorn, Upstream, assert_envelope, wait_until
 
 KEY = "sk-upstream-faults-key"
 TIMEOUT = 2.0  # SERVER_TIMEOUT_SECONDS
@@ -77,16 +77,8 @@ def post(server: Gunicorn, model: str, stream: bool = False, **kwargs) -> httpx.
     )
 
 
-def assert_envelope(response: httpx.Response, status: int, code: str | None = None) -> dict:
-    assert response.status_code == status, response.text
-    assert response.headers["content-type"].startswith("application/json")
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    assert error["message"]
-    assert error["type"] == "upstream_error"
-    if code is not None:
-        assert error["code"] == code
-    return error
+def assert_upstream_error(response: httpx.Response, status: int, code: str | None = None) -> dict:
+    return assert_envelope(response, status, code, type_="upstream_error")
 
 
 def stream_until_error(server: Gunicorn, model: str) -> tuple[list[str], openai.APIError, float]:
@@ -147,7 +139,7 @@ def test_upstream_that_never_answers_is_504_within_the_deadline(proxy, stream):
     started = time.monotonic()
     response = post(proxy, "hang", stream=stream)
     elapsed = time.monotonic() - started
-    assert_envelope(response, 504, "upstream_timeout")
+    assert_upstream_error(response, 504, "upstream_timeout")
     assert TIMEOUT - 0.5 <= elapsed <= TIMEOUT + SLACK, elapsed
 
 
@@ -160,7 +152,7 @@ def test_sdk_sees_the_504_as_an_api_status_error(proxy):
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 @pytest.mark.parametrize("model", ["garbage", "garbage-http"])
 def test_garbage_from_the_upstream_is_502(proxy, model, stream):
-    assert_envelope(post(proxy, model, stream=stream), 502, "bad_gateway")
+    assert_upstream_error(post(proxy, model, stream=stream), 502, "bad_gateway")
 
 
 # ------------------------------------------------------------------ slow reader, hang-ups
