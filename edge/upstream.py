@@ -14,7 +14,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import aiohttp
-import orjson
 
 from edge.config import Config
 from edge.context import RequestContext
@@ -79,7 +78,6 @@ class Upstream:
             ),
             auto_decompress=False,
             skip_auto_headers=("User-Agent",),
-            json_serialize=lambda obj: orjson.dumps(obj).decode(),
         )
 
     async def close(self) -> None:
