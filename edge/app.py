@@ -135,7 +135,21 @@ def create_app(
     )
     runtime.limiter = local_limiter
 
-    middleware: list[Any] = [runtime, ContextMiddleware(config, metrics)]
+    health = Health(runtime)
+    routes: list[tuple[str, Any, str | None]] = [
+        ("/v1/chat/completions", Completions(runtime, chat=True), None),
+        ("/v1/completions", Completions(runtime, chat=False), None),
+        ("/v1/models", Models(runtime), None),
+        ("/health", health, None),
+        ("/health/live", health, "live"),
+        ("/health/ready", health, "ready"),
+    ]
+    if metrics is not None:
+        routes.append(("/metrics", MetricsResource(metrics), None))
+
+    # The routes double as the bounded set of `route` label values (anything else: unmatched).
+    context = ContextMiddleware(config, metrics, frozenset(path for path, _, _ in routes))
+    middleware: list[Any] = [runtime, context]
     if config.auth_enabled:
         middleware.append(AuthMiddleware(config, keys, metrics))
     if config.rate_limit_enabled:
@@ -143,15 +157,8 @@ def create_app(
 
     app = EdgeApp(request_type=EdgeRequest, middleware=middleware)
     app.req_options.strip_url_path_trailing_slash = False
-    app.add_route("/v1/chat/completions", Completions(runtime, chat=True))
-    app.add_route("/v1/completions", Completions(runtime, chat=False))
-    app.add_route("/v1/models", Models(runtime))
-    health = Health(runtime)
-    app.add_route("/health", health)
-    app.add_route("/health/live", health, suffix="live")
-    app.add_route("/health/ready", health, suffix="ready")
-    if metrics is not None:
-        app.add_route("/metrics", MetricsResource(metrics))
+    for path, resource, suffix in routes:
+        app.add_route(path, resource, suffix=suffix)
 
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _falcon_error)

@@ -28,12 +28,11 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import Config, ConfigError
+from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe
 from edge.errors import Unauthorized
 
 MAX_KEY_LENGTH = 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 _FILE_FIELDS = frozenset({"name", "key", "sha256", "rpm", "burst"})
 
 
@@ -139,12 +138,12 @@ def _read_keys_file(path: Path) -> list[tuple[bytes, KeyEntry]]:
             raise ConfigError(variable, f"{where} needs exactly one of 'key' or 'sha256'")
         if has_key:
             key = item["key"]
-            if not isinstance(key, str) or not key or not key.isascii() or not key.isprintable():
+            if not isinstance(key, str) or not key or not is_header_safe(key):
                 raise ConfigError(variable, f"{where}: 'key' must be a non-empty ASCII string")
             digest = digest_of(key)
         else:
             hexdigest = item["sha256"]
-            if not isinstance(hexdigest, str) or not _SHA256_RE.match(hexdigest):
+            if not isinstance(hexdigest, str) or not SHA256_HEX_RE.match(hexdigest):
                 raise ConfigError(variable, f"{where}: 'sha256' must be 64 hex characters")
             digest = bytes.fromhex(hexdigest)
         rpm = item.get("rpm")

@@ -22,7 +22,7 @@ FAILURE_POLICIES = ("allow", "deny")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
-_SHA256_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
 class ConfigError(ValueError):
@@ -280,7 +280,7 @@ class _Env:
 
     def secret(self, name: str) -> str | None:
         value = self.raw(name)
-        if value is not None and not _is_header_safe(value):
+        if value is not None and not is_header_safe(value):
             raise ConfigError(name, "contains characters not allowed in an HTTP header")
         return value
 
@@ -292,7 +292,7 @@ class _Env:
         for index, key in enumerate(keys, start=1):
             if not key:
                 raise ConfigError(name, f"entry {index} is empty (stray comma?)")
-            if not _is_header_safe(key) or " " in key:
+            if not is_header_safe(key) or " " in key:
                 raise ConfigError(name, f"entry {index} has characters a header cannot carry")
         return keys
 
@@ -302,7 +302,7 @@ class _Env:
             return ()
         digests = tuple(part.strip().lower() for part in value.split(","))
         for index, digest in enumerate(digests, start=1):
-            if not _SHA256_RE.match(digest):
+            if not SHA256_HEX_RE.match(digest):
                 raise ConfigError(name, f"entry {index} is not a 64-character SHA-256 hex digest")
         return digests
 
@@ -363,5 +363,6 @@ def _check_range(name: str, value: float, minimum: float | None, maximum: float 
         raise ConfigError(name, f"must be at most {maximum:g}, got {value:g}")
 
 
-def _is_header_safe(value: str) -> bool:
+def is_header_safe(value: str) -> bool:
+    """Printable ASCII: what an HTTP header value (and so an API key) can carry."""
     return value.isascii() and value.isprintable()

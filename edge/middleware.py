@@ -20,17 +20,6 @@ from edge.logs import ACCESS_LOGGER
 from edge.ratelimit import Decision, RateLimiter
 from edge.streams import ResponseStream
 
-ROUTES = frozenset(
-    {
-        "/v1/chat/completions",
-        "/v1/completions",
-        "/v1/models",
-        "/health",
-        "/health/ready",
-        "/health/live",
-        "/metrics",
-    }
-)
 HEALTH_PATHS = frozenset({"/health", "/health/ready", "/health/live"})
 MAX_LOGGED_PATH = 256
 
@@ -40,9 +29,10 @@ access_log = logging.getLogger(ACCESS_LOGGER)
 class ContextMiddleware:
     """Request id, trace context, in-flight gauge; at the end, metrics and the access line."""
 
-    def __init__(self, config: Config, metrics: Any) -> None:
+    def __init__(self, config: Config, metrics: Any, routes: frozenset[str]) -> None:
         self._tracing = config.enable_tracing
         self._metrics = metrics
+        self._routes = routes
 
     async def process_request(self, req: Any, resp: Any) -> None:
         ctx = RequestContext(sane_request_id(req.get_header("x-request-id")), req.remote_addr)
@@ -79,7 +69,7 @@ class ContextMiddleware:
         total = now - ctx.start
         overhead = max(0.0, total - ctx.upstream_s)
         path = req.path
-        route = path if path in ROUTES else "unmatched"
+        route = path if path in self._routes else "unmatched"
         metrics = self._metrics
         if metrics is not None:
             metrics.in_flight.dec()
