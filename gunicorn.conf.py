@@ -6,17 +6,17 @@ every HUP. Loading the settings first also exports PROMETHEUS_MULTIPROC_DIR befo
 prometheus_client import.
 """
 
-from edge import gunicorn_hooks as hooks
+from edge.server import master as hooks
 
 _settings = hooks.load()  # exits with one line naming the variable if a value is malformed
 _config = _settings.config
 
 bind = [_config.bind]
 workers = _config.default_workers()
-# HTTP/1.1: uvicorn's httptools worker with our limits (edge/protocol.py). HTTP/2 (over TLS,
+# HTTP/1.1: uvicorn's httptools worker with our limits (edge/server/protocol.py). HTTP/2 (over TLS,
 # ALPN h2 + http/1.1): gunicorn's own ASGI worker, the one that speaks h2 (see README).
-worker_class = (
-    "edge.worker.EdgeH2Worker" if _config.http2_enabled else "edge.worker.EdgeUvicornWorker"
+worker_class = "edge.server.worker." + (
+    "EdgeH2Worker" if _config.http2_enabled else "EdgeUvicornWorker"
 )
 if _config.tls:
     certfile = str(_config.tls_cert_file)
@@ -27,7 +27,7 @@ if _config.http2_enabled:
     limit_request_fields = _config.max_headers
     limit_request_field_size = _config.max_header_bytes
     worker_connections = _config.max_concurrency
-wsgi_app = "edge.gunicorn_hooks:worker_app()"
+wsgi_app = "edge.server.worker:worker_app()"
 proc_name = f"llm-edge-proxy.{_config.instance}"
 
 timeout = 30  # heartbeat: uvicorn workers notify the master on their own loop

@@ -20,7 +20,7 @@ UPSTREAM = os.environ.get("FLOOR_UPSTREAM_URL", "http://127.0.0.1:9000/v1").rstr
 
 
 class FloorWorker(UvicornWorker):
-    CONFIG_KWARGS = {  # the same uvicorn settings as edge.worker
+    CONFIG_KWARGS = {  # the same uvicorn settings as edge.server.worker
         "loop": "uvloop",
         "http": "httptools",
         "lifespan": "on",

@@ -15,11 +15,11 @@ import falcon.asgi
 
 from edge.auth import KeyStore
 from edge.config import Config
+from edge.endpoints.openai import Completions, Health, MetricsResource, Models
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import AuthMiddleware, ContextMiddleware, RateLimitMiddleware
-from edge.ratelimit import RateLimiter
-from edge.resources import Completions, Health, MetricsResource, Models
-from edge.upstream import Upstream
+from edge.runtime import Runtime
+from edge.upstream.client import Upstream
 
 log = logging.getLogger("edge.app")
 
@@ -68,41 +68,6 @@ def _head_first(receive: Any) -> Any:
     return head_then_body
 
 
-class Runtime:
-    """What one worker holds open: the upstream session, the limiter, the metrics."""
-
-    def __init__(
-        self, config: Config, metrics: Any, limiter_factory: Any, upstream: Upstream | None
-    ) -> None:
-        self.config = config
-        self.metrics = metrics
-        self.upstream = upstream
-        self.limiter: RateLimiter | None = None
-        self._limiter_factory = limiter_factory
-        self.started = False
-
-    @property
-    def ready(self) -> bool:
-        if not self.started:
-            return False
-        return self.upstream is None or self.upstream.ready
-
-    async def process_startup(self, scope: Any, event: Any) -> None:
-        if self._limiter_factory is not None and self.limiter is None:
-            self.limiter = self._limiter_factory()
-        if self.upstream is not None:
-            await self.upstream.start()
-        self.started = True
-
-    async def process_shutdown(self, scope: Any, event: Any) -> None:
-        self.started = False
-        if self.upstream is not None:
-            await self.upstream.close()
-        if self.limiter is not None and self._limiter_factory is not None:
-            self.limiter.close()
-            self.limiter = None
-
-
 def create_app(
     config: Config,
     keys: KeyStore | None = None,
@@ -126,7 +91,7 @@ def create_app(
         )
     metrics = None
     if config.enable_metrics:
-        from edge.metrics import Metrics
+        from edge.observability.metrics import Metrics
 
         metrics = Metrics()
     upstream = Upstream(config) if config.upstream_url else None

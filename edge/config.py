@@ -45,7 +45,7 @@ class Config:
     instance: str = "default"
     keepalive_s: int = 5
     graceful_timeout_s: int = 30
-    # HTTP edge limits (enforced in edge.protocol)
+    # HTTP edge limits (enforced in edge.server.protocol)
     max_request_line: int = 8192
     max_header_bytes: int = 32768
     max_headers: int = 100

@@ -14,11 +14,11 @@ from typing import Any
 
 from edge.auth import KeyStore, presented_key, unauthorized
 from edge.config import Config
-from edge.context import RequestContext, request_id_var, sane_request_id, trace_id_var
 from edge.errors import RateLimited
-from edge.logs import ACCESS_LOGGER
+from edge.observability.context import RequestContext, request_id_var, sane_request_id, trace_id_var
+from edge.observability.logs import ACCESS_LOGGER
 from edge.ratelimit import Decision, RateLimiter
-from edge.streams import ResponseStream
+from edge.upstream.stream import ResponseStream
 
 HEALTH_PATHS = frozenset({"/health", "/health/ready", "/health/live"})
 MAX_LOGGED_PATH = 256

@@ -1,8 +1,8 @@
 """dashboards/llm-edge-proxy.json: every query uses metrics and labels the app really exposes.
 
 The exposed names come from a real scrape of the app (falcon.testing, single process), not
-from a list kept by hand: a renamed metric in edge/metrics.py fails here until the dashboard
-follows it.
+from a list kept by hand: a renamed metric in edge/observability/metrics.py fails here until
+the dashboard follows it.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 
 `logconfig_dict(config)` is handed to gunicorn, which applies it in the master and every
 worker, so gunicorn's own error log, uvicorn's and ours all come out as one JSON object per line
-on stderr. uvicorn's plain-text access log is switched off in `edge.worker`; the access line is
-written by `edge.middleware` through the `edge.access` logger.
+on stderr. uvicorn's plain-text access log is switched off in `edge.server.worker`; the access
+line is written by `edge.middleware` through the `edge.access` logger.
 
 Nothing here logs a body, a key or an Authorization header: the access record is built from an
 explicit list of fields.
@@ -19,7 +19,7 @@ import orjson
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 from edge.config import Config
-from edge.context import request_id_var, trace_id_var
+from edge.observability.context import request_id_var, trace_id_var
 
 ACCESS_LOGGER = "edge.access"
 
@@ -73,10 +73,10 @@ def logconfig_dict(config: Config) -> dict[str, Any]:
     return {
         "version": 1,
         "disable_existing_loggers": False,
-        "filters": {"context": {"()": "edge.logs.ContextFilter"}},
+        "filters": {"context": {"()": "edge.observability.logs.ContextFilter"}},
         "formatters": {
             "json": {
-                "()": "edge.logs.JsonFormatter",
+                "()": "edge.observability.logs.JsonFormatter",
                 "fmt": ["levelname", "name", "message"],
                 "rename_fields": {"levelname": "level", "name": "logger"},
                 "timestamp": True,

@@ -2,7 +2,7 @@
 
 gunicorn's own `limit_request_*` settings never reach an ASGI worker, and uvicorn reads only a
 few gunicorn settings, so everything uvicorn should enforce is passed here explicitly, and the
-limits uvicorn lacks are enforced by the protocol class from `edge.protocol`.
+limits uvicorn lacks are enforced by the protocol class from `edge.server.protocol`.
 
 Parser: httptools (llhttp, strict mode) rather than h11. The raw-socket tests in
 tests/integration/test_http_edge.py hold both to the same smuggling corpus; httptools refuses
@@ -18,13 +18,13 @@ from typing import Any
 from gunicorn.workers.gasgi import ASGIWorker
 from uvicorn_worker import UvicornWorker
 
-from edge import gunicorn_hooks
-from edge.protocol import EdgeLimits, protocol_class
+from edge.server import master
+from edge.server.protocol import EdgeLimits, protocol_class
 
 
 class EdgeUvicornWorker(UvicornWorker):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        config = gunicorn_hooks.current().config
+        config = master.current().config
         limits = EdgeLimits.from_config(config)
         self.CONFIG_KWARGS = {
             "loop": "uvloop",
@@ -43,4 +43,26 @@ class EdgeH2Worker(ASGIWorker):
     """gunicorn's own ASGI worker, used when HTTP2_ENABLED=true: it negotiates h2 over TLS
     (ALPN) and still serves HTTP/1.1. gunicorn applies its limit_request_* settings here
     (mapped from ours in gunicorn.conf.py), and worker_connections caps connections; the head
-    and body deadlines of edge.protocol are uvicorn-specific and do not apply."""
+    and body deadlines of edge.server.protocol are uvicorn-specific and do not apply."""
+
+
+def worker_app() -> Any:
+    """The ASGI app of one worker, built after fork from the master's settings."""
+    from edge.app import create_app
+
+    settings = master.current()
+    config = settings.config
+    limiter_factory = None
+    if config.rate_limit_enabled:
+        name = settings.table_name
+
+        def limiter_factory() -> Any:
+            from edge.ratelimit import SharedTable, ShmRateLimiter
+
+            return ShmRateLimiter(
+                SharedTable.attach(name),
+                lock_timeout_s=config.rate_limit_lock_timeout_s,
+                failure_policy=config.rate_limit_failure_policy,
+            )
+
+    return create_app(config, settings.keys, limiter_factory)

@@ -35,8 +35,8 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edge.config import Config
-from edge.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, new_request_id
 from edge.errors import OVERLOADED, envelope
+from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, new_request_id
 
 _OVERLOADED_BODY = envelope(
     "The server is at its concurrency limit; retry shortly.", OVERLOADED, None, "overloaded"
@@ -117,7 +117,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # A handler waiting on the upstream for this request has nobody left to answer:
-            # end its wait now (edge.resources turns this into a logged 499).
+            # end its wait now (edge.endpoints.openai turns this into a logged 499).
             task = cycle.scope.get(CANCEL_ON_DISCONNECT)
             if task is not None:
                 cycle.scope[CLIENT_GONE] = True

@@ -2,9 +2,10 @@
 
 The master reads and validates the Config once (`load`), loads the keys, names the per-instance
 shared-memory table and Prometheus directory, and keeps the result here; forked workers inherit
-it, so `worker_app()` builds the app from exactly what the master validated. A HUP re-runs
-gunicorn.conf.py: a config that no longer validates is then refused and logged, and the
-previous one stays in force (a typo in a keys file must not take a running service down).
+it, so `edge.server.worker.worker_app()` builds the app from exactly what the master
+validated. A HUP re-runs gunicorn.conf.py: a config that no longer validates is then
+refused and logged, and the previous one stays in force (a typo in a keys file must not take
+a running service down).
 """
 
 from __future__ import annotations
@@ -100,9 +101,6 @@ def _metrics_dir(environ: MutableMapping[str, str], config: Config, pid: int) ->
     return path, owns
 
 
-# ---------------------------------------------------------------- server hooks (master)
-
-
 def on_starting(server: Any) -> None:
     settings = current()
     config = settings.config
@@ -163,32 +161,7 @@ def on_exit(server: Any) -> None:
         shutil.rmtree(settings.metrics_dir, ignore_errors=True)
 
 
-# ---------------------------------------------------------------- the app (worker)
-
-
-def worker_app() -> Any:
-    """The ASGI app of one worker, built after fork from the master's settings."""
-    from edge.app import create_app
-
-    settings = current()
-    config = settings.config
-    limiter_factory = None
-    if config.rate_limit_enabled:
-        name = settings.table_name
-
-        def limiter_factory() -> Any:
-            from edge.ratelimit import SharedTable, ShmRateLimiter
-
-            return ShmRateLimiter(
-                SharedTable.attach(name),
-                lock_timeout_s=config.rate_limit_lock_timeout_s,
-                failure_policy=config.rate_limit_failure_policy,
-            )
-
-    return create_app(config, settings.keys, limiter_factory)
-
-
 def logconfig() -> dict[str, Any]:
-    from edge.logs import logconfig_dict
+    from edge.observability.logs import logconfig_dict
 
     return logconfig_dict(current().config)

@@ -16,8 +16,8 @@ from typing import Any
 import aiohttp
 
 from edge.config import Config
-from edge.context import RequestContext
 from edge.errors import UPSTREAM, BadGateway, GatewayTimeout, envelope
+from edge.observability.context import RequestContext
 
 log = logging.getLogger("edge.upstream")
 

@@ -12,9 +12,10 @@ import re
 import time
 from contextvars import ContextVar
 
-# Scope keys shared by edge.protocol and edge.resources: while a handler awaits the upstream
-# it puts its task under CANCEL_ON_DISCONNECT; if the client's connection drops meanwhile, the
-# protocol sets CLIENT_GONE and cancels that task, so the upstream request ends at once.
+# Scope keys shared by edge.server.protocol and edge.endpoints.openai: while a handler awaits
+# the upstream it puts its task under CANCEL_ON_DISCONNECT; if the client's connection drops
+# meanwhile, the protocol sets CLIENT_GONE and cancels that task, so the upstream request ends
+# at once.
 CANCEL_ON_DISCONNECT = "edge.cancel_on_disconnect"
 CLIENT_GONE = "edge.client_gone"
 

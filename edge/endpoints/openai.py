@@ -9,18 +9,18 @@ from typing import Any, TypeVar
 
 import orjson
 
-from edge import mock
-from edge.body import (
+from edge.endpoints.body import (
     check_content_type,
     parse_json_object,
     read_body,
     validate_chat,
     validate_completion,
 )
-from edge.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
 from edge.errors import BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
-from edge.streams import ResponseStream
-from edge.upstream import UpstreamResponse, relay
+from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
+from edge.upstream import mock
+from edge.upstream.client import UpstreamResponse, relay
+from edge.upstream.stream import ResponseStream
 
 log = logging.getLogger("edge.resources")
 T = TypeVar("T")
@@ -87,7 +87,7 @@ class Completions:
 async def _unless_client_leaves(req: Any, awaitable: Awaitable[T]) -> T:
     """Await an upstream exchange, ending it at once if the client hangs up meanwhile.
 
-    edge.protocol cancels the task registered here when the connection drops (see
+    edge.server.protocol cancels the task registered here when the connection drops (see
     CANCEL_ON_DISCONNECT); the cancellation becomes ClientClosedRequest, so the request is
     still finished, logged and counted like any other. Without this, a hung-up request would
     keep its upstream call and its concurrency slot until SERVER_TIMEOUT_SECONDS.

@@ -1,0 +1,44 @@
+"""`Runtime`: what one worker holds open, shared by the middleware and the endpoints."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from edge.config import Config
+from edge.ratelimit import RateLimiter
+from edge.upstream.client import Upstream
+
+
+class Runtime:
+    """What one worker holds open: the upstream session, the limiter, the metrics."""
+
+    def __init__(
+        self, config: Config, metrics: Any, limiter_factory: Any, upstream: Upstream | None
+    ) -> None:
+        self.config = config
+        self.metrics = metrics
+        self.upstream = upstream
+        self.limiter: RateLimiter | None = None
+        self._limiter_factory = limiter_factory
+        self.started = False
+
+    @property
+    def ready(self) -> bool:
+        if not self.started:
+            return False
+        return self.upstream is None or self.upstream.ready
+
+    async def process_startup(self, scope: Any, event: Any) -> None:
+        if self._limiter_factory is not None and self.limiter is None:
+            self.limiter = self._limiter_factory()
+        if self.upstream is not None:
+            await self.upstream.start()
+        self.started = True
+
+    async def process_shutdown(self, scope: Any, event: Any) -> None:
+        self.started = False
+        if self.upstream is not None:
+            await self.upstream.close()
+        if self.limiter is not None and self._limiter_factory is not None:
+            self.limiter.close()
+            self.limiter = None
