@@ -1,8 +1,14 @@
 """One validated `Config`, read from the environment once.
 
-`Config.from_env(environ)` is the only place that reads environment variables. Every value is
-parsed strictly: a malformed value raises `ConfigError` naming the variable and what is wrong,
-and is never replaced by a default. Secret values (keys) are never echoed in an error.
+Every setting is defined once, in `SETTINGS`: its variable, the Config field it fills, its
+parser (with bounds), its default and a one-line meaning. `Config.from_env(environ)` is the
+only place that reads environment variables; the README's configuration table
+(`markdown_table()`) and `systemd/env.example` follow from the same table, and
+tests/unit/test_config.py fails when they drift.
+
+Every value is parsed strictly: a malformed value raises `ConfigError` naming the variable and
+what is wrong, and is never replaced by a default. Defaults go through the same parsers, so
+they obey the same bounds. Secret values (keys) are never echoed in an error.
 """
 
 from __future__ import annotations
@@ -12,16 +18,19 @@ import math
 import os
 import re
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
+from edge.ratelimit.base import FAILURE_POLICIES
+
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
-FAILURE_POLICIES = ("allow", "deny")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
-_INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_INSTANCE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
+_INTEGER_RE = re.compile(r"-?[0-9]+")
 SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 
 
@@ -34,52 +43,328 @@ class ConfigError(ValueError):
         self.problem = problem
 
 
+# ---------------------------------------------------------------- parsers
+# A parser takes (variable name, stripped non-empty text) and returns the value or raises
+# ConfigError naming the variable.
+
+Parser = Callable[[str, str], Any]
+
+
+def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
+    if minimum is not None and value < minimum:
+        raise ConfigError(name, f"must be at least {minimum:g}, got {value:g}")
+    if maximum is not None and value > maximum:
+        raise ConfigError(name, f"must be at most {maximum:g}, got {value:g}")
+
+
+def boolean(name: str, value: str) -> bool:
+    lowered = value.lower()
+    if lowered in _TRUE:
+        return True
+    if lowered in _FALSE:
+        return False
+    raise ConfigError(name, f"expected true or false, got {value!r}")
+
+
+def integer(minimum: int | None = None, maximum: int | None = None) -> Parser:
+    def parse(name: str, value: str) -> int:
+        if not _INTEGER_RE.fullmatch(value):
+            raise ConfigError(name, f"expected a whole number, got {value!r}")
+        parsed = int(value, 10)
+        _check_range(name, parsed, minimum, maximum)
+        return parsed
+
+    return parse
+
+
+def number(
+    minimum: float | None = None, maximum: float | None = None, scale: float = 1.0
+) -> Parser:
+    """A finite decimal number within bounds (checked before `scale` converts the unit)."""
+
+    def parse(name: str, value: str) -> float:
+        try:
+            parsed = float(value)
+        except ValueError:
+            raise ConfigError(name, f"expected a number, got {value!r}") from None
+        if not math.isfinite(parsed):
+            raise ConfigError(name, f"expected a finite number, got {value!r}")
+        _check_range(name, parsed, minimum, maximum)
+        return parsed * scale
+
+    return parse
+
+
+def choice(*choices: str) -> Parser:
+    def parse(name: str, value: str) -> str:
+        if value.lower() not in choices:
+            raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
+        return value.lower()
+
+    return parse
+
+
+def address(name: str, value: str) -> tuple[str, int]:
+    host, sep, port_text = value.rpartition(":")
+    if not sep or not host:
+        raise ConfigError(name, f"expected HOST:PORT, got {value!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not (port_text.isascii() and port_text.isdigit()):
+        raise ConfigError(name, f"port must be a whole number, got {value!r}")
+    port = int(port_text, 10)
+    if not 0 <= port <= 65535:
+        raise ConfigError(name, f"port must be 0-65535, got {value!r}")
+    if host != "localhost":
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(
+                name, f"host must be an IP address or localhost, got {value!r}"
+            ) from None
+    return host, port
+
+
+def url(name: str, value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(name, "expected an http:// or https:// base URL with a host")
+    if parts.username or parts.password:
+        raise ConfigError(name, "must not carry credentials; use UPSTREAM_API_KEY")
+    if parts.query or parts.fragment:
+        raise ConfigError(name, "must not have a query string or fragment")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(name, "has a malformed port") from None
+    return value.rstrip("/")
+
+
+def secret(name: str, value: str) -> str:
+    if not is_header_safe(value):
+        raise ConfigError(name, "contains characters not allowed in an HTTP header")
+    return value
+
+
+def secrets(name: str, value: str) -> tuple[str, ...]:
+    keys = tuple(part.strip() for part in value.split(","))
+    for index, key in enumerate(keys, start=1):
+        if not key:
+            raise ConfigError(name, f"entry {index} is empty (stray comma?)")
+        if not is_header_safe(key) or " " in key:
+            raise ConfigError(name, f"entry {index} has characters a header cannot carry")
+    return keys
+
+
+def digests(name: str, value: str) -> tuple[str, ...]:
+    parsed = tuple(part.strip().lower() for part in value.split(","))
+    for index, digest in enumerate(parsed, start=1):
+        if not SHA256_HEX_RE.match(digest):
+            raise ConfigError(name, f"entry {index} is not a 64-character SHA-256 hex digest")
+    return parsed
+
+
+def readable_file(name: str, value: str) -> Path:
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(name, f"{value!r} is not a readable file")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read {value!r}: {exc.strerror}") from None
+    return path
+
+
+def url_paths(name: str, value: str) -> tuple[str, ...]:
+    paths = tuple(part.strip() for part in value.split(",") if part.strip())
+    for path in paths:
+        if not path.startswith("/"):
+            raise ConfigError(name, f"paths must start with '/', got {path!r}")
+    return paths
+
+
+def instance(name: str, value: str) -> str:
+    if not _INSTANCE_RE.fullmatch(value):
+        raise ConfigError(name, "use 1-64 letters, digits, '-' or '_'")
+    return value
+
+
+def is_header_safe(value: str) -> bool:
+    """Printable ASCII: what an HTTP header value (and so an API key) can carry."""
+    return value.isascii() and value.isprintable()
+
+
+# ---------------------------------------------------------------- the settings
+
+
+@dataclass(frozen=True, slots=True)
+class Setting:
+    """One environment variable. `default` is text, parsed like a set value; None: unset, and
+    the field takes `unset` (or what `Config.from_env` derives, described by `shown`)."""
+
+    variable: str
+    field: str | tuple[str, ...]  # a tuple when one variable fills several fields
+    parse: Parser
+    default: str | None
+    meaning: str
+    unset: Any = None
+    shown: str | None = None  # the README's Default column when not the default itself
+
+    @property
+    def default_text(self) -> str:
+        if self.shown is not None:
+            return self.shown
+        return "unset" if self.default is None else f"`{self.default}`"
+
+
+S = Setting
+# fmt: off
+SETTINGS: tuple[Setting, ...] = (
+    # Server
+    S("SERVER_ADDRESS", ("host", "port"), address, "0.0.0.0:8080",
+      "`HOST:PORT` to bind (IPv6 as `[::1]:8080`)"),
+    S("WORKERS", "workers", integer(1, 512), None, "Worker processes", unset=0,
+      shown="`WEB_CONCURRENCY`, else one per CPU"),
+    S("WEB_CONCURRENCY", "web_concurrency", integer(1, 512), None,
+      "Fallback for `WORKERS` (the common PaaS name)", unset=0),
+    S("SERVER_TIMEOUT_SECONDS", "timeout_s", number(0.001, 86_400), "30",
+      "Upstream deadline: time to a complete answer, or to the first byte of a stream and then "
+      "between chunks; exceeded → 504 (or an SSE error event mid-stream)"),
+    S("MAX_REQUEST_SIZE", "max_request_size", integer(1), "10485760",
+      "Largest request body in bytes; larger → 413 before it is read"),
+    S("KEEPALIVE_TIMEOUT_SECONDS", "keepalive_s", integer(1, 3600), "5",
+      "Idle keep-alive connections are closed after this"),
+    S("GRACEFUL_TIMEOUT_SECONDS", "graceful_timeout_s", integer(1, 3600), "30",
+      "Time draining workers (reload, TTOU, stop) get to finish in-flight requests and streams"),
+    # HTTP edge limits (enforced in edge.server.protocol)
+    S("HTTP_MAX_REQUEST_LINE", "max_request_line", integer(256, 1 << 20), "8192",
+      "Longest request line in bytes; longer → 414"),
+    S("HTTP_MAX_HEADER_BYTES", "max_header_bytes", integer(1024, 1 << 24), "32768",
+      "Largest header block in bytes, sent whole or trickled; larger → 431"),
+    S("HTTP_MAX_HEADERS", "max_headers", integer(8, 10_000), "100",
+      "Most header fields; more → 431"),
+    S("HTTP_HEADER_TIMEOUT_SECONDS", "header_timeout_s", number(0.1, 3600), "10",
+      "Time a client gets to send a complete request head; then 408 and close"),
+    S("HTTP_BODY_TIMEOUT_SECONDS", "body_timeout_s", number(0.1, 86_400), "30",
+      "Time a client gets to send a complete body after its head; then 408 and close"),
+    S("MAX_CONCURRENT_REQUESTS", "max_concurrency", integer(1, 1_000_000), "1000",
+      "Requests in flight per worker; beyond → 503 with `Retry-After: 1`"),
+    S("INSTANCE_NAME", "instance", instance, None,
+      "Names this instance's shared-memory table and metrics directory; give each instance on "
+      "a host its own", shown="`port<PORT>`"),
+    # Upstream (unset: the built-in mock provider answers)
+    S("UPSTREAM_URL", "upstream_url", url, None,
+      "OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`. Unset: the built-in mock "
+      "provider answers"),
+    S("UPSTREAM_API_KEY", "upstream_api_key", secret, None,
+      "Sent upstream as `Authorization: Bearer …`; the client's key never is"),
+    S("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "upstream_connect_timeout_s", number(0.001, 3600), "5",
+      "Connecting to the upstream; exceeded → 502"),
+    S("UPSTREAM_POOL_SIZE", "upstream_pool_size", integer(1, 65_536), "256",
+      "Upstream connections per worker (keep-alive pool)"),
+    # Authentication (behaviour in edge.auth)
+    S("AUTH_ENABLED", "auth_enabled", boolean, "true",
+      "Require an API key on `/v1/*`. With no keys configured the service refuses to start"),
+    S("API_KEYS", "api_keys", secrets, None,
+      "Comma-separated plaintext client keys (hashed at start; only digests are kept)", unset=()),
+    S("API_KEY_HASHES", "api_key_hashes", digests, None,
+      "Comma-separated SHA-256 hex digests of client keys", unset=()),
+    S("API_KEYS_FILE", "api_keys_file", readable_file, None,
+      "TOML file of named keys with optional per-key limits; re-read on HUP"),
+    S("AUTH_HEALTH_CHECK", "auth_health_check", boolean, "false",
+      "Require a key on `/health*` too"),
+    S("AUTH_METRICS", "auth_metrics", boolean, "false", "Require a key on `/metrics` too"),
+    S("PUBLIC_PATHS", "public_paths", url_paths, None,
+      "Comma-separated extra paths that never need a key", unset=()),
+    # Rate limiting (behaviour in edge.ratelimit)
+    S("RATE_LIMIT_ENABLED", "rate_limit_enabled", boolean, "true",
+      "Per-key token buckets shared by all workers"),
+    S("RATE_LIMIT_RPM", "rate_limit_rpm", number(0.001, 1e9), "1000",
+      "Sustained requests per minute per key (refill `RPM/60` per second)"),
+    S("RATE_LIMIT_BURST", "rate_limit_burst", integer(1, 10**9), "100",
+      "Bucket capacity: requests a key may make at once"),
+    S("RATE_LIMIT_TABLE_SLOTS", "rate_limit_slots", integer(16, 16_777_216), "8192",
+      "Buckets the shared table holds (48 bytes each)"),
+    S("RATE_LIMIT_LOCK_TIMEOUT_MS", "rate_limit_lock_timeout_s", number(0.1, 10_000, 1e-3), "50",
+      "Longest wait for the table lock before the failure policy applies"),
+    S("RATE_LIMIT_FAILURE_POLICY", "rate_limit_failure_policy", choice(*FAILURE_POLICIES),
+      "allow",
+      "`allow` (fail open) or `deny` (fail closed, 429) when the lock times out or the table is "
+      "full"),
+    # Observability
+    S("LOG_LEVEL", "log_level", choice(*LOG_LEVELS), "info",
+      "`debug`, `info`, `warning`, `error`, `critical`"),
+    S("ENABLE_TRACING", "enable_tracing", boolean, "true",
+      "Start a W3C trace id when the client sent no `traceparent`"),
+    S("ENABLE_METRICS", "enable_metrics", boolean, "true", "Serve `/metrics` and record metrics"),
+    # TLS and HTTP/2 (HTTP/2 needs TLS: ALPN offers h2 and http/1.1)
+    S("TLS_CERT_FILE", "tls_cert_file", readable_file, None,
+      "PEM certificate (chain): terminate TLS in gunicorn. Needs `TLS_KEY_FILE`; unreadable or "
+      "mismatched files stop the start"),
+    S("TLS_KEY_FILE", "tls_key_file", readable_file, None,
+      "PEM private key for `TLS_CERT_FILE`"),
+    S("HTTP2_ENABLED", "http2_enabled", boolean, "false",
+      "Serve HTTP/2 over TLS (ALPN `h2`, HTTP/1.1 still offered); requires TLS"),
+)
+# fmt: on
+del S
+
+# Read by gunicorn.conf.py (edge.server.master), not by Config: listed in the README's table.
+PROMETHEUS_MULTIPROC_DIR_ROW = (
+    "| `PROMETHEUS_MULTIPROC_DIR` | see below | Where workers write metric files. Default: "
+    "`$RUNTIME_DIRECTORY/metrics` under systemd, else a private directory in the temp dir |"
+)
+
+
 @dataclass(frozen=True, slots=True)
 class Config:
+    """The validated settings; built by `from_env` only (defaults live in SETTINGS)."""
+
     # Server
-    host: str = "0.0.0.0"
-    port: int = 8080
-    timeout_s: float = 30.0
-    max_request_size: int = 10_485_760
-    workers: int = 0  # 0: not set by WORKERS/WEB_CONCURRENCY; see default_workers()
-    instance: str = "default"
-    keepalive_s: int = 5
-    graceful_timeout_s: int = 30
-    # HTTP edge limits (enforced in edge.server.protocol)
-    max_request_line: int = 8192
-    max_header_bytes: int = 32768
-    max_headers: int = 100
-    header_timeout_s: float = 10.0
-    body_timeout_s: float = 30.0
-    max_concurrency: int = 1000
-    # Authentication (behaviour in edge.auth)
-    auth_enabled: bool = True
-    api_keys: tuple[str, ...] = field(default=(), repr=False)
-    api_key_hashes: tuple[str, ...] = ()
-    api_keys_file: Path | None = None
-    auth_health_check: bool = False
-    auth_metrics: bool = False
-    public_paths: tuple[str, ...] = ()
-    # Rate limiting (behaviour in edge.limiting)
-    rate_limit_enabled: bool = True
-    rate_limit_rpm: float = 1000.0
-    rate_limit_burst: int = 100
-    rate_limit_slots: int = 8192
-    rate_limit_lock_timeout_s: float = 0.05
-    rate_limit_failure_policy: str = "allow"
-    # Observability
-    log_level: str = "info"
-    enable_tracing: bool = True
-    enable_metrics: bool = True
+    host: str
+    port: int
+    workers: int  # 0: not set; see default_workers()
+    web_concurrency: int
+    timeout_s: float
+    max_request_size: int
+    keepalive_s: int
+    graceful_timeout_s: int
+    max_request_line: int
+    max_header_bytes: int
+    max_headers: int
+    header_timeout_s: float
+    body_timeout_s: float
+    max_concurrency: int
+    instance: str
     # Upstream (None: the built-in mock provider answers)
-    upstream_url: str | None = None
-    upstream_api_key: str | None = field(default=None, repr=False)
-    upstream_connect_timeout_s: float = 5.0
-    upstream_pool_size: int = 256
-    # TLS and HTTP/2 (HTTP/2 needs TLS: ALPN offers h2 and http/1.1)
-    tls_cert_file: Path | None = None
-    tls_key_file: Path | None = None
-    http2_enabled: bool = False
+    upstream_url: str | None
+    upstream_api_key: str | None = field(repr=False)
+    upstream_connect_timeout_s: float
+    upstream_pool_size: int
+    # Authentication
+    auth_enabled: bool
+    api_keys: tuple[str, ...] = field(repr=False)
+    api_key_hashes: tuple[str, ...]
+    api_keys_file: Path | None
+    auth_health_check: bool
+    auth_metrics: bool
+    public_paths: tuple[str, ...]
+    # Rate limiting
+    rate_limit_enabled: bool
+    rate_limit_rpm: float
+    rate_limit_burst: int
+    rate_limit_slots: int
+    rate_limit_lock_timeout_s: float
+    rate_limit_failure_policy: str
+    # Observability
+    log_level: str
+    enable_tracing: bool
+    enable_metrics: bool
+    # TLS and HTTP/2
+    tls_cert_file: Path | None
+    tls_key_file: Path | None
+    http2_enabled: bool
 
     @property
     def tls(self) -> bool:
@@ -92,76 +377,24 @@ class Config:
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Config:
-        env = _Env(os.environ if environ is None else environ)
-        host, port = env.address("SERVER_ADDRESS", "0.0.0.0:8080")
-        workers = env.integer("WORKERS", 0, minimum=1, maximum=512, optional=True)
-        if workers == 0:
-            workers = env.integer("WEB_CONCURRENCY", 0, minimum=1, maximum=512, optional=True)
-        upstream_url = env.url("UPSTREAM_URL")
-        tls_cert, tls_key = env.tls_pair("TLS_CERT_FILE", "TLS_KEY_FILE")
-        http2 = env.boolean("HTTP2_ENABLED", False)
-        if http2 and tls_cert is None:
+        environ = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for setting in SETTINGS:
+            text = (environ.get(setting.variable) or "").strip() or setting.default
+            value = setting.unset if text is None else setting.parse(setting.variable, text)
+            if isinstance(setting.field, tuple):
+                values.update(zip(setting.field, value, strict=True))
+            else:
+                values[setting.field] = value
+        # What one setting alone cannot say.
+        if values["instance"] is None:
+            values["instance"] = f"port{values['port']}"
+        _check_tls(values["tls_cert_file"], values["tls_key_file"])
+        if values["http2_enabled"] and values["tls_cert_file"] is None:
             raise ConfigError(
                 "HTTP2_ENABLED", "HTTP/2 is served over TLS: set TLS_CERT_FILE and TLS_KEY_FILE"
             )
-        return cls(
-            host=host,
-            port=port,
-            timeout_s=env.number("SERVER_TIMEOUT_SECONDS", 30.0, minimum=0.001, maximum=86_400),
-            max_request_size=env.integer("MAX_REQUEST_SIZE", 10_485_760, minimum=1),
-            workers=workers,
-            instance=env.instance("INSTANCE_NAME", f"port{port}"),
-            keepalive_s=env.integer("KEEPALIVE_TIMEOUT_SECONDS", 5, minimum=1, maximum=3600),
-            graceful_timeout_s=env.integer("GRACEFUL_TIMEOUT_SECONDS", 30, minimum=1, maximum=3600),
-            max_request_line=env.integer(
-                "HTTP_MAX_REQUEST_LINE", 8192, minimum=256, maximum=1 << 20
-            ),
-            max_header_bytes=env.integer(
-                "HTTP_MAX_HEADER_BYTES", 32768, minimum=1024, maximum=1 << 24
-            ),
-            max_headers=env.integer("HTTP_MAX_HEADERS", 100, minimum=8, maximum=10_000),
-            header_timeout_s=env.number(
-                "HTTP_HEADER_TIMEOUT_SECONDS", 10.0, minimum=0.1, maximum=3600
-            ),
-            body_timeout_s=env.number(
-                "HTTP_BODY_TIMEOUT_SECONDS", 30.0, minimum=0.1, maximum=86_400
-            ),
-            max_concurrency=env.integer(
-                "MAX_CONCURRENT_REQUESTS", 1000, minimum=1, maximum=1_000_000
-            ),
-            auth_enabled=env.boolean("AUTH_ENABLED", True),
-            api_keys=env.secrets("API_KEYS"),
-            api_key_hashes=env.digests("API_KEY_HASHES"),
-            api_keys_file=env.path("API_KEYS_FILE"),
-            auth_health_check=env.boolean("AUTH_HEALTH_CHECK", False),
-            auth_metrics=env.boolean("AUTH_METRICS", False),
-            public_paths=env.paths("PUBLIC_PATHS"),
-            rate_limit_enabled=env.boolean("RATE_LIMIT_ENABLED", True),
-            rate_limit_rpm=env.number("RATE_LIMIT_RPM", 1000.0, minimum=0.001, maximum=1e9),
-            rate_limit_burst=env.integer("RATE_LIMIT_BURST", 100, minimum=1, maximum=10**9),
-            rate_limit_slots=env.integer(
-                "RATE_LIMIT_TABLE_SLOTS", 8192, minimum=16, maximum=16_777_216
-            ),
-            rate_limit_lock_timeout_s=env.number(
-                "RATE_LIMIT_LOCK_TIMEOUT_MS", 50.0, minimum=0.1, maximum=10_000
-            )
-            / 1000.0,
-            rate_limit_failure_policy=env.choice(
-                "RATE_LIMIT_FAILURE_POLICY", "allow", FAILURE_POLICIES
-            ),
-            log_level=env.choice("LOG_LEVEL", "info", LOG_LEVELS),
-            enable_tracing=env.boolean("ENABLE_TRACING", True),
-            enable_metrics=env.boolean("ENABLE_METRICS", True),
-            upstream_url=upstream_url,
-            upstream_api_key=env.secret("UPSTREAM_API_KEY"),
-            upstream_connect_timeout_s=env.number(
-                "UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001, maximum=3600
-            ),
-            upstream_pool_size=env.integer("UPSTREAM_POOL_SIZE", 256, minimum=1, maximum=65_536),
-            tls_cert_file=tls_cert,
-            tls_key_file=tls_key,
-            http2_enabled=http2,
-        )
+        return cls(**values)
 
     def default_workers(self) -> int:
         """Worker processes: WORKERS, else WEB_CONCURRENCY, else one per CPU.
@@ -169,200 +402,35 @@ class Config:
         Async workers each multiplex thousands of connections, so the classic `2 * cores + 1`
         for sync workers only adds memory and context switches here.
         """
-        if self.workers:
-            return self.workers
+        if self.workers or self.web_concurrency:
+            return self.workers or self.web_concurrency
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
 
 
-class _Env:
-    """Strict parsers over an environment mapping; an empty value counts as unset."""
-
-    def __init__(self, environ: Mapping[str, str]) -> None:
-        self._environ = environ
-
-    def raw(self, name: str) -> str | None:
-        value = self._environ.get(name)
-        if value is None:
-            return None
-        value = value.strip()
-        return value or None
-
-    def boolean(self, name: str, default: bool) -> bool:
-        value = self.raw(name)
-        if value is None:
-            return default
-        lowered = value.lower()
-        if lowered in _TRUE:
-            return True
-        if lowered in _FALSE:
-            return False
-        raise ConfigError(name, f"expected true or false, got {value!r}")
-
-    def integer(
-        self,
-        name: str,
-        default: int,
-        minimum: int | None = None,
-        maximum: int | None = None,
-        optional: bool = False,
-    ) -> int:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            parsed = int(value, 10)
-        except ValueError:
-            raise ConfigError(name, f"expected a whole number, got {value!r}") from None
-        _check_range(name, parsed, minimum, maximum)
-        return parsed
-
-    def number(
-        self, name: str, default: float, minimum: float | None = None, maximum: float | None = None
-    ) -> float:
-        value = self.raw(name)
-        if value is None:
-            return default
-        try:
-            parsed = float(value)
-        except ValueError:
-            raise ConfigError(name, f"expected a number, got {value!r}") from None
-        if not math.isfinite(parsed):
-            raise ConfigError(name, f"expected a finite number, got {value!r}")
-        _check_range(name, parsed, minimum, maximum)
-        return parsed
-
-    def choice(self, name: str, default: str, choices: tuple[str, ...]) -> str:
-        value = self.raw(name)
-        if value is None:
-            return default
-        if value.lower() not in choices:
-            raise ConfigError(name, f"expected one of {', '.join(choices)}, got {value!r}")
-        return value.lower()
-
-    def address(self, name: str, default: str) -> tuple[str, int]:
-        value = self.raw(name) or default
-        host, sep, port_text = value.rpartition(":")
-        if not sep or not host:
-            raise ConfigError(name, f"expected HOST:PORT, got {value!r}")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        try:
-            port = int(port_text, 10)
-        except ValueError:
-            raise ConfigError(name, f"port must be a whole number, got {value!r}") from None
-        if not 0 <= port <= 65535:
-            raise ConfigError(name, f"port must be 0-65535, got {value!r}")
-        if host != "localhost":
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                raise ConfigError(
-                    name, f"host must be an IP address or localhost, got {value!r}"
-                ) from None
-        return host, port
-
-    def url(self, name: str) -> str | None:
-        value = self.raw(name)
-        if value is None:
-            return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(name, "expected an http:// or https:// base URL with a host")
-        if parts.username or parts.password:
-            raise ConfigError(name, "must not carry credentials; use UPSTREAM_API_KEY")
-        if parts.query or parts.fragment:
-            raise ConfigError(name, "must not have a query string or fragment")
-        try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError:
-            raise ConfigError(name, "has a malformed port") from None
-        return value.rstrip("/")
-
-    def secret(self, name: str) -> str | None:
-        value = self.raw(name)
-        if value is not None and not is_header_safe(value):
-            raise ConfigError(name, "contains characters not allowed in an HTTP header")
-        return value
-
-    def secrets(self, name: str) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return ()
-        keys = tuple(part.strip() for part in value.split(","))
-        for index, key in enumerate(keys, start=1):
-            if not key:
-                raise ConfigError(name, f"entry {index} is empty (stray comma?)")
-            if not is_header_safe(key) or " " in key:
-                raise ConfigError(name, f"entry {index} has characters a header cannot carry")
-        return keys
-
-    def digests(self, name: str) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return ()
-        digests = tuple(part.strip().lower() for part in value.split(","))
-        for index, digest in enumerate(digests, start=1):
-            if not SHA256_HEX_RE.match(digest):
-                raise ConfigError(name, f"entry {index} is not a 64-character SHA-256 hex digest")
-        return digests
-
-    def path(self, name: str) -> Path | None:
-        value = self.raw(name)
-        if value is None:
-            return None
-        path = Path(value)
-        if not path.is_file():
-            raise ConfigError(name, f"{value!r} is not a readable file")
-        return path
-
-    def tls_pair(self, cert_name: str, key_name: str) -> tuple[Path | None, Path | None]:
-        """Both files or neither; each readable, and the key must match the certificate."""
-        cert, key = self.raw(cert_name), self.raw(key_name)
-        if cert is None and key is None:
-            return None, None
-        if cert is None or key is None:
-            missing = cert_name if cert is None else key_name
-            raise ConfigError(missing, f"set both {cert_name} and {key_name}, or neither")
-        for name, value in ((cert_name, cert), (key_name, key)):
-            try:
-                with open(value, "rb"):
-                    pass
-            except OSError as exc:
-                raise ConfigError(name, f"cannot read {value!r}: {exc.strerror}") from None
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        try:
-            context.load_cert_chain(cert, key)
-        except ssl.SSLError as exc:
-            raise ConfigError(
-                key_name,
-                f"{key!r} and {cert!r} are not a usable certificate and key ({exc.reason})",
-            ) from None
-        return Path(cert), Path(key)
-
-    def paths(self, name: str) -> tuple[str, ...]:
-        value = self.raw(name)
-        if value is None:
-            return ()
-        paths = tuple(part.strip() for part in value.split(",") if part.strip())
-        for path in paths:
-            if not path.startswith("/"):
-                raise ConfigError(name, f"paths must start with '/', got {path!r}")
-        return paths
-
-    def instance(self, name: str, default: str) -> str:
-        value = self.raw(name) or default
-        if not _INSTANCE_RE.match(value):
-            raise ConfigError(name, "use 1-64 letters, digits, '-' or '_'")
-        return value
+def _check_tls(cert: Path | None, key: Path | None) -> None:
+    """Both files or neither, and the key must match the certificate."""
+    if cert is None and key is None:
+        return
+    if cert is None or key is None:
+        missing = "TLS_CERT_FILE" if cert is None else "TLS_KEY_FILE"
+        raise ConfigError(missing, "set both TLS_CERT_FILE and TLS_KEY_FILE, or neither")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(cert, key)
+    except ssl.SSLError as exc:
+        raise ConfigError(
+            "TLS_KEY_FILE",
+            f"{str(key)!r} and {str(cert)!r} are not a usable certificate and key ({exc.reason})",
+        ) from None
 
 
-def _check_range(name: str, value: float, minimum: float | None, maximum: float | None) -> None:
-    if minimum is not None and value < minimum:
-        raise ConfigError(name, f"must be at least {minimum:g}, got {value:g}")
-    if maximum is not None and value > maximum:
-        raise ConfigError(name, f"must be at most {maximum:g}, got {value:g}")
+def markdown_table() -> str:
+    """The README's configuration table, generated from SETTINGS."""
+    rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
+    rows += [f"| `{s.variable}` | {s.default_text} | {s.meaning} |" for s in SETTINGS]
+    rows.append(PROMETHEUS_MULTIPROC_DIR_ROW)
+    return "\n".join(rows) + "\n"
 
 
-def is_header_safe(value: str) -> bool:
-    """Printable ASCII: what an HTTP header value (and so an API key) can carry."""
-    return value.isascii() and value.isprintable()
+if __name__ == "__main__":  # python -m edge.config: print the README table
+    print(markdown_table(), end="")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -108,3 +109,55 @@ def test_keys_are_hidden_from_repr(tmp_path: Path):
     config = Config.from_env({"API_KEYS": "sk-very-secret", "UPSTREAM_API_KEY": "sk-upstream"})
     assert "sk-very-secret" not in repr(config)
     assert "sk-upstream" not in repr(config)
+
+
+# ---- every setting defined once: the table drives from_env, the README and env.example ----
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def test_every_config_field_is_filled_by_exactly_one_setting():
+    import dataclasses
+
+    from edge.config import SETTINGS
+
+    filled: list[str] = []
+    for setting in SETTINGS:
+        filled += list(setting.field) if isinstance(setting.field, tuple) else [setting.field]
+    assert sorted(filled) == sorted(f.name for f in dataclasses.fields(Config))
+    variables = [setting.variable for setting in SETTINGS]
+    assert len(variables) == len(set(variables))
+
+
+def test_defaults_obey_their_own_bounds():
+    """Defaults go through the parsers: a default outside its bounds fails here."""
+    from edge.config import SETTINGS
+
+    for setting in SETTINGS:
+        if setting.default is not None:
+            setting.parse(setting.variable, setting.default)
+
+
+def test_readme_table_is_generated_from_the_settings():
+    from edge.config import markdown_table
+
+    readme = (REPO / "README.md").read_text()
+    assert markdown_table() in readme, "README's table drifted: `python -m edge.config` prints it"
+
+
+def test_env_example_shows_the_defaults():
+    """Every `#NAME=value` line of systemd/env.example shows the default of NAME."""
+    from edge.config import SETTINGS
+
+    defaults = {s.variable: s.default for s in SETTINGS}
+    text = (REPO / "systemd" / "env.example").read_text()
+    commented = dict(re.findall(r"^#([A-Z][A-Z0-9_]*)=(.*)$", text, re.MULTILINE))
+    for name, value in commented.items():
+        if defaults.get(name) is not None and value:
+            assert value == defaults[name], f"env.example shows {name}={value}"
+
+
+@pytest.mark.parametrize("value", ["+5", "1_000", "٣", "5.0", "0x10", "-", "--5"])
+def test_whole_numbers_are_plain_ascii_digits(value):
+    with pytest.raises(ConfigError):
+        Config.from_env({"MAX_REQUEST_SIZE": value})
