@@ -1,7 +1,7 @@
 """Errors in the OpenAI envelope: `{"error": {"message", "type", "param", "code"}}`.
 
-Every exception here carries the HTTP status it maps to (as h11's do), so the one error handler
-in `edge.app` needs no table. Messages are written for clients: they never carry a key, a
+Every exception here carries the HTTP status it maps to (as h11's do), so the error
+handlers in `edge.app` need no table. Messages are written for clients: they never carry a key, a
 traceback or an internal name.
 """
 

@@ -2,12 +2,9 @@ from __future__ import annotations
 
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 _TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(\d+)")
 
@@ -25,11 +22,11 @@ def _no_stale_test_tables():
     """After the run, remove rate-limit tables of test masters that are gone (a master killed
     outright cannot unlink its own); the product does the same per instance at start."""
     yield
-    from edge.ratelimit.shm import SHM_DIR, _pid_alive
+    from edge.ratelimit.shm import SHM_DIR, pid_alive
 
     if not os.path.isdir(SHM_DIR):
         return
     for entry in os.listdir(SHM_DIR):
         match = _TEST_TABLE.fullmatch(entry)
-        if match and not _pid_alive(int(match[1])):
+        if match and not pid_alive(int(match[1])):
             Path(SHM_DIR, entry).unlink(missing_ok=True)

@@ -251,13 +251,13 @@ def remove_stale(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
     removed = []
     for entry in sorted(os.listdir(shm_dir)):
         match = pattern.fullmatch(entry)
-        if match and not _pid_alive(int(match[1])):
+        if match and not pid_alive(int(match[1])):
             _unlink("/" + entry)
             removed.append(entry)
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     if pid <= 0:
         return False  # kill(0, ...) would address our process group
     try:
