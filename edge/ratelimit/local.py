@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 
-from edge.ratelimit.base import ALLOW, Decision, DigestCache, failure_decision
+from edge.ratelimit.base import ALLOW, TABLE_FULL, Decision, DigestCache, failure_decision
 from edge.ratelimit.table import Table, format_buffer, size_for
 
 
@@ -30,8 +30,8 @@ class LocalRateLimiter:
         decision = self._table.decide(
             self._digest(identity), self._clock(), rpm / 60.0, burst, cost
         )
-        if decision.failure is not None:
-            return failure_decision(decision.failure, self._policy, burst)
+        if decision is None:
+            return failure_decision(TABLE_FULL, self._policy, burst)
         return decision
 
     def close(self) -> None:

@@ -33,6 +33,7 @@ from edge.ratelimit.base import (
     ALLOW,
     FAILURE_POLICIES,
     LOCK_TIMEOUT,
+    TABLE_FULL,
     Decision,
     DigestCache,
     failure_decision,
@@ -234,8 +235,8 @@ class ShmRateLimiter:
             decision = self._table.decide(digest, self._clock(), rpm / 60.0, burst, cost)
         finally:
             shared.release()
-        if decision.failure is not None:
-            return failure_decision(decision.failure, self._policy, burst)
+        if decision is None:
+            return failure_decision(TABLE_FULL, self._policy, burst)
         return decision
 
     def close(self) -> None:

@@ -43,7 +43,7 @@ import zlib
 from typing import Final
 
 from edge.ratelimit import bucket
-from edge.ratelimit.base import DENY, DIGEST_SIZE, TABLE_FULL, Decision, failure_decision
+from edge.ratelimit.base import DIGEST_SIZE, Decision
 
 MAGIC: Final = b"EDGE-RL\x00"
 VERSION: Final = 1
@@ -114,11 +114,11 @@ class Table:
 
     def decide(
         self, digest: bytes, now: float, rate_per_s: float, burst: int, cost: int
-    ) -> Decision:
+    ) -> Decision | None:
         """Run the bucket for ``digest`` at ``now`` and store the result.
 
-        Returns a Decision with ``failure=TABLE_FULL`` (and ``allowed=False``) when no slot
-        can be had; the caller applies its failure policy.
+        Returns None when no slot can be had (the table is full): the caller applies its
+        failure policy, which the table knows nothing of.
         """
         if len(digest) != DIGEST_SIZE:
             raise ValueError(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
@@ -128,7 +128,7 @@ class Table:
         if stored != digest:  # usually an entry sits in its home slot; else search the window
             offset = self._locate(digest, offset, now)
             if offset < 0:
-                return failure_decision(TABLE_FULL, DENY, burst)
+                return None
             stored, tokens, updated, _, check = _SLOT.unpack_from(mv, offset)
         if stored != digest or zlib.crc32(mv[offset : offset + _SLOT_BODY_SIZE]) != check:
             tokens = updated = _FRESH  # a new entry, or ours was torn: start full

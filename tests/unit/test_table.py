@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.ratelimit import TABLE_FULL, Table, TableFormatError, slot_digest
+from edge.ratelimit import Table, TableFormatError, slot_digest
 from edge.ratelimit.table import HEADER_SIZE, SLOT_SIZE, format_buffer, size_for
 
 T0 = 5_000.0
@@ -100,9 +100,7 @@ def test_full_window_without_idle_entries_reports_table_full_without_raising():
         assert table.decide(digest(i), T0, RATE, 10, 1).allowed  # not full again until T0 + 1
     before = bytes(buf)
     decision = table.decide(digest(99), T0 + 0.5, RATE, 10, 1)
-    assert decision.failure == TABLE_FULL
-    assert not decision.allowed
-    assert decision.limit == 10
+    assert decision is None  # full: the caller applies its policy
     assert bytes(buf) == before  # nothing was overwritten
 
 
@@ -118,7 +116,7 @@ def test_idle_entry_is_evicted_longest_idle_first():
     # key 1 (full, idle) may go next; keys 2 and 3 are still refilling and must stay
     assert table.decide(digest(100), T0 + 2.5, RATE, 10, 1).allowed
     assert set(slot_digests(buf, 4)) == {digest(99), digest(100), digest(2), digest(3)}
-    assert table.decide(digest(101), T0 + 2.5, RATE, 10, 1).failure == TABLE_FULL
+    assert table.decide(digest(101), T0 + 2.5, RATE, 10, 1) is None
 
 
 def test_evicted_identity_comes_back_full():
