@@ -8,6 +8,7 @@ shutdown. Nothing here reads the environment or does I/O at import time.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import falcon
@@ -16,12 +17,14 @@ import falcon.asgi
 from edge.auth import KeyStore
 from edge.config import Config
 from edge.endpoints.openai import Completions, Health, MetricsResource, Models
+from edge.endpoints.routes import endpoints
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
-from edge.middleware import AuthMiddleware, ContextMiddleware, RateLimitMiddleware
+from edge.middleware import EdgeMiddleware
 from edge.runtime import Runtime
 from edge.upstream.client import Upstream
 
 log = logging.getLogger("edge.app")
+_EVERYTHING = re.compile("")
 
 
 class EdgeRequest(falcon.asgi.Request):
@@ -112,18 +115,16 @@ def create_app(
     if metrics is not None:
         routes.append(("/metrics", MetricsResource(metrics), None))
 
-    # The routes double as the bounded set of `route` label values (anything else: unmatched).
-    context = ContextMiddleware(config, metrics, frozenset(path for path, _, _ in routes))
-    middleware: list[Any] = [runtime, context]
-    if config.auth_enabled:
-        middleware.append(AuthMiddleware(config, keys, metrics))
-    if config.rate_limit_enabled:
-        middleware.append(RateLimitMiddleware(config, runtime, metrics))
+    # Every decision per endpoint (public, limited, the `route` label) is taken once, here,
+    # on the template Falcon matches; see edge.endpoints.routes.
+    served = endpoints(config, (template for template, _, _ in routes))
+    edge = EdgeMiddleware(config, served, keys, runtime, metrics)
 
-    app = EdgeApp(request_type=EdgeRequest, middleware=middleware)
+    app = EdgeApp(request_type=EdgeRequest, middleware=[runtime, edge])
     app.req_options.strip_url_path_trailing_slash = False
     for path, resource, suffix in routes:
         app.add_route(path, resource, suffix=suffix)
+    app.add_sink(edge.unmatched, _EVERYTHING)  # tried only when no route matched
 
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _falcon_error)

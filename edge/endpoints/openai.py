@@ -52,7 +52,7 @@ class Completions:
         ctx.stream = stream
         runtime = self._runtime
         if runtime.metrics is not None:
-            runtime.metrics.observe_request_size(req.path, len(body))
+            runtime.metrics.observe_request_size(ctx.route.template, len(body))
         upstream = runtime.upstream
         if upstream is None:
             self._mock(req, resp, data, ctx)

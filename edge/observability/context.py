@@ -83,7 +83,7 @@ class RequestContext:
         self.start = time.perf_counter()
         self.request_id = request_id
         self.client = client
-        self.route: str | None = None
+        self.route = None  # edge.endpoints.routes.Endpoint, once the request is routed
         self.identity: str | None = None
         self.key = None  # edge.auth.KeyEntry of an authenticated request
         self.rate_decision = None
