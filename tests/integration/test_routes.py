@@ -12,6 +12,7 @@ import itertools
 import random
 import re
 import shutil
+import socket
 import subprocess
 from collections.abc import Iterator
 
@@ -19,7 +20,7 @@ import httpx
 import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
-from support import Gunicorn
+from support import Gunicorn, Upstream, wait_until
 
 BURST = 3
 KEYS = [f"sk-routes-{n:04d}" for n in range(600)]
@@ -208,3 +209,53 @@ def test_metric_series_stay_bounded_under_random_paths_and_methods(client):
     assert len(after_first) <= len(after_second) <= ceiling, (len(after_second), ceiling)
     routes = {labels["route"] for _, labels in after_second if "route" in labels}
     assert "unmatched" in routes and "/v1/chat/completions" in routes
+
+
+# ------------------------------------------------------------------ the concurrency cap
+
+
+@pytest.fixture(scope="module")
+def capped() -> Iterator[Gunicorn]:
+    upstream = Upstream()
+    server = Gunicorn(
+        API_KEYS=KEYS[0],
+        RATE_LIMIT_ENABLED="false",
+        WORKERS="1",
+        MAX_CONCURRENT_REQUESTS="2",
+        UPSTREAM_URL=upstream.url + "/v1",
+        SERVER_TIMEOUT_SECONDS="10",
+        LOG_LEVEL="warning",
+    )
+    try:
+        yield server
+    finally:
+        server.stop()
+        upstream.stop(timeout=3)  # `hang` handlers never finish
+
+
+def test_the_cap_exempts_health_checks_by_the_matched_route(capped):
+    body = b'{"model": "hang", "messages": [{"role": "user", "content": "hi"}]}'
+    request = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer %s\r\nContent-Length: %d\r\n\r\n%s"
+        % (KEYS[0].encode(), len(body), body)
+    )
+    held = []
+    try:
+        for _ in range(2):  # both slots taken by requests the upstream never answers
+            sock = socket.create_connection(("127.0.0.1", capped.port))
+            held.append(sock)
+            sock.sendall(request)
+        with httpx.Client(base_url=capped.url, timeout=10) as http:
+
+            def status(target: str) -> int:
+                return http.get("/", extensions={"target": target.encode()}).status_code
+
+            wait_until(lambda: status("/v1/models") == 503)
+            for target in ("/health/live", "//health/live", "/%2Fhealth/ready", "/%68ealth"):
+                assert status(target) == 200, target
+            for target in ("/healthz", "/health/x", "//v1/models", "/metrics"):
+                assert status(target) == 503, target
+    finally:
+        for sock in held:
+            sock.close()
