@@ -16,7 +16,7 @@ import falcon.asgi
 
 from edge.auth import KeyStore
 from edge.config import Config
-from edge.endpoints.openai import Completions, Health, MetricsResource, Models
+from edge.endpoints.openai import Completions, Health, MetricsResource, Models, SwitchedOff
 from edge.endpoints.routes import endpoints
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
@@ -112,8 +112,10 @@ def create_app(
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),
     ]
-    if metrics is not None:
-        routes.append(("/metrics", MetricsResource(metrics), None))
+    # With ENABLE_METRICS=false, /metrics stays a route that answers 404: the answer is then
+    # the same with or without a key, as for the other public routes.
+    metrics_resource = MetricsResource(metrics) if metrics is not None else SwitchedOff()
+    routes.append(("/metrics", metrics_resource, None))
 
     # Every decision per endpoint (public, limited, the `route` label) is taken once, here,
     # on the template Falcon matches; see edge.endpoints.routes.
