@@ -17,7 +17,7 @@ import falcon.asgi
 from edge.auth import KeyStore
 from edge.config import Config
 from edge.endpoints.openai import Completions, Health, MetricsResource, Models, SwitchedOff
-from edge.endpoints.routes import endpoints
+from edge.endpoints.routes import endpoint_table
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.runtime import Runtime
@@ -119,7 +119,7 @@ def create_app(
 
     # Every decision per endpoint (public, limited, the `route` label) is taken once, here,
     # on the template Falcon matches; see edge.endpoints.routes.
-    served = endpoints(config, (template for template, _, _ in routes))
+    served = endpoint_table(config, (template for template, _, _ in routes))
     edge = EdgeMiddleware(config, served, keys, runtime, metrics)
 
     app = EdgeApp(request_type=EdgeRequest, middleware=[runtime, edge])

@@ -5,10 +5,10 @@ segments and uvicorn decodes percent-escapes (`%2F` included), so `//v1/chat/com
 `/%2Fv1/chat/completions` both reach the chat handler, while a test on the raw path
 (`startswith("/v1/")`, `in HEALTH_PATHS`) would say they do not. So no decision looks at the
 raw path. Every request is routed first; the route template Falcon matched (`req.uri_template`)
-names its `Endpoint`, and authentication, the rate limiter, the metric `route` label and the
-log all read that one object. A request that matches no route has no Endpoint: it is answered
-404 (after the key check, when auth is on), spends no rate-limit token and is counted as
-`unmatched`.
+names its `Endpoint`, and authentication, the rate limiter and the metric `route` label all
+read that one object (the access log keeps the raw path, truncated, for forensics). A request
+that matches no route has no Endpoint: it is answered 404 (after the key check, when auth is
+on), spends no rate-limit token and is counted as `unmatched`.
 
 `ROUTES` is the one table of templates and their kinds: `create_app` refuses a route missing
 from it, and the HTTP/1.1 protocol asks `kind_of_target` (the same table in Falcon's router)
@@ -53,7 +53,7 @@ class Endpoint:
     limited: bool  # spends a rate-limit token
 
 
-def endpoints(config: Config, templates: Iterable[str]) -> dict[str, Endpoint]:
+def endpoint_table(config: Config, templates: Iterable[str]) -> dict[str, Endpoint]:
     """The Endpoint of each served template, keyed by template (what `req.uri_template` holds)."""
     configured_public = frozenset(config.public_paths)
     found: dict[str, Endpoint] = {}

@@ -65,7 +65,6 @@ class RequestContext:
         "key",
         "model",
         "prompt_tokens",
-        "rate_decision",
         "request_id",
         "route",
         "start",
@@ -86,7 +85,6 @@ class RequestContext:
         self.route = None  # edge.endpoints.routes.Endpoint, once the request is routed
         self.identity: str | None = None
         self.key = None  # edge.auth.KeyEntry of an authenticated request
-        self.rate_decision = None
         self.model: str | None = None
         self.stream = False
         self.upstream_status: int | None = None

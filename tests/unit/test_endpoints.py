@@ -7,7 +7,7 @@ import pytest
 
 from edge.app import create_app
 from edge.config import Config
-from edge.endpoints.routes import API, HEALTH, METRICS, ROUTES, endpoints, kind_of_target
+from edge.endpoints.routes import API, HEALTH, METRICS, ROUTES, endpoint_table, kind_of_target
 from edge.observability.metrics import METHOD_LABELS
 
 KEY = "sk-routes-test-key"
@@ -56,7 +56,7 @@ def test_every_served_route_has_a_kind_and_the_router_agrees_with_the_app():
 
 def test_a_route_without_a_kind_is_refused():
     with pytest.raises(KeyError):
-        endpoints(Config.from_env({"API_KEYS": KEY}), ["/v1/embeddings"])
+        endpoint_table(Config.from_env({"API_KEYS": KEY}), ["/v1/embeddings"])
 
 
 def test_kind_of_target_decodes_like_uvicorn():
