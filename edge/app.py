@@ -152,8 +152,10 @@ async def _falcon_error(req: Any, resp: Any, error: falcon.HTTPError, params: An
     status = error.status_code
     if status == 404:
         mapped: ApiError = NotFound(f"Unknown route: {req.method} {req.path[:200]}")
-    elif status == 405:
-        mapped = MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.")
+    elif status == 405:  # on a matched route: name it, not the client's spelling of it
+        ctx = getattr(req.context, "edge", None)
+        where = ctx.route.template if ctx is not None and ctx.route else req.path[:200]
+        mapped = MethodNotAllowed(f"Method {req.method} is not allowed on {where}.")
     else:
         mapped = from_http_status(status, error.description or error.title or "Bad request.")
     if error.headers:

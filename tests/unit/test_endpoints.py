@@ -128,3 +128,9 @@ def test_method_label_is_bounded():
     assert app_client.simulate_request("BREW", "/nowhere", headers=AUTH).status_code in (400, 404)
     assert label_values(app_client, "method") <= METHOD_LABELS | {"other"}
     assert "other" in label_values(app_client, "method")
+
+
+def test_405_names_the_route_not_the_spelling():
+    result = client().simulate_get("///v1/chat/completions", headers=AUTH)
+    assert result.status_code == 405
+    assert result.json["error"]["message"] == "Method GET is not allowed on /v1/chat/completions."
