@@ -8,6 +8,7 @@ shutdown. Nothing here reads the environment or does I/O at import time.
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import falcon
@@ -15,13 +16,15 @@ import falcon.asgi
 
 from edge.auth import KeyStore
 from edge.config import Config
-from edge.endpoints.openai import Completions, Health, MetricsResource, Models
+from edge.endpoints.openai import Completions, Health, MetricsResource, Models, SwitchedOff
+from edge.endpoints.routes import endpoint_table
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
-from edge.middleware import AuthMiddleware, ContextMiddleware, RateLimitMiddleware
+from edge.middleware import EdgeMiddleware
 from edge.runtime import Runtime
 from edge.upstream.client import Upstream
 
 log = logging.getLogger("edge.app")
+_EVERYTHING = re.compile("")
 
 
 class EdgeRequest(falcon.asgi.Request):
@@ -109,21 +112,21 @@ def create_app(
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),
     ]
-    if metrics is not None:
-        routes.append(("/metrics", MetricsResource(metrics), None))
+    # With ENABLE_METRICS=false, /metrics stays a route that answers 404: the answer is then
+    # the same with or without a key, as for the other public routes.
+    metrics_resource = MetricsResource(metrics) if metrics is not None else SwitchedOff()
+    routes.append(("/metrics", metrics_resource, None))
 
-    # The routes double as the bounded set of `route` label values (anything else: unmatched).
-    context = ContextMiddleware(config, metrics, frozenset(path for path, _, _ in routes))
-    middleware: list[Any] = [runtime, context]
-    if config.auth_enabled:
-        middleware.append(AuthMiddleware(config, keys, metrics))
-    if config.rate_limit_enabled:
-        middleware.append(RateLimitMiddleware(config, runtime, metrics))
+    # Every decision per endpoint (public, limited, the `route` label) is taken once, here,
+    # on the template Falcon matches; see edge.endpoints.routes.
+    served = endpoint_table(config, (template for template, _, _ in routes))
+    edge = EdgeMiddleware(config, served, keys, runtime, metrics)
 
-    app = EdgeApp(request_type=EdgeRequest, middleware=middleware)
+    app = EdgeApp(request_type=EdgeRequest, middleware=[runtime, edge])
     app.req_options.strip_url_path_trailing_slash = False
     for path, resource, suffix in routes:
         app.add_route(path, resource, suffix=suffix)
+    app.add_sink(edge.unmatched, _EVERYTHING)  # tried only when no route matched
 
     app.add_error_handler(Exception, _unexpected_error)
     app.add_error_handler(falcon.HTTPError, _falcon_error)
@@ -149,8 +152,10 @@ async def _falcon_error(req: Any, resp: Any, error: falcon.HTTPError, params: An
     status = error.status_code
     if status == 404:
         mapped: ApiError = NotFound(f"Unknown route: {req.method} {req.path[:200]}")
-    elif status == 405:
-        mapped = MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.")
+    elif status == 405:  # on a matched route: name it, not the client's spelling of it
+        ctx = getattr(req.context, "edge", None)
+        where = ctx.route.template if ctx is not None and ctx.route else req.path[:200]
+        mapped = MethodNotAllowed(f"Method {req.method} is not allowed on {where}.")
     else:
         mapped = from_http_status(status, error.description or error.title or "Bad request.")
     if error.headers:

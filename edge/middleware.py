@@ -1,8 +1,16 @@
-"""The request path's middleware, in order: context → authentication → rate limit.
+"""The request path's middleware: one class, three steps.
 
-Falcon runs `process_request` in list order and `process_response` in reverse, so
-`ContextMiddleware` sees every request first and every final status last. Streamed responses
-are finished (metrics, access log) when their `ResponseStream` closes, after the last byte.
+Falcon calls `process_request` before routing, `process_resource` after it (only when a route
+matched) and `process_response` at the end:
+
+- `process_request`: request id, trace context, in-flight gauge;
+- `process_resource`: the matched `Endpoint` (edge.endpoints.routes) is recorded, then the key
+  is checked unless the endpoint is public, then a rate-limit token is taken if it is limited;
+- `process_response`: metrics and the access line. Streamed responses are finished when their
+  `ResponseStream` closes, after the last byte.
+
+A request that matches no route reaches the `unmatched` sink instead of `process_resource`: the
+key is checked (when auth is on), and it is answered 404 having spent no token.
 """
 
 from __future__ import annotations
@@ -12,27 +20,44 @@ import math
 import time
 from typing import Any
 
+import falcon
+
 from edge.auth import KeyStore, presented_key, unauthorized
 from edge.config import Config
+from edge.endpoints.routes import UNMATCHED, Endpoint
 from edge.errors import RateLimited
 from edge.observability.context import RequestContext, request_id_var, sane_request_id, trace_id_var
 from edge.observability.logs import ACCESS_LOGGER
 from edge.ratelimit import Decision, RateLimiter
 from edge.upstream.stream import ResponseStream
 
-HEALTH_PATHS = frozenset({"/health", "/health/ready", "/health/live"})
 MAX_LOGGED_PATH = 256
 
 access_log = logging.getLogger(ACCESS_LOGGER)
 
 
-class ContextMiddleware:
-    """Request id, trace context, in-flight gauge; at the end, metrics and the access line."""
+class EdgeMiddleware:
+    """Context, authentication and rate limiting, all decided on the matched endpoint."""
 
-    def __init__(self, config: Config, metrics: Any, routes: frozenset[str]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        endpoints: dict[str, Endpoint],
+        keys: KeyStore,
+        runtime: Any,
+        metrics: Any,
+    ) -> None:
         self._tracing = config.enable_tracing
+        self._endpoints = endpoints
+        self._auth = config.auth_enabled
+        self._keys = keys
+        self._rpm = config.rate_limit_rpm
+        self._burst = config.rate_limit_burst
+        self._policy = config.rate_limit_failure_policy
+        self._runtime = runtime
         self._metrics = metrics
-        self._routes = routes
+
+    # -------------------------------------------------------------- the three steps
 
     async def process_request(self, req: Any, resp: Any) -> None:
         ctx = RequestContext(sane_request_id(req.get_header("x-request-id")), req.remote_addr)
@@ -44,6 +69,14 @@ class ContextMiddleware:
         resp.set_header("x-request-id", ctx.request_id)
         if self._metrics is not None:
             self._metrics.in_flight.inc()
+
+    async def process_resource(self, req: Any, resp: Any, resource: Any, params: Any) -> None:
+        ctx: RequestContext = req.context.edge
+        ctx.route = endpoint = self._endpoints[req.uri_template]
+        if not endpoint.public:
+            self._authenticate(req, ctx)
+        if endpoint.limited:
+            self._take_request_token(resp, ctx)
 
     async def process_response(
         self, req: Any, resp: Any, resource: Any, req_succeeded: bool
@@ -62,6 +95,66 @@ class ContextMiddleware:
         else:
             self._finish(req, ctx, resp.status_code, None)
 
+    async def unmatched(self, req: Any, resp: Any, **params: Any) -> None:
+        """The sink for requests no route matched: the key check, then 404. No token spent."""
+        if self._auth:
+            self._authenticate(req, req.context.edge)
+        raise falcon.HTTPRouteNotFound()
+
+    # -------------------------------------------------------------- decisions
+
+    def _authenticate(self, req: Any, ctx: RequestContext) -> None:
+        """Put the presented key's identity on the context, or refuse with 401."""
+        key = presented_key(req.get_header("x-api-key"), req.get_header("authorization"))
+        entry = self._keys.lookup(key) if key else None
+        if entry is None:
+            reason = "missing" if key is None else ("empty" if not key else "invalid")
+            if self._metrics is not None:
+                self._metrics.auth_failure(reason)
+            raise unauthorized(missing=key is None)
+        ctx.identity = entry.identity
+        ctx.key = entry
+
+    def _take_request_token(self, resp: Any, ctx: RequestContext) -> None:
+        """One token from the bucket of the key's identity (of the client address when the
+        endpoint is public), host-wide; refused with 429, admitted with x-ratelimit-* headers."""
+        rpm, burst = self._rpm, self._burst
+        entry = ctx.key
+        if entry is not None:
+            identity = "key:" + ctx.identity
+            if entry.rpm is not None:
+                rpm = entry.rpm
+            if entry.burst is not None:
+                burst = entry.burst
+        else:
+            identity = "addr:" + (ctx.client or "unknown")
+        limiter: RateLimiter = self._runtime.limiter
+        decision = limiter.check(identity.encode(), rpm, burst)
+        if decision.failure is not None and self._metrics is not None:
+            self._metrics.limiter_failure(decision.failure, self._policy)
+        if decision.failure is not None:
+            # The bucket could not be consulted: the policy decided, and there is no
+            # meaningful remaining/reset to report.
+            if decision.allowed:
+                return
+            headers = {}
+        else:
+            headers = rate_headers(decision)
+        if not decision.allowed:
+            if self._metrics is not None:
+                self._metrics.rate_limited.inc()
+            retry_ms = min(60_000, max(1, math.ceil(decision.retry_after * 1000)))
+            headers["retry-after"] = str(min(60, max(1, math.ceil(decision.retry_after))))
+            headers["retry-after-ms"] = str(retry_ms)
+            raise RateLimited(
+                f"Rate limit reached for requests ({decision.limit} burst, {rpm:g} per minute). "
+                f"Try again in {retry_ms / 1000:.3g}s.",
+                headers=headers,
+            )
+        resp.set_headers(headers)
+
+    # -------------------------------------------------------------- finishing
+
     def _finish(
         self, req: Any, ctx: RequestContext, status: int, stream: ResponseStream | None
     ) -> None:
@@ -69,9 +162,10 @@ class ContextMiddleware:
         total = now - ctx.start
         overhead = max(0.0, total - ctx.upstream_s)
         path = req.path
-        route = path if path in self._routes else "unmatched"
         metrics = self._metrics
         if metrics is not None:
+            endpoint = ctx.route
+            route = UNMATCHED if endpoint is None else endpoint.template
             metrics.in_flight.dec()
             metrics.observe_request(route, req.method, status, total, overhead)
             if ctx.upstream_status is not None or ctx.upstream_error is not None:
@@ -115,85 +209,6 @@ class ContextMiddleware:
             extra={"access": record},
         )
         access_log.handle(line)
-
-
-class AuthMiddleware:
-    """Authenticate every non-public request; put the key's identity on the context."""
-
-    def __init__(self, config: Config, keys: KeyStore, metrics: Any) -> None:
-        public = set(config.public_paths)
-        if not config.auth_health_check:
-            public |= HEALTH_PATHS
-        if not config.auth_metrics:
-            public.add("/metrics")
-        self._public = frozenset(public)
-        self._keys = keys
-        self._metrics = metrics
-
-    async def process_request(self, req: Any, resp: Any) -> None:
-        if req.path in self._public:
-            return
-        key = presented_key(req.get_header("x-api-key"), req.get_header("authorization"))
-        entry = self._keys.lookup(key) if key else None
-        if entry is None:
-            reason = "missing" if key is None else ("empty" if not key else "invalid")
-            if self._metrics is not None:
-                self._metrics.auth_failure(reason)
-            raise unauthorized(missing=key is None)
-        ctx: RequestContext = req.context.edge
-        ctx.identity = entry.identity
-        ctx.key = entry
-
-
-class RateLimitMiddleware:
-    """One token bucket per key identity (per client address when auth is off), host-wide."""
-
-    def __init__(self, config: Config, runtime: Any, metrics: Any) -> None:
-        self._rpm = config.rate_limit_rpm
-        self._burst = config.rate_limit_burst
-        self._policy = config.rate_limit_failure_policy
-        self._runtime = runtime
-        self._metrics = metrics
-
-    async def process_request(self, req: Any, resp: Any) -> None:
-        if not req.path.startswith("/v1/"):
-            return  # health and metrics are never limited
-        ctx: RequestContext = req.context.edge
-        rpm, burst = self._rpm, self._burst
-        entry = ctx.key
-        if entry is not None:
-            identity = "key:" + ctx.identity
-            if entry.rpm is not None:
-                rpm = entry.rpm
-            if entry.burst is not None:
-                burst = entry.burst
-        else:
-            identity = "addr:" + (ctx.client or "unknown")
-        limiter: RateLimiter = self._runtime.limiter
-        decision = limiter.check(identity.encode(), rpm, burst)
-        ctx.rate_decision = decision
-        if decision.failure is not None and self._metrics is not None:
-            self._metrics.limiter_failure(decision.failure, self._policy)
-        if decision.failure is not None:
-            # The bucket could not be consulted: the policy decided, and there is no
-            # meaningful remaining/reset to report.
-            if decision.allowed:
-                return
-            headers = {}
-        else:
-            headers = rate_headers(decision)
-        if not decision.allowed:
-            if self._metrics is not None:
-                self._metrics.rate_limited.inc()
-            retry_ms = min(60_000, max(1, math.ceil(decision.retry_after * 1000)))
-            headers["retry-after"] = str(min(60, max(1, math.ceil(decision.retry_after))))
-            headers["retry-after-ms"] = str(retry_ms)
-            raise RateLimited(
-                f"Rate limit reached for requests ({decision.limit} burst, {rpm:g} per minute). "
-                f"Try again in {retry_ms / 1000:.3g}s.",
-                headers=headers,
-            )
-        resp.set_headers(headers)
 
 
 def rate_headers(decision: Decision) -> dict[str, str]:

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
+import falcon
 import orjson
 
 from edge.endpoints.body import (
@@ -52,7 +53,7 @@ class Completions:
         ctx.stream = stream
         runtime = self._runtime
         if runtime.metrics is not None:
-            runtime.metrics.observe_request_size(req.path, len(body))
+            runtime.metrics.observe_request_size(ctx.route.template, len(body))
         upstream = runtime.upstream
         if upstream is None:
             self._mock(req, resp, data, ctx)
@@ -215,3 +216,10 @@ class MetricsResource:
 
     async def on_get(self, req: Any, resp: Any) -> None:
         resp.data, resp.content_type = self._metrics.render()
+
+
+class SwitchedOff:
+    """A route turned off by configuration (/metrics with ENABLE_METRICS=false): 404 for GET."""
+
+    async def on_get(self, req: Any, resp: Any) -> None:
+        raise falcon.HTTPRouteNotFound()

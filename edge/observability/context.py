@@ -65,7 +65,6 @@ class RequestContext:
         "key",
         "model",
         "prompt_tokens",
-        "rate_decision",
         "request_id",
         "route",
         "start",
@@ -83,10 +82,9 @@ class RequestContext:
         self.start = time.perf_counter()
         self.request_id = request_id
         self.client = client
-        self.route: str | None = None
+        self.route = None  # edge.endpoints.routes.Endpoint, once the request is routed
         self.identity: str | None = None
         self.key = None  # edge.auth.KeyEntry of an authenticated request
-        self.rate_decision = None
         self.model: str | None = None
         self.stream = False
         self.upstream_status: int | None = None

@@ -5,9 +5,10 @@ so each worker's values go to files in that directory and `/metrics` (any worker
 This module imports prometheus_client lazily, inside `Metrics.__init__`, so importing `edge`
 never fixes the value mode too early.
 
-Labels are bounded by construction: routes are URI templates (or "unmatched"), statuses are
-numbers, models are capped at MAX_MODEL_LABELS per worker with the rest counted as "other".
-No key, identity or raw path is ever a label.
+Labels are bounded by construction: routes are the templates of the matched routes (or
+"unmatched"; see edge.endpoints.routes), methods are the standard ones (anything else: "other"),
+statuses are numbers, models are capped at MAX_MODEL_LABELS per worker with the rest counted as
+"other". No key, identity, raw path or invented method is ever a label.
 """
 
 from __future__ import annotations
@@ -21,6 +22,11 @@ from typing import Any
 from edge import __version__
 
 MAX_MODEL_LABELS = 32
+# The `method` label's values besides "other": gunicorn's ASGI worker (HTTP2_ENABLED=true)
+# passes any token through as a method.
+METHOD_LABELS = frozenset(
+    ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE")
+)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 OVERHEAD_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
@@ -113,6 +119,8 @@ class Metrics:
     def observe_request(
         self, route: str, method: str, status: int, total_s: float, overhead_s: float
     ) -> None:
+        if method not in METHOD_LABELS:
+            method = "other"
         self._child(self.requests, route, method, str(status)).inc()
         self._child(self.duration, route).observe(total_s)
         self._child(self.overhead, route).observe(overhead_s)

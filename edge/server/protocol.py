@@ -35,6 +35,7 @@ import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from edge.config import Config
+from edge.endpoints.routes import HEALTH, kind_of_target
 from edge.errors import OVERLOADED, envelope
 from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, new_request_id
 
@@ -212,7 +213,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         app = self.app
         # Health checks are exempt from the cap: a saturated worker is busy, not dead.
-        if len(self.tasks) >= self.limits.max_concurrency and not self.url.startswith(b"/health"):
+        if len(self.tasks) >= self.limits.max_concurrency and kind_of_target(self.url) != HEALTH:
             self.app = _overloaded
         try:
             super().on_headers_complete()

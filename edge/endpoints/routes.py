@@ -1,0 +1,101 @@
+"""Which endpoint is this? Answered once, by Falcon's router, and looked up here.
+
+Theory of operation: a raw path is client input. Falcon's router ignores leading empty
+segments and uvicorn decodes percent-escapes (`%2F` included), so `//v1/chat/completions` and
+`/%2Fv1/chat/completions` both reach the chat handler, while a test on the raw path
+(`startswith("/v1/")`, `in HEALTH_PATHS`) would say they do not. So no decision looks at the
+raw path. Every request is routed first; the route template Falcon matched (`req.uri_template`)
+names its `Endpoint`, and authentication, the rate limiter and the metric `route` label all
+read that one object (the access log keeps the raw path, truncated, for forensics). A request
+that matches no route has no Endpoint: it is answered 404 (after the key check, when auth is
+on), spends no rate-limit token and is counted as `unmatched`.
+
+`ROUTES` is the one table of templates and their kinds: `create_app` refuses a route missing
+from it, and the HTTP/1.1 protocol asks `kind_of_target` (the same table in Falcon's router)
+when it must tell a health check from other requests before the app runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from edge.config import Config
+
+API = "api"  # the OpenAI endpoints: need a key, spend a rate-limit token
+HEALTH = "health"  # public unless AUTH_HEALTH_CHECK; never limited; exempt from the cap
+METRICS = "metrics"  # public unless AUTH_METRICS; never limited
+
+ROUTES: dict[str, str] = {
+    "/v1/chat/completions": API,
+    "/v1/completions": API,
+    "/v1/models": API,
+    "/health": HEALTH,
+    "/health/live": HEALTH,
+    "/health/ready": HEALTH,
+    "/metrics": METRICS,
+}
+UNMATCHED = "unmatched"  # the `route` label of a request no route matched
+
+log = logging.getLogger("edge.routes")
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """One route as the request path sees it, with this app's policy for it decided once."""
+
+    template: str  # the route template: the canonical spelling and the `route` label
+    kind: str  # API, HEALTH or METRICS
+    public: bool  # served without a key
+    limited: bool  # spends a rate-limit token
+
+
+def endpoint_table(config: Config, templates: Iterable[str]) -> dict[str, Endpoint]:
+    """The Endpoint of each served template, keyed by template (what `req.uri_template` holds)."""
+    configured_public = frozenset(config.public_paths)
+    found: dict[str, Endpoint] = {}
+    for template in templates:
+        kind = ROUTES[template]  # a KeyError here: a new route must be given a kind in ROUTES
+        public = (
+            not config.auth_enabled
+            or template in configured_public
+            or (kind == HEALTH and not config.auth_health_check)
+            or (kind == METRICS and not config.auth_metrics)
+        )
+        limited = kind == API and config.rate_limit_enabled
+        found[template] = Endpoint(template, kind, public, limited)
+    for path in sorted(configured_public - found.keys()):
+        log.warning("PUBLIC_PATHS entry %s is not a route: it has no effect", path[:200])
+    return found
+
+
+@functools.cache
+def _router() -> object:
+    from falcon.routing import CompiledRouter
+
+    router = CompiledRouter()
+    for template in ROUTES:
+        router.add_route(template, template)  # the "resource" is the template itself
+    return router
+
+
+def kind_of_path(path: str) -> str | None:
+    """The kind of the route Falcon's router matches for a decoded path, else None."""
+    found = _router().find(path)  # type: ignore[attr-defined]
+    return None if found is None else ROUTES[found[3]]
+
+
+def kind_of_target(target: bytes) -> str | None:
+    """`kind_of_path` for a raw request target, decoded the way uvicorn builds the ASGI path."""
+    try:
+        import httptools
+
+        path = httptools.parse_url(target).path.decode("ascii")
+    except Exception:  # not a target uvicorn would accept either
+        return None
+    if "%" in path:
+        path = urllib.parse.unquote(path)
+    return kind_of_path(path)
