@@ -265,7 +265,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Upstream connections per worker (keep-alive pool)"),
     # Authentication (behaviour in edge.auth)
     S("AUTH_ENABLED", "auth_enabled", boolean, "true",
-      "Require an API key on `/v1/*`. With no keys configured the service refuses to start"),
+      "Require an API key on the API routes (`/v1/…`) and on paths that match no route. With "
+      "no keys configured the service refuses to start"),
     S("API_KEYS", "api_keys", secrets, None,
       "Comma-separated plaintext client keys (hashed at start; only digests are kept)", unset=()),
     S("API_KEY_HASHES", "api_key_hashes", digests, None,
@@ -276,7 +277,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Require a key on `/health*` too"),
     S("AUTH_METRICS", "auth_metrics", boolean, "false", "Require a key on `/metrics` too"),
     S("PUBLIC_PATHS", "public_paths", url_paths, None,
-      "Comma-separated extra paths that never need a key", unset=()),
+      "Comma-separated extra routes that never need a key, written as route templates (e.g. "
+      "`/v1/models`); an entry that is no route has no effect (a warning at start)", unset=()),
     # Rate limiting (behaviour in edge.ratelimit)
     S("RATE_LIMIT_ENABLED", "rate_limit_enabled", boolean, "true",
       "Per-key token buckets shared by all workers"),
