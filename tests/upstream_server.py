@@ -18,6 +18,7 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     end-mid-event         two SSE chunks, half of the third, then a clean end of the response
     split-events          every event written in pieces, cut inside its data and its CRLFs,
                           with a pause between pieces (a whole, valid stream)
+    huge-event            one chunk, then one 5 MiB event written in 64 KiB pieces, then [DONE]
     error-401, error-403  that status with an error body quoting part of the upstream key
                           and the canary string CANARY
     paced                 SSE chunks every --pace seconds (also: model "paced-N" sends N chunks)
@@ -174,6 +175,12 @@ async def _stream(request, model, chat, options) -> web.StreamResponse:
                 else:
                     request.transport.close()
                 return response
+            if index == 1 and model == "huge-event":
+                await response.write(b'data: {"x": "')
+                for _ in range(80):
+                    await response.write(b"x" * 65536)
+                await response.write(b'"}\n\n')
+                continue
             if model == "split-events":
                 event = _chunk(model, index, chat).replace(b"\n\n", b"\r\n\r\n")
                 for piece in (event[:9], event[9:-3], event[-3:-1], event[-1:]):

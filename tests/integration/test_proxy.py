@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import socket
 import subprocess
 import time
@@ -19,7 +21,9 @@ from support import (
     base_env,
     free_port,
     sdk_client,
+    wait_until,
 )
+from upstream_server import CANARY
 
 CLIENT_KEY = "sk-client-key-for-tests"
 UPSTREAM_KEY = "sk-upstream-secret-for-tests"
@@ -200,6 +204,53 @@ def test_upstream_garbage_is_502(proxy):
     for model in ("garbage", "garbage-http"):
         response = post(proxy, "/v1/chat/completions", json={"model": model, "messages": CHAT})
         assert_envelope(response, 502, "bad_gateway")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstream_refusing_the_gateways_key_is_502_without_its_body(proxy, status, stream):
+    # Before: the upstream's 401/403 and its body (quoting part of the upstream key) went to
+    # the client, whose SDK raised AuthenticationError about its own, valid key.
+    model = f"error-{status}"
+    with pytest.raises(openai.APIStatusError) as raised:
+        if stream:
+            with sdk(proxy).chat.completions.create(model=model, messages=CHAT, stream=True) as s:
+                list(s)
+        else:
+            sdk(proxy).chat.completions.create(model=model, messages=CHAT)
+    error = raised.value
+    assert error.status_code == 502
+    assert not isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError)
+    assert error.code == "upstream_auth_failed"
+    assert "credentials" in error.message
+
+    response = post(proxy, "/v1/chat/completions",
+                    json={"model": model, "messages": CHAT, "stream": stream})  # fmt: skip
+    body = assert_envelope(response, 502, "upstream_auth_failed", type_="upstream_error")
+    for secret in (CANARY, UPSTREAM_KEY[-8:], "Incorrect API key"):
+        assert secret not in response.text
+        assert secret not in str(body)
+    request_id = response.headers["x-request-id"]
+
+    def logged() -> list[dict]:
+        return [line for line in log_records(proxy) if line.get("request_id") == request_id]
+
+    records = wait_until(lambda: [r for r in logged() if r.get("status") == 502])
+    assert records[0]["upstream_status"] == status
+    assert any(r.get("error_kind") == "auth" and r.get("upstream_status") == status
+               for r in logged())  # fmt: skip
+    output = proxy.output()
+    assert CANARY not in output
+    assert UPSTREAM_KEY[-8:] not in output
+
+
+def log_records(server: Gunicorn) -> list[dict]:
+    records = []
+    for line in server.output().splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
 
 
 def test_slow_upstream_is_504(proxy):

@@ -20,6 +20,8 @@ import openai
 import pytest
 from support import ROOT, Gunicorn, Upstream, assert_envelope, wait_until
 
+from edge.upstream.sse import MAX_EVENT_BYTES
+
 KEY = "sk-upstream-faults-key"
 TIMEOUT = 2.0  # SERVER_TIMEOUT_SECONDS
 SLACK = 4.0  # on top of a deadline: proves "no hang", not a speed bound
@@ -148,6 +150,15 @@ def test_a_stream_broken_mid_event_carries_whole_events_only(proxy, model):
         assert event.startswith("data: ") and "\n" not in event, event
         assert isinstance(json.loads(event[len("data: ") :]), dict)
     assert json.loads(events[-1][len("data: ") :])["error"]["code"].startswith("upstream_")
+
+
+def test_an_event_past_the_bound_ends_the_stream_with_an_error_event(proxy):
+    # The incomplete event waiting for its end is bounded (MAX_EVENT_BYTES, 4 MiB): a 5 MiB
+    # one is an upstream error, not 5 MiB of buffer per stream.
+    assert MAX_EVENT_BYTES < 5 * 1024 * 1024
+    contents, error, _ = stream_until_error(proxy, "huge-event")
+    assert contents == ["c0 "]
+    assert error.body["code"] == "upstream_invalid"
 
 
 def test_events_written_in_pieces_reach_the_sdk_whole(proxy):
