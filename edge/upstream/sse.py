@@ -66,13 +66,19 @@ class EventSplitter:
         cut = start  # where the bytes not yet returned begin
         pos = start
         size = len(data)
+        lf_only = b"\r" not in data  # the usual case: then a blank line is simply LF LF
         while pos < size:
-            match = _EOL.match(data, pos) if self._line_start else None
-            if match is None:
+            if self._line_start and data[pos] in b"\r\n":
+                end = _EOL.match(data, pos).end()  # type: ignore[union-attr]
+            elif lf_only:
+                end = data.find(b"\n\n", pos) + 2
+                if end == 1:
+                    break
+            else:
                 match = _BLANK.search(data, pos)
                 if match is None:
                     break
-            end = match.end()
+                end = match.end()
             if self._pending:
                 self._pending.append(data[cut:end])
                 events.append(b"".join(self._pending))
