@@ -216,27 +216,31 @@ async def relay(
                 on_chunk(block)
             yield block
         if splitter.pending:
-            yield _stream_failed(ctx, "invalid", "ended mid-event", splitter.pending)
+            message = "The upstream's event stream ended in the middle of an event."
+            yield _stream_failed(ctx, "invalid", "ended mid-event", splitter.pending, message)
     except (aiohttp.ClientError, TimeoutError) as exc:
         _forget_traceback(exc)
         if watcher is None or not watcher.done():
             yield _stream_failed(ctx, error_kind(exc), type(exc).__name__, splitter.pending)
     except EventTooLarge:
-        yield _stream_failed(ctx, "invalid", "EventTooLarge", splitter.pending)
+        message = f"The upstream sent an event larger than {splitter.max_event_bytes} bytes."
+        yield _stream_failed(ctx, "invalid", "EventTooLarge", splitter.pending, message)
     finally:
         if watcher is not None:
             watcher.cancel()
         resp.close()
 
 
-def _stream_failed(ctx: RequestContext, kind: str, error: str, dropped: int) -> bytes:
+def _stream_failed(
+    ctx: RequestContext, kind: str, error: str, dropped: int, message: str | None = None
+) -> bytes:
     """Record and log a stream that failed mid-way; the SSE error event that ends it."""
     ctx.upstream_error = kind
     log.warning(
         "upstream stream failed",
         extra={"error_kind": kind, "error": error, "dropped_bytes": dropped},
     )
-    return _sse_error(kind)
+    return _sse_error(kind, message)
 
 
 async def _watch_disconnect(
@@ -259,14 +263,13 @@ def _forget_traceback(exc: BaseException) -> None:
     exc.__traceback__ = None
 
 
-_SSE_ERROR_MESSAGES = {
-    "timeout": "The upstream stopped responding mid-stream.",
-    "invalid": "The upstream sent an incomplete or invalid event stream.",
-}
-
-
-def _sse_error(kind: str) -> bytes:
-    message = _SSE_ERROR_MESSAGES.get(kind, "The upstream connection failed mid-stream.")
+def _sse_error(kind: str, message: str | None = None) -> bytes:
+    if message is None:
+        message = (
+            "The upstream stopped responding mid-stream."
+            if kind == "timeout"
+            else "The upstream connection failed mid-stream."
+        )
     return b"data: " + envelope(message, UPSTREAM, None, f"upstream_{kind}") + b"\n\n"
 
 
