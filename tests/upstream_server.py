@@ -14,6 +14,13 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     garbage-http          bytes that are not HTTP at all, then close
     reset-mid-stream      two SSE chunks, then a TCP reset
     stall-mid-stream      two SSE chunks, then silence
+    cut-mid-event         two SSE chunks, half of the third, then the connection closes
+    end-mid-event         two SSE chunks, half of the third, then a clean end of the response
+    split-events          every event written in pieces, cut inside its data and its CRLFs,
+                          with a pause between pieces (a whole, valid stream)
+    huge-event            one chunk, then one 5 MiB event written in 64 KiB pieces, then [DONE]
+    error-401, error-403  that status with an error body quoting part of the upstream key
+                          and the canary string CANARY
     paced                 SSE chunks every --pace seconds (also: model "paced-N" sends N chunks)
     long-stream           SSE chunks as fast as the client reads, for --long-chunks chunks
     fast-N                N SSE chunks without pause (quick streams for soak and leak runs)
@@ -34,6 +41,7 @@ import time
 from aiohttp import web
 
 SEEN: dict[str, dict] = {}
+CANARY = "upstream-body-canary-7f3a"
 STATS = {"streams_started": 0, "streams_finished": 0, "streams_cancelled": 0}
 
 
@@ -116,6 +124,10 @@ async def completions(request: web.Request) -> web.StreamResponse:
         response = _error(429, "Upstream rate limit reached.", "rate_limit_exceeded")
         response.headers["retry-after"] = "7"
         return response
+    elif model in ("error-401", "error-403"):
+        key = request.headers.get("authorization", "")[-8:]
+        message = f"Incorrect API key provided: sk-...{key}. {CANARY}"
+        return _error(int(model[-3:]), message, "invalid_api_key")
     elif model == "error-500":
         return _error(500, "Upstream exploded.", "server_error")
     elif model == "html-500":
@@ -154,6 +166,27 @@ async def _stream(request, model, chat, options) -> web.StreamResponse:
                 return response
             if index == 2 and model == "stall-mid-stream":
                 await asyncio.sleep(3600)
+            if index == 2 and model in ("cut-mid-event", "end-mid-event"):
+                event = _chunk(model, index, chat)
+                await response.write(event[: len(event) // 2])
+                await asyncio.sleep(0.1)  # let the half event reach the proxy on its own
+                if model == "end-mid-event":
+                    await response.write_eof()
+                else:
+                    request.transport.close()
+                return response
+            if index == 1 and model == "huge-event":
+                await response.write(b'data: {"x": "')
+                for _ in range(80):
+                    await response.write(b"x" * 65536)
+                await response.write(b'"}\n\n')
+                continue
+            if model == "split-events":
+                event = _chunk(model, index, chat).replace(b"\n\n", b"\r\n\r\n")
+                for piece in (event[:9], event[9:-3], event[-3:-1], event[-1:]):
+                    await response.write(piece)
+                    await asyncio.sleep(0.02)
+                continue
             await response.write(_chunk(model, index, chat))
             if pace:
                 await asyncio.sleep(pace)

@@ -148,8 +148,8 @@ def _record_usage(ctx: RequestContext, usage: Any) -> None:
 def _usage_watcher(ctx: RequestContext) -> Any:
     """Pick `usage` out of a relayed stream (sent when stream_options.include_usage is set).
 
-    Only chunks that mention usage are parsed, and only their `data:` line holding it; an
-    event split across two reads is missed, which costs a log field, never the stream.
+    Only blocks that mention usage are parsed, and only their `data:` line holding it. The
+    relay hands over whole events only (edge.upstream.sse), so a usage event is never split.
     """
 
     def on_chunk(chunk: bytes) -> None:

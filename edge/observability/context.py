@@ -22,11 +22,18 @@ CLIENT_GONE = "edge.client_gone"
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
 
-_REQUEST_ID_RE = re.compile(r"^[A-Za-z0-9._:/+=-]{1,128}$")
+_REQUEST_ID_RE = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")  # whole value: fullmatch
 _TRACEPARENT_RE = re.compile(r"^([0-9a-f]{2})-([0-9a-f]{32})-([0-9a-f]{16})-([0-9a-f]{2})(-.*)?$")
 _ZERO_TRACE = "0" * 32
 _ZERO_SPAN = "0" * 16
 _MAX_TRACESTATE = 512
+_MAX_TRACESTATE_MEMBERS = 32
+# W3C Trace Context, tracestate list-member: key "=" value. The value is printable ASCII
+# without "," and "=", never ending in a space; the key is a simple or a multi-tenant key.
+_TRACESTATE_MEMBER_RE = re.compile(
+    r"(?P<key>[a-z][a-z0-9_\-*/]{0,255}|[a-z0-9][a-z0-9_\-*/]{0,240}@[a-z][a-z0-9_\-*/]{0,13})"
+    r"=[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
+)
 
 
 def new_request_id() -> str:
@@ -35,9 +42,34 @@ def new_request_id() -> str:
 
 def sane_request_id(value: str | None) -> str:
     """The client's x-request-id if it is short and made of safe characters, else a new one."""
-    if value and _REQUEST_ID_RE.match(value):
+    if value and _REQUEST_ID_RE.fullmatch(value):
         return value
     return new_request_id()
+
+
+def sane_tracestate(value: str | None) -> str | None:
+    """The caller's tracestate if it is valid W3C tracestate within our bounds, else None.
+
+    Anything else (control characters, non-ASCII, a malformed or duplicate member, more than 32
+    members or 512 characters) is dropped whole rather than forwarded upstream, as the spec
+    asks of a parser that cannot use a value.
+    """
+    if not value or len(value) > _MAX_TRACESTATE:
+        return None
+    keys = set()
+    members = []
+    for raw in value.split(","):
+        member = raw.strip(" \t")
+        if not member:
+            continue  # empty list members are allowed (and not passed on)
+        match = _TRACESTATE_MEMBER_RE.fullmatch(member)
+        if match is None or match["key"] in keys:
+            return None
+        keys.add(match["key"])
+        members.append(member)
+    if not members or len(members) > _MAX_TRACESTATE_MEMBERS:
+        return None
+    return ",".join(members)
 
 
 def parse_traceparent(value: str | None) -> tuple[str, str] | None:
@@ -89,7 +121,7 @@ class RequestContext:
         self.stream = False
         self.upstream_status: int | None = None
         self.upstream_s = 0.0
-        self.upstream_error: str | None = None  # timeout, connect, disconnect, invalid
+        self.upstream_error: str | None = None  # timeout, connect, disconnect, invalid, auth
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.trace_id: str | None = None
@@ -106,8 +138,7 @@ class RequestContext:
         parsed = parse_traceparent(traceparent)
         if parsed is not None:
             self.trace_id, self.trace_flags = parsed
-            if tracestate and len(tracestate) <= _MAX_TRACESTATE and tracestate.isascii():
-                self.tracestate = tracestate
+            self.tracestate = sane_tracestate(tracestate)
             span_id = os.urandom(8).hex()
         elif start_new:
             ids = os.urandom(24).hex()  # one call for the trace id and this hop's span id

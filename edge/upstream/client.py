@@ -18,12 +18,15 @@ import aiohttp
 from edge.config import Config
 from edge.errors import UPSTREAM, BadGateway, GatewayTimeout, envelope
 from edge.observability.context import RequestContext
+from edge.upstream.sse import EventSplitter, EventTooLarge
 
 log = logging.getLogger("edge.upstream")
 
 MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 # Upstream response headers passed back to the client (lower-case).
 PASS_HEADERS = ("retry-after", "retry-after-ms", "openai-processing-ms", "openai-version")
+# Upstream statuses that refuse the gateway's own credentials: never the client's fault.
+REFUSED = frozenset((401, 403))
 
 
 class UpstreamResponse:
@@ -101,7 +104,8 @@ class Upstream:
         """One upstream exchange read in full within SERVER_TIMEOUT_SECONDS.
 
         Timeouts become 504 and connection failures or unreadable responses 502, each with
-        the OpenAI envelope; upstream HTTP errors are returned as they came.
+        the OpenAI envelope; upstream HTTP errors are returned as they came, except 401 and 403
+        (see `_refused`).
         """
         assert self.session is not None
         started = time.perf_counter()
@@ -114,6 +118,9 @@ class Upstream:
                 allow_redirects=False,
                 timeout=self._call_timeout,
             ) as resp:
+                if resp.status in REFUSED:
+                    await _discard(resp)
+                    raise _refused(ctx, resp.status)
                 payload = await _read_bounded(resp)
                 return _response(resp, payload)
         except TimeoutError as exc:
@@ -150,6 +157,9 @@ class Upstream:
                 if resp.status == 200 and content_type.startswith("text/event-stream"):
                     return resp
                 try:
+                    if resp.status in REFUSED:
+                        await _discard(resp)
+                        raise _refused(ctx, resp.status)
                     return _response(resp, await _read_bounded(resp))
                 finally:
                     resp.release()
@@ -173,16 +183,23 @@ async def relay(
     receive: Callable[[], Awaitable[dict[str, Any]]] | None,
     on_chunk: Callable[[bytes], None] | None = None,
 ) -> AsyncIterator[bytes]:
-    """Yield the upstream's SSE bytes as they arrive; never buffer a whole stream.
+    """Yield the upstream's SSE events as they complete; never buffer a whole stream.
 
-    Backpressure: the next upstream read happens only after the previous chunk was handed to
+    Each upstream read is cut at its last event boundary (edge.upstream.sse): the whole events
+    it completed go out at once, as one block, byte for byte; an incomplete event waits for its
+    end, bounded by MAX_EVENT_BYTES. So a client only ever sees whole events, and events that
+    arrived in separate reads are never merged. `on_chunk` sees each block as it goes out.
+
+    Backpressure: the next upstream read happens only after the previous block was handed to
     the server, whose send waits while the client's socket is full. A client disconnect
     (watched through ASGI `receive`) closes the upstream response at once, so no orphaned
-    upstream work remains. An upstream failure mid-stream ends the stream with an SSE error
-    event instead of a hang.
+    upstream work remains. An upstream failure mid-stream (a broken connection, a stall, an
+    end or an oversized event mid-event) drops the incomplete event and ends the stream with
+    an SSE error event, on an event boundary, instead of a hang.
     """
     watcher = asyncio.ensure_future(_watch_disconnect(receive, resp)) if receive else None
     content = resp.content
+    splitter = EventSplitter()
     clock = time.perf_counter
     try:
         while True:
@@ -191,21 +208,39 @@ async def relay(
             ctx.upstream_s += clock() - started  # waiting on the upstream is not our overhead
             if not chunk:
                 break
+            events = splitter.feed(chunk)
+            if not events:
+                continue
+            block = events[0] if len(events) == 1 else b"".join(events)
             if on_chunk is not None:
-                on_chunk(chunk)
-            yield chunk
+                on_chunk(block)
+            yield block
+        if splitter.pending:
+            message = "The upstream's event stream ended in the middle of an event."
+            yield _stream_failed(ctx, "invalid", "ended mid-event", splitter.pending, message)
     except (aiohttp.ClientError, TimeoutError) as exc:
         _forget_traceback(exc)
         if watcher is None or not watcher.done():
-            ctx.upstream_error = kind = error_kind(exc)
-            log.warning(
-                "upstream stream failed", extra={"error_kind": kind, "error": type(exc).__name__}
-            )
-            yield _sse_error(kind)
+            yield _stream_failed(ctx, error_kind(exc), type(exc).__name__, splitter.pending)
+    except EventTooLarge:
+        message = f"The upstream sent an event larger than {splitter.max_event_bytes} bytes."
+        yield _stream_failed(ctx, "invalid", "EventTooLarge", splitter.pending, message)
     finally:
         if watcher is not None:
             watcher.cancel()
         resp.close()
+
+
+def _stream_failed(
+    ctx: RequestContext, kind: str, error: str, dropped: int, message: str | None = None
+) -> bytes:
+    """Record and log a stream that failed mid-way; the SSE error event that ends it."""
+    ctx.upstream_error = kind
+    log.warning(
+        "upstream stream failed",
+        extra={"error_kind": kind, "error": error, "dropped_bytes": dropped},
+    )
+    return _sse_error(kind, message)
 
 
 async def _watch_disconnect(
@@ -228,12 +263,13 @@ def _forget_traceback(exc: BaseException) -> None:
     exc.__traceback__ = None
 
 
-def _sse_error(kind: str) -> bytes:
-    message = (
-        "The upstream stopped responding mid-stream."
-        if kind == "timeout"
-        else "The upstream connection failed mid-stream."
-    )
+def _sse_error(kind: str, message: str | None = None) -> bytes:
+    if message is None:
+        message = (
+            "The upstream stopped responding mid-stream."
+            if kind == "timeout"
+            else "The upstream connection failed mid-stream."
+        )
     return b"data: " + envelope(message, UPSTREAM, None, f"upstream_{kind}") + b"\n\n"
 
 
@@ -257,6 +293,36 @@ def _response(resp: aiohttp.ClientResponse, payload: bytes) -> UpstreamResponse:
     )
 
 
+async def _discard(resp: aiohttp.ClientResponse) -> None:
+    """Read and drop a (bounded) body, so the connection can go back to the pool."""
+    size = 0
+    async for chunk in resp.content.iter_any():
+        size += len(chunk)
+        if size > MAX_RESPONSE_BYTES:
+            resp.close()
+            return
+
+
+def _refused(ctx: RequestContext, status: int) -> BadGateway:
+    """An upstream 401/403 means the gateway's upstream key is wrong or lacks a permission.
+
+    The client's own key was fine, so it gets 502, not the upstream's 401 (which an SDK turns
+    into an AuthenticationError about the client's key). The upstream's body is neither passed
+    on nor logged: providers quote part of the presented key in it.
+    """
+    ctx.upstream_status = status
+    ctx.upstream_error = "auth"
+    log.error(
+        "upstream refused the gateway's credentials (check UPSTREAM_API_KEY)",
+        extra={"error_kind": "auth", "upstream_status": status},
+    )
+    return BadGateway(
+        f"The upstream refused the gateway's credentials (HTTP {status}). "
+        "This is a gateway configuration problem, not a problem with your API key.",
+        code="upstream_auth_failed",
+    )
+
+
 def _timeout(ctx: RequestContext, seconds: float) -> GatewayTimeout:
     ctx.upstream_error = "timeout"
     log.warning("upstream timed out", extra={"error_kind": "timeout"})
@@ -264,7 +330,8 @@ def _timeout(ctx: RequestContext, seconds: float) -> GatewayTimeout:
 
 
 def error_kind(exc: BaseException) -> str:
-    """A bounded name for an upstream failure, for metrics and logs."""
+    """A bounded name for an upstream failure, for metrics and logs (besides these, `auth`:
+    the upstream refused the gateway's credentials)."""
     if isinstance(exc, TimeoutError):
         return "timeout"
     if isinstance(exc, aiohttp.ClientConnectorError):

@@ -2,6 +2,9 @@
 
 Same request, same text: the reply is derived from the request alone, so tests and first-time
 users see stable output. Token counts are whitespace-separated words: rough, but filled in.
+`n` gives n identical choices (1..128, else 400); offered `tools` get a tool call when
+`tool_choice` asks for one (see `_tool_choice`), with placeholder arguments for the required
+parameters.
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 import orjson
+
+from edge.errors import BadRequest
 
 MOCK_MODELS = ("mock-gpt", "gpt-4o-mini", "gpt-4o")
 _REPLY = "This is a mock response from llm-edge-proxy: no upstream is configured."
@@ -61,47 +66,196 @@ def models() -> bytes:
     )
 
 
+MAX_N = 128  # the most choices the mock makes (OpenAI's own bound)
+
+
+class _Plan:
+    """What the mock answers to one request: `n` choices, each the text or one tool call."""
+
+    __slots__ = ("arguments", "n", "prompt", "text", "tool")
+
+    def __init__(self, data: dict[str, Any], chat_api: bool) -> None:
+        self.prompt = _words(data.get("messages") if chat_api else data.get("prompt"))
+        self.n = _n(data.get("n"))
+        self.tool = _tool_choice(data) if chat_api else None
+        self.text = _reply(self.prompt)
+        self.arguments = _arguments(self.tool) if self.tool is not None else ""
+
+    @property
+    def name(self) -> str:
+        assert self.tool is not None
+        return self.tool["function"]["name"]
+
+    def words(self) -> list[str]:
+        return self.text.split(" ")
+
+    def completion_tokens(self) -> int:
+        """Per choice: the reply's words, or the call's name and argument words."""
+        each = 1 + len(self.arguments.split()) if self.tool is not None else len(self.words())
+        return self.n * each
+
+    def tool_call(self, request_id: str, index: int) -> dict[str, Any]:
+        return {
+            "id": f"call_{request_id}_{index}"[:40],
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments},
+        }
+
+
+def _n(value: Any) -> int:
+    if value is None:
+        return 1
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_N:
+        raise BadRequest(f"'n' must be an integer from 1 to {MAX_N}.", param="n")
+    return value
+
+
+def _tool_choice(data: dict[str, Any]) -> dict[str, Any] | None:
+    """The tool the mock calls, or None for a text reply.
+
+    `tool_choice` "required" calls the first offered tool, a named function calls that one
+    (which must be offered). "auto" (the default when tools are offered) calls the first
+    offered tool whose name appears in the last message, when that message is the user's;
+    otherwise, and with "none", the reply is text. So an agent loop ends: after the tool's
+    result, the mock answers in text.
+    """
+    tools = data.get("tools")
+    choice = data.get("tool_choice")
+    if tools is None:
+        if choice in (None, "none", "auto"):
+            return None
+        raise BadRequest(
+            "'tool_choice' is only allowed when 'tools' are given.", param="tool_choice"
+        )
+    if not isinstance(tools, list) or not tools or not all(_is_function_tool(t) for t in tools):
+        raise BadRequest(
+            '\'tools\' must be a non-empty list of {"type": "function", "function": '
+            '{"name": ...}} objects.',
+            param="tools",
+        )
+    if choice is None or choice == "auto":
+        messages = data.get("messages")
+        last = messages[-1] if isinstance(messages, list) and messages else None
+        if not isinstance(last, dict) or last.get("role") != "user":
+            return None
+        said = _text(last.get("content"))
+        return next((t for t in tools if t["function"]["name"] in said), None)
+    if choice == "none":
+        return None
+    if choice == "required":
+        return tools[0]
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        for tool in tools:
+            if tool["function"]["name"] == name:
+                return tool
+        raise BadRequest(
+            "'tool_choice' names a function that is not in 'tools'.", param="tool_choice"
+        )
+    raise BadRequest(
+        '\'tool_choice\' must be "none", "auto", "required" or a named function.',
+        param="tool_choice",
+    )
+
+
+def _is_function_tool(tool: Any) -> bool:
+    if not isinstance(tool, dict) or tool.get("type") != "function":
+        return False
+    function = tool.get("function")
+    return isinstance(function, dict) and isinstance(function.get("name"), str)
+
+
+def _text(content: Any) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return " ".join(
+            p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)
+        )
+    return ""
+
+
+_PLACEHOLDERS: dict[str, Any] = {
+    "string": "mock",
+    "integer": 0,
+    "number": 0,
+    "boolean": False,
+    "array": [],
+    "object": {},
+}
+
+
+def _arguments(tool: dict[str, Any]) -> str:
+    """JSON arguments with a placeholder for each required top-level parameter, by its type."""
+    schema = tool["function"].get("parameters")
+    args: dict[str, Any] = {}
+    if isinstance(schema, dict):
+        properties = schema.get("properties")
+        properties = properties if isinstance(properties, dict) else {}
+        required = schema.get("required")
+        for name in required if isinstance(required, list) else []:
+            if not isinstance(name, str):
+                continue
+            prop = properties.get(name)
+            kind = prop.get("type") if isinstance(prop, dict) else None
+            enum = prop.get("enum") if isinstance(prop, dict) else None
+            if isinstance(enum, list) and enum:
+                args[name] = enum[0]
+            else:
+                args[name] = _PLACEHOLDERS.get(kind, "mock") if isinstance(kind, str) else "mock"
+    return orjson.dumps(args).decode()
+
+
 def chat(data: dict[str, Any], model: str, request_id: str) -> tuple[bytes, int, int]:
     """(body, prompt_tokens, completion_tokens) of a chat.completion."""
-    prompt = _words(data.get("messages"))
-    text = _reply(prompt)
-    completion = len(text.split())
+    plan = _Plan(data, chat_api=True)
+    choices = []
+    for index in range(plan.n):
+        if plan.tool is not None:
+            message: dict[str, Any] = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [plan.tool_call(request_id, index)],
+            }
+            finish = "tool_calls"
+        else:
+            message, finish = {"role": "assistant", "content": plan.text}, "stop"
+        choices.append(
+            {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+        )
+    completion_tokens = plan.completion_tokens()
     body = orjson.dumps(
         {
             "id": f"chatcmpl-{request_id}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [
-                {
-                    "index": 0,
-                    "message": {"role": "assistant", "content": text},
-                    "logprobs": None,
-                    "finish_reason": "stop",
-                }
-            ],
-            "usage": _usage(prompt, completion),
+            "choices": choices,
+            "usage": _usage(plan.prompt, completion_tokens),
         }
     )
-    return body, prompt, completion
+    return body, plan.prompt, completion_tokens
 
 
 def completion(data: dict[str, Any], model: str, request_id: str) -> tuple[bytes, int, int]:
     """(body, prompt_tokens, completion_tokens) of a text_completion."""
-    prompt = _words(data.get("prompt"))
-    text = _reply(prompt)
-    completion_tokens = len(text.split())
+    plan = _Plan(data, chat_api=False)
+    completion_tokens = plan.completion_tokens()
     body = orjson.dumps(
         {
             "id": f"cmpl-{request_id}",
             "object": "text_completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": "stop"}],
-            "usage": _usage(prompt, completion_tokens),
+            "choices": [
+                {"index": index, "text": plan.text, "logprobs": None, "finish_reason": "stop"}
+                for index in range(plan.n)
+            ],
+            "usage": _usage(plan.prompt, completion_tokens),
         }
     )
-    return body, prompt, completion_tokens
+    return body, plan.prompt, completion_tokens
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -111,12 +265,13 @@ def _sse(payload: dict[str, Any]) -> bytes:
 async def stream(
     data: dict[str, Any], model: str, request_id: str, chat_api: bool
 ) -> AsyncIterator[bytes]:
-    """SSE events: one chunk per word, a final chunk with finish_reason, then [DONE].
+    """SSE events: per word, one chunk for each of the `n` choices; a final chunk per choice
+    with its finish_reason; then [DONE]. A tool call streams as OpenAI's do: its id and name,
+    then its arguments, then finish_reason "tool_calls".
 
     `stream_options.include_usage` adds the usage chunk, as OpenAI does.
     """
-    prompt = _words(data.get("messages") if chat_api else data.get("prompt"))
-    words = _reply(prompt).split(" ")
+    plan = _Plan(data, chat_api)
     created = int(time.time())
     if chat_api:
         base = {
@@ -133,26 +288,57 @@ async def stream(
             "model": model,
         }
 
-    def chunk(piece: str | None, finish: str | None, first: bool = False) -> dict[str, Any]:
+    def chunk(
+        index: int, piece: str | None, finish: str | None, first: bool = False
+    ) -> dict[str, Any]:
         if chat_api:
             delta: dict[str, Any] = {"role": "assistant"} if first else {}
             if piece is not None:
                 delta["content"] = piece
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
         else:
-            choice = {"index": 0, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            choice = {
+                "index": index, "text": piece or "", "logprobs": None, "finish_reason": finish
+            }  # fmt: skip
         return {**base, "choices": [choice]}
 
-    for index, word in enumerate(words):
-        yield _sse(chunk(word if index == 0 else " " + word, None, first=index == 0))
-    yield _sse(chunk(None, "stop"))
+    def call_chunk(index: int, first: bool) -> dict[str, Any]:
+        call = plan.tool_call(request_id, index)
+        if first:
+            delta = {
+                "role": "assistant",
+                "content": None,
+                "tool_calls": [
+                    {**call, "index": 0, "function": {**call["function"], "arguments": ""}}
+                ],
+            }
+        else:
+            delta = {"tool_calls": [{"index": 0, "function": {"arguments": plan.arguments}}]}
+        choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": None}
+        return {**base, "choices": [choice]}
+
+    if plan.tool is not None:
+        for first in (True, False):
+            for index in range(plan.n):
+                yield _sse(call_chunk(index, first))
+        finish = "tool_calls"
+    else:
+        for position, word in enumerate(plan.words()):
+            piece = word if position == 0 else " " + word
+            for index in range(plan.n):
+                yield _sse(chunk(index, piece, None, first=position == 0))
+        finish = "stop"
+    for index in range(plan.n):
+        yield _sse(chunk(index, None, finish))
     options = data.get("stream_options")
     if isinstance(options, dict) and options.get("include_usage") is True:
-        yield _sse({**base, "choices": [], "usage": _usage(prompt, len(words))})
+        usage = _usage(plan.prompt, plan.completion_tokens())
+        yield _sse({**base, "choices": [], "usage": usage})
     yield b"data: [DONE]\n\n"
 
 
 def stream_usage(data: dict[str, Any], chat_api: bool) -> tuple[int, int]:
-    """The token counts `stream` reports, for metrics and the access log."""
-    prompt = _words(data.get("messages") if chat_api else data.get("prompt"))
-    return prompt, len(_reply(prompt).split(" "))
+    """The token counts `stream` reports, for metrics and the access log. Raises BadRequest
+    for what the mock cannot answer (so before the stream starts)."""
+    plan = _Plan(data, chat_api)
+    return plan.prompt, plan.completion_tokens()

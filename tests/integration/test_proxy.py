@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
+import json
 import socket
 import subprocess
 import time
@@ -18,8 +20,11 @@ from support import (
     assert_envelope,
     base_env,
     free_port,
+    raw_exchange,
     sdk_client,
+    wait_until,
 )
+from upstream_server import CANARY
 
 CLIENT_KEY = "sk-client-key-for-tests"
 UPSTREAM_KEY = "sk-upstream-secret-for-tests"
@@ -181,6 +186,28 @@ def test_unsafe_request_id_is_replaced(proxy):
     assert rid != "" and " " not in rid and len(rid) <= 128
 
 
+@pytest.mark.parametrize("bad", [b"\x7f", b"\t", b"\x01", b"\x1b[31m", "\u00e9".encode()])
+def test_tracestate_with_control_characters_is_not_forwarded(proxy, upstream, bad):
+    request_id = f"tracestate-{bad.hex()}"
+    body = b'{"model": "gpt-test", "messages": [{"role": "user", "content": "hi"}]}'
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+        b"Authorization: Bearer " + CLIENT_KEY.encode() + b"\r\n"
+        b"Content-Type: application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n"
+        b"x-request-id: " + request_id.encode() + b"\r\n"
+        b"traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
+        b"tracestate: congo=a" + bad + b"b\r\n\r\n"
+    )
+    answer = raw_exchange(proxy.port, head + body)
+    status = int(answer.split(b" ", 2)[1])
+    if status == 400:
+        return  # the HTTP parser refused it: nothing reached the upstream either
+    assert status == 200, answer[:300]
+    headers = upstream.seen(request_id)["headers"]
+    assert "traceparent" in headers
+    assert "tracestate" not in headers, headers["tracestate"]
+
+
 def test_upstream_error_keeps_status_body_and_retry_after(proxy):
     response = post(proxy, "/v1/chat/completions", json={"model": "error-429", "messages": CHAT})
     error = assert_envelope(response, 429, "rate_limit_exceeded")
@@ -200,6 +227,53 @@ def test_upstream_garbage_is_502(proxy):
     for model in ("garbage", "garbage-http"):
         response = post(proxy, "/v1/chat/completions", json={"model": model, "messages": CHAT})
         assert_envelope(response, 502, "bad_gateway")
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+@pytest.mark.parametrize("status", [401, 403])
+def test_upstream_refusing_the_gateways_key_is_502_without_its_body(proxy, status, stream):
+    # Before: the upstream's 401/403 and its body (quoting part of the upstream key) went to
+    # the client, whose SDK raised AuthenticationError about its own, valid key.
+    model = f"error-{status}"
+    with pytest.raises(openai.APIStatusError) as raised:
+        if stream:
+            with sdk(proxy).chat.completions.create(model=model, messages=CHAT, stream=True) as s:
+                list(s)
+        else:
+            sdk(proxy).chat.completions.create(model=model, messages=CHAT)
+    error = raised.value
+    assert error.status_code == 502
+    assert not isinstance(error, openai.AuthenticationError | openai.PermissionDeniedError)
+    assert error.code == "upstream_auth_failed"
+    assert "credentials" in error.message
+
+    response = post(proxy, "/v1/chat/completions",
+                    json={"model": model, "messages": CHAT, "stream": stream})  # fmt: skip
+    body = assert_envelope(response, 502, "upstream_auth_failed", type_="upstream_error")
+    for secret in (CANARY, UPSTREAM_KEY[-8:], "Incorrect API key"):
+        assert secret not in response.text
+        assert secret not in str(body)
+    request_id = response.headers["x-request-id"]
+
+    def logged() -> list[dict]:
+        return [line for line in log_records(proxy) if line.get("request_id") == request_id]
+
+    records = wait_until(lambda: [r for r in logged() if r.get("status") == 502])
+    assert records[0]["upstream_status"] == status
+    assert any(r.get("error_kind") == "auth" and r.get("upstream_status") == status
+               for r in logged())  # fmt: skip
+    output = proxy.output()
+    assert CANARY not in output
+    assert UPSTREAM_KEY[-8:] not in output
+
+
+def log_records(server: Gunicorn) -> list[dict]:
+    records = []
+    for line in server.output().splitlines():
+        if line.startswith("{"):
+            with contextlib.suppress(ValueError):
+                records.append(json.loads(line))
+    return records
 
 
 def test_slow_upstream_is_504(proxy):

@@ -9,6 +9,7 @@ request; and a bounded mixed run leaves worker memory and descriptors where they
 from __future__ import annotations
 
 import importlib.util
+import json
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -18,6 +19,8 @@ import httpx
 import openai
 import pytest
 from support import ROOT, Gunicorn, Upstream, assert_envelope, wait_until
+
+from edge.upstream.sse import MAX_EVENT_BYTES
 
 KEY = "sk-upstream-faults-key"
 TIMEOUT = 2.0  # SERVER_TIMEOUT_SECONDS
@@ -122,6 +125,48 @@ def test_reset_mid_stream_raw_text_names_the_upstream_failure(proxy):
     assert len(events) == 3  # two chunks, then the error event; no [DONE] after a failure
     assert '"code":"upstream_' in events[-1]
     assert time.monotonic() - started < TIMEOUT + SLACK
+
+
+@pytest.mark.parametrize("model", ["cut-mid-event", "end-mid-event"])
+def test_a_stream_broken_mid_event_is_an_api_error_for_the_sdk(proxy, model):
+    # Before: the half event went out, the error event was appended to its line, and the SDK
+    # raised JSONDecodeError (which pytest.raises(openai.APIError) does not catch).
+    contents, error, _ = stream_until_error(proxy, model)
+    assert contents == ["c0 ", "c1 "]
+    assert isinstance(error.body, dict)
+    assert error.body["type"] == "upstream_error"
+    assert error.body["code"].startswith("upstream_")
+
+
+@pytest.mark.parametrize("model", ["cut-mid-event", "end-mid-event"])
+def test_a_stream_broken_mid_event_carries_whole_events_only(proxy, model):
+    response = post(proxy, model, stream=True)
+    assert response.status_code == 200
+    text = response.text
+    assert text.endswith("\n\n")
+    events = text.split("\n\n")[:-1]
+    assert len(events) == 3, text  # two chunks, the error event; the half event dropped
+    for event in events:
+        assert event.startswith("data: ") and "\n" not in event, event
+        assert isinstance(json.loads(event[len("data: ") :]), dict)
+    assert json.loads(events[-1][len("data: ") :])["error"]["code"].startswith("upstream_")
+
+
+def test_an_event_past_the_bound_ends_the_stream_with_an_error_event(proxy):
+    # The incomplete event waiting for its end is bounded (MAX_EVENT_BYTES, 4 MiB): a 5 MiB
+    # one is an upstream error, not 5 MiB of buffer per stream.
+    assert MAX_EVENT_BYTES < 5 * 1024 * 1024
+    contents, error, _ = stream_until_error(proxy, "huge-event")
+    assert contents == ["c0 "]
+    assert error.body["code"] == "upstream_invalid"
+
+
+def test_events_written_in_pieces_reach_the_sdk_whole(proxy):
+    with sdk(proxy) as client:
+        stream = client.chat.completions.create(model="split-events", messages=CHAT, stream=True)
+        with stream:
+            contents = [c.choices[0].delta.content for c in stream if c.choices]
+    assert contents == [f"c{i} " for i in range(5)]
 
 
 def test_stall_mid_stream_ends_with_an_error_event_at_the_deadline(proxy):

@@ -1,0 +1,121 @@
+"""edge.upstream.client.relay in-process, over a scripted upstream response: what the client
+gets per upstream read, and how a stream broken mid-event ends."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+import aiohttp
+import pytest
+
+from edge.observability.context import RequestContext
+from edge.upstream import client as client_module
+from edge.upstream.client import relay
+from edge.upstream.sse import EventSplitter
+
+
+class ScriptedContent:
+    """resp.content: hands out the scripted reads one by one, then an exception or EOF."""
+
+    def __init__(self, reads: list[bytes], fail: BaseException | None) -> None:
+        self._reads = list(reads)
+        self._fail = fail
+        self.read_count = 0
+
+    async def readany(self) -> bytes:
+        self.read_count += 1
+        if self._reads:
+            return self._reads.pop(0)
+        if self._fail is not None:
+            raise self._fail
+        return b""
+
+    def set_exception(self, exc: BaseException) -> None:
+        self._fail = exc
+
+
+class ScriptedResponse:
+    def __init__(self, reads: list[bytes], fail: BaseException | None = None) -> None:
+        self.content = ScriptedContent(reads, fail)
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def collect(reads: list[bytes], fail: BaseException | None = None):
+    resp = ScriptedResponse(reads, fail)
+    ctx = RequestContext("rid", None)
+    seen: list[bytes] = []
+
+    async def run() -> list[bytes]:
+        return [block async for block in relay(resp, ctx, None, seen.append)]  # type: ignore[arg-type]
+
+    blocks = asyncio.run(run())
+    assert resp.closed
+    # on_chunk sees exactly the upstream's events that go out (not our closing error event)
+    assert blocks[: len(seen)] == seen and len(blocks) - len(seen) <= 1
+    return blocks, ctx
+
+
+def event(n: int) -> bytes:
+    return b'data: {"n": %d}\n\n' % n
+
+
+def test_events_from_separate_reads_go_out_separately():
+    blocks, ctx = collect([event(0), event(1), event(2) + b"data: [DONE]\n\n"])
+    assert blocks == [event(0), event(1), event(2) + b"data: [DONE]\n\n"]
+    assert ctx.upstream_error is None
+
+
+def test_an_event_split_over_reads_goes_out_whole_when_complete():
+    whole = event(1)
+    blocks, _ = collect([event(0) + whole[:4], whole[4:9], whole[9:-1], whole[-1:]])
+    assert blocks == [event(0), whole]
+
+
+def error_of(block: bytes) -> dict:
+    assert block.startswith(b"data: ") and block.endswith(b"\n\n")
+    return json.loads(block[6:-2])["error"]
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [aiohttp.ClientPayloadError("cut"), aiohttp.ServerDisconnectedError(), TimeoutError(), None],
+    ids=["payload", "disconnect", "timeout", "clean-eof"],
+)
+def test_a_break_mid_event_drops_the_tail_and_ends_on_a_boundary(fail):
+    half = b'data: {"half": tr'  # the upstream broke here
+    blocks, ctx = collect([event(0), event(1) + half], fail)
+    assert blocks[:2] == [event(0), event(1)]
+    assert len(blocks) == 3
+    assert b'"half"' not in b"".join(blocks)
+    error = error_of(blocks[2])
+    assert error["type"] == "upstream_error"
+    assert error["code"] == f"upstream_{ctx.upstream_error}"
+    assert ctx.upstream_error is not None
+
+
+def test_an_oversized_event_is_an_upstream_error(monkeypatch):
+    monkeypatch.setattr(client_module, "EventSplitter", lambda: EventSplitter(100))
+    blocks, ctx = collect([event(0), b"data: " + b"x" * 80, b"x" * 80, event(9)])
+    assert blocks[0] == event(0)
+    assert error_of(blocks[1])["code"] == "upstream_invalid"
+    assert len(blocks) == 2 and ctx.upstream_error == "invalid"
+
+
+def test_backpressure_no_read_ahead_of_the_consumer():
+    resp = ScriptedResponse([event(i) for i in range(5)])
+    ctx = RequestContext("rid", None)
+
+    async def run() -> None:
+        stream = relay(resp, ctx, None)  # type: ignore[arg-type]
+        assert await anext(stream) == event(0)
+        assert resp.content.read_count == 1  # nothing read beyond what was handed on
+        assert await anext(stream) == event(1)
+        assert resp.content.read_count == 2
+        await stream.aclose()
+
+    asyncio.run(run())
+    assert resp.closed
