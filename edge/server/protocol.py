@@ -429,13 +429,12 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             or (cycle is not None and cycle.more_body)
         )
 
-    @staticmethod
-    async def _linger(transport: asyncio.Transport, done: asyncio.Event) -> None:
+    async def _linger(self, transport: asyncio.Transport, done: asyncio.Event) -> None:
+        deadline = self.loop.call_later(LINGER_SECONDS, done.set)
         try:
-            await asyncio.wait_for(done.wait(), LINGER_SECONDS)
-        except TimeoutError:
-            pass
+            await done.wait()
         finally:
+            deadline.cancel()
             transport.close()
 
 
