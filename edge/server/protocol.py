@@ -165,24 +165,29 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except _Refuse as refusal:
-            self._refuse(refusal.status, refusal.message)
-            return
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, _Refuse):
-                self._refuse(cause.status, cause.message)
-            else:
+        while True:  # a loop, not recursion: a read may hold many pipelined upgrade requests
+            try:
+                self.parser.feed_data(data)
+            except _Refuse as refusal:
+                self._refuse(refusal.status, refusal.message)
+                return
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, _Refuse):
+                    self._refuse(cause.status, cause.message)
+                else:
+                    self._refuse(400, "Invalid HTTP request received.")
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                head = self._restart_without_upgrade()
+                if head is None:
+                    return
+                data = head + data[upgrade.args[0] :]
+                continue
+            except httptools.HttpParserError:
                 self._refuse(400, "Invalid HTTP request received.")
-            return
-        except httptools.HttpParserUpgrade as upgrade:
-            self._reparse_without_upgrade(data[upgrade.args[0] :])
-            return
-        except httptools.HttpParserError:
-            self._refuse(400, "Invalid HTTP request received.")
-            return
+                return
+            break
         if self._head_started:
             # Counted per read, after parsing: a read that completes a head is not counted,
             # so a body in the same read never is. (A read holding the end of one pipelined
@@ -206,19 +211,20 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             return True  # _linger closes the transport
         return super().eof_received()
 
-    def _reparse_without_upgrade(self, rest: bytes) -> None:
-        """llhttp stops at a request asking for an upgrade (and would have skipped its body):
-        parse it again, without `Upgrade`, with a fresh parser, followed by the bytes that came
-        after its head (its body and any pipelined requests). See on_headers_complete."""
+    def _restart_without_upgrade(self) -> bytes | None:
+        """llhttp stops at a request asking for an upgrade (and has skipped its body): a fresh
+        parser, and the head to feed it again without `Upgrade`, followed by the bytes that came
+        after it (its body and any pipelined requests). See on_headers_complete. None when
+        refused instead."""
         head = self._upgrade_head
         self._upgrade_head = None
         if head is None:  # CONNECT, or a head whose upgrade could not be undone
             self._refuse(400, "Protocol upgrades and CONNECT are not supported.")
-            return
+            return None
         self.parser = httptools.HttpRequestParser(self)
         with contextlib.suppress(AttributeError):  # as uvicorn configures its parser
             self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        self.data_received(head + rest)
+        return head
 
     # -------------------------------------------------------------- parser callbacks
 
@@ -250,7 +256,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         if self.parser.should_upgrade():
             # Served as if it had not asked (RFC 9110 7.8): no cycle for this parse; the head
-            # is parsed again by _reparse_without_upgrade once llhttp stops after it.
+            # is parsed again by _restart_without_upgrade once llhttp stops after it.
             self._upgrade_head = self._head_without_upgrade()
             return
         self._head_started = False

@@ -379,6 +379,21 @@ def test_h2c_upgrade_request_is_served_with_its_body_and_the_connection_goes_on(
     run(test)
 
 
+def test_many_pipelined_upgrade_requests_in_one_read_are_all_served():
+    async def test() -> None:
+        app = App()
+        conn = Connection(app)
+        count = 1500  # deeper than the recursion limit, were each one parsed recursively
+        await conn.send((b"GET /health HTTP/1.1\r\nHost: t\r\n" + H2C + b"\r\n") * count)
+        for _ in range(count):
+            if len(app.bodies) == count:
+                break
+            await settle()
+        assert status_lines(conn.transport.take()) == [200] * count
+
+    run(test)
+
+
 def test_h2c_upgrade_with_the_body_in_later_reads():
     async def test() -> None:
         app = App()
