@@ -15,11 +15,13 @@ import gzip
 import json
 import re
 import select
+import shutil
 import socket
 import subprocess
 import time
 import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
@@ -702,6 +704,7 @@ def test_h2c_upgrade_oversized_post_is_still_413(edge):
     assert_refused(response, closed, 413)
 
 
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_http2_on_plain_http_posts_its_body(edge):
     result = subprocess.run(
         ["curl", "--http2", "-sS", "-v", "-i", "--max-time", "10",
@@ -714,6 +717,21 @@ def test_curl_http2_on_plain_http_posts_its_body(edge):
     assert result.stdout.startswith("HTTP/1.1 200"), result.stdout[:300]
     payload = result.stdout.partition("\n\n")[2]  # text mode reads CRLF as LF
     assert json.loads(payload)["object"] == "chat.completion"
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
+def test_jdk_http_client_on_plain_http_posts_its_body(edge):
+    """java.net.http.HttpClient prefers HTTP/2 and asks for h2c on a POST with its body."""
+    client = Path(__file__).parent / "clients" / "H2cPost.java"
+    url = edge.url + "/v1/chat/completions"
+    result = subprocess.run(
+        ["java", str(client), url, KEY, CHAT.decode()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    version_status, _, body = result.stdout.partition("\n")
+    assert version_status == "HTTP_1_1 200", result.stdout[:300]
+    assert json.loads(body)["object"] == "chat.completion"
 
 
 def http10(body: bytes) -> bytes:
