@@ -179,8 +179,12 @@ async def stream(scope: Any, receive: Any, send: Any) -> None:
     await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
 
 
+OPENED: list[Connection] = []
+
+
 class Connection:
     def __init__(self, app: Any, state: ServerState | None = None) -> None:
+        OPENED.append(self)
         self.loop = MockLoop()
         self.transport = MockTransport()
         self.state = state or ServerState()
@@ -209,7 +213,17 @@ class Connection:
 
 
 def run(test: Callable[[], Awaitable[None]]) -> None:
-    asyncio.run(test())
+    async def main() -> None:
+        try:
+            await test()
+        finally:
+            for conn in OPENED:  # end lingers and app tasks before the loop goes
+                if not conn.protocol._lost:
+                    conn.protocol.connection_lost(None)
+            OPENED.clear()
+            await settle()
+
+    asyncio.run(main())
 
 
 def status_lines(data: bytes) -> list[int]:
@@ -390,6 +404,28 @@ def test_many_pipelined_upgrade_requests_in_one_read_are_all_served():
                 break
             await settle()
         assert status_lines(conn.transport.take()) == [200] * count
+
+    run(test)
+
+
+SMUGGLED = b"GET /health/live HTTP/1.1\r\nHost: t\r\n\r\n"
+UPGRADE_SMUGGLING = {
+    "cl-and-te": b"Content-Length: 4\r\n" + CHUNKED + b"\r\n0\r\n\r\n",
+    "te-cl-second-request": CHUNKED + b"Content-Length: 3\r\n\r\n8\r\nSMUGGLED\r\n0\r\n\r\n"
+    + SMUGGLED,
+    "cl-duplicate-different": b"Content-Length: 13\r\nContent-Length: 5\r\n\r\n" + CHAT,
+    "te-xchunked": b"Transfer-Encoding: xchunked\r\n\r\n0\r\n\r\n",
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("rest", list(UPGRADE_SMUGGLING.values()), ids=list(UPGRADE_SMUGGLING))
+def test_the_upgrade_reparse_keeps_the_parser_strict(rest):
+    async def test() -> None:
+        app = App()
+        conn = Connection(app)
+        await conn.send(b"POST / HTTP/1.1\r\nHost: t\r\n" + H2C + rest)
+        assert status_lines(conn.transport.take()) == [400]
+        assert app.bodies == []
 
     run(test)
 
