@@ -1,11 +1,13 @@
 """Read a request body within the size limit, and validate it just enough to proxy safely.
 
-The body is forwarded upstream byte for byte; parsing it here only checks its shape and learns
-the model and whether the client asked for a stream.
+The body is forwarded upstream byte for byte (decoded first if the client compressed it with
+gzip or deflate); parsing it here only checks its shape and learns the model and whether the
+client asked for a stream.
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any
 
 import orjson
@@ -17,12 +19,20 @@ MAX_MESSAGES = 100_000
 
 
 async def read_body(req: Any, limit: int) -> bytes:
-    """The whole body, refusing with 413 as soon as it is known to exceed `limit` bytes.
+    """The whole body, decoded, refusing with 413 as soon as it is known to exceed `limit` bytes.
 
     A declared Content-Length over the limit is refused before any of the body is read; a
     chunked body is read piece by piece and refused at the first byte past the limit, so no
-    more than `limit` bytes are ever buffered.
+    more than `limit` bytes are ever buffered. A body with a Content-Encoding is refused with
+    415 before it is read unless the coding is gzip or deflate; such a body is then held to
+    `limit` both as sent and as decoded (see `decode`).
     """
+    coding = content_coding(req.get_header("content-encoding"))
+    body = await _read_raw(req, limit)
+    return decode(body, coding, limit) if coding else body
+
+
+async def _read_raw(req: Any, limit: int) -> bytes:
     length = req.content_length
     if length is not None:
         if length > limit:
@@ -42,6 +52,84 @@ def _too_large(limit: int) -> PayloadTooLarge:
     return PayloadTooLarge(
         f"Request body exceeds the limit of {limit} bytes.", headers={"connection": "close"}
     )
+
+
+_STEP = 256 * 1024  # most decoded bytes produced per decompression step
+
+
+_WBITS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS, "deflate": zlib.MAX_WBITS}
+
+
+def content_coding(header: str | None) -> str | None:
+    """The one content coding to undo (`gzip`, `x-gzip`, `deflate`), None for none/`identity`,
+    or 415 naming what is not supported (another coding, or more than one)."""
+    if header is None:
+        return None
+    codings = [c.strip().lower() for c in header.split(",")]
+    codings = [c for c in codings if c and c != "identity"]
+    if not codings:
+        return None
+    if len(codings) == 1 and codings[0] in _WBITS:
+        return codings[0]
+    shown = ", ".join(codings)[:64]
+    raise UnsupportedMediaType(
+        f"Content-Encoding '{shown}' is not supported; send the body uncompressed, or "
+        "compressed once with gzip or deflate.",
+        param="content-encoding",
+    )
+
+
+def decode(data: bytes, coding: str, limit: int) -> bytes:
+    """`data` decoded from `coding`, refused with 413 at the first decoded byte past `limit`.
+
+    Decompression is incremental with a bound on each step's output (zlib's `max_length`), so
+    a small body that inflates to gigabytes (a "zip bomb") costs at most `limit` bytes of memory
+    before it is refused. Corrupt or truncated data is 400 naming the coding. `deflate` is
+    the zlib format (RFC 9110 8.4.1.2); a raw deflate stream, which some clients send, is
+    accepted too. Concatenated gzip members are decoded one after the other.
+    """
+    wbits = _WBITS[coding]
+    if coding == "deflate" and not _zlib_header(data):
+        wbits = -zlib.MAX_WBITS
+    out: list[bytes] = []
+    size = 0
+    pending = data
+    try:
+        while True:
+            inflater = zlib.decompressobj(wbits)
+            while True:
+                room = min(limit + 1 - size, _STEP)
+                chunk = inflater.decompress(pending, room)
+                size += len(chunk)
+                if size > limit:
+                    raise PayloadTooLarge(
+                        f"Request body exceeds the limit of {limit} bytes once decoded ({coding})."
+                    )
+                out.append(chunk)
+                pending = inflater.unconsumed_tail
+                if inflater.eof or (not pending and len(chunk) < room):
+                    break  # less than `room` came out, so all the input went in and out
+            if not inflater.eof:
+                raise BadRequest(
+                    f"The request body is truncated {coding} data.", param="content-encoding"
+                )
+            pending = inflater.unused_data
+            if not pending or wbits != _WBITS["gzip"]:
+                break
+    except zlib.error:
+        raise BadRequest(
+            f"The request body is not valid {coding} data.", param="content-encoding"
+        ) from None
+    if pending:
+        raise BadRequest(
+            f"The request body has data after the end of its {coding} stream.",
+            param="content-encoding",
+        )
+    return b"".join(out)
+
+
+def _zlib_header(data: bytes) -> bool:
+    return len(data) >= 2 and data[0] & 0x0F == 8 and (data[0] << 8 | data[1]) % 31 == 0
 
 
 def check_content_type(content_type: str | None) -> None:

@@ -184,6 +184,8 @@ class Models:
         result = await _unless_client_leaves(req, upstream.call("GET", "/models", None, ctx))
         _send_upstream(resp, ctx, result)
 
+    on_head = on_get  # Falcon sends the head (with the GET's Content-Length) and no body
+
 
 class Health:
     """GET /health (overall), /health/live (the process answers), /health/ready (can serve)."""
@@ -205,6 +207,11 @@ class Health:
         resp.data = _READY
         resp.content_type = JSON
 
+    # HEAD answers as GET without a body (monitors use it): Falcon drops the body.
+    on_head = on_get
+    on_head_live = on_get_live
+    on_head_ready = on_get_ready
+
     def _ready_or_503(self) -> None:
         if not self._runtime.ready:
             raise ServiceUnavailable("Not ready: the upstream session is not open.")
@@ -217,9 +224,13 @@ class MetricsResource:
     async def on_get(self, req: Any, resp: Any) -> None:
         resp.data, resp.content_type = self._metrics.render()
 
+    on_head = on_get
+
 
 class SwitchedOff:
     """A route turned off by configuration (/metrics with ENABLE_METRICS=false): 404 for GET."""
 
     async def on_get(self, req: Any, resp: Any) -> None:
         raise falcon.HTTPRouteNotFound()
+
+    on_head = on_get

@@ -19,6 +19,21 @@ of headers, and has no deadline for a client to finish sending its head or its b
   under a client that may be sending on them: each one may carry one more request, answered
   with `Connection: close`; otherwise it closes at its keep-alive deadline as usual.
 
+HTTP behaviour real clients rely on:
+
+- a request asking for a protocol upgrade we do not speak (`Upgrade: h2c` from `curl --http2`
+  and the JDK's HttpClient on plain http; a WebSocket handshake, as no WebSocket protocol is
+  configured) is served over HTTP/1.1 with its body, as RFC 9110 7.8 allows: llhttp would skip
+  the body of such a request and stop parsing after it, so the head is parsed again without its
+  `Upgrade` by a fresh parser, which then reads the body and the requests after it as usual;
+- an HTTP/1.0 client gets a response of unknown length close-delimited (no chunked coding,
+  which HTTP/1.0 lacks, `Connection: close`, the connection closed after the body);
+- an early answer (413, 431, …) closed while the client is still sending is closed the way
+  nginx's `lingering_close` does: the response is flushed, the write side half-closed, and
+  what the client still sends is read and discarded for at most `LINGER_SECONDS` and
+  `LINGER_MAX_BYTES`, so a client that writes its whole body before it reads gets the answer
+  instead of a TCP reset. A lingering connection counts against `max_concurrency`.
+
 Parse errors (smuggling shapes such as Content-Length with Transfer-Encoding, duplicate
 Content-Length, bare LF, obs-fold, NUL in a header) are refused by llhttp in strict mode: 400
 and the connection closed, so no second response can follow on the socket.
@@ -27,12 +42,13 @@ and the connection closed, so no second response can follow on the socket.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http
 from dataclasses import dataclass
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from edge.config import Config
 from edge.endpoints.routes import HEALTH, kind_of_target
@@ -42,6 +58,12 @@ from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, new_re
 _OVERLOADED_BODY = envelope(
     "The server is at its concurrency limit; retry shortly.", OVERLOADED, None, "overloaded"
 )
+
+
+LINGER_SECONDS = 5.0
+"""Longest a connection closed under a client still sending is drained (nginx: lingering_time)."""
+LINGER_MAX_BYTES = 16 * 1024 * 1024
+"""Most bytes read and discarded from such a client before the connection is closed anyway."""
 
 
 @dataclass(frozen=True)
@@ -106,15 +128,25 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._body_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._draining = False
+        self._upgrade_head: bytes | None = None  # a head to parse again without its Upgrade
+        self._lingering: asyncio.Event | None = None  # set when the linger ends
+        self._linger_bytes = 0
+        self._linger_allowed = True
+        self._stopped_mid_request = False  # a refusal left a request partly read
+        self._lost = False
 
     # -------------------------------------------------------------- connection events
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
+        # Every close, ours and uvicorn's, goes through _close(): see _LingeringTransport.
+        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
         self._arm_head_timer()  # the first request must arrive in time too
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
         self._cancel_timers()
+        if self._lingering is not None:
+            self._lingering.set()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
             # A handler waiting on the upstream for this request has nobody left to answer:
@@ -126,27 +158,37 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering is not None:
+            self._linger_bytes += len(data)
+            if self._linger_bytes > LINGER_MAX_BYTES:
+                self._lingering.set()
+            return
         if self._refused:
             return
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except _Refuse as refusal:
-            self._refuse(refusal.status, refusal.message)
-            return
-        except httptools.HttpParserCallbackError as exc:
-            cause = exc.__cause__ or exc.__context__
-            if isinstance(cause, _Refuse):
-                self._refuse(cause.status, cause.message)
-            else:
+        while True:  # a loop, not recursion: a read may hold many pipelined upgrade requests
+            try:
+                self.parser.feed_data(data)
+            except _Refuse as refusal:
+                self._refuse(refusal.status, refusal.message)
+                return
+            except httptools.HttpParserCallbackError as exc:
+                cause = exc.__cause__ or exc.__context__
+                if isinstance(cause, _Refuse):
+                    self._refuse(cause.status, cause.message)
+                else:
+                    self._refuse(400, "Invalid HTTP request received.")
+                return
+            except httptools.HttpParserUpgrade as upgrade:
+                head = self._restart_without_upgrade()
+                if head is None:
+                    return
+                data = head + data[upgrade.args[0] :]
+                continue
+            except httptools.HttpParserError:
                 self._refuse(400, "Invalid HTTP request received.")
-            return
-        except httptools.HttpParserUpgrade:
-            self._ignore_upgrade()
-            return
-        except httptools.HttpParserError:
-            self._refuse(400, "Invalid HTTP request received.")
-            return
+                return
+            break
         if self._head_started:
             # Counted per read, after parsing: a read that completes a head is not counted,
             # so a body in the same read never is. (A read holding the end of one pipelined
@@ -164,18 +206,26 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             # connection open for ever.
             self._arm_head_timer()
 
-    def _ignore_upgrade(self) -> None:
-        """Answer a request carrying an Upgrade we do not speak (e.g. `Upgrade: h2c`) over
-        HTTP/1.1, as RFC 9110 7.8 allows, then close: the parser stops at an upgrade, so
-        nothing after this request can be read on the connection. One with a body still to
-        come cannot be read either, and is refused."""
-        cycle = self.cycle
-        if cycle is None or cycle.more_body:
-            self._refuse(400, "Requests with a body cannot ask for a protocol upgrade.")
-            return
-        cycle.keep_alive = False
-        self._refused = True  # read nothing more; the response closes the connection
-        self._cancel_timers()
+    def eof_received(self) -> bool | None:
+        if self._lingering is not None:
+            self._lingering.set()  # the client has sent everything: the linger is over
+            return True  # _linger closes the transport
+        return super().eof_received()
+
+    def _restart_without_upgrade(self) -> bytes | None:
+        """llhttp stops at a request asking for an upgrade (and has skipped its body): a fresh
+        parser, and the head to feed it again without `Upgrade`, followed by the bytes that came
+        after it (its body and any pipelined requests). See on_headers_complete. None when
+        refused instead."""
+        head = self._upgrade_head
+        self._upgrade_head = None
+        if head is None:  # CONNECT, or a head whose upgrade could not be undone
+            self._refuse(400, "Protocol upgrades and CONNECT are not supported.")
+            return None
+        self.parser = httptools.HttpRequestParser(self)
+        with contextlib.suppress(AttributeError):  # as uvicorn configures its parser
+            self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        return head
 
     # -------------------------------------------------------------- parser callbacks
 
@@ -205,6 +255,11 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().on_header(name, value)
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade():
+            # Served as if it had not asked (RFC 9110 7.8): no cycle for this parse; the head
+            # is parsed again by _restart_without_upgrade once llhttp stops after it.
+            self._upgrade_head = self._head_without_upgrade()
+            return
         self._head_started = False
         self._cancel_head_timer()
         if not any(name == b"host" for name, _ in self.headers) and (
@@ -222,14 +277,41 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None:
             return
+        if cycle.scope["http_version"] == "1.0":
+            cycle.__class__ = _Http10Cycle
         if self._draining:
             cycle.keep_alive = False
         if cycle.more_body:
             self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
+    def on_body(self, body: bytes) -> None:
+        if self._upgrade_head is None:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
+        if self._upgrade_head is not None:
+            return  # the upgrade request is served from its second parse
         self._cancel_body_timer()
         super().on_message_complete()
+
+    def _head_without_upgrade(self) -> bytes | None:
+        """The head just parsed, rebuilt without `Upgrade` and the `upgrade` token of
+        `Connection`, or None when that would not stop llhttp from upgrading (CONNECT)."""
+        method = self.parser.get_method()
+        if method == b"CONNECT":
+            return None
+        lines = [b"%s %s HTTP/%s\r\n" % (method, self.url, self.parser.get_http_version().encode())]
+        for name, value in self.headers:
+            if name == b"upgrade":
+                continue
+            if name == b"connection":
+                tokens = [t.strip() for t in value.split(b",")]
+                value = b", ".join(t for t in tokens if t and t.lower() != b"upgrade")
+                if not value:
+                    continue
+            lines.append(name + b": " + value + b"\r\n")
+        lines.append(b"\r\n")
+        return b"".join(lines)
 
     # -------------------------------------------------------------- draining
 
@@ -268,6 +350,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         if self.transport.is_closing():
             return
+        self._linger_allowed = False  # a client this slow is not waited for any longer
         if self._head_started:
             self._refuse(408, "Request head not received in time.")
         elif self.cycle is None or self.cycle.response_complete:  # idle: sent no request
@@ -279,6 +362,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if self.transport.is_closing() or cycle is None or not cycle.more_body:
             return
+        self._linger_allowed = False
         started = cycle.response_started
         cycle.disconnected = True  # the app's receive() now reports http.disconnect
         cycle.message_event.set()
@@ -291,6 +375,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def _refuse(self, status: int, message: str) -> None:
         """Answer `status` and close: nothing more is read or answered on this connection."""
         self._refused = True
+        self._stopped_mid_request = True
         self._cancel_timers()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
@@ -310,6 +395,110 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    # -------------------------------------------------------------- closing
+
+    def _close(self, transport: asyncio.Transport) -> None:
+        """Close the connection (every close comes here, see _LingeringTransport): at once,
+        unless the client may still be sending its request, in which case linger."""
+        if (
+            self._lingering is not None
+            or self._lost
+            or transport.is_closing()
+            or not self._linger_allowed
+            or not self._client_may_be_sending()
+            or not transport.can_write_eof()  # TLS: no half-close, so no linger either
+        ):
+            transport.close()
+            return
+        try:
+            transport.write_eof()  # sent once the response is flushed
+        except (OSError, RuntimeError):
+            transport.close()
+            return
+        self._lingering = done = asyncio.Event()
+        self._refused = True  # nothing more is parsed or answered
+        self._cancel_timers()
+        self._unset_keepalive_if_required()
+        transport.resume_reading()  # flow control may have paused it
+        # A task, so that a lingering connection counts against max_concurrency (len(tasks))
+        # and a graceful shutdown waits for it, at most LINGER_SECONDS.
+        task = self.loop.create_task(self._linger(transport, done))
+        task.add_done_callback(self.tasks.discard)
+        self.tasks.add(task)
+
+    def _client_may_be_sending(self) -> bool:
+        """A head or a body is still (or may still be) on its way."""
+        cycle = self.cycle
+        return (
+            self._head_started
+            or self._stopped_mid_request
+            or (cycle is not None and cycle.more_body)
+        )
+
+    async def _linger(self, transport: asyncio.Transport, done: asyncio.Event) -> None:
+        deadline = self.loop.call_later(LINGER_SECONDS, done.set)
+        try:
+            await done.wait()
+        finally:
+            deadline.cancel()
+            transport.close()
+
+
+class _LingeringTransport:
+    """The connection's transport as the protocol and uvicorn's cycle see it: `close()` goes
+    through EdgeHttpToolsProtocol._close, and a lingering connection reports itself closing
+    (so nothing more is written on it). Everything else is the real transport's."""
+
+    def __init__(self, transport: asyncio.Transport, protocol: EdgeHttpToolsProtocol) -> None:
+        self._transport = transport
+        self._protocol = protocol
+        self.write = transport.write  # the hot path, without __getattr__
+
+    def close(self) -> None:
+        self._protocol._close(self._transport)
+
+    def is_closing(self) -> bool:
+        return self._protocol._lingering is not None or self._transport.is_closing()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+
+class _Http10Cycle(RequestResponseCycle):
+    """uvicorn's request/response cycle for an HTTP/1.0 request: a response of unknown length
+    is sent close-delimited (RFC 9112 6.3), as HTTP/1.0 has no chunked coding."""
+
+    _close_delimited = False
+
+    async def send(self, message: Any) -> None:
+        if not self.response_started and message["type"] == "http.response.start":
+            headers = message.get("headers", [])
+            if (
+                self.scope["method"] != "HEAD"
+                and message["status"] not in (204, 304)
+                and not any(
+                    name.lower() in (b"content-length", b"transfer-encoding") for name, _ in headers
+                )
+            ):
+                self._close_delimited = True
+                self.keep_alive = False  # uvicorn adds `connection: close`
+                self.chunked_encoding = False  # and no `transfer-encoding: chunked`
+        elif self._close_delimited and message["type"] == "http.response.body":
+            if self.flow.write_paused and not self.disconnected:
+                await self.flow.drain()
+            if self.disconnected or self.response_complete:
+                return
+            body = message.get("body", b"")
+            if body:
+                self.transport.write(body)
+            if not message.get("more_body", False):
+                self.response_complete = True
+                self.message_event.set()
+                self.transport.close()  # the end of the body
+                self.on_response()
+            return
+        await super().send(message)
 
 
 _CODES = {

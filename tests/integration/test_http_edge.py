@@ -2,23 +2,32 @@
 
 Request line, header block (sent whole and trickled), header count, body size (declared and
 chunked), the request-smuggling corpus, slowloris heads, slow bodies and the per-worker
-concurrency cap. Every refusal must come as the documented status, on a connection the server
-then closes, with no second response behind it; and the server must stay healthy throughout.
+concurrency cap; and what real clients send: h2c upgrades (curl --http2), HTTP/1.0, HEAD,
+compressed bodies, whole bodies written before the answer is read. Every refusal must come as
+the documented status, on a connection the server then closes, with no second response behind
+it; and the server must stay healthy throughout.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import re
 import select
+import shutil
 import socket
+import subprocess
 import time
+import zlib
 from collections.abc import Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 from support import Gunicorn, Upstream, wait_until
+
+from edge.server.protocol import LINGER_MAX_BYTES, LINGER_SECONDS
 
 KEY = "sk-http-edge-test-key"
 MAX_BODY = 4096
@@ -645,6 +654,325 @@ def test_stalled_bodies_hold_slots_only_until_the_body_deadline(capped):
         assert sorted(closed) == [0, 1]
         assert all(status_of(data) == 408 for data in closed.values())
     wait_until(lambda: served_again(capped), timeout=SLACK)
+
+
+# ------------------------------------------------------------------ what real clients send
+
+H2C = (
+    b"Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+    b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\n"
+)
+LIVE_AND_CLOSE = b"GET /health/live HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n\r\n"
+
+
+def statuses(response: bytes) -> list[int]:
+    return [int(line[-4:-1]) for line in STATUS_LINE.findall(response)]
+
+
+def test_h2c_upgrade_post_is_served_with_its_body(edge):
+    """What the JDK's HttpClient and `curl --http2` send on plain http: the upgrade is ignored
+    (no 101), the body is read, and the connection carries on to the next request."""
+    request = POST_HEAD + H2C + b"Content-Length: %d\r\n\r\n" % len(CHAT) + CHAT + LIVE_AND_CLOSE
+    response, closed = exchange(edge, request)
+    assert statuses(response) == [200, 200], response[:400]
+    assert b'"object":"chat.completion"' in response
+    assert b'"status":"alive"' in response
+    assert closed
+
+
+def test_h2c_upgrade_chunked_post_is_served_with_its_body(edge):
+    request = (
+        POST_HEAD + H2C + b"Transfer-Encoding: chunked\r\nConnection: close\r\n\r\n"
+        + b"%x\r\n%s\r\n0\r\n\r\n" % (len(CHAT), CHAT)
+    )  # fmt: skip
+    response, _ = exchange(edge, request)
+    assert statuses(response) == [200], response[:400]
+    assert b'"object":"chat.completion"' in response
+
+
+def test_h2c_upgrade_get_is_served_and_the_connection_kept(edge):
+    request = b"GET /health HTTP/1.1\r\nHost: edge\r\n" + H2C + b"\r\n" + LIVE_AND_CLOSE
+    response, closed = exchange(edge, request)
+    assert statuses(response) == [200, 200], response[:400]
+    assert b"101" not in response.split(b"\r\n", 1)[0]
+    assert closed
+
+
+def test_h2c_upgrade_oversized_post_is_still_413(edge):
+    body = b"x" * (MAX_BODY + 1)
+    response, closed = exchange(edge, post(body, H2C))
+    assert_refused(response, closed, 413)
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_http2_on_plain_http_posts_its_body(edge):
+    result = subprocess.run(
+        ["curl", "--http2", "-sS", "-v", "-i", "--max-time", "10",
+         "-H", f"Authorization: Bearer {KEY}", "-H", "Content-Type: application/json",
+         "--data-binary", CHAT.decode(), edge.url + "/v1/chat/completions"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert "Upgrade: h2c" in result.stderr  # curl did ask for the upgrade
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("HTTP/1.1 200"), result.stdout[:300]
+    payload = result.stdout.partition("\n\n")[2]  # text mode reads CRLF as LF
+    assert json.loads(payload)["object"] == "chat.completion"
+
+
+@pytest.mark.skipif(shutil.which("java") is None, reason="java is not installed")
+def test_jdk_http_client_on_plain_http_posts_its_body(edge):
+    """java.net.http.HttpClient prefers HTTP/2 and asks for h2c on a POST with its body."""
+    client = Path(__file__).parent / "clients" / "H2cPost.java"
+    url = edge.url + "/v1/chat/completions"
+    result = subprocess.run(
+        ["java", str(client), url, KEY, CHAT.decode()],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    version_status, _, body = result.stdout.partition("\n")
+    assert version_status == "HTTP_1_1 200", result.stdout[:300]
+    assert json.loads(body)["object"] == "chat.completion"
+
+
+def http10(body: bytes) -> bytes:
+    return (
+        b"POST /v1/chat/completions HTTP/1.0\r\nAuthorization: Bearer " + KEY.encode()
+        + b"\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)
+        + body
+    )  # fmt: skip
+
+
+def test_http10_stream_is_close_delimited_not_chunked(edge):
+    body = b'{"model":"m","stream":true,"messages":[{"role":"user","content":"one two"}]}'
+    response, closed = exchange(edge, http10(body))
+    head, _, payload = response.partition(b"\r\n\r\n")
+    assert status_of(response) == 200, head
+    assert header(response, "content-type") == "text/event-stream"
+    assert header(response, "transfer-encoding") is None, head
+    assert header(response, "content-length") is None, head
+    assert header(response, "connection") == "close"
+    assert closed  # the end of the body is the end of the connection
+    assert payload.startswith(b"data: {")  # no chunk-size line before the first event
+    assert payload.endswith(b"data: [DONE]\n\n")  # and no "0" chunk after the last
+    assert b"\r\n" not in payload
+
+
+def test_http10_non_streamed_response_keeps_content_length(edge):
+    response, closed = exchange(edge, http10(CHAT))
+    _, _, payload = response.partition(b"\r\n\r\n")
+    assert status_of(response) == 200
+    assert header(response, "transfer-encoding") is None
+    assert int(header(response, "content-length") or -1) == len(payload)
+    assert json.loads(payload)["object"] == "chat.completion"
+    assert closed
+
+
+GET_ROUTES = ["/health", "/health/live", "/health/ready", "/metrics", "/v1/models"]
+
+
+def fetch(server: Gunicorn, method: str, path: str, *extra: bytes) -> bytes:
+    request = (
+        f"{method} {path} HTTP/1.1\r\nHost: edge\r\nConnection: close\r\n".encode()
+        + b"".join(extra) + b"\r\n"
+    )  # fmt: skip
+    response, closed = exchange(server, request)
+    assert closed
+    return response
+
+
+@pytest.mark.parametrize("path", GET_ROUTES)
+def test_head_answers_like_get_without_a_body(edge, path):
+    auth = b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+    got = fetch(edge, "GET", path, auth)
+    head = fetch(edge, "HEAD", path, auth)
+    assert status_of(head) == status_of(got) == 200, head
+    assert head.endswith(b"\r\n\r\n") and head.count(b"\r\n\r\n") == 1, head  # no body
+    assert header(head, "content-type") == header(got, "content-type")
+    assert header(head, "transfer-encoding") is None
+    length = header(head, "content-length")
+    assert length is not None and int(length) > 0
+    if path != "/metrics":  # the metrics change between two scrapes
+        assert length == header(got, "content-length")
+    assert header(head, "x-request-id")
+
+
+def test_head_on_a_keyed_route_needs_a_key_like_get(edge):
+    head = fetch(edge, "HEAD", "/v1/models")
+    got = fetch(edge, "GET", "/v1/models")
+    assert status_of(head) == status_of(got) == 401
+    assert head.endswith(b"\r\n\r\n")
+    assert header(head, "content-length") == header(got, "content-length")
+    assert header(head, "www-authenticate") == header(got, "www-authenticate")
+
+
+@pytest.mark.parametrize("method", ["PUT", "DELETE", "PATCH"])
+def test_other_methods_on_get_routes_stay_405(edge, method):
+    response = fetch(edge, method, "/health", b"Content-Length: 0\r\n")
+    assert status_of(response) == 405
+    assert envelope(response)["type"] == "invalid_request_error"
+
+
+# Compressed bodies: a server with room for a 50 MB gzip bomb's compressed form (48 KB) and an
+# upstream that reports what it received.
+ROOMY_MAX_BODY = 1024 * 1024
+
+
+@pytest.fixture(scope="module")
+def recording_upstream():
+    server = Upstream()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def roomy(recording_upstream):
+    server = Gunicorn(
+        API_KEYS=KEY,
+        RATE_LIMIT_ENABLED="false",
+        MAX_REQUEST_SIZE=str(ROOMY_MAX_BODY),
+        UPSTREAM_URL=recording_upstream.url + "/v1",
+        WORKERS="1",
+    )
+    yield server
+    server.stop()
+
+
+def compressed(server: Gunicorn, coding: str, body: bytes, request_id: str = "") -> bytes:
+    extra = f"x-request-id: {request_id}\r\n".encode() if request_id else b""
+    response, _ = exchange(server, post(body, f"Content-Encoding: {coding}\r\n".encode(), extra))
+    return response
+
+
+def raw_deflate(data: bytes) -> bytes:
+    packer = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    return packer.compress(data) + packer.flush()
+
+
+@pytest.mark.parametrize(
+    ("coding", "pack"),
+    [
+        ("gzip", gzip.compress),
+        ("x-gzip", gzip.compress),
+        ("GZIP", gzip.compress),
+        ("deflate", zlib.compress),
+        ("deflate", raw_deflate),
+        ("identity", bytes),
+    ],
+    ids=["gzip", "x-gzip", "GZIP", "deflate-zlib", "deflate-raw", "identity"],
+)
+def test_compressed_body_is_decoded_and_forwarded_decoded(roomy, recording_upstream, coding, pack):
+    request_id = f"coding-{coding}-{pack.__name__}".replace("_", "-")
+    response = compressed(roomy, coding, pack(CHAT), request_id)
+    assert status_of(response) == 200, response[:400]
+    seen = recording_upstream.seen(request_id)
+    assert seen["body_size"] == len(CHAT)  # the decoded body went upstream
+    assert "content-encoding" not in seen["headers"]
+
+
+def peak_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def test_gzip_bomb_is_413_without_inflating_it(roomy):
+    bomb = gzip.compress(b"\0" * 50_000_000, compresslevel=9)
+    assert len(bomb) < ROOMY_MAX_BODY < 50_000_000
+    (worker,) = roomy.worker_pids()
+    before = peak_rss_kib(worker)
+    response = compressed(roomy, "gzip", bomb)
+    assert status_of(response) == 413, response[:400]
+    error = envelope(response)
+    assert error["code"] == "request_too_large"
+    assert "decoded" in error["message"] and "gzip" in error["message"]
+    # At most the limit (1 MiB) and its working buffers were ever decoded, not 50 MB.
+    assert peak_rss_kib(worker) - before < 20 * 1024
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate"])
+def test_corrupt_compressed_body_is_400_naming_the_coding(roomy, coding):
+    response = compressed(roomy, coding, b"\x1f\x8b\x08\x00 this is not " + coding.encode())
+    assert status_of(response) == 400, response[:400]
+    error = envelope(response)
+    assert coding in error["message"] and "JSON" not in error["message"]
+    assert error["param"] == "content-encoding"
+
+
+def test_truncated_gzip_body_is_400(roomy):
+    response = compressed(roomy, "gzip", gzip.compress(CHAT)[:-6])
+    assert status_of(response) == 400
+    assert "gzip" in envelope(response)["message"]
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, br", "gzip, gzip", "bogus"])
+def test_other_content_codings_are_415_naming_them(roomy, coding):
+    response = compressed(roomy, coding, CHAT)
+    assert status_of(response) == 415, response[:400]
+    error = envelope(response)
+    assert coding in error["message"]
+    assert error["param"] == "content-encoding"
+
+
+# Early answers to a client still sending: the whole body is written before anything is read.
+WHOLE_BODY = b"x" * (4 * 1024 * 1024)
+EARLY = {
+    "413-content-length": POST_HEAD + b"Content-Length: %d\r\n\r\n" % len(WHOLE_BODY),
+    "431-header-block": POST_HEAD
+    + b"X-Big: " + b"a" * MAX_HEADER_BYTES + b"\r\n"
+    + b"Content-Length: %d\r\n\r\n" % len(WHOLE_BODY),
+    "401-connection-close": b"POST /v1/chat/completions HTTP/1.1\r\nHost: edge\r\n"
+    + b"Content-Type: application/json\r\nConnection: close\r\n"
+    + b"Content-Length: %d\r\n\r\n" % len(WHOLE_BODY),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(EARLY))
+def test_early_error_reaches_a_client_that_writes_its_whole_body_first(edge, case):
+    status = int(case[:3])
+    for attempt in range(20):
+        with connect(edge) as sock:
+            sock.sendall(EARLY[case] + WHOLE_BODY)  # no reset while the server drains it
+            response, closed = read_until_closed(sock)
+        assert response, f"attempt {attempt}: reset before the answer could be read"
+        assert status_of(response) == status, (attempt, response[:300])
+        envelope(response)
+        assert closed
+
+
+def test_the_drain_is_bounded_in_time(edge):
+    """A client that never stops sending after an early 413 is cut after LINGER_SECONDS."""
+    with connect(edge) as sock:
+        sock.sendall(POST_HEAD + b"Content-Length: 999999999\r\n\r\n")
+        sock.settimeout(5)
+        assert status_of(sock.recv(65536)) == 413
+        started = time.monotonic()
+        deadline = started + LINGER_SECONDS + SLACK + 5
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while time.monotonic() < deadline:
+                sock.sendall(b"x" * 1024)
+                time.sleep(0.02)
+        elapsed = time.monotonic() - started
+    assert LINGER_SECONDS - 1 <= elapsed <= LINGER_SECONDS + SLACK, elapsed
+
+
+def test_the_drain_is_bounded_in_bytes(edge):
+    """A fast sender is cut after LINGER_MAX_BYTES, long before LINGER_SECONDS."""
+    with connect(edge) as sock:
+        sock.sendall(POST_HEAD + b"Content-Length: 999999999\r\n\r\n")
+        sock.settimeout(5)
+        assert status_of(sock.recv(65536)) == 413
+        started = time.monotonic()
+        sent = 0
+        piece = b"x" * 65536
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+            while sent < 4 * LINGER_MAX_BYTES:
+                sock.sendall(piece)
+                sent += len(piece)
+        elapsed = time.monotonic() - started
+    assert LINGER_MAX_BYTES <= sent < 4 * LINGER_MAX_BYTES, sent
+    assert elapsed < LINGER_SECONDS, elapsed
 
 
 # ------------------------------------------------------------------ afterwards
