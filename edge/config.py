@@ -15,7 +15,6 @@ import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FAILURE_POLICIES = ("allow", "deny")
@@ -265,18 +264,7 @@ class _Env:
         value = self.raw(name)
         if value is None:
             return None
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ConfigError(name, "expected an http:// or https:// base URL with a host")
-        if parts.username or parts.password:
-            raise ConfigError(name, "must not carry credentials; use UPSTREAM_API_KEY")
-        if parts.query or parts.fragment:
-            raise ConfigError(name, "must not have a query string or fragment")
-        try:
-            parts.port  # noqa: B018 - raises on a malformed port
-        except ValueError:
-            raise ConfigError(name, "has a malformed port") from None
-        return value.rstrip("/")
+        return parse_base_url(name, value)
 
     def secret(self, name: str) -> str | None:
         value = self.raw(name)
@@ -361,6 +349,61 @@ def _check_range(name: str, value: float, minimum: float | None, maximum: float 
         raise ConfigError(name, f"must be at least {minimum:g}, got {value:g}")
     if maximum is not None and value > maximum:
         raise ConfigError(name, f"must be at most {maximum:g}, got {value:g}")
+
+
+# An upstream base URL, by RFC 3986 but narrowed to what a gateway should forward to: scheme,
+# host, optional port of ASCII digits, optional path. No userinfo, query or fragment; no
+# whitespace, controls or non-ASCII anywhere (re.ASCII keeps \d and the classes to ASCII).
+_URL_RE = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/]*)(?P<path>.*)", re.ASCII | re.DOTALL
+)
+_HOSTNAME_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+    re.ASCII,
+)
+_PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
+_PATH_RE = re.compile(r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*", re.ASCII)
+
+
+def parse_base_url(name: str, value: str) -> str:
+    """Validate an http(s) base URL strictly; return it without a trailing slash.
+
+    Raises ConfigError naming `name`; the value itself is not echoed (it may hold credentials).
+    """
+    if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(name, "must be plain ASCII without whitespace or control characters")
+    match = _URL_RE.fullmatch(value)
+    if match is None or match["scheme"].lower() not in ("http", "https"):
+        raise ConfigError(name, "expected an http:// or https:// base URL with a host")
+    authority, path = match["authority"], match["path"]
+    if "?" in path or "#" in path or "?" in authority or "#" in authority:
+        raise ConfigError(name, "must not have a query string or fragment")
+    if "@" in authority:
+        raise ConfigError(name, "must not carry credentials; use UPSTREAM_API_KEY")
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket:
+            raise ConfigError(name, "has an unterminated IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(name, "has a malformed IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ConfigError(name, "has characters after the IPv6 address")
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port_text = authority.partition(":")
+        port = port_text if colon else None
+        if not host:
+            raise ConfigError(name, "expected an http:// or https:// base URL with a host")
+        if len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+            raise ConfigError(name, "has a malformed host name")
+    if port is not None and (not _PORT_RE.fullmatch(port) or not 1 <= int(port, 10) <= 65535):
+        raise ConfigError(name, "port must be 1-65535, written in ASCII digits")
+    if not _PATH_RE.fullmatch(path):
+        raise ConfigError(name, "path has characters a URL path cannot carry unencoded")
+    return f"{match['scheme'].lower()}://{authority}{path}".rstrip("/")
 
 
 def is_header_safe(value: str) -> bool:
