@@ -161,7 +161,9 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
     try:
         sent = 0
         counts = []
-        with httpx.Client(base_url=server.url, timeout=10) as client:
+        # No keep-alive: an idle connection would hold the old worker in its graceful shutdown.
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=server.url, timeout=10, limits=limits) as client:
 
             def send() -> None:
                 nonlocal sent
@@ -183,7 +185,7 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
                     )
 
                 server.signal(signal.SIGHUP)
-                wait_until(reloaded, timeout=30)
+                wait_until(reloaded, timeout=30, interval=0.005)
                 server.wait_ready()
                 send()
                 counts.append(len([p for p in metrics.iterdir() if p.name.endswith(".db")]))
