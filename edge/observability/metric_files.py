@@ -78,9 +78,7 @@ def prepare(path: Path, uid: int | None = None, gid: int | None = None) -> None:
     for stale in path.iterdir():
         if stale.name.endswith((_SUFFIX, _TMP_SUFFIX)):
             stale.unlink(missing_ok=True)
-    fd = os.open(
-        path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
-    )
+    fd = os.open(path / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         os.fchmod(fd, 0o600)
         if uid is not None or gid is not None:
