@@ -79,7 +79,8 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
     _current = Settings(
         config=config,
         keys=keys,
-        table_name=table_name(table_prefix(config), pid),
+        # Chosen once: a reload keeps the table (and so its name) the workers attach to.
+        table_name=_current.table_name if _current else table_name(table_prefix(config), pid),
         metrics_dir=metrics_dir,
         owns_metrics_dir=owns,
         metrics_dir_source=source,
@@ -155,12 +156,25 @@ def on_starting(server: Any) -> None:
     if config.rate_limit_enabled:
         from edge.ratelimit import SharedTable, remove_stale
 
-        global _master_table
+        global _current, _master_table
         remove_stale(table_prefix(config))
-        # The master keeps only the name: workers attach with descriptors of their own.
-        _master_table = SharedTable.create(
-            settings.table_name, config.rate_limit_slots, **_worker_owner(server)
-        )
+        # The master keeps only the name: workers attach with descriptors of their own. The
+        # name is unpredictable; should it still be taken by an object we may not remove,
+        # pick another (workers read the name from the settings after fork).
+        for attempt in range(3):
+            try:
+                _master_table = SharedTable.create(
+                    settings.table_name, config.rate_limit_slots, **_worker_owner(server)
+                )
+                break
+            except FileExistsError as exc:
+                log.warning("shared-memory name taken; choosing another", extra={"error": str(exc)})
+                if attempt == 2:
+                    print(f"llm-edge-proxy: rate-limit table: {exc}", file=sys.stderr, flush=True)
+                    raise SystemExit(2) from None
+                settings = _current = dataclasses.replace(
+                    settings, table_name=table_name(table_prefix(config), os.getpid())
+                )
         _master_table.close()
     if config.upstream_url is None:
         log.warning(

@@ -267,7 +267,10 @@ def failures(server: Gunicorn, event: str, policy: str) -> float:
 
 
 def table_path(server: Gunicorn, instance: str) -> Path:
-    return SHM / f"llm-edge-proxy.{instance}.{server.pid}"
+    """The table of this master: `llm-edge-proxy.<instance>.<pid>.<random token>`."""
+    found = list(SHM.glob(f"llm-edge-proxy.{instance}.{server.pid}.*"))
+    assert len(found) <= 1, found
+    return found[0] if found else SHM / f"llm-edge-proxy.{instance}.{server.pid}.gone"
 
 
 @contextlib.contextmanager
