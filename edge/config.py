@@ -22,6 +22,11 @@ _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# systemd credentials (LoadCredential=): used when $CREDENTIALS_DIRECTORY holds them and the
+# matching *_FILE variable is unset; a relative *_FILE path is also resolved in that directory.
+API_KEYS_CREDENTIAL = "api-keys.toml"
+UPSTREAM_KEY_CREDENTIAL = "upstream-api-key"
+_MAX_SECRET_FILE = 65536
 
 
 class ConfigError(ValueError):
@@ -73,6 +78,7 @@ class Config:
     # Upstream (None: the built-in mock provider answers)
     upstream_url: str | None = None
     upstream_api_key: str | None = field(default=None, repr=False)
+    upstream_api_key_file: Path | None = None
     upstream_connect_timeout_s: float = 5.0
     upstream_pool_size: int = 256
     # TLS and HTTP/2 (HTTP/2 needs TLS: ALPN offers h2 and http/1.1)
@@ -97,6 +103,7 @@ class Config:
         if workers == 0:
             workers = env.integer("WEB_CONCURRENCY", 0, minimum=1, maximum=512, optional=True)
         upstream_url = env.url("UPSTREAM_URL")
+        upstream_key, upstream_key_file = env.upstream_key()
         tls_cert, tls_key = env.tls_pair("TLS_CERT_FILE", "TLS_KEY_FILE")
         http2 = env.boolean("HTTP2_ENABLED", False)
         if http2 and tls_cert is None:
@@ -131,7 +138,7 @@ class Config:
             auth_enabled=env.boolean("AUTH_ENABLED", True),
             api_keys=env.secrets("API_KEYS"),
             api_key_hashes=env.digests("API_KEY_HASHES"),
-            api_keys_file=env.path("API_KEYS_FILE"),
+            api_keys_file=env.credential_path("API_KEYS_FILE", API_KEYS_CREDENTIAL),
             auth_health_check=env.boolean("AUTH_HEALTH_CHECK", False),
             auth_metrics=env.boolean("AUTH_METRICS", False),
             public_paths=env.paths("PUBLIC_PATHS"),
@@ -152,7 +159,8 @@ class Config:
             enable_tracing=env.boolean("ENABLE_TRACING", True),
             enable_metrics=env.boolean("ENABLE_METRICS", True),
             upstream_url=upstream_url,
-            upstream_api_key=env.secret("UPSTREAM_API_KEY"),
+            upstream_api_key=upstream_key,
+            upstream_api_key_file=upstream_key_file,
             upstream_connect_timeout_s=env.number(
                 "UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001, maximum=3600
             ),
@@ -271,6 +279,60 @@ class _Env:
         if value is not None and not is_header_safe(value):
             raise ConfigError(name, "contains characters not allowed in an HTTP header")
         return value
+
+    def credential_path(self, name: str, credential: str) -> Path | None:
+        """A file named by `name`, or the systemd credential `credential` when `name` is unset.
+
+        With $CREDENTIALS_DIRECTORY set, a relative path in `name` is resolved there.
+        """
+        value = self.raw(name)
+        directory = self.raw("CREDENTIALS_DIRECTORY")
+        if value is None:
+            if directory is None or not (Path(directory) / credential).is_file():
+                return None
+            return Path(directory) / credential
+        path = Path(value)
+        if directory is not None and not path.is_absolute():
+            path = Path(directory) / path
+        if not path.is_file():
+            raise ConfigError(name, f"{str(path)!r} is not a readable file")
+        return path
+
+    def upstream_key(self) -> tuple[str | None, Path | None]:
+        """UPSTREAM_API_KEY, or the contents of UPSTREAM_API_KEY_FILE (or of the credential
+        `upstream-api-key`), trimmed. Never both; the key is never echoed in an error."""
+        name = "UPSTREAM_API_KEY_FILE"
+        inline = self.secret("UPSTREAM_API_KEY")
+        path = self.credential_path(name, UPSTREAM_KEY_CREDENTIAL)
+        if path is None:
+            return inline, None
+        if inline is not None:
+            raise ConfigError(
+                name,
+                "set either UPSTREAM_API_KEY or UPSTREAM_API_KEY_FILE (or the "
+                f"{UPSTREAM_KEY_CREDENTIAL} credential), not both",
+            )
+        explicit = self.raw(name) is not None
+        try:
+            with path.open("rb") as handle:
+                data = handle.read(_MAX_SECRET_FILE + 1)
+        except OSError as exc:
+            raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
+        if len(data) > _MAX_SECRET_FILE:
+            raise ConfigError(name, f"{str(path)!r} is larger than {_MAX_SECRET_FILE} bytes")
+        try:
+            key = data.decode("ascii").strip()
+        except UnicodeDecodeError:
+            raise ConfigError(name, f"{str(path)!r} holds non-ASCII bytes") from None
+        if not key:
+            if explicit:
+                raise ConfigError(name, f"{str(path)!r} is empty")
+            return None, None  # an empty credential: no upstream key, deliberately
+        if not is_header_safe(key) or " " in key:
+            raise ConfigError(
+                name, f"{str(path)!r} holds characters an HTTP header cannot carry (one line?)"
+            )
+        return key, path
 
     def secrets(self, name: str) -> tuple[str, ...]:
         value = self.raw(name)
