@@ -9,7 +9,9 @@ import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -149,17 +151,43 @@ def test_runtime_directory_metrics_is_created_private_and_removed(tmp_path):
     assert not path.exists()
 
 
+class Scraper(threading.Thread):
+    """Scrapes /metrics in a loop (its own connections) and keeps (value, sent so far)."""
+
+    def __init__(self, url: str, sent: Callable[[], int]) -> None:
+        super().__init__(daemon=True)
+        self.url, self.sent = url, sent
+        self.samples: list[tuple[float, int, int]] = []  # (value, sent before, sent after)
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=self.url, timeout=10, limits=limits) as client:
+            while not self.stop.is_set():
+                before = self.sent()
+                try:
+                    response = client.get("/metrics")
+                except httpx.HTTPError:
+                    continue  # the answering worker was draining; not a count
+                if response.status_code == 200:
+                    value = counter(response.text, "edge_requests_total", **HEALTH_200)
+                    self.samples.append((value, before, self.sent()))
+
+
 @pytest.mark.slow
 def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
     """100 HUPs with one worker: each reload is polled to completion (new worker serving, old
     one reaped and folded); a known number of requests between reloads; the file count stays
-    what it was after the first reload, and edge_requests_total is exact."""
+    what it was after the first reload, and edge_requests_total is exact, at the end and in
+    every scrape taken meanwhile, folds included (never lower than what was answered before
+    the scrape, never higher than what was sent by its end: no count lost or doubled)."""
     reloads, per_reload = 100, 3
     metrics = tmp_path / "metrics"
     server = Gunicorn(**no_auth(PROMETHEUS_MULTIPROC_DIR=str(metrics), LOG_LEVEL="warning"))
     started = time.monotonic()
+    sent = 0
+    scraper = Scraper(server.url, lambda: sent)
     try:
-        sent = 0
         counts = []
         # No keep-alive: an idle connection would hold the old worker in its graceful shutdown.
         limits = httpx.Limits(max_keepalive_connections=0)
@@ -172,6 +200,7 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
                     sent += 1
 
             send()
+            scraper.start()
             for _ in range(reloads):
                 (old,) = server.worker_pids()
 
@@ -190,12 +219,20 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
                 send()
                 counts.append(len([p for p in metrics.iterdir() if p.name.endswith(".db")]))
                 assert time.monotonic() - started < 240, "reloads too slow on this machine"
+            scraper.stop.set()
+            scraper.join(15)
             text = client.get("/metrics").text
         # Scrapes are answered too, but they are counted under route /metrics.
         assert counter(text, "edge_requests_total", **HEALTH_200) == sent
+        assert len(scraper.samples) >= reloads, len(scraper.samples)
+        for value, before, after in scraper.samples:
+            # A request is counted just before its response is sent, so one may be counted
+            # and not yet seen as answered by the sender.
+            assert before <= value <= after + 1, (value, before, after)
         assert counts[-1] <= counts[0] + 1, counts
         assert max(counts) <= counts[0] + 2, counts
         names = sorted(p.name for p in metrics.iterdir())
         assert "counter_archive.db" in names and "histogram_archive.db" in names, names
     finally:
+        scraper.stop.set()
         assert server.stop() == 0
