@@ -236,3 +236,61 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
     finally:
         scraper.stop.set()
         assert server.stop() == 0
+
+
+def test_scrapes_stay_exact_while_workers_exit_and_are_folded(tmp_path):
+    """Two workers; one after another is stopped (SIGTERM) and replaced by gunicorn while the
+    other keeps answering scrapes, so scrapes run while the master folds the dead worker's
+    files. Every scrape lies between what was answered before it and what was sent by its end;
+    no count lost or doubled."""
+    exits, per_exit = 25, 3
+    metrics = tmp_path / "metrics"
+    server = Gunicorn(
+        **no_auth(PROMETHEUS_MULTIPROC_DIR=str(metrics), LOG_LEVEL="warning", WORKERS="2")
+    )
+    sent = 0
+    scrapers = [Scraper(server.url, lambda: sent) for _ in range(2)]
+    try:
+        limits = httpx.Limits(max_keepalive_connections=0)
+        with httpx.Client(base_url=server.url, timeout=10, limits=limits) as client:
+
+            def send() -> None:
+                nonlocal sent
+                for _ in range(per_exit):
+                    assert client.get("/health").status_code == 200
+                    sent += 1
+
+            send()
+            for scraper in scrapers:
+                scraper.start()
+            for _ in range(exits):
+                pids = server.worker_pids()
+                assert len(pids) == 2, pids
+                victim = pids[0]
+                os.kill(victim, signal.SIGTERM)
+
+                def replaced(victim: int = victim) -> bool:
+                    now = server.worker_pids()
+                    return (
+                        len(now) == 2
+                        and victim not in now
+                        and not (metrics / f"counter_{victim}.db").exists()
+                    )
+
+                wait_until(replaced, timeout=30, interval=0.005)
+                send()
+            for scraper in scrapers:
+                scraper.stop.set()
+                scraper.join(15)
+            text = client.get("/metrics").text
+        assert counter(text, "edge_requests_total", **HEALTH_200) == sent
+        samples = [sample for scraper in scrapers for sample in scraper.samples]
+        assert len(samples) >= exits, len(samples)
+        for value, before, after in samples:
+            assert before <= value <= after + 1, (value, before, after)
+        db_files = [p.name for p in metrics.iterdir() if p.name.endswith(".db")]
+        assert len(db_files) <= 2 * 4 + 3, db_files  # two live workers' files + the archives
+    finally:
+        for scraper in scrapers:
+            scraper.stop.set()
+        assert server.stop() == 0
