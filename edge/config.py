@@ -22,7 +22,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 from edge.ratelimit.base import FAILURE_POLICIES
 
@@ -32,6 +31,11 @@ _FALSE = frozenset({"0", "false", "no", "off"})
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
 _INTEGER_RE = re.compile(r"-?[0-9]+")
 SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
+# systemd credentials (LoadCredential=): used when $CREDENTIALS_DIRECTORY holds them and the
+# matching *_FILE variable is unset; a relative *_FILE path is also resolved in that directory.
+API_KEYS_CREDENTIAL = "api-keys.toml"
+UPSTREAM_KEY_CREDENTIAL = "upstream-api-key"
+_MAX_SECRET_FILE = 65536
 
 
 class ConfigError(ValueError):
@@ -125,19 +129,59 @@ def address(name: str, value: str) -> tuple[str, int]:
     return host, port
 
 
-def url(name: str, value: str) -> str:
-    parts = urlsplit(value)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+# An upstream base URL, by RFC 3986 but narrowed to what a gateway should forward to: scheme,
+# host, optional port of ASCII digits, optional path. No userinfo, query or fragment; no
+# whitespace, controls or non-ASCII anywhere (re.ASCII keeps \d and the classes to ASCII).
+_URL_RE = re.compile(
+    r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<authority>[^/]*)(?P<path>.*)", re.ASCII | re.DOTALL
+)
+_HOSTNAME_RE = re.compile(
+    r"(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)*"
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?",
+    re.ASCII,
+)
+_PORT_RE = re.compile(r"[0-9]{1,5}", re.ASCII)
+_PATH_RE = re.compile(r"(?:/(?:[A-Za-z0-9._~!$&'()*+,;=:@-]|%[0-9A-Fa-f]{2})*)*", re.ASCII)
+
+
+def parse_base_url(name: str, value: str) -> str:
+    """Validate an http(s) base URL strictly; return it without a trailing slash.
+
+    Raises ConfigError naming `name`; the value itself is not echoed (it may hold credentials).
+    """
+    if not value.isascii() or not value.isprintable() or any(c.isspace() for c in value):
+        raise ConfigError(name, "must be plain ASCII without whitespace or control characters")
+    match = _URL_RE.fullmatch(value)
+    if match is None or match["scheme"].lower() not in ("http", "https"):
         raise ConfigError(name, "expected an http:// or https:// base URL with a host")
-    if parts.username or parts.password:
-        raise ConfigError(name, "must not carry credentials; use UPSTREAM_API_KEY")
-    if parts.query or parts.fragment:
+    authority, path = match["authority"], match["path"]
+    if "?" in path or "#" in path or "?" in authority or "#" in authority:
         raise ConfigError(name, "must not have a query string or fragment")
-    try:
-        parts.port  # noqa: B018 - raises on a malformed port
-    except ValueError:
-        raise ConfigError(name, "has a malformed port") from None
-    return value.rstrip("/")
+    if "@" in authority:
+        raise ConfigError(name, "must not carry credentials; use UPSTREAM_API_KEY")
+    if authority.startswith("["):
+        host, bracket, rest = authority[1:].partition("]")
+        if not bracket:
+            raise ConfigError(name, "has an unterminated IPv6 address")
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(name, "has a malformed IPv6 address") from None
+        if rest and not rest.startswith(":"):
+            raise ConfigError(name, "has characters after the IPv6 address")
+        port = rest[1:] if rest else None
+    else:
+        host, colon, port_text = authority.partition(":")
+        port = port_text if colon else None
+        if not host:
+            raise ConfigError(name, "expected an http:// or https:// base URL with a host")
+        if len(host) > 253 or not _HOSTNAME_RE.fullmatch(host):
+            raise ConfigError(name, "has a malformed host name")
+    if port is not None and (not _PORT_RE.fullmatch(port) or not 1 <= int(port, 10) <= 65535):
+        raise ConfigError(name, "port must be 1-65535, written in ASCII digits")
+    if not _PATH_RE.fullmatch(path):
+        raise ConfigError(name, "path has characters a URL path cannot carry unencoded")
+    return f"{match['scheme'].lower()}://{authority}{path}".rstrip("/")
 
 
 def secret(name: str, value: str) -> str:
@@ -174,6 +218,11 @@ def readable_file(name: str, value: str) -> Path:
     except OSError as exc:
         raise ConfigError(name, f"cannot read {value!r}: {exc.strerror}") from None
     return path
+
+
+def file_name(name: str, value: str) -> Path:
+    """A path, checked once resolved (see `_credential_file`)."""
+    return Path(value)
 
 
 def url_paths(name: str, value: str) -> tuple[str, ...]:
@@ -254,11 +303,16 @@ SETTINGS: tuple[Setting, ...] = (
       "Names this instance's shared-memory table and metrics directory; give each instance on "
       "a host its own", shown="`port<PORT>`"),
     # Upstream (unset: the built-in mock provider answers)
-    S("UPSTREAM_URL", "upstream_url", url, None,
+    S("UPSTREAM_URL", "upstream_url", parse_base_url, None,
       "OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`. Unset: the built-in mock "
       "provider answers"),
     S("UPSTREAM_API_KEY", "upstream_api_key", secret, None,
       "Sent upstream as `Authorization: Bearer …`; the client's key never is"),
+    S("UPSTREAM_API_KEY_FILE", "upstream_api_key_file", file_name, None,
+      "File holding the upstream key (trimmed; one printable ASCII line), instead of "
+      "`UPSTREAM_API_KEY` (setting both is an error); re-read on HUP. A relative path is taken "
+      "in `$CREDENTIALS_DIRECTORY`. Unset, and `$CREDENTIALS_DIRECTORY/upstream-api-key` exists "
+      "(systemd `LoadCredential=`): that file (empty: no key)"),
     S("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "upstream_connect_timeout_s", number(0.001, 3600), "5",
       "Connecting to the upstream; exceeded → 502"),
     S("UPSTREAM_POOL_SIZE", "upstream_pool_size", integer(1, 65_536), "256",
@@ -271,8 +325,10 @@ SETTINGS: tuple[Setting, ...] = (
       "Comma-separated plaintext client keys (hashed at start; only digests are kept)", unset=()),
     S("API_KEY_HASHES", "api_key_hashes", digests, None,
       "Comma-separated SHA-256 hex digests of client keys", unset=()),
-    S("API_KEYS_FILE", "api_keys_file", readable_file, None,
-      "TOML file of named keys with optional per-key limits; re-read on HUP"),
+    S("API_KEYS_FILE", "api_keys_file", file_name, None,
+      "TOML file of named keys with optional per-key limits; re-read on HUP. A relative path is "
+      "taken in `$CREDENTIALS_DIRECTORY`; unset, `$CREDENTIALS_DIRECTORY/api-keys.toml` is used "
+      "if it exists"),
     S("AUTH_HEALTH_CHECK", "auth_health_check", boolean, "false",
       "Require a key on `/health*` too"),
     S("AUTH_METRICS", "auth_metrics", boolean, "false", "Require a key on `/metrics` too"),
@@ -315,7 +371,10 @@ del S
 # Read by gunicorn.conf.py (edge.server.master), not by Config: listed in the README's table.
 PROMETHEUS_MULTIPROC_DIR_ROW = (
     "| `PROMETHEUS_MULTIPROC_DIR` | see below | Where workers write metric files. Default: "
-    "`$RUNTIME_DIRECTORY/metrics` under systemd, else a private directory in the temp dir |"
+    "`$RUNTIME_DIRECTORY/metrics` under systemd, else a new private directory in the temp dir "
+    "with an unpredictable name (`tempfile.mkdtemp`, mode 0700). A directory the service did not "
+    "just create must be a real directory (not a symlink), owned by the service's user, and not "
+    "writable by group or others; otherwise the start stops with one line naming the problem |"
 )
 
 
@@ -342,6 +401,7 @@ class Config:
     # Upstream (None: the built-in mock provider answers)
     upstream_url: str | None
     upstream_api_key: str | None = field(repr=False)
+    upstream_api_key_file: Path | None
     upstream_connect_timeout_s: float
     upstream_pool_size: int
     # Authentication
@@ -391,6 +451,28 @@ class Config:
         # What one setting alone cannot say.
         if values["instance"] is None:
             values["instance"] = f"port{values['port']}"
+        credentials = (environ.get("CREDENTIALS_DIRECTORY") or "").strip() or None
+        values["api_keys_file"] = _credential_file(
+            "API_KEYS_FILE", values["api_keys_file"], API_KEYS_CREDENTIAL, credentials
+        )
+        key_file = _credential_file(
+            "UPSTREAM_API_KEY_FILE",
+            values["upstream_api_key_file"],
+            UPSTREAM_KEY_CREDENTIAL,
+            credentials,
+        )
+        if key_file is not None:
+            if values["upstream_api_key"] is not None:
+                raise ConfigError(
+                    "UPSTREAM_API_KEY_FILE",
+                    "set either UPSTREAM_API_KEY or UPSTREAM_API_KEY_FILE (or the "
+                    f"{UPSTREAM_KEY_CREDENTIAL} credential), not both",
+                )
+            explicit = values["upstream_api_key_file"] is not None
+            values["upstream_api_key"] = _read_key_file("UPSTREAM_API_KEY_FILE", key_file, explicit)
+            if values["upstream_api_key"] is None:
+                key_file = None  # an empty credential: no upstream key, deliberately
+        values["upstream_api_key_file"] = key_file
         _check_tls(values["tls_cert_file"], values["tls_key_file"])
         if values["http2_enabled"] and values["tls_cert_file"] is None:
             raise ConfigError(
@@ -407,6 +489,47 @@ class Config:
         if self.workers or self.web_concurrency:
             return self.workers or self.web_concurrency
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+
+
+def _credential_file(
+    name: str, path: Path | None, credential: str, directory: str | None
+) -> Path | None:
+    """The file `name` names, or the systemd credential `credential` when `name` is unset.
+
+    With $CREDENTIALS_DIRECTORY set, a relative path in `name` is resolved there.
+    """
+    if path is None:
+        if directory is None or not (Path(directory) / credential).is_file():
+            return None
+        return Path(directory) / credential
+    if directory is not None and not path.is_absolute():
+        path = Path(directory) / path
+    return readable_file(name, str(path))
+
+
+def _read_key_file(name: str, path: Path, explicit: bool) -> str | None:
+    """One printable ASCII line, trimmed; never echoed in an error. Empty: None, unless the
+    operator named the file explicitly (then it is a mistake)."""
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(_MAX_SECRET_FILE + 1)
+    except OSError as exc:
+        raise ConfigError(name, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    if len(data) > _MAX_SECRET_FILE:
+        raise ConfigError(name, f"{str(path)!r} is larger than {_MAX_SECRET_FILE} bytes")
+    try:
+        key = data.decode("ascii").strip()
+    except UnicodeDecodeError:
+        raise ConfigError(name, f"{str(path)!r} holds non-ASCII bytes") from None
+    if not key:
+        if explicit:
+            raise ConfigError(name, f"{str(path)!r} is empty")
+        return None
+    if not is_header_safe(key) or " " in key:
+        raise ConfigError(
+            name, f"{str(path)!r} holds characters an HTTP header cannot carry (one line?)"
+        )
+    return key
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import time
 from collections.abc import Awaitable
 from typing import Any, TypeVar
 
@@ -18,6 +20,7 @@ from edge.endpoints.body import (
     validate_completion,
 )
 from edge.errors import BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
+from edge.observability import metric_files
 from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
@@ -217,12 +220,36 @@ class Health:
             raise ServiceUnavailable("Not ready: the upstream session is not open.")
 
 
+SCRAPE_LOCK_TIMEOUT_S = 2.0
+
+
 class MetricsResource:
+    """GET /metrics. Under gunicorn the scrape reads the multiprocess files under a shared lock,
+    so the master's fold of a dead worker's files (exclusive) is never seen half done
+    (edge/observability/metric_files.py). Waiting for the lock yields to the event loop."""
+
     def __init__(self, metrics: Any) -> None:
         self._metrics = metrics
 
     async def on_get(self, req: Any, resp: Any) -> None:
-        resp.data, resp.content_type = self._metrics.render()
+        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        if not path:
+            resp.data, resp.content_type = self._metrics.render()
+            return
+        try:
+            fd = metric_files.open_lock(path)
+        except OSError:
+            log.error("cannot open the metrics lock file", extra={"directory": path})
+            raise ServiceUnavailable("Metrics are unavailable: see the service log.") from None
+        try:
+            deadline = time.monotonic() + SCRAPE_LOCK_TIMEOUT_S
+            while not metric_files.try_lock(fd, exclusive=False):
+                if time.monotonic() >= deadline:
+                    raise ServiceUnavailable("Metrics are being compacted; retry the scrape.")
+                await asyncio.sleep(0.002)
+            resp.data, resp.content_type = self._metrics.render()
+        finally:
+            os.close(fd)  # releases the lock
 
     on_head = on_get
 

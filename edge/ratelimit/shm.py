@@ -21,9 +21,11 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import logging
 import mmap
 import os
 import re
+import secrets
 import time
 from collections.abc import Callable
 
@@ -56,9 +58,17 @@ _YIELD_ATTEMPTS = 32  # then back off with short sleeps: the holder may be desch
 _BACKOFF_S = 50e-6
 
 
-def table_name(prefix: str, pid: int) -> str:
-    """The shared-memory name for the table of the master with ``pid``."""
-    return f"{prefix}.{pid}"
+log = logging.getLogger("edge.ratelimit")
+
+
+def table_name(prefix: str, pid: int, token: str | None = None) -> str:
+    """The shared-memory name for the table of the master with ``pid``: ``<prefix>.<pid>.<token>``.
+
+    The random token makes the name unpredictable, so another local user cannot plant an
+    object under it beforehand (in the sticky /dev/shm we could not remove theirs). The master
+    chooses it once and workers learn it from the settings they inherit.
+    """
+    return f"{prefix}.{pid}.{secrets.token_hex(8) if token is None else token}"
 
 
 class SharedTable:
@@ -86,17 +96,23 @@ class SharedTable:
     ) -> SharedTable:
         """Create and format the object (mode 0600), replacing a stale one of the same name.
 
-        Names embed the master's pid, so an existing object of the same name was left by a
-        dead master whose pid has been reused. ``uid``/``gid`` hand the object to the user
-        the workers run as when the master runs as root.
+        An existing object of the same name is removed and replaced; one this user may not
+        remove (another user's) raises FileExistsError: choose another name (see
+        ``table_name``). ``uid``/``gid`` hand the object to the user the workers run as when
+        the master runs as root.
         """
         path = _posix_name(name)
         size = size_for(slots)
         try:
             shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
         except posix_ipc.ExistentialError:
-            _unlink(path)
-            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
+            try:
+                _unlink(path)
+                shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
+            except (posix_ipc.PermissionsError, posix_ipc.ExistentialError):
+                raise FileExistsError(
+                    f"shared-memory name {name!r} is taken by an object this user cannot remove"
+                ) from None
         mm = None
         try:
             os.fchmod(shm.fd, _MODE)  # exactly 0600 whatever the umask
@@ -244,16 +260,26 @@ class ShmRateLimiter:
 
 
 def remove_stale(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink ``<prefix>.<pid>`` objects whose pid is not a live process; return their names.
+    """Unlink ``<prefix>.<pid>[.<token>]`` objects whose pid is not a live process; return
+    their names. One this user may not remove (another user's) is logged and left alone: it
+    cannot collide with our unpredictable names.
 
     Assumes the masters share our pid namespace (true for one host under systemd).
     """
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)")
+    pattern = re.compile(re.escape(prefix) + r"\.(\d+)(?:\.[0-9a-f]+)?")
     removed = []
     for entry in sorted(os.listdir(shm_dir)):
         match = pattern.fullmatch(entry)
         if match and not pid_alive(int(match[1])):
-            _unlink("/" + entry)
+            try:
+                _unlink("/" + entry)
+            except posix_ipc.PermissionsError:
+                log.warning(
+                    "a stale shared-memory object of this instance cannot be removed "
+                    "(another user's?); leaving it",
+                    extra={"object": entry},
+                )
+                continue
             removed.append(entry)
     return removed
 

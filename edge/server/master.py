@@ -10,6 +10,7 @@ a running service down).
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -22,6 +23,7 @@ from typing import Any
 
 from edge.auth import KeyStore
 from edge.config import Config, ConfigError
+from edge.observability import metric_files
 from edge.ratelimit.shm import table_name
 
 log = logging.getLogger("edge.server")
@@ -36,10 +38,13 @@ class Settings:
     table_name: str
     metrics_dir: Path
     owns_metrics_dir: bool
+    metrics_dir_source: str = "PROMETHEUS_MULTIPROC_DIR"  # what named it, for error messages
 
 
 _current: Settings | None = None
 _master_table: Any = None  # the master's (closed) SharedTable, kept to unlink it on exit
+_removable_dir: Path | None = None  # a metrics directory this master created or verified
+_master_pid: int | None = None  # the process whose exit cleans up (not a forked worker)
 
 
 def current() -> Settings:
@@ -70,50 +75,106 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
     # Only digests are kept past this point: drop the plaintext keys before any fork.
     config = dataclasses.replace(config, api_keys=())
     pid = os.getpid()
-    metrics_dir, owns = _metrics_dir(environ, config, pid)
+    metrics_dir, owns, source = _metrics_dir(environ, config)
     _current = Settings(
         config=config,
         keys=keys,
-        table_name=table_name(table_prefix(config), pid),
+        # Chosen once: a reload keeps the table (and so its name) the workers attach to.
+        table_name=_current.table_name if _current else table_name(table_prefix(config), pid),
         metrics_dir=metrics_dir,
         owns_metrics_dir=owns,
+        metrics_dir_source=source,
     )
     return _current
 
 
-def _metrics_dir(environ: MutableMapping[str, str], config: Config, pid: int) -> tuple[Path, bool]:
+def _metrics_dir(environ: MutableMapping[str, str], config: Config) -> tuple[Path, bool, str]:
     """The Prometheus multiprocess directory, exported before prometheus_client is imported.
 
-    An operator's PROMETHEUS_MULTIPROC_DIR is honoured; else `$RUNTIME_DIRECTORY/metrics`
-    (systemd), else a private directory in the temp dir named for this instance and master.
+    An operator's PROMETHEUS_MULTIPROC_DIR is honoured (and left in place on exit); else
+    `$RUNTIME_DIRECTORY/metrics` (systemd); else a new private directory with an unpredictable
+    name (`tempfile.mkdtemp`, mode 0700). The last two are removed when the master exits,
+    a failed start included. Returns (path, removed on exit, what named it).
     """
+    global _removable_dir
     if _current is not None:  # a HUP reload keeps the directory and what it holds
-        return _current.metrics_dir, _current.owns_metrics_dir
+        return _current.metrics_dir, _current.owns_metrics_dir, _current.metrics_dir_source
     preset = environ.get("PROMETHEUS_MULTIPROC_DIR")
     if preset:
-        path, owns = Path(preset), False
+        path, owns, source = Path(preset), False, "PROMETHEUS_MULTIPROC_DIR"
     elif environ.get("RUNTIME_DIRECTORY"):
-        path, owns = Path(environ["RUNTIME_DIRECTORY"].split(":")[0]) / "metrics", True
+        runtime = environ["RUNTIME_DIRECTORY"].split(":")[0]
+        path, owns, source = Path(runtime) / "metrics", True, "RUNTIME_DIRECTORY"
     else:
-        path = Path(tempfile.gettempdir()) / f"{SHM_PREFIX}.{config.instance}.{pid}.metrics"
-        owns = True
+        path = Path(tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.{config.instance}.", suffix=".metrics"))
+        owns, source = True, "the temporary directory"
+        _removable_dir = path  # created just now, by us
+        _register_cleanup()
     environ["PROMETHEUS_MULTIPROC_DIR"] = str(path)
-    return path, owns
+    return path, owns, source
+
+
+def _register_cleanup() -> None:
+    """Clean up at interpreter exit too: a failed start (a port already in use makes gunicorn
+    `sys.exit` inside `Arbiter.start`) runs no gunicorn hook. Workers inherit the handler
+    through fork and exit through `sys.exit`, hence the pid check."""
+    global _master_pid
+    if _master_pid is None:
+        atexit.register(_cleanup_at_exit)
+    _master_pid = os.getpid()
+
+
+def _cleanup_at_exit() -> None:
+    if os.getpid() == _master_pid:
+        _cleanup()
+
+
+def _cleanup() -> None:
+    """Unlink the table and remove the metrics directory this master made; idempotent."""
+    global _master_table, _removable_dir
+    if _master_table is not None:
+        _master_table.unlink()
+        _master_table = None
+    if _removable_dir is not None:
+        shutil.rmtree(_removable_dir, ignore_errors=True)
+        _removable_dir = None
 
 
 def on_starting(server: Any) -> None:
     settings = current()
     config = settings.config
-    _prepare_metrics_dir(settings.metrics_dir, **_worker_owner(server))
+    _register_cleanup()
+    try:
+        _prepare_metrics_dir(settings, **_worker_owner(server))
+    except metric_files.MetricsDirError as exc:
+        print(
+            f"llm-edge-proxy: metrics directory ({settings.metrics_dir_source}): {exc}",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(2) from None
     if config.rate_limit_enabled:
         from edge.ratelimit import SharedTable, remove_stale
 
-        global _master_table
+        global _current, _master_table
         remove_stale(table_prefix(config))
-        # The master keeps only the name: workers attach with descriptors of their own.
-        _master_table = SharedTable.create(
-            settings.table_name, config.rate_limit_slots, **_worker_owner(server)
-        )
+        # The master keeps only the name: workers attach with descriptors of their own. The
+        # name is unpredictable; should it still be taken by an object we may not remove,
+        # pick another (workers read the name from the settings after fork).
+        for attempt in range(3):
+            try:
+                _master_table = SharedTable.create(
+                    settings.table_name, config.rate_limit_slots, **_worker_owner(server)
+                )
+                break
+            except FileExistsError as exc:
+                log.warning("shared-memory name taken; choosing another", extra={"error": str(exc)})
+                if attempt == 2:
+                    print(f"llm-edge-proxy: rate-limit table: {exc}", file=sys.stderr, flush=True)
+                    raise SystemExit(2) from None
+                settings = _current = dataclasses.replace(
+                    settings, table_name=table_name(table_prefix(config), os.getpid())
+                )
         _master_table.close()
     if config.upstream_url is None:
         log.warning(
@@ -138,27 +199,50 @@ def _worker_owner(server: Any) -> dict[str, int]:
     return {"uid": uid, "gid": gid}
 
 
-def _prepare_metrics_dir(path: Path, uid: int | None = None, gid: int | None = None) -> None:
-    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+def _prepare_metrics_dir(
+    settings: Settings, uid: int | None = None, gid: int | None = None
+) -> None:
+    """Create or check the directory, then empty it. A directory we did not just create must
+    be a real directory (not a symlink), owned by us or the workers' user, and writable by no
+    one else: otherwise a local user could have planted it, or links in it."""
+    global _removable_dir
+    path = settings.metrics_dir
+    if path != _removable_dir:  # not our fresh mkdtemp: create it if missing, then check
+        try:
+            path.mkdir(mode=0o700, parents=True)
+        except FileExistsError:
+            pass  # checked below
+        except OSError as exc:
+            raise metric_files.MetricsDirError(f"cannot create {path}: {exc.strerror}") from None
+        allowed = {os.geteuid(), os.geteuid() if uid is None else uid}
+        metric_files.check_private_dir(path, allowed)
+        if settings.owns_metrics_dir:
+            _removable_dir = path
     if uid is not None or gid is not None:
         os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
-    for stale in path.glob("*.db"):
-        stale.unlink(missing_ok=True)
+    metric_files.prepare(path, uid, gid)
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Fold a dead worker's live gauges out; its counters stay in its files and keep counting."""
+    """Drop a dead worker's live gauges, and fold its counters and histograms (and those of any
+    earlier worker whose fold was skipped) into the archive files, so the directory stays at
+    one set of files per live worker plus the archives however many workers come and go."""
     from prometheus_client import multiprocess
 
-    multiprocess.mark_process_dead(worker.pid, str(current().metrics_dir))
+    path = current().metrics_dir
+    multiprocess.mark_process_dead(worker.pid, str(path))
+    live = [os.getpid(), *getattr(server, "WORKERS", {})]
+    try:
+        removed = metric_files.fold(path, live)
+    except Exception:
+        log.exception("could not fold a dead worker's metric files; they stay and still count")
+        return
+    if removed is None:
+        log.warning("metrics directory busy: a dead worker's files are folded at the next exit")
 
 
 def on_exit(server: Any) -> None:
-    settings = current()
-    if _master_table is not None:
-        _master_table.unlink()
-    if settings.owns_metrics_dir:
-        shutil.rmtree(settings.metrics_dir, ignore_errors=True)
+    _cleanup()
 
 
 def logconfig() -> dict[str, Any]:

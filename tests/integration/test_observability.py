@@ -360,7 +360,9 @@ def test_totals_survive_a_sigkilled_worker(upstream, keys_file, tmp_path):
         )
         assert finished == len(holders) - victim_streams
         assert not (metrics_dir / f"gauge_livesum_{victim}.db").exists()
-        assert (metrics_dir / f"counter_{victim}.db").exists()
+        # Its counters were folded into the archive (child_exit), and its files removed.
+        assert not (metrics_dir / f"counter_{victim}.db").exists()
+        assert (metrics_dir / "counter_archive.db").exists()
         for _ in range(5):  # every worker, the new one too, reports the same total
             assert value(scrape(server), "edge_requests_total", **CHAT_200) == n
         assert any("SIGKILL" in record["message"] for record in records(server))

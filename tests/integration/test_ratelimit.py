@@ -267,7 +267,10 @@ def failures(server: Gunicorn, event: str, policy: str) -> float:
 
 
 def table_path(server: Gunicorn, instance: str) -> Path:
-    return SHM / f"llm-edge-proxy.{instance}.{server.pid}"
+    """The table of this master: `llm-edge-proxy.<instance>.<pid>.<random token>`."""
+    found = list(SHM.glob(f"llm-edge-proxy.{instance}.{server.pid}.*"))
+    assert len(found) <= 1, found
+    return found[0] if found else SHM / f"llm-edge-proxy.{instance}.{server.pid}.gone"
 
 
 @contextlib.contextmanager
@@ -657,9 +660,13 @@ def test_two_instances_have_separate_tables(primary, second):
 def test_clean_shutdown_removes_table_and_metrics_dir(primary, second):
     server = second.server
     table = table_path(server, SECOND_INSTANCE)
-    metrics_dir = Path(tempfile.gettempdir()) / f"{table.name}.metrics"
+    # A private directory with an unpredictable name (tempfile.mkdtemp): find it by its prefix.
+    found = list(Path(tempfile.gettempdir()).glob(f"llm-edge-proxy.{SECOND_INSTANCE}.*.metrics"))
+    assert len(found) == 1, found
+    metrics_dir = found[0]
     assert table.exists()
     assert metrics_dir.is_dir()
+    assert stat.S_IMODE(metrics_dir.stat().st_mode) == 0o700
     blast(primary, "shared", 6)  # empty that key's bucket on the primary (if not yet)
     assert server.stop() == 0  # SIGTERM
     assert not table.exists()
