@@ -19,6 +19,9 @@ from urllib.parse import urlsplit
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 FAILURE_POLICIES = ("allow", "deny")
+RATE_LIMIT_BACKENDS = ("shm", "redis")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_PREFIX_RE = re.compile(r"^[!-~]{0,128}$")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _INSTANCE_RE = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -67,6 +70,13 @@ class Config:
     rate_limit_slots: int = 8192
     rate_limit_lock_timeout_s: float = 0.05
     rate_limit_failure_policy: str = "allow"
+    rate_limit_backend: str = "shm"
+    redis_url: str | None = field(default=None, repr=False)  # may carry a password
+    redis_password: str | None = field(default=None, repr=False)  # from REDIS_PASSWORD_FILE
+    rate_limit_redis_timeout_s: float = 0.05
+    redis_key_prefix: str = "llm-edge-proxy:"
+    rate_limit_tpm: int = 0  # 0: no token limit unless a key sets its own `tpm`
+    rate_limit_tpm_default_max_tokens: int = 1024
     # Observability
     log_level: str = "info"
     enable_tracing: bool = True
@@ -100,6 +110,10 @@ class Config:
         upstream_url = env.url("UPSTREAM_URL")
         tls_cert, tls_key = env.tls_pair("TLS_CERT_FILE", "TLS_KEY_FILE")
         http2 = env.boolean("HTTP2_ENABLED", False)
+        backend = env.choice("RATE_LIMIT_BACKEND", "shm", RATE_LIMIT_BACKENDS)
+        redis_url = env.redis_url("REDIS_URL")
+        if backend == "redis" and redis_url is None:
+            raise ConfigError("REDIS_URL", "RATE_LIMIT_BACKEND=redis needs REDIS_URL")
         if http2 and tls_cert is None:
             raise ConfigError(
                 "HTTP2_ENABLED", "HTTP/2 is served over TLS: set TLS_CERT_FILE and TLS_KEY_FILE"
@@ -148,6 +162,18 @@ class Config:
             / 1000.0,
             rate_limit_failure_policy=env.choice(
                 "RATE_LIMIT_FAILURE_POLICY", "allow", FAILURE_POLICIES
+            ),
+            rate_limit_backend=backend,
+            redis_url=redis_url,
+            redis_password=env.secret_file("REDIS_PASSWORD_FILE"),
+            rate_limit_redis_timeout_s=env.number(
+                "RATE_LIMIT_REDIS_TIMEOUT_MS", 50.0, minimum=1.0, maximum=10_000
+            )
+            / 1000.0,
+            redis_key_prefix=env.redis_prefix("REDIS_KEY_PREFIX", "llm-edge-proxy:"),
+            rate_limit_tpm=env.integer("RATE_LIMIT_TPM", 0, minimum=0, maximum=10**12),
+            rate_limit_tpm_default_max_tokens=env.integer(
+                "RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS", 1024, minimum=1, maximum=10**9
             ),
             log_level=env.choice("LOG_LEVEL", "info", LOG_LEVELS),
             enable_tracing=env.boolean("ENABLE_TRACING", True),
@@ -282,6 +308,48 @@ class _Env:
         value = self.raw(name)
         if value is not None and not is_header_safe(value):
             raise ConfigError(name, "contains characters not allowed in an HTTP header")
+        return value
+
+    def redis_url(self, name: str) -> str | None:
+        """redis://, rediss:// or unix://; the value is never echoed (it may hold a password)."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        parts = urlsplit(value)
+        if parts.scheme not in REDIS_SCHEMES:
+            raise ConfigError(name, "expected a redis://, rediss:// or unix:// URL")
+        if parts.scheme == "unix":
+            if not parts.path:
+                raise ConfigError(name, "a unix:// URL needs a socket path")
+        elif not parts.hostname:
+            raise ConfigError(name, "expected a host in the URL")
+        try:
+            parts.port  # noqa: B018 - raises on a malformed port
+        except ValueError:
+            raise ConfigError(name, "has a malformed port") from None
+        return value
+
+    def secret_file(self, name: str) -> str | None:
+        """The first line of a file holding a secret; the contents are never echoed."""
+        value = self.raw(name)
+        if value is None:
+            return None
+        try:
+            with open(value, encoding="utf-8") as handle:
+                secret = handle.readline().strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+            raise ConfigError(name, f"cannot read {value!r}: {reason}") from None
+        if not secret:
+            raise ConfigError(name, f"{value!r} is empty")
+        return secret
+
+    def redis_prefix(self, name: str, default: str) -> str:
+        value = self._environ.get(name)
+        if value is None:
+            return default
+        if not _REDIS_PREFIX_RE.match(value):
+            raise ConfigError(name, "use at most 128 printable ASCII characters, no spaces")
         return value
 
     def secrets(self, name: str) -> tuple[str, ...]:

@@ -170,7 +170,10 @@ class RateLimitMiddleware:
         else:
             identity = "addr:" + (ctx.client or "unknown")
         limiter: RateLimiter = self._runtime.limiter
-        decision = limiter.check(identity.encode(), rpm, burst)
+        if limiter.asynchronous:  # Redis: awaited; shm: a plain call, no coroutine
+            decision = await limiter.check_async(identity.encode(), rpm, burst)
+        else:
+            decision = limiter.check(identity.encode(), rpm, burst)
         ctx.rate_decision = decision
         if decision.failure is not None and self._metrics is not None:
             self._metrics.limiter_failure(decision.failure, self._policy)
