@@ -28,12 +28,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import random
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 from edge.ratelimit.base import ALLOW, FAILURE_POLICIES, Decision, DigestCache, failure_decision
+
+log = logging.getLogger("edge.ratelimit")
 
 REDIS_TIMEOUT: Final = "redis_timeout"
 REDIS_UNAVAILABLE: Final = "redis_unavailable"
@@ -123,8 +126,6 @@ def connect(url: str, password: str | None, timeout_s: float, max_connections: i
         "retry": Retry(NoBackoff(), 0),
         "max_connections": max_connections,
         "health_check_interval": 0,
-        "lib_name": None,  # no CLIENT SETINFO round trips on each (re)connect
-        "lib_version": None,
     }
     if password is not None:
         options["password"] = password
@@ -161,10 +162,20 @@ class RedisRateLimiter:
         self._probing = False
         self._tasks: set[asyncio.Task[Any]] = set()
 
-    async def start(self) -> None:
-        """Open the pool (lazily connecting): call in the worker, after the fork."""
+    async def start(self, warm_timeout_s: float = 2.0) -> None:
+        """Open the pool in the worker, after the fork, and warm it: connect and load the
+        script, with more patience than a decision has, so the first requests do not pay for
+        the connection. Redis being away now is not fatal: decisions retry on their own."""
         if self._client is None:
             self._client = self._client_factory()
+        try:
+            async with asyncio.timeout(warm_timeout_s):
+                await self._client.script_load(BUCKET_SCRIPT)
+        except Exception as exc:
+            log.warning(
+                "Redis is not reachable at startup; the failure policy decides until it is",
+                extra={"reason": _reason(exc)},
+            )
 
     def key_for(self, identity: bytes) -> str:
         key = self._keys.get(identity)
