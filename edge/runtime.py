@@ -19,6 +19,7 @@ class Runtime:
         self.metrics = metrics
         self.upstream = upstream
         self.limiter: RateLimiter | None = None
+        self.tokens: Any = None  # edge.ratelimit.tokens.TokenLimiter when rate limiting is on
         self._limiter_factory = limiter_factory
         self.started = False
 

@@ -65,3 +65,15 @@ def test_bad_values_name_the_variable_and_hide_secrets(env, variable):
         Config.from_env(env)
     assert info.value.variable == variable
     assert "secretpw" not in str(info.value) and ":pw@" not in str(info.value)
+
+
+def test_keys_file_tpm(tmp_path: Path):
+    from edge.auth import KeyStore
+
+    path = tmp_path / "keys.toml"
+    path.write_text('[[keys]]\nname = "a"\nkey = "sk-a"\ntpm = 5000\n')
+    store = KeyStore.load(Config.from_env({"API_KEYS_FILE": str(path)}))
+    assert store.lookup("sk-a").tpm == 5000
+    path.write_text('[[keys]]\nname = "a"\nkey = "sk-a"\ntpm = -1\n')
+    with pytest.raises(ConfigError, match="tpm"):
+        KeyStore.load(Config.from_env({"API_KEYS_FILE": str(path)}))
