@@ -20,6 +20,12 @@ doubling to ``BACKOFF_MAX_S``) decisions go straight to the policy without touch
 and when the interval is over only one decision at a time probes Redis. The first success
 ends the backoff. So a recovering Redis sees a trickle per worker, not every request.
 
+One local shortcut (a "first tier"): a worker remembers a refusal until its ``retry_after``
+has passed and refuses the same identity again without asking Redis. That is exact for the
+request bucket (a refused bucket only refills, so nothing can make the request fit sooner;
+only a token-limit refund can, and settling one forgets the refusal in this worker), and it
+keeps a refused flood, the heaviest load a limiter sees, off Redis.
+
 The client is redis-py's asyncio API (hiredis parser when installed), one pool per worker,
 opened at lifespan startup in the worker, after the fork.
 """
@@ -157,6 +163,7 @@ class RedisRateLimiter:
         self._clock = clock
         self._digest = DigestCache()
         self._keys: dict[bytes, str] = {}
+        self._refused: dict[bytes, tuple[float, float, float]] = {}  # see check_async
         self._retry_at = 0.0  # 0: healthy; else no Redis call before this time
         self._backoff_s = 0.0
         self._probing = False
@@ -189,16 +196,32 @@ class RedisRateLimiter:
         raise TypeError("RedisRateLimiter decisions are awaited: use check_async()")
 
     async def check_async(self, identity: bytes, rpm: float, burst: int, cost: int = 1) -> Decision:
+        refused = self._refused.get(identity)
+        if refused is not None:
+            # A local first tier for refusals only: until `retry_at` the bucket cannot hold
+            # `cost` tokens (it only refills), so asking Redis again would change nothing.
+            now = self._clock()
+            retry_at, reset_at, refused_cost = refused
+            if now < retry_at and cost >= refused_cost:
+                return Decision(False, burst, 0, retry_at - now, max(0.0, reset_at - now))
+            del self._refused[identity]
         reply = await self._run(identity, rpm / 60.0, burst, cost, "take")
         if isinstance(reply, str):
             return failure_decision(reply, self._policy, burst)
         allowed, remaining, retry_after, reset_after = reply
-        return Decision(
+        decision = Decision(
             bool(allowed), burst, max(0, int(remaining)), float(retry_after), float(reset_after)
         )
+        if not allowed:
+            if len(self._refused) >= 65_536:
+                self._refused.clear()
+            now = self._clock()
+            self._refused[identity] = (now + decision.retry_after, now + decision.reset_after, cost)
+        return decision
 
     async def adjust_async(self, identity: bytes, rpm: float, burst: int, refund: float) -> None:
         """Settle a reservation (give back ``refund`` tokens, take when negative). Best effort."""
+        self._refused.pop(identity, None)  # a refund may make a refused cost fit sooner
         if refund:
             await self._run(identity, rpm / 60.0, burst, refund, "adjust")
 

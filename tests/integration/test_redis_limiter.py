@@ -136,11 +136,16 @@ async def _decisions_keys_and_script_flush(server: RedisServer, client: redis.Re
         assert keys == [limiter.key_for(identity)]
         assert "secret" not in keys[0] and "sk-" not in keys[0]
         assert 0 < client.pttl(keys[0]) <= 30_000 + 1
+        # A repeated refusal is answered by the worker itself: Redis is not asked again.
+        calls = client.info("commandstats").get("cmdstat_evalsha", {}).get("calls", 0)
+        again = await limiter.check_async(identity, 6.0, 3)
+        assert not again.allowed and again.retry_after == pytest.approx(10.0, abs=0.2)
+        assert client.info("commandstats")["cmdstat_evalsha"]["calls"] == calls
         client.script_flush()
-        after = await limiter.check_async(identity, 6.0, 3)
-        assert after.failure is None and not after.allowed  # state kept, script reloaded
+        assert client.script_exists(SCRIPT_SHA) == [False]
         other = await limiter.check_async(b"key:other", 6.0, 3)
         assert other.failure is None and other.allowed and other.remaining == 2
+        assert client.script_exists(SCRIPT_SHA) == [True]  # reloaded by that same decision
     finally:
         await limiter.aclose()
 
