@@ -232,6 +232,8 @@ async def _killed_and_restarted_redis_is_used_again() -> None:
     await limiter.start()
     try:
         assert (await limiter.check_async(b"r", 6.0, 1)).allowed
+        # Many idle connections, all of which the restart will break.
+        await asyncio.gather(*(limiter.check_async(b"many", 6000.0, 1000) for _ in range(40)))
         server.kill()
         failed = await limiter.check_async(b"r", 6.0, 1)
         assert failed.allowed and failed.failure is not None  # policy: allow
