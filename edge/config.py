@@ -114,6 +114,11 @@ class Config:
         redis_url = env.redis_url("REDIS_URL")
         if backend == "redis" and redis_url is None:
             raise ConfigError("REDIS_URL", "RATE_LIMIT_BACKEND=redis needs REDIS_URL")
+        redis_password = env.secret_file("REDIS_PASSWORD_FILE")
+        if redis_password is not None and redis_url and urlsplit(redis_url).password:
+            raise ConfigError(
+                "REDIS_PASSWORD_FILE", "REDIS_URL carries a password too: give it in one place"
+            )
         if http2 and tls_cert is None:
             raise ConfigError(
                 "HTTP2_ENABLED", "HTTP/2 is served over TLS: set TLS_CERT_FILE and TLS_KEY_FILE"
@@ -165,7 +170,7 @@ class Config:
             ),
             rate_limit_backend=backend,
             redis_url=redis_url,
-            redis_password=env.secret_file("REDIS_PASSWORD_FILE"),
+            redis_password=redis_password,
             rate_limit_redis_timeout_s=env.number(
                 "RATE_LIMIT_REDIS_TIMEOUT_MS", 50.0, minimum=1.0, maximum=10_000
             )

@@ -253,3 +253,39 @@ def test_killed_redis_restarted_on_the_same_port_enforces_again(keys_file: Path)
             assert time.monotonic() - restarted < 5
     finally:
         redis.stop()
+
+
+@pytest.mark.parametrize("where", ["file", "url"])
+def test_password_from_file_or_url_is_used_and_never_logged(
+    keys_file: Path, tmp_path: Path, where: str
+) -> None:
+    secret = "pw-Secret-4821"
+    redis = RedisServer(password=secret)
+    try:
+        env = {"LOG_LEVEL": "debug"}
+        if where == "file":
+            (tmp_path / "pw").write_text(secret + "\n")
+            env["REDIS_PASSWORD_FILE"] = str(tmp_path / "pw")
+            url = redis.url
+        else:
+            url = redis.url.replace("redis://", f"redis://:{secret}@")
+        server = Gunicorn(
+            RATE_LIMIT_BACKEND="redis",
+            REDIS_URL=url,
+            API_KEYS_FILE=str(keys_file),
+            RATE_LIMIT_FAILURE_POLICY="deny",
+            RATE_LIMIT_REDIS_TIMEOUT_MS="2000",
+            **env,
+        )
+        try:
+            response = post(server, "frozen")
+            assert response.status_code == 200, response.text
+            assert "x-ratelimit-remaining-requests" in response.headers  # Redis decided
+            metrics = httpx.get(server.url + "/metrics", timeout=10).text
+        finally:
+            server.stop()
+        output = server.log_path.read_text(errors="replace")
+        assert f"127.0.0.1:{redis.port}" in output  # the location is logged...
+        assert secret not in output and secret not in metrics  # ...the password never
+    finally:
+        redis.stop()

@@ -26,7 +26,7 @@ def test_redis_settings_are_parsed(tmp_path: Path):
     config = Config.from_env(
         {
             "RATE_LIMIT_BACKEND": "redis",
-            "REDIS_URL": "rediss://user:urlpass@redis.example:6380/2",
+            "REDIS_URL": "rediss://user@redis.example:6380/2",
             "REDIS_PASSWORD_FILE": str(secret),
             "RATE_LIMIT_REDIS_TIMEOUT_MS": "20",
             "REDIS_KEY_PREFIX": "edge-a:",
@@ -40,7 +40,9 @@ def test_redis_settings_are_parsed(tmp_path: Path):
     assert config.redis_key_prefix == "edge-a:"
     assert (config.rate_limit_tpm, config.rate_limit_tpm_default_max_tokens) == (30000, 256)
     # Neither password is in the repr (what a log line of the config would show).
-    assert "urlpass" not in repr(config) and "s3cret" not in repr(config)
+    assert "s3cret" not in repr(config)
+    with_password = Config.from_env({"REDIS_URL": "redis://:urlpass@h:1/0"})
+    assert "urlpass" not in repr(with_password)
     assert redis_location(config.redis_url) == "rediss://redis.example:6380/2"
     assert Config.from_env({"REDIS_URL": "unix:///run/redis.sock"}).redis_url
 
@@ -54,6 +56,7 @@ def test_redis_settings_are_parsed(tmp_path: Path):
         ({"REDIS_URL": "redis://:pw@host:notaport"}, "REDIS_URL"),
         ({"REDIS_URL": "unix://"}, "REDIS_URL"),
         ({"REDIS_PASSWORD_FILE": "/nonexistent/pw"}, "REDIS_PASSWORD_FILE"),
+        ({"REDIS_PASSWORD_FILE": __file__, "REDIS_URL": "redis://:pw@h:1"}, "REDIS_PASSWORD_FILE"),
         ({"RATE_LIMIT_REDIS_TIMEOUT_MS": "0"}, "RATE_LIMIT_REDIS_TIMEOUT_MS"),
         ({"REDIS_KEY_PREFIX": "has space"}, "REDIS_KEY_PREFIX"),
         ({"RATE_LIMIT_TPM": "-1"}, "RATE_LIMIT_TPM"),
