@@ -1,4 +1,4 @@
-"""The rate-limiter interface shared by every backend (shared memory today, Redis later)."""
+"""The rate-limiter interface shared by every backend (shared memory, Redis)."""
 
 from __future__ import annotations
 

@@ -105,7 +105,7 @@ def on_starting(server: Any) -> None:
     settings = current()
     config = settings.config
     _prepare_metrics_dir(settings.metrics_dir, **_worker_owner(server))
-    if config.rate_limit_enabled and config.rate_limit_backend == "shm":
+    if config.rate_limit_enabled:  # also with the Redis backend: a HUP may switch to shm
         from edge.ratelimit import SharedTable, remove_stale
 
         global _master_table
