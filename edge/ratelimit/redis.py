@@ -127,7 +127,9 @@ def connect(url: str, password: str | None, timeout_s: float, max_connections: i
     from redis.backoff import NoBackoff
 
     options: dict[str, Any] = {
-        "socket_timeout": timeout_s,
+        # No socket timeout of redis-py's own: it would wrap every send in asyncio.wait_for (a
+        # task per command). Each decision is bounded by asyncio.timeout in RedisRateLimiter.
+        "socket_timeout": None,
         "socket_connect_timeout": timeout_s,
         "retry": Retry(NoBackoff(), 0),
         "max_connections": max_connections,
