@@ -57,7 +57,7 @@ BODY = '{"model":"bench","messages":[{"role":"user","content":"hi"}]}'
 STREAM_BODY = '{"model":"bench","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 CHAT_PATH = "/v1/chat/completions"
 TOOLS = {"wrk": "wrk", "nginx": "nginx"}  # binary -> Debian package
-PHASES = ("throughput", "latency", "rate", "stream", "memory", "cpu", "limiter")
+PHASES = ("throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis")
 WORKERS = 2
 # The static answer nginx returns (no ' or $: it sits in a quoted nginx string).
 UPSTREAM_ANSWER = json.dumps(
@@ -83,7 +83,10 @@ EDGE_VARIABLES = (
     "INSTANCE_NAME", "AUTH_ENABLED", "API_KEYS", "API_KEY_HASHES", "API_KEYS_FILE",
     "AUTH_HEALTH_CHECK", "AUTH_METRICS", "PUBLIC_PATHS", "RATE_LIMIT_ENABLED", "RATE_LIMIT_RPM",
     "RATE_LIMIT_BURST", "RATE_LIMIT_TABLE_SLOTS", "RATE_LIMIT_LOCK_TIMEOUT_MS",
-    "RATE_LIMIT_FAILURE_POLICY", "LOG_LEVEL", "ENABLE_TRACING", "ENABLE_METRICS", "UPSTREAM_URL",
+    "RATE_LIMIT_FAILURE_POLICY", "RATE_LIMIT_BACKEND", "REDIS_URL", "REDIS_PASSWORD_FILE",
+    "RATE_LIMIT_REDIS_TIMEOUT_MS", "REDIS_KEY_PREFIX", "RATE_LIMIT_TPM",
+    "RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS", "LOG_LEVEL", "ENABLE_TRACING", "ENABLE_METRICS",
+    "UPSTREAM_URL",
     "UPSTREAM_API_KEY", "UPSTREAM_CONNECT_TIMEOUT_SECONDS", "UPSTREAM_POOL_SIZE",
     "PROMETHEUS_MULTIPROC_DIR", "RUNTIME_DIRECTORY", "GUNICORN_CMD_ARGS",
 )  # fmt: skip
@@ -895,7 +898,7 @@ def measure(settings: Settings, out: Path) -> tuple[list[Row], dict[str, Any]]:
     tmp = Path(tempfile.mkdtemp(prefix="llm-edge-bench."))
     want = set(settings.phases)
     try:
-        server_phases = {"throughput", "latency", "rate", "memory", "cpu"}
+        server_phases = {"throughput", "latency", "rate", "memory", "cpu", "redis"}
         if want & server_phases:
             nginx_port, floor_port, edge_port = free_port(), free_port(), free_port()
             log(f"starting nginx :{nginx_port}, floor :{floor_port}, edge :{edge_port}")
@@ -908,6 +911,8 @@ def measure(settings: Settings, out: Path) -> tuple[list[Row], dict[str, Any]]:
                 target.rss["idle"] = service_rss_mb(target.proc.pid)
             check_answers(targets)
             run_server_phases(settings, want, targets, raw)
+            if "redis" in want:
+                raw["redis"] = run_redis_phase(settings, procs, out, upstream, edge)
             for target in targets:
                 raw.setdefault("rss", {})[target.name] = dict(target.rss)
             for proc in (edge.proc, floor.proc, direct.proc):
@@ -991,6 +996,59 @@ def run_server_phases(
         time.sleep(0.5)
         log(f"idle CPU of edge over {settings.idle_cpu_seconds:g} s")
         raw["idle_cpu"] = idle_cpu(edge.proc.pid, settings.idle_cpu_seconds)
+
+
+def run_redis_phase(
+    settings: Settings, procs: Processes, out: Path, upstream: str, edge: Target
+) -> dict[str, Any] | None:
+    """Edge on RATE_LIMIT_BACKEND=redis (a local redis-server, no persistence) against the
+    same edge on shared memory, interleaved rounds of the throughput run."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        log("redis-server not installed: Redis phase skipped")
+        return None
+    redis_port, port = free_port(), free_port()
+    log(f"Redis backend: redis-server :{redis_port}, edge :{port}")
+    redis = procs.start(
+        "redis",
+        [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--loglevel", "warning"],
+        out / "redis.log",
+        dict(os.environ),
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", redis_port), timeout=0.5).close()
+            break
+        except OSError:
+            if time.monotonic() > deadline:
+                raise BenchError("redis-server did not start") from None
+            time.sleep(0.05)
+    on_redis = start_edge(
+        procs, out, port, upstream, "benchedge-redis", "edge-redis.log",
+        {"RATE_LIMIT_BACKEND": "redis", "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
+    )  # fmt: skip
+    runs: dict[str, list[dict]] = {"shm": [], "redis": []}
+    try:
+        check_answers([on_redis])
+        for round_ in range(1, settings.rounds + 1):
+            for name, target in (("shm", edge), ("redis", on_redis)):
+                log(f"throughput edge on {name} (round {round_}/{settings.rounds})")
+                if settings.warmup:
+                    wrk(target.url, settings.threads, settings.connections, settings.warmup)
+                pids = service_pids(target.proc.pid)
+                ticks = sum(cpu_ticks(pid) for pid in pids)
+                result = wrk(target.url, settings.threads, settings.connections, settings.duration)
+                ticks = sum(cpu_ticks(pid) for pid in pids) - ticks
+                result["cpu_us_per_req"] = (
+                    ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(1, result["requests"])
+                )
+                runs[name].append(result)
+    finally:
+        procs.stop(on_redis.proc)
+        procs.stop(redis)
+    return {name: best_throughput(results) for name, results in runs.items()}
 
 
 def best_throughput(runs: list[dict]) -> dict:
@@ -1182,6 +1240,24 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
         row.edge = "n/a"
         row.result = "skipped" if "limiter" not in settings.phases else ""
     row.target = "p99 ≤ 10 µs"
+    rows.append(row)
+
+    redis = raw.get("redis")
+    row = Row(f"Throughput on the Redis backend, c={settings.connections}")
+    row.target = "≥ 0.8× edge on shm"
+    if redis:
+        ratio = redis["redis"]["rps"] / redis["shm"]["rps"]
+        row.edge = f"{redis['redis']['rps']:,.0f} req/s ({redis['shm']['rps']:,.0f} on shm)"
+        row.result = (
+            f"{ratio:.2f}× shm; CPU {redis['redis']['cpu_us_per_req']:.0f} vs "
+            f"{redis['shm']['cpu_us_per_req']:.0f} µs/req; errors "
+            f"{redis['redis']['status']} / {redis['redis']['socket_errors']}"
+        )
+        row.met = ratio >= 0.8
+        row.marked = True
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "redis" not in settings.phases else "n/a"
     rows.append(row)
     return rows
 

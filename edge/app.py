@@ -102,6 +102,10 @@ def create_app(
         config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream
     )
     runtime.limiter = local_limiter
+    if config.rate_limit_enabled:
+        from edge.ratelimit.tokens import TokenLimiter
+
+        runtime.tokens = TokenLimiter(config, runtime, metrics)
 
     health = Health(runtime)
     routes: list[tuple[str, Any, str | None]] = [

@@ -33,7 +33,7 @@ from edge.errors import Unauthorized
 
 MAX_KEY_LENGTH = 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_FILE_FIELDS = frozenset({"name", "key", "sha256", "rpm", "burst"})
+_FILE_FIELDS = frozenset({"name", "key", "sha256", "rpm", "burst", "tpm"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +41,7 @@ class KeyEntry:
     identity: str
     rpm: float | None = None
     burst: int | None = None
+    tpm: int | None = None  # tokens per minute; 0 turns the token limit off for this key
 
 
 def digest_of(key: str | bytes) -> bytes:
@@ -156,7 +157,12 @@ def _read_keys_file(path: Path) -> list[tuple[bytes, KeyEntry]]:
             isinstance(burst, bool) or not isinstance(burst, int) or not 1 <= burst <= 10**9
         ):
             raise ConfigError(variable, f"{where}: 'burst' must be a whole number of at least 1")
-        result.append((digest, KeyEntry(name, None if rpm is None else float(rpm), burst)))
+        tpm = item.get("tpm")
+        if tpm is not None and (
+            isinstance(tpm, bool) or not isinstance(tpm, int) or not 0 <= tpm <= 10**12
+        ):
+            raise ConfigError(variable, f"{where}: 'tpm' must be a whole number of at least 0")
+        result.append((digest, KeyEntry(name, None if rpm is None else float(rpm), burst, tpm)))
     return result
 
 

@@ -22,10 +22,14 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from edge.ratelimit.base import FAILURE_POLICIES
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+RATE_LIMIT_BACKENDS = ("shm", "redis")
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+_REDIS_PREFIX_RE = re.compile(r"[!-~]{0,128}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
 _INSTANCE_RE = re.compile(r"[A-Za-z0-9_-]{1,64}")
@@ -225,6 +229,42 @@ def file_name(name: str, value: str) -> Path:
     return Path(value)
 
 
+def redis_url(name: str, value: str) -> str:
+    """redis://, rediss:// or unix://; the value is never echoed (it may hold a password)."""
+    parts = urlsplit(value)
+    if parts.scheme not in REDIS_SCHEMES:
+        raise ConfigError(name, "expected a redis://, rediss:// or unix:// URL")
+    if parts.scheme == "unix":
+        if not parts.path:
+            raise ConfigError(name, "a unix:// URL needs a socket path")
+    elif not parts.hostname:
+        raise ConfigError(name, "expected a host in the URL")
+    try:
+        parts.port  # noqa: B018 - raises on a malformed port
+    except ValueError:
+        raise ConfigError(name, "has a malformed port") from None
+    return value
+
+
+def first_line_secret(name: str, value: str) -> str:
+    """The first line of the file `value`, trimmed; the contents are never echoed."""
+    try:
+        with open(value, encoding="utf-8") as handle:
+            secret = handle.readline().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8"
+        raise ConfigError(name, f"cannot read {value!r}: {reason}") from None
+    if not secret:
+        raise ConfigError(name, f"{value!r} is empty")
+    return secret
+
+
+def redis_prefix(name: str, value: str) -> str:
+    if not _REDIS_PREFIX_RE.fullmatch(value):
+        raise ConfigError(name, "use at most 128 printable ASCII characters, no spaces")
+    return value
+
+
 def url_paths(name: str, value: str) -> tuple[str, ...]:
     paths = tuple(part.strip() for part in value.split(",") if part.strip())
     for path in paths:
@@ -348,8 +388,29 @@ SETTINGS: tuple[Setting, ...] = (
       "Longest wait for the table lock before the failure policy applies"),
     S("RATE_LIMIT_FAILURE_POLICY", "rate_limit_failure_policy", choice(*FAILURE_POLICIES),
       "allow",
-      "`allow` (fail open) or `deny` (fail closed, 429) when the lock times out or the table is "
-      "full"),
+      "`allow` (fail open) or `deny` (fail closed, 429) when the lock times out, the table is "
+      "full or Redis does not answer in time"),
+    S("RATE_LIMIT_BACKEND", "rate_limit_backend", choice(*RATE_LIMIT_BACKENDS), "shm",
+      "Where buckets live: `shm` (this host's shared memory) or `redis` (shared by every host "
+      "using the same Redis/Valkey)"),
+    S("REDIS_URL", "redis_url", redis_url, None,
+      "`redis://[user:pass@]host:port/db`, `rediss://…` (TLS) or `unix:///path/redis.sock?db=N`; "
+      "required with `RATE_LIMIT_BACKEND=redis`. Never logged (only scheme, host and port)"),
+    S("REDIS_PASSWORD_FILE", "redis_password", first_line_secret, None,
+      "File whose first line is the Redis password; keeps it out of the environment (a URL that "
+      "also carries one is refused)"),
+    S("RATE_LIMIT_REDIS_TIMEOUT_MS", "rate_limit_redis_timeout_s", number(1, 10_000, 1e-3), "50",
+      "Longest a decision waits for Redis (connecting included) before the failure policy "
+      "applies"),
+    S("REDIS_KEY_PREFIX", "redis_key_prefix", redis_prefix, "llm-edge-proxy:",
+      "Prefix of every Redis key; give each deployment sharing a Redis its own"),
+    S("RATE_LIMIT_TPM", "rate_limit_tpm", integer(0, 10**12), "0",
+      "Tokens per minute per key (0: no token limit); per-key `tpm` in the keys file overrides "
+      "it"),
+    S("RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS", "rate_limit_tpm_default_max_tokens",
+      integer(1, 10**9), "1024",
+      "Output tokens assumed for the estimate when a request sets no "
+      "`max_tokens`/`max_completion_tokens`/`max_output_tokens`"),
     # Observability
     S("LOG_LEVEL", "log_level", choice(*LOG_LEVELS), "info",
       "`debug`, `info`, `warning`, `error`, `critical`"),
@@ -419,6 +480,13 @@ class Config:
     rate_limit_slots: int
     rate_limit_lock_timeout_s: float
     rate_limit_failure_policy: str
+    rate_limit_backend: str
+    redis_url: str | None = field(repr=False)  # may carry a password
+    redis_password: str | None = field(repr=False)  # from REDIS_PASSWORD_FILE
+    rate_limit_redis_timeout_s: float
+    redis_key_prefix: str
+    rate_limit_tpm: int  # 0: no token limit unless a key sets its own `tpm`
+    rate_limit_tpm_default_max_tokens: int
     # Observability
     log_level: str
     enable_tracing: bool
@@ -474,6 +542,12 @@ class Config:
                 key_file = None  # an empty credential: no upstream key, deliberately
         values["upstream_api_key_file"] = key_file
         _check_tls(values["tls_cert_file"], values["tls_key_file"])
+        if values["rate_limit_backend"] == "redis" and values["redis_url"] is None:
+            raise ConfigError("REDIS_URL", "RATE_LIMIT_BACKEND=redis needs REDIS_URL")
+        if values["redis_password"] is not None and urlsplit(values["redis_url"] or "").password:
+            raise ConfigError(
+                "REDIS_PASSWORD_FILE", "REDIS_URL carries a password too: give it in one place"
+            )
         if values["http2_enabled"] and values["tls_cert_file"] is None:
             raise ConfigError(
                 "HTTP2_ENABLED", "HTTP/2 is served over TLS: set TLS_CERT_FILE and TLS_KEY_FILE"

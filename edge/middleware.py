@@ -76,7 +76,13 @@ class EdgeMiddleware:
         if not endpoint.public:
             self._authenticate(req, ctx)
         if endpoint.limited:
-            self._take_request_token(resp, ctx)
+            identity, rpm, burst = self._bucket_of(ctx)
+            limiter: RateLimiter = self._runtime.limiter
+            if limiter.asynchronous:  # Redis: awaited; shm: a plain call, no coroutine
+                decision = await limiter.check_async(identity, rpm, burst)
+            else:
+                decision = limiter.check(identity, rpm, burst)
+            self._admit(resp, decision, rpm)
 
     async def process_response(
         self, req: Any, resp: Any, resource: Any, req_succeeded: bool
@@ -115,9 +121,9 @@ class EdgeMiddleware:
         ctx.identity = entry.identity
         ctx.key = entry
 
-    def _take_request_token(self, resp: Any, ctx: RequestContext) -> None:
-        """One token from the bucket of the key's identity (of the client address when the
-        endpoint is public), host-wide; refused with 429, admitted with x-ratelimit-* headers."""
+    def _bucket_of(self, ctx: RequestContext) -> tuple[bytes, float, int]:
+        """The bucket a request draws from: the key's identity (the client address when the
+        endpoint is public), with the key's own limits where it has them."""
         rpm, burst = self._rpm, self._burst
         entry = ctx.key
         if entry is not None:
@@ -128,8 +134,10 @@ class EdgeMiddleware:
                 burst = entry.burst
         else:
             identity = "addr:" + (ctx.client or "unknown")
-        limiter: RateLimiter = self._runtime.limiter
-        decision = limiter.check(identity.encode(), rpm, burst)
+        return identity.encode(), rpm, burst
+
+    def _admit(self, resp: Any, decision: Decision, rpm: float) -> None:
+        """Refuse with 429 (Retry-After), or admit with the x-ratelimit-* headers."""
         if decision.failure is not None and self._metrics is not None:
             self._metrics.limiter_failure(decision.failure, self._policy)
         if decision.failure is not None:

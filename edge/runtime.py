@@ -19,6 +19,7 @@ class Runtime:
         self.metrics = metrics
         self.upstream = upstream
         self.limiter: RateLimiter | None = None
+        self.tokens: Any = None  # edge.ratelimit.tokens.TokenLimiter when rate limiting is on
         self._limiter_factory = limiter_factory
         self.started = False
 
@@ -31,6 +32,9 @@ class Runtime:
     async def process_startup(self, scope: Any, event: Any) -> None:
         if self._limiter_factory is not None and self.limiter is None:
             self.limiter = self._limiter_factory()
+            start = getattr(self.limiter, "start", None)
+            if start is not None:  # the Redis pool: opened here, in the worker, after fork
+                await start()
         if self.upstream is not None:
             await self.upstream.start()
         self.started = True
@@ -40,5 +44,8 @@ class Runtime:
         if self.upstream is not None:
             await self.upstream.close()
         if self.limiter is not None and self._limiter_factory is not None:
+            aclose = getattr(self.limiter, "aclose", None)
+            if aclose is not None:
+                await aclose()
             self.limiter.close()
             self.limiter = None

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import ssl
@@ -219,3 +220,71 @@ def assert_envelope(
         assert error["type"] == type_
     assert "x-request-id" in response.headers
     return error
+
+
+REDIS_SERVER = shutil.which("redis-server")
+
+
+class RedisServer(Process):
+    """A throw-away redis-server on a free loopback port: no persistence, no config file.
+
+    `restart()` starts it again on the same port (after `kill()`), as a crashed Redis would
+    come back under its supervisor.
+    """
+
+    def __init__(self, port: int | None = None, password: str | None = None) -> None:
+        if REDIS_SERVER is None:
+            import pytest
+
+            pytest.skip("redis-server is not installed")
+        self.port = port or free_port()
+        self.password = password
+        argv = [
+            REDIS_SERVER, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--daemonize", "no", "--loglevel", "warning",
+        ]  # fmt: skip
+        if password:
+            argv += ["--requirepass", password]
+        self._argv = argv
+        super().__init__(argv, base_env(), "redis")
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.wait_ready()
+
+    def command(self, *args: str) -> str:
+        """One command through redis-cli-free RESP over a socket; the reply as text."""
+        payload = f"*{len(args)}\r\n".encode()
+        for arg in args:
+            data = str(arg).encode()
+            payload += b"$%d\r\n%s\r\n" % (len(data), data)
+        if self.password:
+            payload = (
+                b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(self.password), self.password.encode())
+                + payload
+            )
+        with socket.create_connection(("127.0.0.1", self.port), timeout=2) as sock:
+            sock.sendall(payload)
+            sock.shutdown(socket.SHUT_WR)
+            chunks = []
+            while chunk := sock.recv(65536):
+                chunks.append(chunk)
+        reply = b"".join(chunks).decode(errors="replace")
+        if self.password:
+            reply = reply.split("\r\n", 1)[1]
+        return reply
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"redis-server exited:\n{self.output()}")
+            return self.command("PING").startswith("+PONG")
+
+        wait_until(ready, timeout=15)
+
+    def kill(self) -> None:
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(5)
+
+    def restart(self) -> None:
+        self._log.close()
+        Process.__init__(self, self._argv, base_env(), "redis")
+        self.wait_ready()

@@ -114,6 +114,7 @@ async def completions(request: web.Request) -> web.StreamResponse:
         "path": request.path,
     }
     data = json.loads(raw)
+    SEEN[request_id]["stream_options"] = data.get("stream_options")
     model = data.get("model", "")
     options = request.app["options"]
     if model == "slow":

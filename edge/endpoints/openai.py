@@ -22,9 +22,11 @@ from edge.endpoints.body import (
 from edge.errors import BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
 from edge.observability import metric_files
 from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
+from edge.ratelimit.tokens import Reservation, ask_for_usage
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
 from edge.upstream.stream import ResponseStream
+from edge.upstream.usage_events import watch_usage
 
 log = logging.getLogger("edge.resources")
 T = TypeVar("T")
@@ -57,35 +59,68 @@ class Completions:
         runtime = self._runtime
         if runtime.metrics is not None:
             runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        reservation, hide_usage = None, False
+        if runtime.tokens is not None:
+            reservation = await runtime.tokens.reserve(ctx, resp, data, self._chat)
+            if reservation is not None and stream and ask_for_usage(data):
+                body, hide_usage = orjson.dumps(data), True
         upstream = runtime.upstream
         if upstream is None:
-            self._mock(req, resp, data, ctx)
+            await self._mock(req, resp, data, ctx, reservation, hide_usage)
             return
         if not stream:
             result = await _unless_client_leaves(req, upstream.call("POST", self._path, body, ctx))
             _send_upstream(resp, ctx, result)
+            await _settle_answer(reservation, ctx, result.status)
             return
         opened = await _unless_client_leaves(req, upstream.open_stream(self._path, body, ctx))
         if isinstance(opened, UpstreamResponse):
             _send_upstream(resp, ctx, opened)
+            await _settle_answer(reservation, ctx, opened.status)
             return
         ctx.upstream_status = opened.status
         resp.content_type = SSE
         resp.set_header("cache-control", "no-cache")
         resp.set_header("x-accel-buffering", "no")
-        resp.stream = ResponseStream(relay(opened, ctx, req.receive, _usage_watcher(ctx)))
+        source = relay(opened, ctx, req.receive, _usage_watcher(ctx))
+        if reservation is not None:
+            source = watch_usage(source, reservation.settle_usage, hide_usage)
+        resp.stream = ResponseStream(source)
 
-    def _mock(self, req: Any, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
+    async def _mock(
+        self,
+        req: Any,
+        resp: Any,
+        data: dict[str, Any],
+        ctx: RequestContext,
+        reservation: Reservation | None,
+        hide_usage: bool,
+    ) -> None:
         chat = self._chat
         if ctx.stream:
             ctx.prompt_tokens, ctx.completion_tokens = mock.stream_usage(data, chat)
             resp.content_type = SSE
             resp.set_header("cache-control", "no-cache")
-            resp.stream = ResponseStream(mock.stream(data, ctx.model, ctx.request_id, chat))
+            source = mock.stream(data, ctx.model, ctx.request_id, chat)
+            if reservation is not None:
+                source = watch_usage(source, reservation.settle_usage, hide_usage)
+            resp.stream = ResponseStream(source)
             return
         build = mock.chat if chat else mock.completion
         resp.data, ctx.prompt_tokens, ctx.completion_tokens = build(data, ctx.model, ctx.request_id)
         resp.content_type = JSON
+        await _settle_answer(reservation, ctx, 200)
+
+
+async def _settle_answer(reservation: Reservation | None, ctx: RequestContext, status: int) -> None:
+    """Settle a token reservation on a complete answer: its usage when it is a success that
+    reports one, nothing at all when the upstream answered an error (nothing was generated)."""
+    if reservation is None:
+        return
+    if not 200 <= status < 300:
+        await reservation.settle(0)
+    elif ctx.prompt_tokens is not None and ctx.completion_tokens is not None:
+        await reservation.settle(ctx.prompt_tokens + ctx.completion_tokens)
 
 
 async def _unless_client_leaves(req: Any, awaitable: Awaitable[T]) -> T:

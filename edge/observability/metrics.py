@@ -74,7 +74,7 @@ class Metrics:
         )  # fmt: skip
         self.limiter_events = Counter(
             "rate_limiter_failures",
-            "Limiter decisions taken by the failure policy (lock timeout, table full).",
+            "Limiter decisions taken by the failure policy (lock timeout, table full, redis_*).",
             ["event", "policy"], namespace=ns, registry=registry,
         )  # fmt: skip
         self.upstream_requests = Counter(

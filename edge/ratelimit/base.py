@@ -1,4 +1,4 @@
-"""The rate-limiter interface shared by every backend (shared memory today, Redis later)."""
+"""The rate-limiter interface shared by every backend (shared memory, Redis)."""
 
 from __future__ import annotations
 
@@ -31,11 +31,24 @@ class Decision:
     remaining: int  # whole tokens left after this decision (floor, >= 0)
     retry_after: float  # seconds until the request could be admitted (0.0 if allowed)
     reset_after: float  # seconds until the bucket is full again
-    failure: str | None = None  # None, LOCK_TIMEOUT or TABLE_FULL
+    failure: str | None = None  # None, LOCK_TIMEOUT, TABLE_FULL or a redis_* reason
 
 
 class RateLimiter(Protocol):
+    """A backend. Synchronous ones (shm, local) decide in ``check``; one that must wait on the
+    network (Redis) sets ``asynchronous = True`` and decides in ``check_async``, and the
+    caller awaits only then, so the shared-memory path pays for no coroutine."""
+
+    asynchronous: bool
+
     def check(self, identity: bytes, rpm: float, burst: int, cost: int = 1) -> Decision: ...
+
+    async def check_async(
+        self, identity: bytes, rpm: float, burst: int, cost: int = 1
+    ) -> Decision: ...
+
+    def adjust(self, identity: bytes, rpm: float, burst: int, refund: float) -> None:
+        """Give ``refund`` tokens back (take when negative), best effort: settle a reservation."""
 
     def close(self) -> None: ...
 

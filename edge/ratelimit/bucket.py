@@ -117,3 +117,24 @@ def full_at(tokens: float, updated: float, rate_per_s: float, burst: int) -> flo
     new one full is indistinguishable, which is what makes it safe to evict.
     """
     return updated + seconds_until(tokens, burst, rate_per_s)
+
+
+def adjust(
+    tokens: float, updated: float, now: float, rate_per_s: float, burst: int, refund: float
+) -> tuple[float, float]:
+    """Return the state after giving back ``refund`` tokens (take more when negative).
+
+    Used to correct a reservation once the real cost is known (token limits: reserve the
+    estimate, then settle on the reported usage). The level stays within ``[0, burst]``: an
+    overspend beyond what is left is forgiven rather than carried as debt, and a refund never
+    fills the bucket past full.
+    """
+    if not (0.0 <= rate_per_s < math.inf and burst >= 1 and math.isfinite(refund)):
+        raise ValueError(f"invalid adjustment: rate_per_s={rate_per_s!r} refund={refund!r}")
+    level, as_of = level_at(tokens, updated, now, rate_per_s, burst)
+    level += refund
+    if level < 0.0:
+        level = 0.0
+    elif level > burst:
+        level = float(burst)
+    return level, as_of

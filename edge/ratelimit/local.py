@@ -11,6 +11,8 @@ from edge.ratelimit.table import Table, format_buffer, size_for
 
 
 class LocalRateLimiter:
+    asynchronous = False  # decisions are plain calls (see RateLimiter)
+
     __slots__ = ("_clock", "_digest", "_policy", "_table")
 
     def __init__(
@@ -33,6 +35,9 @@ class LocalRateLimiter:
         if decision is None:
             return failure_decision(TABLE_FULL, self._policy, burst)
         return decision
+
+    def adjust(self, identity: bytes, rpm: float, burst: int, refund: float) -> None:
+        self._table.adjust(self._digest(identity), self._clock(), rpm / 60.0, burst, refund)
 
     def close(self) -> None:
         self._table.close()

@@ -203,6 +203,8 @@ class SharedTable:
 class ShmRateLimiter:
     """RateLimiter over a SharedTable attached in this process."""
 
+    asynchronous = False  # decisions are plain calls (see RateLimiter)
+
     __slots__ = (
         "_clock",
         "_cooloff_until",
@@ -254,6 +256,17 @@ class ShmRateLimiter:
         if decision is None:
             return failure_decision(TABLE_FULL, self._policy, burst)
         return decision
+
+    def adjust(self, identity: bytes, rpm: float, burst: int, refund: float) -> None:
+        """Settle a reservation: give back ``refund`` tokens (take when negative). Best
+        effort: when the lock cannot be had at once the correction is dropped."""
+        shared = self._shared
+        if not shared.acquire(0.0 if self._cooloff_until else self._lock_timeout_s):
+            return
+        try:
+            self._table.adjust(self._digest(identity), self._clock(), rpm / 60.0, burst, refund)
+        finally:
+            shared.release()
 
     def close(self) -> None:
         self._shared.close()

@@ -142,6 +142,33 @@ class Table:
         self._write(offset, digest, tokens, updated, full_at)
         return Decision(allowed, burst, int(tokens), retry_after, reset_after)
 
+    def adjust(
+        self, digest: bytes, now: float, rate_per_s: float, burst: int, refund: float
+    ) -> bool:
+        """Give back ``refund`` tokens to ``digest``'s bucket (take when negative).
+
+        False when the entry is gone (evicted, torn, or never stored) and there was no slot
+        to record it in: an absent entry is a full bucket, so a lost refund costs nothing
+        and a lost extra charge at most what it would have taken.
+        """
+        if len(digest) != DIGEST_SIZE:
+            raise ValueError(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
+        mv = self._mv
+        offset = HEADER_SIZE + (int.from_bytes(digest, "little") % self._homes) * SLOT_SIZE
+        stored, tokens, updated, _, check = _SLOT.unpack_from(mv, offset)
+        if stored != digest:
+            offset = self._locate(digest, offset, now)
+            if offset < 0:
+                return False
+            stored, tokens, updated, _, check = _SLOT.unpack_from(mv, offset)
+        if stored != digest or zlib.crc32(mv[offset : offset + _SLOT_BODY_SIZE]) != check:
+            tokens = updated = _FRESH
+        tokens, updated = bucket.adjust(tokens, updated, now, rate_per_s, burst, refund)
+        self._write(
+            offset, digest, tokens, updated, bucket.full_at(tokens, updated, rate_per_s, burst)
+        )
+        return True
+
     def _locate(self, digest: bytes, base: int, now: float) -> int:
         """Offset of ``digest``'s slot in the window at ``base``, else of one to claim, else -1."""
         digests = self._window.unpack_from(self._mv, base)

@@ -153,7 +153,7 @@ def on_starting(server: Any) -> None:
             flush=True,
         )
         raise SystemExit(2) from None
-    if config.rate_limit_enabled:
+    if config.rate_limit_enabled:  # also with the Redis backend: a HUP may switch to shm
         from edge.ratelimit import SharedTable, remove_stale
 
         global _current, _master_table
@@ -183,6 +183,14 @@ def on_starting(server: Any) -> None:
         )
     else:
         log.info("forwarding to the configured upstream", extra={"upstream": config.upstream_url})
+    if config.rate_limit_enabled and config.rate_limit_backend == "redis":
+        log.info(
+            "rate limits are kept in Redis",
+            extra={
+                "redis": redis_location(config.redis_url),
+                "policy": config.rate_limit_failure_policy,
+            },
+        )
     if not config.auth_enabled:
         log.warning("AUTH_ENABLED=false: the gateway accepts requests without an API key")
     if not config.rate_limit_enabled:
@@ -249,3 +257,19 @@ def logconfig() -> dict[str, Any]:
     from edge.observability.logs import logconfig_dict
 
     return logconfig_dict(current().config)
+
+
+def redis_location(url: str | None) -> str:
+    """The Redis URL without its credentials, for logs."""
+    from urllib.parse import urlsplit
+
+    if not url:
+        return ""
+    parts = urlsplit(url)
+    if parts.scheme == "unix":
+        return f"unix://{parts.path}"
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}{parts.path}"

@@ -54,7 +54,9 @@ def worker_app() -> Any:
     settings = master.current()
     config = settings.config
     limiter_factory = None
-    if config.rate_limit_enabled:
+    if config.rate_limit_enabled and config.rate_limit_backend == "redis":
+        limiter_factory = redis_limiter_factory(config)
+    elif config.rate_limit_enabled:
         name = settings.table_name
 
         def limiter_factory() -> Any:
@@ -67,3 +69,22 @@ def worker_app() -> Any:
             )
 
     return create_app(config, settings.keys, limiter_factory)
+
+
+def redis_limiter_factory(config: Any) -> Any:
+    """Builds the Redis limiter in the worker at lifespan startup (its pool opens there)."""
+
+    def factory() -> Any:
+        from edge.ratelimit.redis import RedisRateLimiter, connect
+
+        assert config.redis_url is not None
+        return RedisRateLimiter(
+            lambda: connect(
+                config.redis_url, config.redis_password, config.rate_limit_redis_timeout_s
+            ),
+            prefix=config.redis_key_prefix,
+            timeout_s=config.rate_limit_redis_timeout_s,
+            failure_policy=config.rate_limit_failure_policy,
+        )
+
+    return factory

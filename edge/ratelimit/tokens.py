@@ -1,0 +1,220 @@
+"""Token limits (TPM): reserve an estimate before forwarding, settle on the real usage after.
+
+Theory of operation
+-------------------
+Each identity has a second token bucket beside its request bucket, holding up to ``tpm``
+tokens and refilling at ``tpm / 60`` per second, in the same backend (shared memory or Redis).
+A request is admitted only if its *estimate* fits: the prompt's size (bytes of its text / 4,
+about a token per four characters of English) plus the most it may generate
+(``max_completion_tokens``, ``max_tokens`` or ``max_output_tokens``, times ``n``; the
+configured RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS when none is set). The estimate is taken at once,
+so concurrent requests cannot overspend: counting only after the response is what lets five
+concurrent requests spend 663 tokens under a 100 TPM limit (LiteLLM #18730).
+
+When the response reports its ``usage``, the difference is settled: unused tokens go back,
+an overspend is taken (down to an empty bucket, never into debt). No usage, no settlement:
+a stream the client abandons, or an upstream that failed mid-way, keeps its reservation. An
+upstream that answered with an error gives everything back (nothing was generated).
+
+An estimate larger than the whole bucket could never be admitted, so it is refused with 400 at
+once rather than asked to retry forever.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from edge.errors import BadRequest, RateLimited
+from edge.ratelimit.base import Decision
+
+_MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
+BYTES_PER_TOKEN = 4
+
+
+class Reservation:
+    """Tokens taken for one request, to settle when its usage is known."""
+
+    __slots__ = ("estimate", "identity", "limiter", "settled", "tpm")
+
+    def __init__(self, limiter: Any, identity: bytes, tpm: int, estimate: int) -> None:
+        self.limiter = limiter
+        self.identity = identity
+        self.tpm = tpm
+        self.estimate = estimate
+        self.settled = False
+
+    async def settle(self, used: int) -> None:
+        """Give back what the request did not use (take what it used beyond the estimate).
+        Awaited, so the next request of this identity sees the settled bucket."""
+        if self.settled:
+            return
+        self.settled = True
+        refund = self.estimate - used
+        if not refund:
+            return
+        limiter = self.limiter
+        if limiter.asynchronous:
+            await limiter.adjust_async(self.identity, float(self.tpm), self.tpm, float(refund))
+        else:
+            limiter.adjust(self.identity, float(self.tpm), self.tpm, float(refund))
+
+    async def settle_usage(self, usage: Any) -> None:
+        used = used_tokens(usage)
+        if used is not None:
+            await self.settle(used)
+
+
+def used_tokens(usage: Any) -> int | None:
+    """Tokens a response reports: prompt + completion (or input + output), else total."""
+    if not isinstance(usage, dict):
+        return None
+
+    def count(*names: str) -> int | None:
+        for name in names:
+            value = usage.get(name)
+            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+                return value
+        return None
+
+    prompt = count("prompt_tokens", "input_tokens")
+    completion = count("completion_tokens", "output_tokens")
+    if prompt is not None and completion is not None:
+        return prompt + completion
+    return count("total_tokens")
+
+
+def estimate_tokens(data: dict[str, Any], chat: bool, default_max: int) -> int:
+    """Prompt size estimate + the most the request may generate."""
+    text_bytes, prompt_tokens = _prompt_size(data.get("messages") if chat else data.get("prompt"))
+    prompt = prompt_tokens + math.ceil(text_bytes / BYTES_PER_TOKEN)
+    completion = default_max
+    for name in _MAX_FIELDS:
+        value = data.get(name)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            completion = value
+            break
+    choices = data.get("n")
+    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
+        completion *= min(choices, 128)
+    return prompt + completion
+
+
+def _prompt_size(value: Any) -> tuple[int, int]:
+    """(UTF-8 bytes of the text, tokens given as token ids) in messages or a prompt.
+
+    Iterative, so a prompt nested as deep as the JSON parser allows cannot exhaust the
+    recursion limit. Every string counts (roles, names, tool arguments cost tokens too).
+    """
+    size = tokens = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            size += len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, int) and not isinstance(item, bool):
+            tokens += 1  # a prompt given as token ids
+    return size, tokens
+
+
+class TokenLimiter:
+    """Reserve/settle against the runtime's limiter; one per app."""
+
+    def __init__(self, config: Any, runtime: Any, metrics: Any) -> None:
+        self._default_tpm = config.rate_limit_tpm
+        self._default_max = config.rate_limit_tpm_default_max_tokens
+        self._policy = config.rate_limit_failure_policy
+        self._runtime = runtime
+        self._metrics = metrics
+
+    def limit_for(self, ctx: Any) -> int:
+        entry = ctx.key
+        if entry is not None and entry.tpm is not None:
+            return entry.tpm
+        return self._default_tpm
+
+    async def reserve(
+        self, ctx: Any, resp: Any, data: dict[str, Any], chat: bool
+    ) -> Reservation | None:
+        """Take the estimate from the identity's token bucket, or raise 429 / 400.
+
+        Returns None when no token limit applies, or when the limiter could not be consulted
+        and the failure policy admitted the request (nothing was taken, nothing to settle).
+        """
+        tpm = self.limit_for(ctx)
+        limiter = self._runtime.limiter
+        if tpm <= 0 or limiter is None:
+            return None
+        estimate = estimate_tokens(data, chat, self._default_max)
+        if estimate > tpm:
+            raise BadRequest(
+                f"This request may use up to {estimate} tokens (prompt estimate plus its "
+                f"maximum output), more than the token limit of {tpm} per minute allows. "
+                "Lower max_tokens or shorten the prompt.",
+                param="max_tokens",
+                code="tokens_exceed_limit",
+            )
+        identity = token_identity(ctx)
+        if limiter.asynchronous:
+            decision = await limiter.check_async(identity, float(tpm), tpm, estimate)
+        else:
+            decision = limiter.check(identity, float(tpm), tpm, estimate)
+        if decision.failure is not None:
+            if self._metrics is not None:
+                self._metrics.limiter_failure(decision.failure, self._policy)
+            if decision.allowed:
+                return None
+            raise refused(decision, tpm, estimate, {})
+        headers = token_headers(decision)
+        if not decision.allowed:
+            raise refused(decision, tpm, estimate, headers)
+        resp.set_headers(headers)
+        return Reservation(limiter, identity, tpm, estimate)
+
+
+def token_identity(ctx: Any) -> bytes:
+    """The token bucket's identity: the request bucket's, in a namespace of its own."""
+    if ctx.key is not None:
+        return ("tpm:key:" + ctx.identity).encode()
+    return ("tpm:addr:" + (ctx.client or "unknown")).encode()
+
+
+def token_headers(decision: Decision) -> dict[str, str]:
+    from edge.middleware import format_duration
+
+    return {
+        "x-ratelimit-limit-tokens": str(decision.limit),
+        "x-ratelimit-remaining-tokens": str(decision.remaining),
+        "x-ratelimit-reset-tokens": format_duration(decision.reset_after),
+    }
+
+
+def refused(decision: Decision, tpm: int, estimate: int, headers: dict[str, str]) -> RateLimited:
+    retry_ms = min(60_000, max(1, math.ceil(decision.retry_after * 1000)))
+    headers["retry-after"] = str(min(60, max(1, math.ceil(decision.retry_after))))
+    headers["retry-after-ms"] = str(retry_ms)
+    if decision.failure is not None:
+        message = "Rate limit reached for tokens: the limiter is unavailable. Try again shortly."
+    else:
+        message = (
+            f"Rate limit reached for tokens (limit {tpm} per minute, requested {estimate}, "
+            f"remaining {decision.remaining}). Try again in {retry_ms / 1000:.3g}s."
+        )
+    return RateLimited(message, headers=headers)
+
+
+def ask_for_usage(data: dict[str, Any]) -> bool:
+    """Make a streamed request ask for the usage chunk; True when the client had not asked
+    (then the body must be re-serialised and the chunk hidden from the client)."""
+    options = data.get("stream_options")
+    if isinstance(options, dict) and options.get("include_usage") is True:
+        return False
+    data["stream_options"] = {
+        **(options if isinstance(options, dict) else {}),
+        "include_usage": True,
+    }
+    return True

@@ -1,0 +1,188 @@
+"""Token limits (TPM) against real gunicorn, on both backends (shared memory and Redis).
+
+* tpm = 300, six concurrent requests with max_tokens = 100: at most 3 admitted (the estimate
+  is reserved before forwarding), the rest 429 naming tokens, with Retry-After.
+* After a non-streamed and a streamed response the bucket reflects the *real* usage (read
+  through x-ratelimit-remaining-tokens of the next request), on the test upstream.
+* An estimate over the whole bucket: 400 at once.
+* Streams: the gateway asks the upstream for usage and hides that chunk from a client that
+  did not ask for it; a client that asked still gets it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from support import Gunicorn, RedisServer, Upstream
+
+KEYS = {"concurrent": 300, "usage": 120, "big": 50, "stream": 1000}
+TOKEN_HEADERS = (
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-tokens",
+)
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def key_of(name: str) -> str:
+    return f"sk-tpm-{name}-19bd"
+
+
+@pytest.fixture(scope="module")
+def keys_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("tpm") / "keys.toml"
+    path.write_text(
+        "\n".join(
+            f'[[keys]]\nname = "{name}"\nkey = "{key_of(name)}"\ntpm = {tpm}\n'
+            for name, tpm in KEYS.items()
+        )
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[Upstream]:
+    server = Upstream("--slow", "1.0")  # model "slow": answers after 1 s
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module", params=["shm", "redis"])
+def server(
+    request: pytest.FixtureRequest, keys_file: Path, upstream: Upstream
+) -> Iterator[Gunicorn]:
+    env = {
+        "API_KEYS_FILE": str(keys_file),
+        "RATE_LIMIT_BURST": "1000",
+        "WORKERS": "2",
+        "UPSTREAM_URL": upstream.url + "/v1",
+        "RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS": "50",
+    }
+    redis = None
+    if request.param == "redis":
+        redis = RedisServer()
+        env.update(
+            RATE_LIMIT_BACKEND="redis",
+            REDIS_URL=redis.url,
+            RATE_LIMIT_REDIS_TIMEOUT_MS="2000",
+            RATE_LIMIT_FAILURE_POLICY="deny",
+        )
+    gunicorn = Gunicorn(**env)
+    try:
+        yield gunicorn
+    finally:
+        gunicorn.stop()
+        if redis is not None:
+            redis.stop()
+
+
+def chat(server: Gunicorn, name: str, **body: object) -> httpx.Response:
+    payload = {"model": "m", "messages": MESSAGES, **body}
+    return httpx.post(
+        server.url + "/v1/chat/completions",
+        json=payload,
+        headers={"x-api-key": key_of(name)},
+        timeout=20,
+    )
+
+
+def events(response: httpx.Response) -> list[object]:
+    return [
+        json.loads(line[6:])
+        for line in response.text.splitlines()
+        if line.startswith("data: ") and line != "data: [DONE]"
+    ]
+
+
+def test_concurrent_reservations_cannot_overspend(server: Gunicorn) -> None:
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=20) as client:
+            return await asyncio.gather(
+                *(
+                    client.post(
+                        server.url + "/v1/chat/completions",
+                        json={"model": "slow", "messages": MESSAGES, "max_tokens": 100},
+                        headers={"x-api-key": key_of("concurrent"), "connection": "close"},
+                    )
+                    for _ in range(6)
+                )
+            )
+
+    # All six are in flight together (the upstream takes 1 s): only reservations hold them.
+    responses = asyncio.run(asyncio.wait_for(run(), 60))
+    statuses = sorted(r.status_code for r in responses)
+    admitted = statuses.count(200)
+    assert 1 <= admitted <= 3, statuses
+    assert statuses.count(429) == 6 - admitted
+    for response in responses:
+        if response.status_code == 200:
+            assert response.headers["x-ratelimit-limit-tokens"] == "300"
+            assert int(response.headers["x-ratelimit-remaining-tokens"]) < 300 - 100
+            continue
+        error = response.json()["error"]
+        assert error["code"] == "rate_limit_exceeded"
+        assert "tokens" in error["message"]
+        assert 1 <= int(response.headers["retry-after"]) <= 60
+        assert int(response.headers["retry-after-ms"]) >= 1
+        assert response.headers["x-ratelimit-limit-tokens"] == "300"
+
+
+def test_bucket_is_settled_on_real_usage(server: Gunicorn, upstream: Upstream) -> None:
+    """Same estimate each time (E = 2 + 30 = 32; the upstream uses 12 non-streamed, 8
+    streamed). Between two requests the remaining tokens fall by what the first *used*, not
+    by E (give or take the refill, 2 tokens/s, and one for rounding)."""
+    rate = KEYS["usage"] / 60
+    first = chat(server, "usage", max_tokens=30)
+    assert first.status_code == 200, first.text
+    assert first.json()["usage"]["total_tokens"] == 12
+    r1 = int(first.headers["x-ratelimit-remaining-tokens"])
+    t1 = time.monotonic()
+
+    streamed = chat(server, "usage", model="fast-5", max_tokens=30, stream=True)
+    t2 = time.monotonic()
+    assert streamed.status_code == 200, streamed.text
+    assert set(TOKEN_HEADERS) <= set(streamed.headers)
+    drop = r1 - int(streamed.headers["x-ratelimit-remaining-tokens"])
+    assert 12 - (t2 - t1) * rate - 1 <= drop <= 12 + 1, drop
+    # The gateway asked the upstream for usage on the client's behalf and kept that chunk.
+    seen = upstream.seen(streamed.headers["x-request-id"])
+    assert seen["stream_options"] == {"include_usage": True}
+    chunks = events(streamed)
+    assert len(chunks) == 5 and all(chunk["choices"] for chunk in chunks), chunks
+    r2 = int(streamed.headers["x-ratelimit-remaining-tokens"])
+
+    after = chat(server, "usage", max_tokens=30)
+    t3 = time.monotonic()
+    assert after.status_code == 200, after.text
+    drop = r2 - int(after.headers["x-ratelimit-remaining-tokens"])
+    assert 8 - (t3 - t2) * rate - 1 <= drop <= 8 + 1, drop
+
+
+def test_estimate_over_the_whole_bucket_is_400(server: Gunicorn) -> None:
+    response = chat(server, "big", max_tokens=51)
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "max_tokens" and "token limit" in error["message"]
+    # Nothing was taken: a fitting request still gets the whole bucket.
+    fits = chat(server, "big", max_tokens=10)
+    assert fits.status_code == 200
+    assert int(fits.headers["x-ratelimit-remaining-tokens"]) == 50 - (
+        2 + 10
+    )  # "user" + "hi": 6 bytes, 2 tokens
+
+
+def test_a_client_that_asked_for_usage_still_gets_it(server: Gunicorn) -> None:
+    response = chat(
+        server, "stream", model="fast-5", stream=True, stream_options={"include_usage": True}
+    )
+    assert response.status_code == 200
+    chunks = events(response)
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 8
