@@ -26,7 +26,7 @@ c = Counter("reqs", "h", ["route"], registry=r)
 c.labels("/a").inc(n)
 c.labels("/b").inc(2 * n)
 h = Histogram("lat", "h", buckets=(0.1, 1.0), registry=r)
-for v in (0.05, 0.5, 5.0)[: 1 + n % 3]:
+for v in (0.0625, 0.5, 5.0)[: 1 + n % 3]:  # binary fractions: sums exact in any order
     h.observe(v * n)
 Summary("size", "h", registry=r).observe(10 * n)
 Gauge("inflight", "h", multiprocess_mode="livesum", registry=r).set(n)
