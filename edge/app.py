@@ -15,7 +15,9 @@ import falcon.asgi
 
 from edge.auth import KeyStore
 from edge.config import Config
+from edge.endpoints.body import validate_embeddings, validate_moderations, validate_responses
 from edge.endpoints.openai import Completions, Health, MetricsResource, Models
+from edge.endpoints.passthrough import ModelRetrieve, PassThrough
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import AuthMiddleware, ContextMiddleware, RateLimitMiddleware
 from edge.runtime import Runtime
@@ -72,14 +74,25 @@ def create_app(
     config: Config,
     keys: KeyStore | None = None,
     limiter_factory: Any = None,
+    providers: Any = None,
+    breakers_factory: Any = None,
 ) -> EdgeApp:
     """The ASGI app for `config`.
 
     `keys` is the KeyStore loaded by the gunicorn master (so a bad keys file stops the start,
     not a worker); when None it is loaded here. `limiter_factory` opens the rate limiter in
     the worker at startup (and it is closed at shutdown); without one, a process-local table
-    is used (tests, a single process).
+    is used (tests, a single process). `providers` (edge.upstream.providers.Providers) are those
+    the master validated; when None they are loaded here from PROVIDERS_FILE or UPSTREAM_URL.
+    `breakers_factory` attaches the host-wide breaker table at startup; without one, breakers
+    are process-local.
     """
+    from edge.upstream.breaker import LocalBreakers
+    from edge.upstream.providers import load_for
+    from edge.upstream.router import Router
+
+    if providers is None:
+        providers = load_for(config)
     if keys is None:
         keys = KeyStore.load(config)
     local_limiter = None
@@ -94,17 +107,26 @@ def create_app(
         from edge.observability.metrics import Metrics
 
         metrics = Metrics()
-    upstream = Upstream(config) if config.upstream_url else None
+    upstream = Upstream(config) if providers is not None else None
     runtime = Runtime(
         config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream
     )
     runtime.limiter = local_limiter
+    if providers is not None and upstream is not None:
+        runtime.router = Router(providers, upstream, LocalBreakers(), config.timeout_s, metrics)
+        runtime.breakers_factory = breakers_factory
+        if metrics is not None:
+            metrics.breaker_source = runtime.router.breaker_numbers
 
     health = Health(runtime)
     routes: list[tuple[str, Any, str | None]] = [
         ("/v1/chat/completions", Completions(runtime, chat=True), None),
         ("/v1/completions", Completions(runtime, chat=False), None),
         ("/v1/models", Models(runtime), None),
+        ("/v1/models/{model_id:path}", ModelRetrieve(runtime), None),
+        ("/v1/embeddings", PassThrough(runtime, "/embeddings", validate_embeddings), None),
+        ("/v1/responses", PassThrough(runtime, "/responses", validate_responses), None),
+        ("/v1/moderations", PassThrough(runtime, "/moderations", validate_moderations), None),
         ("/health", health, None),
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),

@@ -76,6 +76,8 @@ class Config:
     upstream_api_key: str | None = field(default=None, repr=False)
     upstream_connect_timeout_s: float = 5.0
     upstream_pool_size: int = 256
+    # Providers and model routing (edge.upstream.providers); overrides UPSTREAM_URL when set
+    providers_file: Path | None = None
     # TLS and HTTP/2 (HTTP/2 needs TLS: ALPN offers h2 and http/1.1)
     tls_cert_file: Path | None = None
     tls_key_file: Path | None = None
@@ -158,6 +160,7 @@ class Config:
                 "UPSTREAM_CONNECT_TIMEOUT_SECONDS", 5.0, minimum=0.001, maximum=3600
             ),
             upstream_pool_size=env.integer("UPSTREAM_POOL_SIZE", 256, minimum=1, maximum=65_536),
+            providers_file=env.path("PROVIDERS_FILE"),
             tls_cert_file=tls_cert,
             tls_key_file=tls_key,
             http2_enabled=http2,

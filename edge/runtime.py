@@ -21,6 +21,8 @@ class Runtime:
         self.limiter: RateLimiter | None = None
         self._limiter_factory = limiter_factory
         self.started = False
+        self.router: Any = None  # edge.upstream.router.Router; None: the built-in mock answers
+        self.breakers_factory: Any = None  # attaches the host-wide breaker table after fork
 
     @property
     def ready(self) -> bool:
@@ -31,6 +33,8 @@ class Runtime:
     async def process_startup(self, scope: Any, event: Any) -> None:
         if self._limiter_factory is not None and self.limiter is None:
             self.limiter = self._limiter_factory()
+        if self.breakers_factory is not None and self.router is not None:
+            self.router.breakers = self.breakers_factory()
         if self.upstream is not None:
             await self.upstream.start()
         self.started = True
@@ -42,3 +46,5 @@ class Runtime:
         if self.limiter is not None and self._limiter_factory is not None:
             self.limiter.close()
             self.limiter = None
+        if self.breakers_factory is not None and self.router is not None:
+            self.router.breakers.close()

@@ -20,6 +20,7 @@ from edge.errors import BadGateway, ClientClosedRequest, ServiceUnavailable, env
 from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
+from edge.upstream.router import Router, prefixed
 from edge.upstream.stream import ResponseStream
 
 log = logging.getLogger("edge.resources")
@@ -53,23 +54,10 @@ class Completions:
         runtime = self._runtime
         if runtime.metrics is not None:
             runtime.metrics.observe_request_size(req.path, len(body))
-        upstream = runtime.upstream
-        if upstream is None:
+        if runtime.router is None:
             self._mock(req, resp, data, ctx)
             return
-        if not stream:
-            result = await _unless_client_leaves(req, upstream.call("POST", self._path, body, ctx))
-            _send_upstream(resp, ctx, result)
-            return
-        opened = await _unless_client_leaves(req, upstream.open_stream(self._path, body, ctx))
-        if isinstance(opened, UpstreamResponse):
-            _send_upstream(resp, ctx, opened)
-            return
-        ctx.upstream_status = opened.status
-        resp.content_type = SSE
-        resp.set_header("cache-control", "no-cache")
-        resp.set_header("x-accel-buffering", "no")
-        resp.stream = ResponseStream(relay(opened, ctx, req.receive, _usage_watcher(ctx)))
+        await forward(req, resp, ctx, runtime.router, self._path, body, model, stream)
 
     def _mock(self, req: Any, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
         chat = self._chat
@@ -106,6 +94,36 @@ async def _unless_client_leaves(req: Any, awaitable: Awaitable[T]) -> T:
         del scope[CANCEL_ON_DISCONNECT]
 
 
+async def forward(
+    req: Any,
+    resp: Any,
+    ctx: RequestContext,
+    router: Router,
+    path: str,
+    body: bytes,
+    model: str | None,
+    stream: bool,
+    kind: str = "openai",
+    extra_headers: dict[str, str] | None = None,
+) -> None:
+    """Route `body` to the model's providers (failover before the first byte) and answer."""
+    result = await _unless_client_leaves(
+        req, router.forward(ctx, "POST", path, body, model, stream, kind, extra_headers)
+    )
+    if isinstance(result, UpstreamResponse):
+        _send_upstream(resp, ctx, result)
+        return
+    ctx.upstream_status = result.status
+    resp.content_type = SSE
+    resp.set_header("cache-control", "no-cache")
+    resp.set_header("x-accel-buffering", "no")
+    watch = _usage_watcher(ctx)
+    watch(result.first)
+    resp.stream = ResponseStream(
+        prefixed(result.first, relay(result.resp, ctx, req.receive, watch))
+    )
+
+
 def _send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> None:
     """Pass an upstream answer through: status, body, content type, retry headers.
 
@@ -136,8 +154,12 @@ def _send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> 
 
 
 def _record_usage(ctx: RequestContext, usage: Any) -> None:
+    """Token counts from `usage`: OpenAI's prompt/completion_tokens, or the input/output_tokens
+    of the Responses and Anthropic Messages APIs. A count absent here keeps its earlier value
+    (Anthropic streams input tokens first and output tokens at the end)."""
     if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if isinstance(prompt, int) and not isinstance(prompt, bool):
             ctx.prompt_tokens = prompt
         if isinstance(completion, int) and not isinstance(completion, bool):
@@ -165,23 +187,38 @@ def _usage_watcher(ctx: RequestContext) -> Any:
             return
         if isinstance(event, dict):
             _record_usage(ctx, event.get("usage"))
+            for holder in ("response", "message"):  # Responses API, Anthropic message_start
+                inner = event.get(holder)
+                if isinstance(inner, dict):
+                    _record_usage(ctx, inner.get("usage"))
 
     return on_chunk
 
 
 class Models:
+    """GET /v1/models: the configured model names with PROVIDERS_FILE, else the upstream's."""
+
     def __init__(self, runtime: Any) -> None:
         self._runtime = runtime
 
     async def on_get(self, req: Any, resp: Any) -> None:
-        upstream = self._runtime.upstream
-        if upstream is None:
+        router = self._runtime.router
+        if router is None:
             resp.data = mock.models()
             resp.content_type = JSON
             return
+        if router.providers.from_file:
+            names = router.providers.model_names()
+            resp.data = orjson.dumps({"object": "list", "data": [model_object(n) for n in names]})
+            resp.content_type = JSON
+            return
         ctx = req.context.edge
-        result = await _unless_client_leaves(req, upstream.call("GET", "/models", None, ctx))
+        result = await _unless_client_leaves(req, router.upstream.call("GET", "/models", None, ctx))
         _send_upstream(resp, ctx, result)
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-edge-proxy"}
 
 
 class Health:
@@ -192,7 +229,11 @@ class Health:
 
     async def on_get(self, req: Any, resp: Any) -> None:
         self._ready_or_503()
-        resp.data = _HEALTHY
+        router = self._runtime.router
+        if router is not None and router.providers.from_file:
+            resp.data = orjson.dumps({"status": "ok", "providers": router.states()})
+        else:
+            resp.data = _HEALTHY
         resp.content_type = JSON
 
     async def on_get_live(self, req: Any, resp: Any) -> None:
@@ -207,6 +248,9 @@ class Health:
     def _ready_or_503(self) -> None:
         if not self._runtime.ready:
             raise ServiceUnavailable("Not ready: the upstream session is not open.")
+        router = self._runtime.router
+        if router is not None and not router.can_serve():
+            raise ServiceUnavailable("Not ready: no provider can serve any model.")
 
 
 class MetricsResource:

@@ -59,12 +59,14 @@ class RequestContext:
     """What the request path knows about one request. Never holds a key."""
 
     __slots__ = (
+        "attempts",
         "client",
         "completion_tokens",
         "identity",
         "key",
         "model",
         "prompt_tokens",
+        "provider",
         "rate_decision",
         "request_id",
         "route",
@@ -94,6 +96,8 @@ class RequestContext:
         self.upstream_error: str | None = None  # timeout, connect, disconnect, invalid
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.provider: str | None = None  # the configured provider that answered (or last tried)
+        self.attempts = 0  # upstream attempts made (failover retries included)
         self.trace_id: str | None = None
         self.trace_flags = "01"
         self.traceparent_out: str | None = None
