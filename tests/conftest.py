@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-_TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(\d+)")
+_TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(?:breakers\.)?(\d+)")
 
 
 @pytest.fixture(autouse=True)

@@ -23,6 +23,7 @@ from typing import Any
 from edge.auth import KeyStore
 from edge.config import Config, ConfigError
 from edge.ratelimit.shm import table_name
+from edge.upstream.providers import load_for as load_providers
 
 log = logging.getLogger("edge.server")
 
@@ -36,10 +37,13 @@ class Settings:
     table_name: str
     metrics_dir: Path
     owns_metrics_dir: bool
+    providers: Any = None  # edge.upstream.providers.Providers, or None (the mock answers)
+    breaker_table: str = ""
 
 
 _current: Settings | None = None
 _master_table: Any = None  # the master's (closed) SharedTable, kept to unlink it on exit
+_breakers_created = False
 
 
 def current() -> Settings:
@@ -59,6 +63,7 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
     try:
         config = Config.from_env(environ)
         keys = KeyStore.load(config)
+        providers = load_providers(config)
     except ConfigError as exc:
         if _current is not None:
             log.error(
@@ -77,8 +82,14 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         table_name=table_name(table_prefix(config), pid),
         metrics_dir=metrics_dir,
         owns_metrics_dir=owns,
+        providers=providers,
+        breaker_table=table_name(breaker_prefix(config), pid),
     )
     return _current
+
+
+def breaker_prefix(config: Config) -> str:
+    return f"{SHM_PREFIX}.{config.instance}.breakers"
 
 
 def _metrics_dir(environ: MutableMapping[str, str], config: Config, pid: int) -> tuple[Path, bool]:
@@ -115,7 +126,20 @@ def on_starting(server: Any) -> None:
             settings.table_name, config.rate_limit_slots, **_worker_owner(server)
         )
         _master_table.close()
-    if config.upstream_url is None:
+    from edge.ratelimit import remove_stale
+    from edge.upstream.breaker import SharedBreakers
+
+    global _breakers_created
+    remove_stale(breaker_prefix(config))
+    # Created whatever the providers are now: a HUP may add a PROVIDERS_FILE later.
+    SharedBreakers.create(settings.breaker_table, **_worker_owner(server))
+    _breakers_created = True
+    if config.providers_file is not None:
+        log.info(
+            "routing to the providers of PROVIDERS_FILE",
+            extra={"providers": sorted(settings.providers.providers)},
+        )
+    elif config.upstream_url is None:
         log.warning(
             "no upstream configured (UPSTREAM_URL is unset): answering from the built-in mock "
             "provider"
@@ -157,6 +181,10 @@ def on_exit(server: Any) -> None:
     settings = current()
     if _master_table is not None:
         _master_table.unlink()
+    if _breakers_created:
+        from edge.upstream.breaker import unlink
+
+        unlink(settings.breaker_table)
     if settings.owns_metrics_dir:
         shutil.rmtree(settings.metrics_dir, ignore_errors=True)
 
