@@ -15,6 +15,8 @@ import falcon.asgi
 
 from edge.auth import KeyStore
 from edge.config import Config
+from edge.endpoints.anthropic import Messages
+from edge.endpoints.anthropic import error_body as anthropic_error_body
 from edge.endpoints.body import validate_embeddings, validate_moderations, validate_responses
 from edge.endpoints.openai import Completions, Health, MetricsResource, Models
 from edge.endpoints.passthrough import ModelRetrieve, PassThrough
@@ -127,6 +129,7 @@ def create_app(
         ("/v1/embeddings", PassThrough(runtime, "/embeddings", validate_embeddings), None),
         ("/v1/responses", PassThrough(runtime, "/responses", validate_responses), None),
         ("/v1/moderations", PassThrough(runtime, "/moderations", validate_moderations), None),
+        ("/v1/messages", Messages(runtime), None),
         ("/health", health, None),
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),
@@ -147,42 +150,58 @@ def create_app(
     for path, resource, suffix in routes:
         app.add_route(path, resource, suffix=suffix)
 
-    app.add_error_handler(Exception, _unexpected_error)
-    app.add_error_handler(falcon.HTTPError, _falcon_error)
-    app.add_error_handler(ApiError, _api_error)
+    errors = _ErrorHandlers(app)
+    app.add_error_handler(Exception, errors.unexpected_error)
+    app.add_error_handler(falcon.HTTPError, errors.falcon_error)
+    app.add_error_handler(ApiError, errors.api_error)
     app.runtime = runtime
     return app
 
 
-def _render(resp: Any, error: ApiError) -> None:
-    resp.status = error.status
-    resp.content_type = "application/json"
-    resp.data = error.body()
-    resp.stream = None
-    if error.headers:
-        resp.set_headers(error.headers)
+class _ErrorHandlers:
+    """One error handler per exception family; each renders in the envelope of the route that
+    matched (Anthropic's on /v1/messages, OpenAI's everywhere else). The route is looked up
+    with the app's own router, because an error raised by middleware comes before routing."""
 
+    def __init__(self, app: EdgeApp) -> None:
+        self._find = app._router.find
 
-async def _api_error(req: Any, resp: Any, error: ApiError, params: Any) -> None:
-    _render(resp, error)
+    def _anthropic(self, req: Any) -> bool:
+        try:
+            found = self._find(req.path)
+        except Exception:  # pragma: no cover - a path the router cannot even look up
+            return False
+        return found is not None and getattr(found[0], "anthropic", False) is True
 
+    def _render(self, req: Any, resp: Any, error: ApiError) -> None:
+        resp.status = error.status
+        resp.content_type = "application/json"
+        resp.data = anthropic_error_body(error) if self._anthropic(req) else error.body()
+        resp.stream = None
+        if error.headers:
+            resp.set_headers(error.headers)
 
-async def _falcon_error(req: Any, resp: Any, error: falcon.HTTPError, params: Any) -> None:
-    status = error.status_code
-    if status == 404:
-        mapped: ApiError = NotFound(f"Unknown route: {req.method} {req.path[:200]}")
-    elif status == 405:
-        mapped = MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.")
-    else:
-        mapped = from_http_status(status, error.description or error.title or "Bad request.")
-    if error.headers:
-        mapped.headers.update(error.headers)
-    _render(resp, mapped)
+    async def api_error(self, req: Any, resp: Any, error: ApiError, params: Any) -> None:
+        self._render(req, resp, error)
 
+    async def falcon_error(self, req: Any, resp: Any, error: falcon.HTTPError, params: Any) -> None:
+        status = error.status_code
+        if status == 404:
+            mapped: ApiError = NotFound(f"Unknown route: {req.method} {req.path[:200]}")
+        elif status == 405:
+            mapped = MethodNotAllowed(f"Method {req.method} is not allowed on {req.path}.")
+        else:
+            mapped = from_http_status(status, error.description or error.title or "Bad request.")
+        if error.headers:
+            mapped.headers.update(error.headers)
+        self._render(req, resp, mapped)
 
-async def _unexpected_error(req: Any, resp: Any, error: Exception, params: Any) -> None:
-    log.error("unhandled error", exc_info=error)
-    _render(
-        resp,
-        ApiError("The server had an error while processing your request.", code="internal_error"),
-    )
+    async def unexpected_error(self, req: Any, resp: Any, error: Exception, params: Any) -> None:
+        log.error("unhandled error", exc_info=error)
+        self._render(
+            req,
+            resp,
+            ApiError(
+                "The server had an error while processing your request.", code="internal_error"
+            ),
+        )
