@@ -14,6 +14,7 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     garbage-http          bytes that are not HTTP at all, then close
     reset-mid-stream      two SSE chunks, then a TCP reset
     stall-mid-stream      two SSE chunks, then silence
+    stall-first           the stream's response head, then silence
     paced                 SSE chunks every --pace seconds (also: model "paced-N" sends N chunks)
     long-stream           SSE chunks as fast as the client reads, for --long-chunks chunks
     fast-N                N SSE chunks without pause (quick streams for soak and leak runs)
@@ -203,6 +204,8 @@ async def _stream(request, model, chat, options) -> web.StreamResponse:
                 )
                 request.transport.abort()
                 return response
+            if index == 0 and model == "stall-first":  # the head, then no event at all
+                await asyncio.sleep(3600)
             if index == 2 and model == "stall-mid-stream":
                 await asyncio.sleep(3600)
             await response.write(_chunk(model, index, chat))

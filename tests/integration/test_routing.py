@@ -282,3 +282,58 @@ targets = [{ provider = "a", weight = 2 }, { provider = "b" }, { provider = "c" 
             upstreams["a"] = replacement
         a.stop()
     assert errors == [], errors[:3]
+
+
+def test_timeout_before_answer_or_first_event_fails_over(tmp_path, upstreams):
+    a, b = upstreams["a"], upstreams["b"]
+    path = tmp_path / "providers.toml"
+    path.write_text(f"""
+[providers.a]
+base_url = "{a.url}/v1"
+timeout_seconds = 1
+[providers.b]
+base_url = "{b.url}/v1"
+[[models]]
+name = "hangs"
+targets = [{{ provider = "a", model = "hang" }}, {{ provider = "b" }}]
+[[models]]
+name = "stalls"
+targets = [{{ provider = "a", model = "stall-first" }}, {{ provider = "b" }}]
+[routing]
+strategy = "priority"
+""")
+    server = Gunicorn(API_KEYS=KEY, PROVIDERS_FILE=str(path), SERVER_TIMEOUT_SECONDS="10")
+    try:
+        started = time.monotonic()
+        response = chat(server, model="hangs")
+        assert response.status_code == 200 and response.json()["upstream"] == "b"
+        response = chat(server, model="stalls", stream=True)
+        assert response.status_code == 200
+        assert response.text.rstrip().endswith("data: [DONE]")
+        assert time.monotonic() - started < 8  # two 1 s timeouts plus backoff, not 10 s each
+    finally:
+        server.stop()
+
+
+def test_hup_refuses_a_bad_providers_file_and_applies_a_good_one(tmp_path, upstreams):
+    path = providers_file(tmp_path, upstreams, WEIGHTED, "")
+    server = Gunicorn(API_KEYS=KEY, PROVIDERS_FILE=path)
+    headers = {"authorization": f"Bearer {KEY}"}
+
+    def listed() -> list[str]:
+        data = httpx.get(server.url + "/v1/models", headers=headers, timeout=5).json()["data"]
+        return sorted(model["id"] for model in data)
+
+    try:
+        assert listed() == ["m", "renamed"]
+        Path(path).write_text(Path(path).read_text().replace('provider = "c"', 'provider = "zz"'))
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in server.output(), timeout=20)
+        assert listed() == ["m", "renamed"]
+        assert chat(server).status_code == 200
+        providers_file(tmp_path, upstreams, FAILOVER, "")
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: listed() == ["m"], timeout=20)
+        assert chat(server, model="renamed").status_code == 404
+    finally:
+        server.stop()

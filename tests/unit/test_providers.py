@@ -141,3 +141,42 @@ def test_targets_filter_by_kind_and_unknown_model_is_404(tmp_path):
     with pytest.raises(Exception) as info:
         router.targets("other", "openai")
     assert info.value.status == 404 and info.value.code == "model_not_found"
+
+
+def test_ready_only_while_some_provider_can_serve_and_health_lists_breakers(tmp_path):
+    import asyncio
+
+    import falcon.testing
+
+    from edge.app import create_app
+    from edge.config import Config
+    from edge.upstream import breaker as cb
+
+    load(tmp_path, GOOD)
+    config = Config.from_env(
+        {"AUTH_ENABLED": "false", "PROVIDERS_FILE": str(tmp_path / "providers.toml")}
+    )
+    app = create_app(config)
+    router = app.runtime.router
+    policy = router.providers.routing.breaker
+
+    async def run() -> None:
+        async with falcon.testing.ASGIConductor(app) as client:
+            assert (await client.simulate_get("/health/ready")).status_code == 200
+            health = (await client.simulate_get("/health")).json
+            assert set(health["providers"]) == {"primary", "backup", "claude"}
+            assert "sk-" not in str(health)
+            for name in ("primary", "backup"):
+                for _ in range(policy.failure_threshold):
+                    router.breakers.update(name, lambda s, t: cb.on_failure(s, policy, t))
+            assert (await client.simulate_get("/health/ready")).status_code == 200  # claude
+            for _ in range(policy.failure_threshold):
+                router.breakers.update("claude", lambda s, t: cb.on_failure(s, policy, t))
+            assert (await client.simulate_get("/health/ready")).status_code == 503
+            answer = await client.simulate_post(
+                "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{}]}
+            )
+            assert answer.status_code == 503
+            assert answer.json["error"]["code"] == "no_provider_available"
+
+    asyncio.run(run())
