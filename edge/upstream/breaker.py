@@ -117,6 +117,7 @@ def cool_down(s: BreakerState, now: float, seconds: float) -> None:
 
 # key(16) state(B) pad(3) failures successes probes (I) pad(4) opened_at probe_at cooldown (d)
 _SLOT = struct.Struct("<16sB3xIII4xddd")
+_HOT = struct.Struct("<16xB3xI28xd")  # state, failures, cooldown_until: the unlocked fast path
 SLOT_SIZE = 64
 _MAGIC = b"EDGEBRK1"
 _HEADER = struct.Struct("<8sI4x")
@@ -146,6 +147,10 @@ class LocalBreakers:
 
     def peek(self, name: str) -> BreakerState:
         return self._state(name)
+
+    def hot(self, name: str) -> tuple[int, int, float]:
+        s = self._state(name)
+        return s.state, s.failures, s.cooldown_until
 
     def update(self, name: str, change: Callable[[BreakerState, float], object]) -> object:
         return change(self._state(name), self.clock())
@@ -244,6 +249,15 @@ class SharedBreakers:
         if offset < 0:
             return self._local.peek(name)
         return self._read(offset)
+
+    def hot(self, name: str) -> tuple[int, int, float]:
+        """(state, failures, cooldown_until), unlocked: enough to skip the lock when closed."""
+        offset = self._index.get(name)
+        if offset is None:
+            offset = self._slot(name)
+        if offset < 0:
+            return self._local.hot(name)
+        return _HOT.unpack_from(self._mm, offset)
 
     def update(self, name: str, change: Callable[[BreakerState, float], object]) -> object:
         """Apply `change(state, now)` under the lock and store the result."""

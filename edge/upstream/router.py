@@ -77,12 +77,39 @@ def retry_after_s(headers: dict[str, str]) -> float | None:
 _MODEL_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]', re.DOTALL)
 
 
+_KEY = b'"model"'
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
 def rename_model(body: bytes, model: str) -> bytes:
     """`body` with every top-level "model" value replaced by `model`; all else byte for byte.
 
     Every top-level occurrence is rewritten (duplicate keys included), so a client cannot
-    smuggle a second "model" past the rename. The body was already parsed as a JSON object.
+    smuggle a second "model" past the rename. The body was already parsed as a JSON object with
+    a top-level string "model".
+
+    Fast path: a body with one literal `"model"` key and no backslash-u escape anywhere. A quote
+    inside a JSON string is always escaped, so an unescaped `"model"` followed by a colon is a
+    key, and without backslash-u escapes the top-level key the validation found can only be
+    spelled literally: that one key is it. Anything else takes the full scan.
     """
+    at = body.find(_KEY)
+    if (
+        at > 0
+        and body.find(_KEY, at + 7) < 0
+        and body[at - 1] != 0x5C  # not preceded by a backslash
+        and b"\\u" not in body
+    ):
+        colon = _COLON.match(body, at + 7)
+        if colon is not None:
+            value = _STRING.match(body, colon.end())
+            if value is not None:
+                return body[: value.start()] + orjson.dumps(model) + body[value.end() :]
+    return _rename_scan(body, model)
+
+
+def _rename_scan(body: bytes, model: str) -> bytes:
     replacement = orjson.dumps(model)
     depth = 0
     spans = []
@@ -94,8 +121,7 @@ def rename_model(body: bytes, model: str) -> bytes:
         elif text in (b"}", b"]"):
             depth -= 1
         elif depth == 1 and _is_model_key(text):
-            rest = body[token.end() :].lstrip()
-            if not rest.startswith(b":"):
+            if _COLON.match(body, token.end()) is None:
                 continue  # a string value, not a key
             value = next(tokens, None)
             if value is None or value.group()[:1] != b'"':
@@ -158,18 +184,22 @@ class Router:
         elif strategy == "least-busy":
             busy = self.busy
             ordered = sorted(targets, key=lambda t: (busy.get(t.provider.name, 0), random.random()))
-        else:  # weighted: a weighted shuffle (Efraimidis-Spirakis keys)
-            ordered = sorted(targets, key=_weighted_key, reverse=True)
+        else:  # weighted: the first drawn by weight, the rest (fallbacks) in the file's order
+            ordered = _weighted(targets)
         if not self._use_breakers:
             return ordered
-        now = self.breakers.clock()
+        breakers = self.breakers
+        now = breakers.clock()
         ready, later = [], []
         for target in ordered:
-            state = self.breakers.peek(target.provider.name)
-            if state.cooldown_until > now or not cb.available(state, self._policy, now):
+            name = target.provider.name
+            state, _, cooldown = breakers.hot(name)
+            if cooldown > now:
                 later.append(target)
-            else:
+            elif state == cb.CLOSED or cb.available(breakers.peek(name), self._policy, now):
                 ready.append(target)
+            else:
+                later.append(target)
         return ready + later
 
     def _admit(self, target: Target, last_resort: bool) -> bool:
@@ -184,8 +214,8 @@ class Router:
             return cb.allow(state, policy, now)
 
         name = target.provider.name
-        state = self.breakers.peek(name)
-        if state.state == cb.CLOSED and state.cooldown_until == 0.0:
+        state, _, cooldown = self.breakers.hot(name)
+        if state == cb.CLOSED and (last_resort or cooldown <= self.breakers.clock()):
             return True  # the common case: no lock
         try:
             return bool(self.breakers.update(name, change))
@@ -197,8 +227,8 @@ class Router:
             return
         policy = self._policy
         name = target.provider.name
-        state = self.breakers.peek(name)
-        if ok and state.state == cb.CLOSED and state.failures == 0:
+        state, failures, _ = self.breakers.hot(name)
+        if ok and cooldown is None and state == cb.CLOSED and failures == 0:
             return  # nothing to change: no lock
 
         def change(state: cb.BreakerState, now: float) -> None:
@@ -425,8 +455,15 @@ class Router:
         )
 
 
-def _weighted_key(target: Target) -> float:
-    return random.random() ** (1.0 / target.weight)
+def _weighted(targets: tuple[Target, ...]) -> list[Target]:
+    point = random.random() * sum(t.weight for t in targets)
+    index = len(targets) - 1  # float rounding at the very top
+    for at, target in enumerate(targets):
+        point -= target.weight
+        if point < 0:
+            index = at
+            break
+    return [targets[index], *targets[:index], *targets[index + 1 :]]
 
 
 def _failed(result: UpstreamResponse | Opened) -> bool:

@@ -11,7 +11,7 @@ import pytest
 from edge.config import ConfigError
 from edge.upstream import providers as pv
 from edge.upstream.breaker import LocalBreakers
-from edge.upstream.router import Router, backoff, rename_model, retry_after_s
+from edge.upstream.router import Router, _rename_scan, backoff, rename_model, retry_after_s
 
 GOOD = """
 [providers.primary]
@@ -108,6 +108,23 @@ def test_rename_touches_only_the_top_level_model():
     assert (
         rename_model(b'{"a":"\\"model\\"","model":"m"}', "n") == b'{"a":"\\"model\\"","model":"n"}'
     )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+        b'{"messages":[{"content":"say \\"model\\": no"}],\n "model" :\t"gpt-4o-mini" }',
+        b'{"messages":[{"model":"inner"}],"model":"gpt-4o-mini"}',
+        b'{"model":"a","model":"b"}',
+        b'{"mod\\u0065l":"a","x":{"model":"keep"}}',
+        b'{"x":"\\u00e9","model":"a\\"b"}',
+    ],
+)
+def test_fast_rename_agrees_with_the_full_scan(body):
+    fast, full = rename_model(body, "new/name"), _rename_scan(body, "new/name")
+    assert fast == full
+    assert orjson.loads(fast)["model"] == "new/name"
 
 
 def test_retry_after_headers():
