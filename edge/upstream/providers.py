@@ -46,8 +46,8 @@ class Provider:
         return {"authorization": f"Bearer {self.api_key}"}
 
     def describe(self) -> dict[str, Any]:
-        """What /health may show: no key, no file path."""
-        return {"kind": self.kind, "base_url": self.base_url}
+        """What /health may show (it is public by default): no key, no URL, no file path."""
+        return {"kind": self.kind}
 
 
 @dataclass(frozen=True, slots=True)

@@ -385,6 +385,7 @@ class Router:
         if isinstance(opened, UpstreamResponse):
             return opened
         left = max(0.001, timeout - (time.monotonic() - started))
+        waited = time.perf_counter()
         try:
             async with asyncio.timeout(left):
                 first = await opened.content.readany()
@@ -397,6 +398,8 @@ class Router:
             exc.__traceback__ = None
             ctx.upstream_error = error_kind(exc)
             raise BadGateway("The upstream connection failed before the first event.") from None
+        finally:
+            ctx.upstream_s += time.perf_counter() - waited  # waiting on the upstream
         if not first:
             opened.close()
             ctx.upstream_error = "invalid"
