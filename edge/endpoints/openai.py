@@ -174,25 +174,31 @@ def _usage_watcher(ctx: RequestContext) -> Any:
     """
 
     def on_chunk(chunk: bytes) -> None:
+        # Every data line that mentions usage (several events may share one read: Anthropic's
+        # message_start and message_delta, the Responses API's created and completed).
         at = chunk.find(b'"usage"')
-        if at < 0:
-            return
-        start = chunk.rfind(b"data:", 0, at)
-        end = chunk.find(b"\n", at)
-        if start < 0:
-            return
-        try:
-            event = orjson.loads(chunk[start + 5 : end if end >= 0 else len(chunk)])
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(event, dict):
-            _record_usage(ctx, event.get("usage"))
-            for holder in ("response", "message"):  # Responses API, Anthropic message_start
-                inner = event.get(holder)
-                if isinstance(inner, dict):
-                    _record_usage(ctx, inner.get("usage"))
+        while at >= 0:
+            start = chunk.rfind(b"data:", 0, at)
+            end = chunk.find(b"\n", at)
+            end = end if end >= 0 else len(chunk)
+            if start >= 0:
+                _usage_from_line(ctx, chunk[start + 5 : end])
+            at = chunk.find(b'"usage"', end)
 
     return on_chunk
+
+
+def _usage_from_line(ctx: RequestContext, line: bytes) -> None:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(event, dict):
+        _record_usage(ctx, event.get("usage"))
+        for holder in ("response", "message"):  # Responses API, Anthropic message_start
+            inner = event.get(holder)
+            if isinstance(inner, dict):
+                _record_usage(ctx, inner.get("usage"))
 
 
 class Models:

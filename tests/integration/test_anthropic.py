@@ -111,7 +111,10 @@ def test_routed_to_an_anthropic_provider(proxy, upstream):
     assert "authorization" not in seen
     assert seen["anthropic-version"] == "2023-06-01" and seen["anthropic-beta"] == "b1"
     metrics = httpx.get(proxy.url + "/metrics").text
-    assert 'edge_tokens_total{kind="prompt",model="claude-sonnet"}' in metrics
+    # Three requests of 9 input and 4 output tokens, one of them streamed (message_start
+    # carries the input tokens, message_delta the output tokens).
+    assert 'edge_tokens_total{kind="prompt",model="claude-sonnet"} 27.0' in metrics
+    assert 'edge_tokens_total{kind="completion",model="claude-sonnet"} 12.0' in metrics
 
 
 def test_routing_errors_in_anthropic_shape(proxy):

@@ -131,9 +131,13 @@ def test_sdk_responses_through_upstream(proxy):
     result = client.responses.create(model="resp-model", input="hi")
     assert result.output_text == "Hello from the upstream."
     assert result.usage.output_tokens == 13
-    with client.responses.create(model="resp-model", input="hi", stream=True) as events:
+    with client.responses.create(model="resp-stream", input="hi", stream=True) as events:
         kinds = [event.type for event in events]
     assert kinds == ["response.created", "response.output_text.delta", "response.completed"]
+    # The streamed usage (in response.completed) feeds the token metrics.
+    metrics = httpx.get(proxy.url + "/metrics").text
+    assert 'edge_tokens_total{kind="prompt",model="resp-stream"} 11.0' in metrics
+    assert 'edge_tokens_total{kind="completion",model="resp-stream"} 13.0' in metrics
 
 
 def test_sdk_models_retrieve_and_moderations_through_upstream(proxy, upstream):
