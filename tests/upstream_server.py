@@ -339,6 +339,8 @@ async def messages(request: web.Request) -> web.StreamResponse:
     model = data.get("model", "")
     if model == "error-400":
         return _anthropic_error(400, "invalid_request_error", "max_tokens: required")
+    if model == "html-502":
+        return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
     text = f"Hello from {request.app['options'].name or 'the upstream'}."
     message = {
         "id": "msg_upstream", "type": "message", "role": "assistant", "model": model,

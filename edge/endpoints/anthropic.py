@@ -72,8 +72,9 @@ class Messages:
         if beta:
             headers["anthropic-beta"] = beta
         await forward(
-            req, resp, ctx, runtime.router, "/messages", body, model, stream, "anthropic", headers
-        )
+            req, resp, ctx, runtime.router, "/messages", body, model, stream, "anthropic",
+            headers, error_body,
+        )  # fmt: skip
 
 
 def _header(req: Any, name: str) -> str | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
@@ -16,7 +16,7 @@ from edge.endpoints.body import (
     validate_chat,
     validate_completion,
 )
-from edge.errors import BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
+from edge.errors import ApiError, BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
 from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
@@ -105,13 +105,21 @@ async def forward(
     stream: bool,
     kind: str = "openai",
     extra_headers: dict[str, str] | None = None,
+    error_shape: Callable[[ApiError], bytes] | None = None,
 ) -> None:
-    """Route `body` to the model's providers (failover before the first byte) and answer."""
+    """Route `body` to the model's providers (failover before the first byte) and answer.
+
+    `error_shape` renders an upstream error that had no JSON error body of its own (another
+    API's envelope, e.g. Anthropic's on /v1/messages).
+    """
     result = await _unless_client_leaves(
         req, router.forward(ctx, "POST", path, body, model, stream, kind, extra_headers)
     )
     if isinstance(result, UpstreamResponse):
         _send_upstream(resp, ctx, result)
+        if error_shape is not None and resp.data is not result.body:
+            error = ApiError(f"The upstream answered HTTP {result.status}.", status=resp.status)
+            resp.data = error_shape(error)
         return
     ctx.upstream_status = result.status
     resp.content_type = SSE

@@ -39,6 +39,9 @@ targets = [{{ provider = "openai" }}]
 [[models]]
 name = "error-400"
 targets = [{{ provider = "claude" }}]
+[[models]]
+name = "html-502"
+targets = [{{ provider = "claude" }}]
 """)
     server = Gunicorn(API_KEYS=KEY, PROVIDERS_FILE=str(path))
     yield server
@@ -125,3 +128,14 @@ def test_routing_errors_in_anthropic_shape(proxy):
         with pytest.raises(anthropic.BadRequestError) as info:
             sdk.messages.create(model="error-400", max_tokens=8, messages=ASK)
         assert info.value.body["error"]["message"] == "max_tokens: required"  # the provider's
+    # A provider error without a JSON body is wrapped in Anthropic's shape on this route.
+    response = httpx.post(
+        proxy.url + "/v1/messages",
+        json={"model": "html-502", "max_tokens": 8, "messages": ASK},
+        headers={"x-api-key": KEY},
+    )
+    assert response.status_code == 502
+    assert response.json() == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "The upstream answered HTTP 502."},
+    }
