@@ -273,12 +273,18 @@ class Router:
                 if attempts >= max_attempts:
                     break
                 name = target.provider.name
-                if name in tried or not self._admit(target, last_resort):
+                if name in tried:
                     continue
+                pause = 0.0
                 if attempts:
                     pause = min(backoff(attempts), deadline - clock())
                     if pause <= 0:
                         break
+                # Admitted only once the deadline allows the attempt: a half-open probe place
+                # claimed here is then always used (and reported).
+                if not self._admit(target, last_resort):
+                    continue
+                if pause:
                     self._count("retries", name)
                     await asyncio.sleep(pause)
                 remaining = deadline - clock()
