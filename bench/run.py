@@ -57,7 +57,7 @@ BODY = '{"model":"bench","messages":[{"role":"user","content":"hi"}]}'
 STREAM_BODY = '{"model":"bench","stream":true,"messages":[{"role":"user","content":"hi"}]}'
 CHAT_PATH = "/v1/chat/completions"
 TOOLS = {"wrk": "wrk", "nginx": "nginx"}  # binary -> Debian package
-PHASES = ("throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis")
+PHASES = ("throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis", "routing")
 WORKERS = 2
 # The static answer nginx returns (no ' or $: it sits in a quoted nginx string).
 UPSTREAM_ANSWER = json.dumps(
@@ -657,6 +657,22 @@ def limiter_bench(quick: bool) -> dict | None:
     return None
 
 
+def routing_bench(quick: bool) -> dict | None:
+    """bench/bench_routing.py: µs per request of Router.forward, single upstream vs routing."""
+    script = BENCH / "bench_routing.py"
+    argv = [PYTHON, str(script), *(["--n", "5000"] if quick else [])]
+    try:
+        done = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    match = re.search(r"routing added p50 (-?[\d.]+) µs p99 (-?[\d.]+) µs", done.stdout)
+    if done.returncode != 0 or not match:
+        return None
+    return {"p50_us": float(match.group(1)), "p99_us": float(match.group(2))}
+
+
 # ----------------------------------------------------------------------------- the table
 
 
@@ -922,6 +938,9 @@ def measure(settings: Settings, out: Path) -> tuple[list[Row], dict[str, Any]]:
         if "limiter" in want:
             log("rate-limiter micro-benchmark (bench/bench_limiter.py)")
             raw["limiter"] = limiter_bench(settings.quick)
+        if "routing" in want:
+            log("routing micro-benchmark (bench/bench_routing.py)")
+            raw["routing"] = routing_bench(settings.quick)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -1258,6 +1277,18 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
     else:
         row.edge = "n/a"
         row.result = "skipped" if "redis" not in settings.phases else "n/a"
+    rows.append(row)
+
+    routing = raw.get("routing")
+    row = Row("Routing on: added per request p50 / p99 (bench_routing.py)")
+    if routing:
+        row.edge = f"+{routing['p50_us']:.2f} / +{routing['p99_us']:.2f} µs"
+        row.result = "3 weighted targets, rename, shm breakers vs UPSTREAM_URL"
+        row.met = routing["p50_us"] <= 20.0
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "routing" not in settings.phases else ""
+    row.target = "≤ 20 µs per request"
     rows.append(row)
     return rows
 

@@ -16,8 +16,12 @@ import falcon.asgi
 
 from edge.auth import KeyStore
 from edge.config import Config
+from edge.endpoints.anthropic import Messages
+from edge.endpoints.anthropic import error_body as anthropic_error_body
+from edge.endpoints.body import validate_embeddings, validate_moderations, validate_responses
 from edge.endpoints.openai import Completions, Health, MetricsResource, Models, SwitchedOff
-from edge.endpoints.routes import endpoint_table
+from edge.endpoints.passthrough import ModelRetrieve, PassThrough
+from edge.endpoints.routes import ANTHROPIC_ROUTES, endpoint_table
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.runtime import Runtime
@@ -75,14 +79,25 @@ def create_app(
     config: Config,
     keys: KeyStore | None = None,
     limiter_factory: Any = None,
+    providers: Any = None,
+    breakers_factory: Any = None,
 ) -> EdgeApp:
     """The ASGI app for `config`.
 
     `keys` is the KeyStore loaded by the gunicorn master (so a bad keys file stops the start,
     not a worker); when None it is loaded here. `limiter_factory` opens the rate limiter in
     the worker at startup (and it is closed at shutdown); without one, a process-local table
-    is used (tests, a single process).
+    is used (tests, a single process). `providers` (edge.upstream.providers.Providers) are those
+    the master validated; when None they are loaded here from PROVIDERS_FILE or UPSTREAM_URL.
+    `breakers_factory` attaches the host-wide breaker table at startup; without one, breakers
+    are process-local.
     """
+    from edge.upstream.breaker import LocalBreakers
+    from edge.upstream.providers import load_for
+    from edge.upstream.router import Router
+
+    if providers is None:
+        providers = load_for(config)
     if keys is None:
         keys = KeyStore.load(config)
     local_limiter = None
@@ -97,7 +112,7 @@ def create_app(
         from edge.observability.metrics import Metrics
 
         metrics = Metrics()
-    upstream = Upstream(config) if config.upstream_url else None
+    upstream = Upstream(config) if providers is not None else None
     runtime = Runtime(
         config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream
     )
@@ -106,12 +121,22 @@ def create_app(
         from edge.ratelimit.tokens import TokenLimiter
 
         runtime.tokens = TokenLimiter(config, runtime, metrics)
+    if providers is not None and upstream is not None:
+        runtime.router = Router(providers, upstream, LocalBreakers(), config.timeout_s, metrics)
+        runtime.breakers_factory = breakers_factory
+        if metrics is not None:
+            metrics.breaker_source = runtime.router.breaker_numbers
 
     health = Health(runtime)
     routes: list[tuple[str, Any, str | None]] = [
         ("/v1/chat/completions", Completions(runtime, chat=True), None),
         ("/v1/completions", Completions(runtime, chat=False), None),
         ("/v1/models", Models(runtime), None),
+        ("/v1/models/{model_id:path}", ModelRetrieve(runtime), None),
+        ("/v1/embeddings", PassThrough(runtime, "/embeddings", validate_embeddings), None),
+        ("/v1/responses", PassThrough(runtime, "/responses", validate_responses), None),
+        ("/v1/moderations", PassThrough(runtime, "/moderations", validate_moderations), None),
+        ("/v1/messages", Messages(runtime), None),
         ("/health", health, None),
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),
@@ -139,17 +164,21 @@ def create_app(
     return app
 
 
-def _render(resp: Any, error: ApiError) -> None:
+def _render(req: Any, resp: Any, error: ApiError) -> None:
+    """The error in the envelope of the route that matched: Anthropic's on /v1/messages,
+    OpenAI's everywhere else (a request that matched no route included)."""
+    ctx = getattr(req.context, "edge", None)
+    anthropic = ctx is not None and ctx.route is not None and ctx.route.template in ANTHROPIC_ROUTES
     resp.status = error.status
     resp.content_type = "application/json"
-    resp.data = error.body()
+    resp.data = anthropic_error_body(error) if anthropic else error.body()
     resp.stream = None
     if error.headers:
         resp.set_headers(error.headers)
 
 
 async def _api_error(req: Any, resp: Any, error: ApiError, params: Any) -> None:
-    _render(resp, error)
+    _render(req, resp, error)
 
 
 async def _falcon_error(req: Any, resp: Any, error: falcon.HTTPError, params: Any) -> None:
@@ -164,12 +193,13 @@ async def _falcon_error(req: Any, resp: Any, error: falcon.HTTPError, params: An
         mapped = from_http_status(status, error.description or error.title or "Bad request.")
     if error.headers:
         mapped.headers.update(error.headers)
-    _render(resp, mapped)
+    _render(req, resp, mapped)
 
 
 async def _unexpected_error(req: Any, resp: Any, error: Exception, params: Any) -> None:
     log.error("unhandled error", exc_info=error)
     _render(
+        req,
         resp,
         ApiError("The server had an error while processing your request.", code="internal_error"),
     )

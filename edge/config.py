@@ -356,7 +356,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "upstream_connect_timeout_s", number(0.001, 3600), "5",
       "Connecting to the upstream; exceeded → 502"),
     S("UPSTREAM_POOL_SIZE", "upstream_pool_size", integer(1, 65_536), "256",
-      "Upstream connections per worker (keep-alive pool)"),
+      "Upstream connections per worker (keep-alive pool), shared by all providers"),
+    S("PROVIDERS_FILE", "providers_file", readable_file, None,
+      "TOML file of providers, models and routing (see [Providers and routing]"
+      "(#providers-and-routing)); re-read on HUP, a file that no longer validates is refused "
+      "and the running one stays. Overrides `UPSTREAM_URL`"),
     # Authentication (behaviour in edge.auth)
     S("AUTH_ENABLED", "auth_enabled", boolean, "true",
       "Require an API key on the API routes (`/v1/…`) and on paths that match no route. With "
@@ -465,6 +469,8 @@ class Config:
     upstream_api_key_file: Path | None
     upstream_connect_timeout_s: float
     upstream_pool_size: int
+    # Providers and model routing (edge.upstream.providers); overrides UPSTREAM_URL when set
+    providers_file: Path | None
     # Authentication
     auth_enabled: bool
     api_keys: tuple[str, ...] = field(repr=False)
@@ -537,7 +543,7 @@ class Config:
                     f"{UPSTREAM_KEY_CREDENTIAL} credential), not both",
                 )
             explicit = values["upstream_api_key_file"] is not None
-            values["upstream_api_key"] = _read_key_file("UPSTREAM_API_KEY_FILE", key_file, explicit)
+            values["upstream_api_key"] = read_key_file("UPSTREAM_API_KEY_FILE", key_file, explicit)
             if values["upstream_api_key"] is None:
                 key_file = None  # an empty credential: no upstream key, deliberately
         values["upstream_api_key_file"] = key_file
@@ -581,7 +587,7 @@ def _credential_file(
     return readable_file(name, str(path))
 
 
-def _read_key_file(name: str, path: Path, explicit: bool) -> str | None:
+def read_key_file(name: str, path: Path, explicit: bool) -> str | None:
     """One printable ASCII line, trimmed; never echoed in an error. Empty: None, unless the
     operator named the file explicitly (then it is a mistake)."""
     try:

@@ -201,6 +201,8 @@ class EdgeMiddleware:
             "upstream_error": ctx.upstream_error,
             "prompt_tokens": ctx.prompt_tokens,
             "completion_tokens": ctx.completion_tokens,
+            "provider": ctx.provider,
+            "attempts": ctx.attempts,
         }
         if ctx.trace_id is not None:
             record["trace_id"] = ctx.trace_id

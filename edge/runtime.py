@@ -22,6 +22,8 @@ class Runtime:
         self.tokens: Any = None  # edge.ratelimit.tokens.TokenLimiter when rate limiting is on
         self._limiter_factory = limiter_factory
         self.started = False
+        self.router: Any = None  # edge.upstream.router.Router; None: the built-in mock answers
+        self.breakers_factory: Any = None  # attaches the host-wide breaker table after fork
 
     @property
     def ready(self) -> bool:
@@ -35,6 +37,8 @@ class Runtime:
             start = getattr(self.limiter, "start", None)
             if start is not None:  # the Redis pool: opened here, in the worker, after fork
                 await start()
+        if self.breakers_factory is not None and self.router is not None:
+            self.router.breakers = self.breakers_factory()
         if self.upstream is not None:
             await self.upstream.start()
         self.started = True
@@ -49,3 +53,5 @@ class Runtime:
                 await aclose()
             self.limiter.close()
             self.limiter = None
+        if self.breakers_factory is not None and self.router is not None:
+            self.router.breakers.close()

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-_TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(\d+)(?:\.[0-9a-f]+)?")
+_TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(?:breakers\.)?(\d+)(?:\.[0-9a-f]+)?")
 
 
 @pytest.fixture(autouse=True)

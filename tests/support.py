@@ -109,8 +109,8 @@ def base_env(**overrides: str) -> dict[str, str]:
 
 
 class Upstream(Process):
-    def __init__(self, *extra: str) -> None:
-        self.port = free_port()
+    def __init__(self, *extra: str, port: int | None = None) -> None:
+        self.port = port or free_port()
         super().__init__(
             [PYTHON, UPSTREAM_SCRIPT, "--port", str(self.port), *extra], base_env(), "upstream"
         )
@@ -124,6 +124,14 @@ class Upstream(Process):
 
     def stats(self) -> dict[str, int]:
         return httpx.get(f"{self.url}/_stats", timeout=5).json()
+
+    def log(self) -> list[dict[str, Any]]:
+        """Every /v1 request this upstream received: path, model, time."""
+        return httpx.get(f"{self.url}/_log", timeout=5).json()
+
+    def control(self, **fault: Any) -> None:
+        """Inject a fault for all /v1 requests (status=500, or status=429 with retry_after)."""
+        httpx.post(f"{self.url}/_control", json=fault, timeout=5).raise_for_status()
 
 
 class Gunicorn(Process):

@@ -34,6 +34,7 @@ ROWS = (
     "RSS with 100 idle keep-alive conns",
     "Idle CPU over 1 s (master + workers)",
     "Rate-limit decision p50 / p99",
+    "Routing on: added per request p50 / p99",
 )
 
 

@@ -149,6 +149,10 @@ def exposed() -> dict[str, tuple[str, set[str]]]:
         metrics.auth_failure("invalid")
         metrics.limiter_failure("lock_timeout", "allow")
         metrics.rate_limited.inc()
+        metrics.provider_attempt("default", "2xx", 0.01)
+        metrics.provider_event("retries", "default")
+        metrics.provider_event("failovers", "default")
+        metrics.breaker_state.labels("default").set(0)
         result = client.simulate_get("/metrics")
     assert result.status_code == 200
     families = list(text_string_to_metric_families(result.text))

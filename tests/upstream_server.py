@@ -21,9 +21,18 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     huge-event            one chunk, then one 5 MiB event written in 64 KiB pieces, then [DONE]
     error-401, error-403  that status with an error body quoting part of the upstream key
                           and the canary string CANARY
+    stall-first           the stream's response head, then silence
     paced                 SSE chunks every --pace seconds (also: model "paced-N" sends N chunks)
     long-stream           SSE chunks as fast as the client reads, for --long-chunks chunks
     fast-N                N SSE chunks without pause (quick streams for soak and leak runs)
+
+More endpoints: /v1/embeddings (echoes encoding_format: base64 or float), /v1/responses
+(streamed and not), /v1/moderations, /v1/models/{id}, and Anthropic's /v1/messages (streamed
+and not; errors in Anthropic's shape).
+
+For routing tests: --name NAME is put in every answer (header x-upstream-name, and the reply
+text); GET /_log lists every /v1 request received (path, model), POST /_control sets a fault
+for all /v1 requests ({"status": 500} or {"status": 429, "retry_after": "7"}; {} clears it).
 
 What it received is kept per x-request-id: GET /_seen/{request_id} returns the headers (and the
 body's size) of that request, so a test can check what the proxy sent upstream. GET /_stats
@@ -34,14 +43,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import json
 import socket
+import struct
 import time
 
 from aiohttp import web
 
 SEEN: dict[str, dict] = {}
 CANARY = "upstream-body-canary-7f3a"
+LOG: list[dict] = []
+CONTROL: dict = {}
 STATS = {"streams_started": 0, "streams_finished": 0, "streams_cancelled": 0}
 
 
@@ -104,17 +117,50 @@ def _error(status: int, message: str, code: str) -> web.Response:
     return web.json_response(body, status=status)
 
 
-async def completions(request: web.Request) -> web.StreamResponse:
-    chat = request.path.endswith("/chat/completions")
-    raw = await request.read()
+def _record(request: web.Request, raw: bytes) -> dict:
     request_id = request.headers.get("x-request-id", "-")
+    try:
+        data = json.loads(raw) if raw else {}
+    except ValueError:
+        data = {}
     SEEN[request_id] = {
         "headers": {k.lower(): v for k, v in request.headers.items()},
         "body_size": len(raw),
+        "body": raw.decode("utf-8", "replace") if len(raw) < 65536 else None,
         "path": request.path,
+        "stream_options": data.get("stream_options") if isinstance(data, dict) else None,
     }
+    LOG.append({"path": request.path, "model": data.get("model"), "at": time.time()})
+    return data
+
+
+def _fault() -> web.Response | None:
+    status = CONTROL.get("status")
+    if not status:
+        return None
+    response = _error(status, "Injected fault.", "injected")
+    if CONTROL.get("retry_after"):
+        response.headers["retry-after"] = str(CONTROL["retry_after"])
+    return response
+
+
+@web.middleware
+async def name_header(request: web.Request, handler):
+    response = await handler(request)
+    name = request.app["options"].name
+    if name and not response.prepared:
+        response.headers["x-upstream-name"] = name
+    return response
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    chat = request.path.endswith("/chat/completions")
+    raw = await request.read()
+    _record(request, raw)
+    fault = _fault()
+    if fault is not None:
+        return fault
     data = json.loads(raw)
-    SEEN[request_id]["stream_options"] = data.get("stream_options")
     model = data.get("model", "")
     options = request.app["options"]
     if model == "slow":
@@ -142,11 +188,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
         raise web.HTTPInternalServerError
     if data.get("stream"):
         return await _stream(request, model, chat, options)
-    return web.json_response(_chat(model) if chat else _completion(model))
+    body = _chat(model) if chat else _completion(model)
+    if options.name:
+        body["upstream"] = options.name
+    return web.json_response(body)
 
 
 async def _stream(request, model, chat, options) -> web.StreamResponse:
-    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    headers = {"content-type": "text/event-stream"}
+    if options.name:
+        headers["x-upstream-name"] = options.name
+    response = web.StreamResponse(headers=headers)
     await response.prepare(request)
     STATS["streams_started"] += 1
     count, pace = options.chunks, options.pace
@@ -165,6 +217,8 @@ async def _stream(request, model, chat, options) -> web.StreamResponse:
                 )
                 request.transport.abort()
                 return response
+            if index == 0 and model == "stall-first":  # the head, then no event at all
+                await asyncio.sleep(3600)
             if index == 2 and model == "stall-mid-stream":
                 await asyncio.sleep(3600)
             if index == 2 and model in ("cut-mid-event", "end-mid-event"):
@@ -208,13 +262,162 @@ async def _stream(request, model, chat, options) -> web.StreamResponse:
     return response
 
 
+async def embeddings(request: web.Request) -> web.Response:
+    raw = await request.read()
+    data = _record(request, raw)
+    fault = _fault()
+    if fault is not None:
+        return fault
+    items = data.get("input")
+    inputs = items if isinstance(items, list) else [items]
+    dims = data.get("dimensions") or 8
+    out = []
+    for index, _ in enumerate(inputs):
+        vector = [round(0.125 * (index + 1) * (i + 1), 6) for i in range(dims)]
+        if data.get("encoding_format") == "base64":
+            embedding = base64.b64encode(struct.pack(f"<{dims}f", *vector)).decode()
+        else:
+            embedding = vector
+        out.append({"object": "embedding", "index": index, "embedding": embedding})
+    # Spacing the proxy must keep as it is (bodies pass byte for byte).
+    body = json.dumps(
+        {"object": "list", "data": out, "model": data.get("model"),
+         "usage": {"prompt_tokens": 4, "total_tokens": 4}}, indent=1,
+    )  # fmt: skip
+    return web.Response(body=body.encode(), content_type="application/json")
+
+
+async def moderations(request: web.Request) -> web.Response:
+    raw = await request.read()
+    data = _record(request, raw)
+    return web.json_response(
+        {"id": "modr-upstream", "model": data.get("model") or "omni-moderation-latest",
+         "results": [{"flagged": True, "categories": {"violence": True},
+                      "category_scores": {"violence": 0.9}}]}
+    )  # fmt: skip
+
+
+def _response_obj(model: str, status: str, text: str | None) -> dict:
+    output = []
+    if text is not None:
+        output = [
+            {
+                "type": "message",
+                "id": "msg_up",
+                "status": "completed",
+                "role": "assistant",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ]
+    return {
+        "id": "resp_upstream", "object": "response", "created_at": int(time.time()),
+        "status": status, "model": model, "output": output, "parallel_tool_calls": True,
+        "tool_choice": "auto", "tools": [], "error": None, "incomplete_details": None,
+        "instructions": None, "metadata": {},
+        "usage": None if text is None else {
+            "input_tokens": 11, "output_tokens": 13, "total_tokens": 24,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens_details": {"reasoning_tokens": 0},
+        },
+    }  # fmt: skip
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    data = _record(request, raw)
+    fault = _fault()
+    if fault is not None:
+        return fault
+    model = data.get("model", "")
+    text = f"Hello from {request.app['options'].name or 'the upstream'}."
+    if not data.get("stream"):
+        return web.json_response(_response_obj(model, "completed", text))
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    events = [
+        ("response.created", {"response": _response_obj(model, "in_progress", None)}),
+        ("response.output_text.delta", {"item_id": "msg_up", "output_index": 0,
+                                        "content_index": 0, "delta": text}),
+        ("response.completed", {"response": _response_obj(model, "completed", text)}),
+    ]  # fmt: skip
+    for seq, (kind, payload) in enumerate(events):
+        event = {"type": kind, "sequence_number": seq, **payload}
+        await response.write(f"event: {kind}\ndata: {json.dumps(event)}\n\n".encode())
+    await response.write_eof()
+    return response
+
+
+async def model(request: web.Request) -> web.Response:
+    _record(request, b"")
+    model_id = request.match_info["model_id"]
+    if model_id == "missing":
+        return _error(404, "No such model.", "model_not_found")
+    return web.json_response({"id": model_id, "object": "model", "created": 1, "owned_by": "up"})
+
+
+def _anthropic_error(status: int, kind: str, message: str) -> web.Response:
+    body = {"type": "error", "error": {"type": kind, "message": message}}
+    return web.json_response(body, status=status)
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    raw = await request.read()
+    data = _record(request, raw)
+    if not request.headers.get("x-api-key"):
+        return _anthropic_error(401, "authentication_error", "x-api-key header is required")
+    if not request.headers.get("anthropic-version"):
+        return _anthropic_error(400, "invalid_request_error", "anthropic-version is required")
+    status = CONTROL.get("status")
+    if status:
+        return _anthropic_error(status, "overloaded_error", "Injected fault.")
+    model = data.get("model", "")
+    if model == "error-400":
+        return _anthropic_error(400, "invalid_request_error", "max_tokens: required")
+    if model == "html-502":
+        return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
+    text = f"Hello from {request.app['options'].name or 'the upstream'}."
+    message = {
+        "id": "msg_upstream", "type": "message", "role": "assistant", "model": model,
+        "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+        "stop_sequence": None, "usage": {"input_tokens": 9, "output_tokens": 4},
+    }  # fmt: skip
+    if not data.get("stream"):
+        return web.json_response(message)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {"input_tokens": 9, "output_tokens": 1}}  # fmt: skip
+    events = [
+        ("message_start", {"type": "message_start", "message": start}),
+        ("content_block_start", {"type": "content_block_start", "index": 0,
+                                 "content_block": {"type": "text", "text": ""}}),
+        ("ping", {"type": "ping"}),
+        ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                 "delta": {"type": "text_delta", "text": text}}),
+        ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        ("message_delta", {"type": "message_delta",
+                           "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                           "usage": {"output_tokens": 4}}),
+        ("message_stop", {"type": "message_stop"}),
+    ]  # fmt: skip
+    for kind, payload in events:
+        await response.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+    await response.write_eof()
+    return response
+
+
+async def request_log(request: web.Request) -> web.Response:
+    return web.json_response(LOG)
+
+
+async def control(request: web.Request) -> web.Response:
+    CONTROL.clear()
+    CONTROL.update(await request.json())
+    return web.json_response(CONTROL)
+
+
 async def models(request: web.Request) -> web.Response:
-    request_id = request.headers.get("x-request-id", "-")
-    SEEN[request_id] = {
-        "headers": {k.lower(): v for k, v in request.headers.items()},
-        "body_size": 0,
-        "path": request.path,
-    }
+    _record(request, b"")
     return web.json_response(
         {
             "object": "list",
@@ -246,12 +449,20 @@ def main() -> None:
     parser.add_argument("--pace", type=float, default=0.2)
     parser.add_argument("--chunks", type=int, default=5)
     parser.add_argument("--long-chunks", type=int, default=20000)
+    parser.add_argument("--name", default="")
     options = parser.parse_args()
-    app = web.Application()
+    app = web.Application(middlewares=[name_header])
     app["options"] = options
     app.router.add_post("/v1/chat/completions", completions)
     app.router.add_post("/v1/completions", completions)
     app.router.add_get("/v1/models", models)
+    app.router.add_get("/v1/models/{model_id}", model)
+    app.router.add_post("/v1/embeddings", embeddings)
+    app.router.add_post("/v1/responses", responses)
+    app.router.add_post("/v1/moderations", moderations)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/_log", request_log)
+    app.router.add_post("/_control", control)
     app.router.add_get("/_seen/{request_id}", seen)
     app.router.add_get("/_stats", stats)
     app.router.add_get("/_health", health)

@@ -190,3 +190,47 @@ def validate_completion(data: dict[str, Any]) -> tuple[str, bool]:
     if prompt is None or not isinstance(prompt, str | list):
         raise BadRequest("'prompt' is required (a string or an array).", param="prompt")
     return model, stream
+
+
+def validate_embeddings(data: dict[str, Any]) -> tuple[str, bool]:
+    """(model, False) of an embeddings request."""
+    model, _ = _common({"model": data.get("model")})
+    value = data.get("input")
+    if value is None or not isinstance(value, str | list) or value == []:
+        raise BadRequest("'input' is required (a string or a non-empty array).", param="input")
+    fmt = data.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise BadRequest("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
+    dimensions = data.get("dimensions")
+    if dimensions is not None and (
+        not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 1
+    ):
+        raise BadRequest("'dimensions' must be a positive integer.", param="dimensions")
+    return model, False
+
+
+def validate_responses(data: dict[str, Any]) -> tuple[str, bool]:
+    """(model, stream) of a Responses-API request."""
+    return _common(data)
+
+
+DEFAULT_MODERATION_MODEL = "omni-moderation-latest"
+
+
+def validate_moderations(data: dict[str, Any]) -> tuple[str, bool]:
+    """(model, False) of a moderation request; the model is optional there."""
+    if data.get("model") is None:
+        model = DEFAULT_MODERATION_MODEL
+    else:
+        model, _ = _common({"model": data.get("model")})
+    value = data.get("input")
+    if value is None or not isinstance(value, str | list):
+        raise BadRequest("'input' is required (a string or an array).", param="input")
+    return model, False
+
+
+def validate_model_id(model_id: str) -> str:
+    """A model id from the path of GET /v1/models/{id}."""
+    if not model_id or len(model_id) > MAX_MODEL_LENGTH or model_id in (".", ".."):
+        raise BadRequest("Invalid model id in the path.", param="model")
+    return model_id

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import falcon
@@ -19,12 +19,13 @@ from edge.endpoints.body import (
     validate_chat,
     validate_completion,
 )
-from edge.errors import BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
+from edge.errors import ApiError, BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
 from edge.observability import metric_files
 from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
 from edge.ratelimit.tokens import Reservation, ask_for_usage
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
+from edge.upstream.router import Router, prefixed
 from edge.upstream.stream import ResponseStream
 from edge.upstream.usage_events import watch_usage
 
@@ -64,28 +65,11 @@ class Completions:
             reservation = await runtime.tokens.reserve(ctx, resp, data, self._chat)
             if reservation is not None and stream and ask_for_usage(data):
                 body, hide_usage = orjson.dumps(data), True
-        upstream = runtime.upstream
-        if upstream is None:
+        if runtime.router is None:
             await self._mock(req, resp, data, ctx, reservation, hide_usage)
             return
-        if not stream:
-            result = await _unless_client_leaves(req, upstream.call("POST", self._path, body, ctx))
-            _send_upstream(resp, ctx, result)
-            await _settle_answer(reservation, ctx, result.status)
-            return
-        opened = await _unless_client_leaves(req, upstream.open_stream(self._path, body, ctx))
-        if isinstance(opened, UpstreamResponse):
-            _send_upstream(resp, ctx, opened)
-            await _settle_answer(reservation, ctx, opened.status)
-            return
-        ctx.upstream_status = opened.status
-        resp.content_type = SSE
-        resp.set_header("cache-control", "no-cache")
-        resp.set_header("x-accel-buffering", "no")
-        source = relay(opened, ctx, req.receive, _usage_watcher(ctx))
-        if reservation is not None:
-            source = watch_usage(source, reservation.settle_usage, hide_usage)
-        resp.stream = ResponseStream(source)
+        router, path = runtime.router, self._path
+        await forward(req, resp, ctx, router, path, body, model, stream, reservation, hide_usage)
 
     async def _mock(
         self,
@@ -145,6 +129,49 @@ async def _unless_client_leaves(req: Any, awaitable: Awaitable[T]) -> T:
         del scope[CANCEL_ON_DISCONNECT]
 
 
+async def forward(
+    req: Any,
+    resp: Any,
+    ctx: RequestContext,
+    router: Router,
+    path: str,
+    body: bytes,
+    model: str | None,
+    stream: bool,
+    reservation: Reservation | None = None,
+    hide_usage: bool = False,
+    kind: str = "openai",
+    extra_headers: dict[str, str] | None = None,
+    error_shape: Callable[[ApiError], bytes] | None = None,
+) -> None:
+    """Route `body` to the model's providers (failover before the first byte) and answer.
+
+    `error_shape` renders an upstream error that had no JSON error body of its own (another
+    API's envelope, e.g. Anthropic's on /v1/messages). A token `reservation` is settled on
+    the answer's usage (a stream's usage event; hidden from the client when `hide_usage`).
+    """
+    result = await _unless_client_leaves(
+        req, router.forward(ctx, "POST", path, body, model, stream, kind, extra_headers)
+    )
+    if isinstance(result, UpstreamResponse):
+        _send_upstream(resp, ctx, result)
+        if error_shape is not None and resp.data is not result.body:
+            error = ApiError(f"The upstream answered HTTP {result.status}.", status=resp.status)
+            resp.data = error_shape(error)
+        await _settle_answer(reservation, ctx, result.status)
+        return
+    ctx.upstream_status = result.status
+    resp.content_type = SSE
+    resp.set_header("cache-control", "no-cache")
+    resp.set_header("x-accel-buffering", "no")
+    watch = _usage_watcher(ctx)
+    watch(result.first)
+    source = prefixed(result.first, relay(result.resp, ctx, req.receive, watch))
+    if reservation is not None:
+        source = watch_usage(source, reservation.settle_usage, hide_usage)
+    resp.stream = ResponseStream(source)
+
+
 def _send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> None:
     """Pass an upstream answer through: status, body, content type, retry headers.
 
@@ -175,8 +202,12 @@ def _send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> 
 
 
 def _record_usage(ctx: RequestContext, usage: Any) -> None:
+    """Token counts from `usage`: OpenAI's prompt/completion_tokens, or the input/output_tokens
+    of the Responses and Anthropic Messages APIs. A count absent here keeps its earlier value
+    (Anthropic streams input tokens first and output tokens at the end)."""
     if isinstance(usage, dict):
-        prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if isinstance(prompt, int) and not isinstance(prompt, bool):
             ctx.prompt_tokens = prompt
         if isinstance(completion, int) and not isinstance(completion, bool):
@@ -191,38 +222,59 @@ def _usage_watcher(ctx: RequestContext) -> Any:
     """
 
     def on_chunk(chunk: bytes) -> None:
+        # Every data line that mentions usage (several events may share one read: Anthropic's
+        # message_start and message_delta, the Responses API's created and completed).
         at = chunk.find(b'"usage"')
-        if at < 0:
-            return
-        start = chunk.rfind(b"data:", 0, at)
-        end = chunk.find(b"\n", at)
-        if start < 0:
-            return
-        try:
-            event = orjson.loads(chunk[start + 5 : end if end >= 0 else len(chunk)])
-        except orjson.JSONDecodeError:
-            return
-        if isinstance(event, dict):
-            _record_usage(ctx, event.get("usage"))
+        while at >= 0:
+            start = chunk.rfind(b"data:", 0, at)
+            end = chunk.find(b"\n", at)
+            end = end if end >= 0 else len(chunk)
+            if start >= 0:
+                _usage_from_line(ctx, chunk[start + 5 : end])
+            at = chunk.find(b'"usage"', end)
 
     return on_chunk
 
 
+def _usage_from_line(ctx: RequestContext, line: bytes) -> None:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(event, dict):
+        _record_usage(ctx, event.get("usage"))
+        for holder in ("response", "message"):  # Responses API, Anthropic message_start
+            inner = event.get(holder)
+            if isinstance(inner, dict):
+                _record_usage(ctx, inner.get("usage"))
+
+
 class Models:
+    """GET /v1/models: the configured model names with PROVIDERS_FILE, else the upstream's."""
+
     def __init__(self, runtime: Any) -> None:
         self._runtime = runtime
 
     async def on_get(self, req: Any, resp: Any) -> None:
-        upstream = self._runtime.upstream
-        if upstream is None:
+        router = self._runtime.router
+        if router is None:
             resp.data = mock.models()
             resp.content_type = JSON
             return
+        if router.providers.from_file:
+            names = router.providers.model_names()
+            resp.data = orjson.dumps({"object": "list", "data": [model_object(n) for n in names]})
+            resp.content_type = JSON
+            return
         ctx = req.context.edge
-        result = await _unless_client_leaves(req, upstream.call("GET", "/models", None, ctx))
+        result = await _unless_client_leaves(req, router.upstream.call("GET", "/models", None, ctx))
         _send_upstream(resp, ctx, result)
 
     on_head = on_get  # Falcon sends the head (with the GET's Content-Length) and no body
+
+
+def model_object(name: str) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": 0, "owned_by": "llm-edge-proxy"}
 
 
 class Health:
@@ -233,7 +285,11 @@ class Health:
 
     async def on_get(self, req: Any, resp: Any) -> None:
         self._ready_or_503()
-        resp.data = _HEALTHY
+        router = self._runtime.router
+        if router is not None and router.providers.from_file:
+            resp.data = orjson.dumps({"status": "ok", "providers": router.states()})
+        else:
+            resp.data = _HEALTHY
         resp.content_type = JSON
 
     async def on_get_live(self, req: Any, resp: Any) -> None:
@@ -253,6 +309,9 @@ class Health:
     def _ready_or_503(self) -> None:
         if not self._runtime.ready:
             raise ServiceUnavailable("Not ready: the upstream session is not open.")
+        router = self._runtime.router
+        if router is not None and not router.can_serve():
+            raise ServiceUnavailable("Not ready: no provider can serve any model.")
 
 
 SCRAPE_LOCK_TIMEOUT_S = 2.0

@@ -33,11 +33,17 @@ ROUTES: dict[str, str] = {
     "/v1/chat/completions": API,
     "/v1/completions": API,
     "/v1/models": API,
+    "/v1/models/{model_id:path}": API,
+    "/v1/embeddings": API,
+    "/v1/responses": API,
+    "/v1/moderations": API,
+    "/v1/messages": API,
     "/health": HEALTH,
     "/health/live": HEALTH,
     "/health/ready": HEALTH,
     "/metrics": METRICS,
 }
+ANTHROPIC_ROUTES = frozenset({"/v1/messages"})  # errors in Anthropic's shape there
 UNMATCHED = "unmatched"  # the `route` label of a request no route matched
 
 log = logging.getLogger("edge.routes")

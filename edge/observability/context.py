@@ -91,12 +91,14 @@ class RequestContext:
     """What the request path knows about one request. Never holds a key."""
 
     __slots__ = (
+        "attempts",
         "client",
         "completion_tokens",
         "identity",
         "key",
         "model",
         "prompt_tokens",
+        "provider",
         "request_id",
         "route",
         "start",
@@ -124,6 +126,8 @@ class RequestContext:
         self.upstream_error: str | None = None  # timeout, connect, disconnect, invalid, auth
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.provider: str | None = None  # the configured provider that answered (or last tried)
+        self.attempts = 0  # upstream attempts made (failover retries included)
         self.trace_id: str | None = None
         self.trace_flags = "01"
         self.traceparent_out: str | None = None

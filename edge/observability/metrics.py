@@ -101,6 +101,34 @@ class Metrics:
             "tokens", "Tokens reported in the upstream's usage, by model and kind.",
             ["model", "kind"], namespace=ns, registry=registry,
         )  # fmt: skip
+        # Per provider: label values are configured provider names only (PROVIDERS_FILE, or
+        # "default" for UPSTREAM_URL), never anything a client sent.
+        self.provider_requests = Counter(
+            "provider_requests", "Upstream attempts per provider by outcome.",
+            ["provider", "outcome"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.provider_retries = Counter(
+            "provider_retries", "Retries sent to a provider after another attempt failed.",
+            ["provider"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.provider_failovers = Counter(
+            "provider_failovers", "Failed attempts at a provider that moved the request on.",
+            ["provider"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.provider_ttfb = Histogram(
+            "provider_time_to_first_byte_seconds",
+            "Time from sending to a provider to its answer (stream: its first event).",
+            ["provider"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+        )  # fmt: skip
+        # The breaker state is host-wide (shared memory), not per worker: the worker answering
+        # a scrape writes every provider's current state just before rendering, and
+        # "mostrecent" reports that newest write (a sum or max over workers' stale copies
+        # would be wrong).
+        self.breaker_state = Gauge(
+            "provider_breaker_state", "Breaker per provider: 0 closed, 1 open, 2 half-open.",
+            ["provider"], namespace=ns, multiprocess_mode="mostrecent", registry=registry,
+        )  # fmt: skip
+        self.breaker_source: Any = None  # callable: {provider: state number}, set by the app
         build = Gauge(
             "build_info", "Build information (value is always 1).",
             ["version", "python"], namespace=ns, multiprocess_mode="max", registry=registry,
@@ -152,6 +180,15 @@ class Metrics:
         if completion:
             self._child(self.tokens, model, "completion").inc(completion)
 
+    def provider_attempt(self, provider: str, outcome: str, ttfb_s: float | None) -> None:
+        self._child(self.provider_requests, provider, outcome).inc()
+        if ttfb_s is not None:
+            self._child(self.provider_ttfb, provider).observe(ttfb_s)
+
+    def provider_event(self, what: str, provider: str) -> None:
+        family = self.provider_retries if what == "retries" else self.provider_failovers
+        self._child(family, provider).inc()
+
     def auth_failure(self, reason: str) -> None:
         self._child(self.auth_failures, reason).inc()
 
@@ -163,6 +200,9 @@ class Metrics:
         workers' included; in a single process (tests, plain uvicorn): this registry."""
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
+        if self.breaker_source is not None:
+            for provider, state in self.breaker_source().items():
+                self._child(self.breaker_state, provider).set(state)
         path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not path:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST

@@ -25,6 +25,7 @@ from edge.auth import KeyStore
 from edge.config import Config, ConfigError
 from edge.observability import metric_files
 from edge.ratelimit.shm import table_name
+from edge.upstream.providers import load_for as load_providers
 
 log = logging.getLogger("edge.server")
 
@@ -39,12 +40,15 @@ class Settings:
     metrics_dir: Path
     owns_metrics_dir: bool
     metrics_dir_source: str = "PROMETHEUS_MULTIPROC_DIR"  # what named it, for error messages
+    providers: Any = None  # edge.upstream.providers.Providers, or None (the mock answers)
+    breaker_table: str = ""
 
 
 _current: Settings | None = None
 _master_table: Any = None  # the master's (closed) SharedTable, kept to unlink it on exit
 _removable_dir: Path | None = None  # a metrics directory this master created or verified
 _master_pid: int | None = None  # the process whose exit cleans up (not a forked worker)
+_master_breakers: str | None = None  # the breaker table this master created
 
 
 def current() -> Settings:
@@ -64,6 +68,7 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
     try:
         config = Config.from_env(environ)
         keys = KeyStore.load(config)
+        providers = load_providers(config)
     except ConfigError as exc:
         if _current is not None:
             log.error(
@@ -84,8 +89,16 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         metrics_dir=metrics_dir,
         owns_metrics_dir=owns,
         metrics_dir_source=source,
+        providers=providers,
+        breaker_table=(
+            _current.breaker_table if _current else table_name(breaker_prefix(config), pid)
+        ),
     )
     return _current
+
+
+def breaker_prefix(config: Config) -> str:
+    return f"{SHM_PREFIX}.{config.instance}.breakers"
 
 
 def _metrics_dir(environ: MutableMapping[str, str], config: Config) -> tuple[Path, bool, str]:
@@ -130,11 +143,16 @@ def _cleanup_at_exit() -> None:
 
 
 def _cleanup() -> None:
-    """Unlink the table and remove the metrics directory this master made; idempotent."""
-    global _master_table, _removable_dir
+    """Unlink the tables and remove the metrics directory this master made; idempotent."""
+    global _master_table, _master_breakers, _removable_dir
     if _master_table is not None:
         _master_table.unlink()
         _master_table = None
+    if _master_breakers is not None:
+        from edge.upstream.breaker import unlink
+
+        unlink(_master_breakers)
+        _master_breakers = None
     if _removable_dir is not None:
         shutil.rmtree(_removable_dir, ignore_errors=True)
         _removable_dir = None
@@ -176,7 +194,20 @@ def on_starting(server: Any) -> None:
                     settings, table_name=table_name(table_prefix(config), os.getpid())
                 )
         _master_table.close()
-    if config.upstream_url is None:
+    from edge.ratelimit import remove_stale
+    from edge.upstream.breaker import SharedBreakers
+
+    global _master_breakers
+    remove_stale(breaker_prefix(config))
+    # Created whatever the providers are now: a HUP may add a PROVIDERS_FILE later.
+    SharedBreakers.create(settings.breaker_table, **_worker_owner(server))
+    _master_breakers = settings.breaker_table
+    if config.providers_file is not None:
+        log.info(
+            "routing to the providers of PROVIDERS_FILE",
+            extra={"providers": sorted(settings.providers.providers)},
+        )
+    elif config.upstream_url is None:
         log.warning(
             "no upstream configured (UPSTREAM_URL is unset): answering from the built-in mock "
             "provider"

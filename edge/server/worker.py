@@ -68,7 +68,14 @@ def worker_app() -> Any:
                 failure_policy=config.rate_limit_failure_policy,
             )
 
-    return create_app(config, settings.keys, limiter_factory)
+    breakers = settings.breaker_table
+
+    def breakers_factory() -> Any:
+        from edge.upstream.breaker import SharedBreakers
+
+        return SharedBreakers.attach(breakers)
+
+    return create_app(config, settings.keys, limiter_factory, settings.providers, breakers_factory)
 
 
 def redis_limiter_factory(config: Any) -> Any:

@@ -42,9 +42,14 @@ class UpstreamResponse:
 
 
 class Upstream:
+    """The worker's one pooled session, shared by every provider.
+
+    `call` and `open_stream` go to the UPSTREAM_URL provider unless given a `provider`
+    (edge.upstream.providers.Provider) and, for a failover attempt, a shorter `timeout_s`.
+    """
+
     def __init__(self, config: Config) -> None:
-        assert config.upstream_url is not None
-        self._base = config.upstream_url
+        self._base = config.upstream_url or ""
         self._timeout_s = config.timeout_s
         self._connect_timeout_s = config.upstream_connect_timeout_s
         self._pool_size = config.upstream_pool_size
@@ -53,18 +58,31 @@ class Upstream:
             self._static_headers["authorization"] = f"Bearer {config.upstream_api_key}"
         # Non-streamed exchanges: aiohttp's own total timeout covers connecting, sending and
         # reading the whole response, so no second timer is needed per request.
-        self._call_timeout = aiohttp.ClientTimeout(
-            total=self._timeout_s,
-            connect=self._connect_timeout_s,
-            sock_connect=self._connect_timeout_s,
-        )
-        self._stream_timeout = aiohttp.ClientTimeout(
-            total=None,
-            connect=self._connect_timeout_s,
-            sock_connect=self._connect_timeout_s,
-            sock_read=self._timeout_s,
-        )
+        self._call_timeout = self._timeouts(self._timeout_s)[0]
+        self._stream_timeout = self._timeouts(self._timeout_s)[1]
         self.session: aiohttp.ClientSession | None = None
+
+    def _timeouts(self, seconds: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+        connect = min(self._connect_timeout_s, seconds)
+        call = aiohttp.ClientTimeout(total=seconds, connect=connect, sock_connect=connect)
+        stream = aiohttp.ClientTimeout(
+            total=None, connect=connect, sock_connect=connect, sock_read=self._timeout_s
+        )
+        return call, stream
+
+    def _target(
+        self, provider: Any, timeout_s: float | None, extra: dict[str, str] | None
+    ) -> tuple[str, dict[str, str], float]:
+        """Base URL, headers and timeout of one attempt."""
+        if provider is None:
+            base, headers = self._base, dict(self._static_headers)
+        else:
+            base = provider.base_url
+            headers = {"content-type": "application/json", "accept-encoding": "identity"}
+            headers.update(provider.auth_headers())
+        if extra:
+            headers.update(extra)
+        return base, headers, self._timeout_s if timeout_s is None else timeout_s
 
     @property
     def ready(self) -> bool:
@@ -87,8 +105,10 @@ class Upstream:
         if self.session is not None:
             await self.session.close()
 
-    def _headers(self, ctx: RequestContext, stream: bool) -> dict[str, str]:
-        headers = dict(self._static_headers)
+    def _headers(
+        self, ctx: RequestContext, stream: bool, headers: dict[str, str] | None = None
+    ) -> dict[str, str]:
+        headers = dict(self._static_headers) if headers is None else headers
         headers["x-request-id"] = ctx.request_id
         if ctx.traceparent_out:
             headers["traceparent"] = ctx.traceparent_out
@@ -99,7 +119,14 @@ class Upstream:
         return headers
 
     async def call(
-        self, method: str, path: str, body: bytes | None, ctx: RequestContext
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        ctx: RequestContext,
+        provider: Any = None,
+        timeout_s: float | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> UpstreamResponse:
         """One upstream exchange read in full within SERVER_TIMEOUT_SECONDS.
 
@@ -109,14 +136,16 @@ class Upstream:
         """
         assert self.session is not None
         started = time.perf_counter()
+        base, headers, seconds = self._target(provider, timeout_s, extra_headers)
+        timeout = self._call_timeout if timeout_s is None else self._timeouts(seconds)[0]
         try:
             async with self.session.request(
                 method,
-                self._base + path,
+                base + path,
                 data=body,
-                headers=self._headers(ctx, False),
+                headers=self._headers(ctx, False, headers),
                 allow_redirects=False,
-                timeout=self._call_timeout,
+                timeout=timeout,
             ) as resp:
                 if resp.status in REFUSED:
                     await _discard(resp)
@@ -125,7 +154,7 @@ class Upstream:
                 return _response(resp, payload)
         except TimeoutError as exc:
             _forget_traceback(exc)
-            raise _timeout(ctx, self._timeout_s) from None
+            raise _timeout(ctx, seconds) from None
         except aiohttp.ClientError as exc:
             _forget_traceback(exc)
             raise _unreachable(ctx, exc) from None
@@ -133,7 +162,13 @@ class Upstream:
             ctx.upstream_s += time.perf_counter() - started
 
     async def open_stream(
-        self, path: str, body: bytes, ctx: RequestContext
+        self,
+        path: str,
+        body: bytes,
+        ctx: RequestContext,
+        provider: Any = None,
+        timeout_s: float | None = None,
+        extra_headers: dict[str, str] | None = None,
     ) -> aiohttp.ClientResponse | UpstreamResponse:
         """Send a streaming request and wait (bounded) for the response head.
 
@@ -143,15 +178,17 @@ class Upstream:
         assert self.session is not None
         started = time.perf_counter()
         resp = None
+        base, headers, seconds = self._target(provider, timeout_s, extra_headers)
+        timeout = self._stream_timeout if timeout_s is None else self._timeouts(seconds)[1]
         try:
-            async with asyncio.timeout(self._timeout_s):
+            async with asyncio.timeout(seconds):
                 resp = await self.session.request(
                     "POST",
-                    self._base + path,
+                    base + path,
                     data=body,
-                    headers=self._headers(ctx, True),
+                    headers=self._headers(ctx, True, headers),
                     allow_redirects=False,
-                    timeout=self._stream_timeout,
+                    timeout=timeout,
                 )
                 content_type = resp.headers.get("content-type", "")
                 if resp.status == 200 and content_type.startswith("text/event-stream"):
@@ -167,7 +204,7 @@ class Upstream:
             _forget_traceback(exc)
             if resp is not None:
                 resp.close()
-            raise _timeout(ctx, self._timeout_s) from None
+            raise _timeout(ctx, seconds) from None
         except aiohttp.ClientError as exc:
             _forget_traceback(exc)
             if resp is not None:

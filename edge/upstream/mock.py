@@ -342,3 +342,197 @@ def stream_usage(data: dict[str, Any], chat_api: bool) -> tuple[int, int]:
     for what the mock cannot answer (so before the stream starts)."""
     plan = _Plan(data, chat_api)
     return plan.prompt, plan.completion_tokens()
+
+
+# ------------------------------------------------------------------ more OpenAI endpoints
+
+EMBEDDING_DIMENSIONS = 1536
+MAX_MOCK_DIMENSIONS = 8192
+
+
+def model(model_id: str) -> bytes | None:
+    """One model object (GET /v1/models/{id}), or None when the mock does not serve it."""
+    if model_id not in MOCK_MODELS:
+        return None
+    return orjson.dumps(
+        {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "llm-edge-proxy"}
+    )
+
+
+def _vector(text: str, dimensions: int) -> list[float]:
+    """A deterministic unit vector derived from the text alone."""
+    import hashlib
+    import math
+
+    raw = b""
+    counter = 0
+    seed = text.encode("utf-8", "surrogatepass")
+    while len(raw) < dimensions * 2:
+        raw += hashlib.blake2b(seed, digest_size=64, salt=counter.to_bytes(8, "little")).digest()
+        counter += 1
+    values = [
+        (int.from_bytes(raw[i * 2 : i * 2 + 2], "little") - 32768) / 32768.0
+        for i in range(dimensions)
+    ]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    return [v / norm for v in values]
+
+
+def embeddings(data: dict[str, Any], model_name: str) -> tuple[bytes, int]:
+    """(body, prompt_tokens) of an embeddings list, honouring encoding_format and dimensions."""
+    import array
+    import base64
+
+    items = data.get("input")
+    inputs = items if isinstance(items, list) else [items]
+    if inputs and all(isinstance(i, int) for i in inputs):  # one array of token ids
+        inputs = [inputs]
+    dimensions = data.get("dimensions")
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool):
+        dimensions = EMBEDDING_DIMENSIONS
+    dimensions = max(1, min(dimensions, MAX_MOCK_DIMENSIONS))
+    as_base64 = data.get("encoding_format") == "base64"
+    out = []
+    tokens = 0
+    for index, item in enumerate(inputs):
+        text = item if isinstance(item, str) else " ".join(str(t) for t in item)
+        tokens += len(item) if isinstance(item, list) else len(text.split())
+        vector = _vector(text, dimensions)
+        embedding: Any = vector
+        if as_base64:
+            packed = array.array("f", vector)
+            if packed.itemsize != 4:  # pragma: no cover - every platform we run on
+                raise RuntimeError("float32 array expected")
+            embedding = base64.b64encode(packed.tobytes()).decode("ascii")
+        out.append({"object": "embedding", "index": index, "embedding": embedding})
+    body = orjson.dumps(
+        {
+            "object": "list",
+            "data": out,
+            "model": model_name,
+            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+        }
+    )
+    return body, tokens
+
+
+_MODERATION_CATEGORIES = (
+    "harassment", "harassment/threatening", "hate", "hate/threatening", "illicit",
+    "illicit/violent", "self-harm", "self-harm/instructions", "self-harm/intent", "sexual",
+    "sexual/minors", "violence", "violence/graphic",
+)  # fmt: skip
+
+
+def moderations(data: dict[str, Any], model_name: str, request_id: str) -> bytes:
+    items = data.get("input")
+    inputs = items if isinstance(items, list) else [items]
+    result = {
+        "flagged": False,
+        "categories": dict.fromkeys(_MODERATION_CATEGORIES, False),
+        "category_scores": dict.fromkeys(_MODERATION_CATEGORIES, 0.0),
+        "category_applied_input_types": {name: ["text"] for name in _MODERATION_CATEGORIES},
+    }
+    return orjson.dumps(
+        {"id": f"modr-{request_id}", "model": model_name, "results": [result for _ in inputs]}
+    )
+
+
+def _response_object(
+    data: dict[str, Any], model_name: str, request_id: str, status: str, text: str | None
+) -> dict[str, Any]:
+    prompt = _words(data.get("input")) + _words(data.get("instructions"))
+    output = []
+    usage = None
+    if text is not None:
+        output = [_response_message(request_id, text, "completed")]
+        completion = len(text.split())
+        usage = {
+            "input_tokens": prompt,
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": completion,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": prompt + completion,
+        }
+    return {
+        "id": f"resp_{request_id}",
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": status,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": data.get("instructions"),
+        "max_output_tokens": data.get("max_output_tokens"),
+        "model": model_name,
+        "output": output,
+        "parallel_tool_calls": True,
+        "previous_response_id": data.get("previous_response_id"),
+        "reasoning": {"effort": None, "summary": None},
+        "store": False,
+        "temperature": 1.0,
+        "text": {"format": {"type": "text"}},
+        "tool_choice": "auto",
+        "tools": [],
+        "top_p": 1.0,
+        "truncation": "disabled",
+        "usage": usage,
+        "metadata": {},
+    }
+
+
+def _response_message(request_id: str, text: str, status: str) -> dict[str, Any]:
+    return {
+        "type": "message",
+        "id": f"msg_{request_id}",
+        "status": status,
+        "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": []}],
+    }
+
+
+def _response_text(data: dict[str, Any]) -> str:
+    return _reply(_words(data.get("input")) + _words(data.get("instructions")))
+
+
+def response(data: dict[str, Any], model_name: str, request_id: str) -> tuple[bytes, int, int]:
+    """(body, input_tokens, output_tokens) of a Responses-API `response` object."""
+    obj = _response_object(data, model_name, request_id, "completed", _response_text(data))
+    usage = obj["usage"]
+    return orjson.dumps(obj), usage["input_tokens"], usage["output_tokens"]
+
+
+def response_usage(data: dict[str, Any]) -> tuple[int, int]:
+    text = _response_text(data)
+    return _words(data.get("input")) + _words(data.get("instructions")), len(text.split())
+
+
+async def response_stream(
+    data: dict[str, Any], model_name: str, request_id: str
+) -> AsyncIterator[bytes]:
+    """The Responses API's streamed events, in its order, ending with response.completed."""
+    sequence = 0
+
+    def event(kind: str, payload: dict[str, Any]) -> bytes:
+        nonlocal sequence
+        payload = {"type": kind, "sequence_number": sequence, **payload}
+        sequence += 1
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    text = _response_text(data)
+    pending = _response_object(data, model_name, request_id, "in_progress", None)
+    item_id = f"msg_{request_id}"
+    yield event("response.created", {"response": pending})
+    yield event("response.in_progress", {"response": pending})
+    item = {**_response_message(request_id, "", "in_progress"), "content": []}
+    yield event("response.output_item.added", {"output_index": 0, "item": item})
+    part = {"type": "output_text", "text": "", "annotations": []}
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    yield event("response.content_part.added", {**where, "part": part})
+    for index, word in enumerate(text.split(" ")):
+        delta = word if index == 0 else " " + word
+        yield event("response.output_text.delta", {**where, "delta": delta, "logprobs": []})
+    yield event("response.output_text.done", {**where, "text": text, "logprobs": []})
+    yield event("response.content_part.done", {**where, "part": {**part, "text": text}})
+    done = _response_message(request_id, text, "completed")
+    yield event("response.output_item.done", {"output_index": 0, "item": done})
+    final = _response_object(data, model_name, request_id, "completed", text)
+    yield event("response.completed", {"response": final})

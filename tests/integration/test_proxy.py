@@ -373,7 +373,7 @@ def test_unknown_route_404_and_wrong_method_405(proxy):
     assert_envelope(response, 405, "method_not_allowed")
     assert "POST" in response.headers["allow"]
     with pytest.raises(openai.NotFoundError):
-        sdk(proxy).embeddings.create(model="m", input="x")
+        sdk(proxy).files.list()
 
 
 # ------------------------------------------------------------------ configuration

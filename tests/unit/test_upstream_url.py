@@ -105,7 +105,8 @@ def test_any_whitespace_control_query_or_fragment_character_is_refused(prefix, b
     assert caught.value.variable == "UPSTREAM_URL"
 
 
-@given(port=st.text(min_size=1, max_size=6))
+# ("/" would end the authority: `host:1//v1` is port 1 and the path //v1)
+@given(port=st.text(min_size=1, max_size=6).filter(lambda port: "/" not in port))
 def test_port_is_accepted_only_as_ascii_digits_in_range(port):
     url = f"http://host:{port}/v1"
     try:

@@ -1,0 +1,138 @@
+"""POST /v1/messages: Anthropic's Messages API, routed to providers of kind "anthropic".
+
+The client authenticates with a gateway key (the anthropic SDK and Claude Code send it as
+x-api-key, which the auth middleware accepts); upstream gets the provider's own key as
+x-api-key, plus the client's anthropic-version (a default when absent) and anthropic-beta.
+Errors on this route use Anthropic's shape, {"type": "error", "error": {"type", "message"}},
+so the SDK raises the right exception. Without providers the built-in mock answers.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import orjson
+
+from edge.endpoints.body import check_content_type, parse_json_object, read_body, validate_chat
+from edge.endpoints.openai import JSON, SSE, forward
+from edge.errors import ApiError
+from edge.observability.context import RequestContext
+from edge.upstream import mock
+from edge.upstream.stream import ResponseStream
+
+DEFAULT_VERSION = "2023-06-01"
+MAX_HEADER = 512
+
+# HTTP status → Anthropic error type (https://docs.anthropic.com/en/api/errors)
+_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def error_body(error: ApiError) -> bytes:
+    kind = _TYPES.get(error.status) or (
+        "invalid_request_error" if error.status < 500 else "api_error"
+    )
+    return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
+
+
+class Messages:
+    """POST /v1/messages."""
+
+    anthropic = True  # the error handler renders this route's errors in Anthropic's shape
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+        self._max_body = runtime.config.max_request_size
+
+    async def on_post(self, req: Any, resp: Any) -> None:
+        check_content_type(req.content_type)
+        body = await read_body(req, self._max_body)
+        data = parse_json_object(body)
+        model, stream = validate_chat(data)
+        ctx: RequestContext = req.context.edge
+        ctx.model = model
+        ctx.stream = stream
+        runtime = self._runtime
+        if runtime.metrics is not None:
+            runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        if runtime.router is None:
+            _mock(resp, data, ctx)
+            return
+        headers = {"anthropic-version": _header(req, "anthropic-version") or DEFAULT_VERSION}
+        beta = _header(req, "anthropic-beta")
+        if beta:
+            headers["anthropic-beta"] = beta
+        await forward(
+            req,
+            resp,
+            ctx,
+            runtime.router,
+            "/messages",
+            body,
+            model,
+            stream,
+            kind="anthropic",
+            extra_headers=headers,
+            error_shape=error_body,
+        )
+
+
+def _header(req: Any, name: str) -> str | None:
+    value = req.get_header(name)
+    if value is None or len(value) > MAX_HEADER or not value.isascii() or not value.isprintable():
+        return None
+    return value
+
+
+def _mock(resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
+    prompt = mock._words(data.get("messages")) + mock._words(data.get("system"))
+    text = mock._reply(prompt)
+    output = len(text.split())
+    ctx.prompt_tokens, ctx.completion_tokens = prompt, output
+    message = {
+        "id": f"msg_{ctx.request_id}",
+        "type": "message",
+        "role": "assistant",
+        "model": ctx.model,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt, "output_tokens": output},
+    }
+    if not ctx.stream:
+        resp.data, resp.content_type = orjson.dumps(message), JSON
+        return
+    resp.content_type = SSE
+    resp.set_header("cache-control", "no-cache")
+    resp.stream = ResponseStream(_mock_stream(message, text))
+
+
+async def _mock_stream(message: dict[str, Any], text: str) -> AsyncIterator[bytes]:
+    def event(kind: str, payload: dict[str, Any]) -> bytes:
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    usage = message["usage"]
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 0}}  # fmt: skip
+    yield event("message_start", {"type": "message_start", "message": start})
+    block = {"type": "text", "text": ""}
+    yield event("content_block_start", {"type": "content_block_start", "index": 0,
+                                        "content_block": block})  # fmt: skip
+    for index, word in enumerate(text.split(" ")):
+        delta = {"type": "text_delta", "text": word if index == 0 else " " + word}
+        yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": delta})  # fmt: skip
+    yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield event("message_delta", {"type": "message_delta",
+                                  "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                  "usage": {"output_tokens": usage["output_tokens"]}})  # fmt: skip
+    yield event("message_stop", {"type": "message_stop"})

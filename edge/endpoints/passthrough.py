@@ -1,0 +1,118 @@
+"""More OpenAI endpoints, routed by model like chat: embeddings, responses, moderations, and
+GET /v1/models/{id}. Bodies pass byte for byte both ways (the SDK asks for base64 embeddings;
+re-serialising them would break it); only a renaming target rewrites the `model` field."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+from urllib.parse import quote
+
+import orjson
+
+from edge.endpoints.body import (
+    check_content_type,
+    parse_json_object,
+    read_body,
+    validate_model_id,
+)
+from edge.endpoints.openai import (
+    JSON,
+    SSE,
+    _send_upstream,
+    _unless_client_leaves,
+    forward,
+    model_object,
+)
+from edge.observability.context import RequestContext
+from edge.upstream import mock
+from edge.upstream.router import ModelNotFound
+from edge.upstream.stream import ResponseStream
+
+Validator = Callable[[dict[str, Any]], tuple[str, bool]]
+
+
+class PassThrough:
+    """POST /v1/embeddings, /v1/responses and /v1/moderations."""
+
+    def __init__(self, runtime: Any, path: str, validate: Validator) -> None:
+        self._runtime = runtime
+        self._path = path
+        self._validate = validate
+        self._max_body = runtime.config.max_request_size
+
+    async def on_post(self, req: Any, resp: Any) -> None:
+        check_content_type(req.content_type)
+        body = await read_body(req, self._max_body)
+        data = parse_json_object(body)
+        model, stream = self._validate(data)
+        ctx: RequestContext = req.context.edge
+        ctx.model = model
+        ctx.stream = stream
+        runtime = self._runtime
+        if runtime.metrics is not None:
+            runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        if runtime.router is None:
+            self._mock(resp, data, ctx)
+            return
+        await forward(req, resp, ctx, runtime.router, self._path, body, model, stream)
+
+    def _mock(self, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
+        model = ctx.model or ""
+        resp.content_type = JSON
+        if self._path == "/embeddings":
+            resp.data, ctx.prompt_tokens = mock.embeddings(data, model)
+        elif self._path == "/moderations":
+            resp.data = mock.moderations(data, model, ctx.request_id)
+        elif ctx.stream:
+            ctx.prompt_tokens, ctx.completion_tokens = mock.response_usage(data)
+            resp.content_type = SSE
+            resp.set_header("cache-control", "no-cache")
+            resp.stream = ResponseStream(mock.response_stream(data, model, ctx.request_id))
+        else:
+            resp.data, ctx.prompt_tokens, ctx.completion_tokens = mock.response(
+                data, model, ctx.request_id
+            )
+
+
+class ModelRetrieve:
+    """GET /v1/models/{model_id}: from the configuration with PROVIDERS_FILE (a "*" entry asks
+    its provider), else the upstream's answer, else the mock's list."""
+
+    def __init__(self, runtime: Any) -> None:
+        self._runtime = runtime
+
+    async def on_get(self, req: Any, resp: Any, model_id: str) -> None:
+        model_id = validate_model_id(model_id)
+        ctx: RequestContext = req.context.edge
+        ctx.model = model_id
+        router = self._runtime.router
+        if router is None:
+            body = mock.model(model_id)
+            if body is None:
+                raise _not_found(model_id)
+            resp.data, resp.content_type = body, JSON
+            return
+        providers = router.providers
+        if providers.from_file and model_id in providers.models:
+            resp.data, resp.content_type = orjson.dumps(model_object(model_id)), JSON
+            return
+        targets = router.targets(model_id, "openai")  # 404 model_not_found if none
+        target = targets[0]
+        upstream_id = target.model or model_id
+        result = await _unless_client_leaves(
+            req,
+            router.upstream.call(
+                "GET",
+                "/models/" + quote(upstream_id, safe=""),
+                None,
+                ctx,
+                target.provider if providers.from_file else None,
+            ),
+        )
+        ctx.provider = target.provider.name if providers.from_file else None
+        _send_upstream(resp, ctx, result)
+
+
+def _not_found(model_id: str) -> ModelNotFound:
+    return ModelNotFound(f"The model '{model_id[:256]}' does not exist.", param="model")

@@ -1,0 +1,306 @@
+"""Host-wide circuit breakers and cooldowns, one slot per provider in shared memory.
+
+Theory of operation
+-------------------
+The state machine is sans-I/O (`allow`, `on_success`, `on_failure`, `cool_down` over a
+`BreakerState` and a clock value passed in), so it is unit-tested with an injected clock.
+
+    closed --(failure_threshold consecutive failures)--> open
+    open --(timeout_seconds passed; the next allow())--> half-open
+    half-open: at most half_open_max probes in flight; a failure --> open again,
+               success_threshold successes --> closed
+
+A probe that never reports back (its worker died) holds its place only for one breaker
+timeout, then its place is given to a new probe. A cooldown (from a provider's retry-after)
+is separate: it only moves forward, so a shorter retry-after never shortens a longer cooldown
+(LiteLLM #40130).
+
+`SharedBreakers` keeps one 64-byte slot per provider in a POSIX shared-memory object created by
+the gunicorn master beside the rate-limit table; each worker attaches after fork and locks with
+`flock` on its own descriptor (the kernel releases it when the holder dies), exactly as
+edge.ratelimit.shm does. Slots are keyed by a digest of the provider's name, so a HUP that adds
+providers finds the old ones' state where it was. The lock is held for one read-modify-write,
+never across an await. A slot whose state reads `closed` with no failures is not locked at all:
+the common case costs one unlocked read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import mmap
+import os
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import posix_ipc
+
+from edge.upstream.providers import BreakerPolicy
+
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+MAX_COOLDOWN_S = 60.0
+
+
+@dataclass(slots=True)
+class BreakerState:
+    state: int = CLOSED
+    failures: int = 0
+    successes: int = 0
+    probes: int = 0
+    opened_at: float = 0.0
+    probe_at: float = 0.0
+    cooldown_until: float = 0.0
+
+
+def available(s: BreakerState, policy: BreakerPolicy, now: float) -> bool:
+    """Would `allow` say yes (without claiming a probe)? For ordering and health."""
+    if s.state == CLOSED:
+        return True
+    if s.state == OPEN:
+        return now - s.opened_at >= policy.timeout_s
+    return s.probes < policy.half_open_max or now - s.probe_at >= policy.timeout_s
+
+
+def allow(s: BreakerState, policy: BreakerPolicy, now: float) -> bool:
+    """May a request go to this provider now? In half-open this claims a probe place."""
+    if s.state == CLOSED:
+        return True
+    if s.state == OPEN:
+        if now - s.opened_at < policy.timeout_s:
+            return False
+        s.state, s.successes, s.probes = HALF_OPEN, 0, 0
+    if s.probes >= policy.half_open_max:
+        if now - s.probe_at < policy.timeout_s:
+            return False
+        s.probes = 0  # probes that never reported back (a worker died mid-probe)
+    s.probes += 1
+    s.probe_at = now
+    return True
+
+
+def on_success(s: BreakerState, policy: BreakerPolicy, now: float) -> None:
+    if s.state == CLOSED:
+        s.failures = 0
+    elif s.state == HALF_OPEN:
+        s.probes = max(0, s.probes - 1)
+        s.successes += 1
+        if s.successes >= policy.success_threshold:
+            s.state, s.failures, s.successes, s.probes = CLOSED, 0, 0, 0
+    # OPEN: a late answer to a request sent before the breaker opened changes nothing
+
+
+def on_failure(s: BreakerState, policy: BreakerPolicy, now: float) -> None:
+    if s.state == CLOSED:
+        s.failures += 1
+        if s.failures >= policy.failure_threshold:
+            _open(s, now)
+    elif s.state == HALF_OPEN:
+        _open(s, now)
+
+
+def _open(s: BreakerState, now: float) -> None:
+    s.state, s.opened_at, s.successes, s.probes = OPEN, now, 0, 0
+
+
+def cool_down(s: BreakerState, now: float, seconds: float) -> None:
+    """Keep requests away until now + seconds (at most 60 s); never shortens a cooldown."""
+    until = now + min(max(seconds, 0.0), MAX_COOLDOWN_S)
+    if until > s.cooldown_until:
+        s.cooldown_until = until
+
+
+# ------------------------------------------------------------------ storage
+
+# key(16) state(B) pad(3) failures successes probes (I) pad(4) opened_at probe_at cooldown (d)
+_SLOT = struct.Struct("<16sB3xIII4xddd")
+_HOT = struct.Struct("<16xB3xI28xd")  # state, failures, cooldown_until: the unlocked fast path
+SLOT_SIZE = 64
+_MAGIC = b"EDGEBRK1"
+_HEADER = struct.Struct("<8sI4x")
+HEADER_SIZE = 16
+DEFAULT_SLOTS = 256
+_LOCK = fcntl.LOCK_EX | fcntl.LOCK_NB
+_MODE = 0o600
+assert _SLOT.size <= SLOT_SIZE
+
+
+def slot_key(name: str) -> bytes:
+    return hashlib.blake2b(name.encode(), digest_size=16, person=b"edge-breaker").digest()
+
+
+class LocalBreakers:
+    """Process-local breakers (tests through falcon.testing, a single process)."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._states: dict[str, BreakerState] = {}
+        self.clock = clock
+
+    def _state(self, name: str) -> BreakerState:
+        state = self._states.get(name)
+        if state is None:
+            state = self._states[name] = BreakerState()
+        return state
+
+    def peek(self, name: str) -> BreakerState:
+        return self._state(name)
+
+    def hot(self, name: str) -> tuple[int, int, float]:
+        s = self._state(name)
+        return s.state, s.failures, s.cooldown_until
+
+    def update(self, name: str, change: Callable[[BreakerState, float], object]) -> object:
+        return change(self._state(name), self.clock())
+
+    def close(self) -> None:
+        pass
+
+
+class SharedBreakers:
+    """One process's attachment to the breaker table (see the module docstring)."""
+
+    def __init__(
+        self, shm: posix_ipc.SharedMemory, mm: mmap.mmap, clock: Callable[[], float]
+    ) -> None:
+        self._shm = shm
+        self._mm = mm
+        self._fd = shm.fd
+        self._pid = os.getpid()
+        self._slots = (len(mm) - HEADER_SIZE) // SLOT_SIZE
+        self._index: dict[str, int] = {}
+        self.clock = clock
+        self._local = LocalBreakers(clock)  # when the table is full (logged by the caller)
+
+    @staticmethod
+    def create(name: str, slots: int = DEFAULT_SLOTS, uid: int | None = None,
+               gid: int | None = None) -> None:  # fmt: skip
+        """Create and format the object (mode 0600), replacing a stale one; the master."""
+        path = "/" + name.lstrip("/")
+        size = HEADER_SIZE + slots * SLOT_SIZE
+        try:
+            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
+        except posix_ipc.ExistentialError:
+            unlink(name)
+            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
+        try:
+            os.fchmod(shm.fd, _MODE)
+            if uid is not None or gid is not None:
+                os.fchown(shm.fd, -1 if uid is None else uid, -1 if gid is None else gid)
+            with mmap.mmap(shm.fd, size) as mm:
+                mm[:] = bytes(size)
+                _HEADER.pack_into(mm, 0, _MAGIC, slots)
+        finally:
+            shm.close_fd()
+
+    @classmethod
+    def attach(cls, name: str, clock: Callable[[], float] = time.monotonic) -> SharedBreakers:
+        shm = posix_ipc.SharedMemory("/" + name.lstrip("/"))
+        try:
+            mm = mmap.mmap(shm.fd, shm.size)
+        except BaseException:
+            shm.close_fd()
+            raise
+        if len(mm) < HEADER_SIZE or _HEADER.unpack_from(mm, 0)[0] != _MAGIC:
+            mm.close()
+            shm.close_fd()
+            raise ValueError(f"shared memory {name!r} is not a breaker table")
+        return cls(shm, mm, clock)
+
+    def _slot(self, name: str) -> int:
+        """The slot offset for this provider, claiming a free slot the first time (locked)."""
+        index = self._index.get(name)
+        if index is not None:
+            return index
+        key = slot_key(name)
+        start = int.from_bytes(key[:4], "little") % self._slots
+        self._lock()
+        try:
+            for probe in range(self._slots):
+                offset = HEADER_SIZE + ((start + probe) % self._slots) * SLOT_SIZE
+                held = self._mm[offset : offset + 16]
+                if held == key:
+                    break
+                if held == bytes(16):
+                    self._mm[offset : offset + 16] = key
+                    break
+            else:
+                offset = -1
+        finally:
+            self._unlock()
+        self._index[name] = offset
+        return offset
+
+    def _read(self, offset: int) -> BreakerState:
+        _, *fields = _SLOT.unpack_from(self._mm, offset)
+        return BreakerState(*fields)
+
+    def _write(self, offset: int, key: bytes, s: BreakerState) -> None:
+        _SLOT.pack_into(
+            self._mm, offset, key, s.state, s.failures, s.successes, s.probes,
+            s.opened_at, s.probe_at, s.cooldown_until,
+        )  # fmt: skip
+
+    def peek(self, name: str) -> BreakerState:
+        """An unlocked snapshot: good for ordering and display, never for a transition."""
+        offset = self._slot(name)
+        if offset < 0:
+            return self._local.peek(name)
+        return self._read(offset)
+
+    def hot(self, name: str) -> tuple[int, int, float]:
+        """(state, failures, cooldown_until), unlocked: enough to skip the lock when closed."""
+        offset = self._index.get(name)
+        if offset is None:
+            offset = self._slot(name)
+        if offset < 0:
+            return self._local.hot(name)
+        return _HOT.unpack_from(self._mm, offset)
+
+    def update(self, name: str, change: Callable[[BreakerState, float], object]) -> object:
+        """Apply `change(state, now)` under the lock and store the result."""
+        offset = self._slot(name)
+        if offset < 0:
+            return self._local.update(name, change)
+        self._lock()
+        try:
+            state = self._read(offset)
+            result = change(state, self.clock())
+            self._write(offset, self._mm[offset : offset + 16], state)
+        finally:
+            self._unlock()
+        return result
+
+    def _lock(self) -> None:
+        if os.getpid() != self._pid:
+            raise RuntimeError("SharedBreakers used in a forked child: attach in each worker")
+        deadline = None
+        while True:
+            try:
+                fcntl.flock(self._fd, _LOCK)
+                return
+            except BlockingIOError:
+                now = time.monotonic()
+                if deadline is None:
+                    deadline = now + 0.05
+                elif now >= deadline:
+                    # A holder stuck for 50 ms (stopped, not dead): take no lock rather than
+                    # stall the event loop; a breaker update may then race, never wedge.
+                    raise TimeoutError("breaker table lock timeout") from None
+                os.sched_yield()
+
+    def _unlock(self) -> None:
+        fcntl.flock(self._fd, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            self._mm.close()
+            self._shm.close_fd()
+            self._fd = -1
+
+
+def unlink(name: str) -> None:
+    with contextlib.suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_shared_memory("/" + name.lstrip("/"))

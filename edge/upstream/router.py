@@ -1,0 +1,489 @@
+"""Model routing and failover: which provider answers, and trying the next one when it fails.
+
+The endpoint validates the body and calls `Router.forward`. The router orders the model's
+targets by the strategy (weighted | priority | least-busy), skips providers whose host-wide
+breaker is open or that are cooling down after a retry-after (a cooling provider is still
+tried when nothing else is left), and tries targets until one answers. A failure is a connect
+error, a timeout before the answer (or, for a stream, before the first event), a 5xx or a 429;
+it is retried on another target after a jittered backoff (Bifrost's min(0.5 s·2^n, 5 s) times
+U(0.8, 1.2)), all within one deadline (SERVER_TIMEOUT_SECONDS). A 4xx other than 429 is the
+client's answer. Nothing is retried once a byte has reached the client: `forward` returns
+before the relay starts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import re
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+import orjson
+
+from edge.errors import ApiError, BadGateway, GatewayTimeout, NotFound, ServiceUnavailable
+from edge.observability.context import RequestContext
+from edge.upstream import breaker as cb
+from edge.upstream.client import Upstream, UpstreamResponse, error_kind
+from edge.upstream.providers import Providers, Target
+
+log = logging.getLogger("edge.router")
+
+RETRYABLE_ERRORS = frozenset({"timeout", "connect", "disconnect", "invalid"})
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 5.0
+
+
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
+@dataclass(slots=True)
+class Opened:
+    """A stream that answered with its first event: relay `first`, then the rest of `resp`."""
+
+    resp: aiohttp.ClientResponse
+    first: bytes
+    status: int
+
+
+def backoff(attempt: int, rng: random.Random | None = None) -> float:
+    """Seconds to wait before retry number `attempt` (1-based)."""
+    jitter = (rng or random).uniform(0.8, 1.2)
+    return min(BACKOFF_BASE_S * 2 ** (attempt - 1), BACKOFF_MAX_S) * jitter
+
+
+def retry_after_s(headers: dict[str, str]) -> float | None:
+    """A provider's retry-after-ms or retry-after (seconds), if it sent one we can read."""
+    value = headers.get("retry-after-ms")
+    if value is not None:
+        try:
+            return max(0.0, float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if value is not None:
+        try:
+            return max(0.0, float(value))
+        except ValueError:
+            return None  # an HTTP date: rare from LLM providers; the breaker covers it
+    return None
+
+
+_MODEL_KEY = re.compile(rb'"(?:[^"\\]|\\.)*"|[{}\[\]]', re.DOTALL)
+
+
+_KEY = b'"model"'
+_COLON = re.compile(rb"[ \t\r\n]*:[ \t\r\n]*")
+_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def rename_model(body: bytes, model: str) -> bytes:
+    """`body` with every top-level "model" value replaced by `model`; all else byte for byte.
+
+    Every top-level occurrence is rewritten (duplicate keys included), so a client cannot
+    smuggle a second "model" past the rename. The body was already parsed as a JSON object with
+    a top-level string "model".
+
+    Fast path: a body with one literal `"model"` key and no backslash-u escape anywhere. A quote
+    inside a JSON string is always escaped, so an unescaped `"model"` followed by a colon is a
+    key, and without backslash-u escapes the top-level key the validation found can only be
+    spelled literally: that one key is it. Anything else takes the full scan.
+    """
+    at = body.find(_KEY)
+    if (
+        at > 0
+        and body.find(_KEY, at + 7) < 0
+        and body[at - 1] != 0x5C  # not preceded by a backslash
+        and b"\\u" not in body
+    ):
+        colon = _COLON.match(body, at + 7)
+        if colon is not None:
+            value = _STRING.match(body, colon.end())
+            if value is not None:
+                return body[: value.start()] + orjson.dumps(model) + body[value.end() :]
+    return _rename_scan(body, model)
+
+
+def _rename_scan(body: bytes, model: str) -> bytes:
+    replacement = orjson.dumps(model)
+    depth = 0
+    spans = []
+    tokens = _MODEL_KEY.finditer(body)
+    for token in tokens:
+        text = token.group()
+        if text in (b"{", b"["):
+            depth += 1
+        elif text in (b"}", b"]"):
+            depth -= 1
+        elif depth == 1 and _is_model_key(text):
+            if _COLON.match(body, token.end()) is None:
+                continue  # a string value, not a key
+            value = next(tokens, None)
+            if value is None or value.group()[:1] != b'"':
+                continue  # not a string: validation already refused it
+            spans.append((value.start(), value.end()))
+    if not spans:
+        return body
+    out = []
+    at = 0
+    for start, end in spans:
+        out.append(body[at:start])
+        out.append(replacement)
+        at = end
+    out.append(body[at:])
+    return b"".join(out)
+
+
+def _is_model_key(text: bytes) -> bool:
+    return text == b'"model"' or (b"\\" in text and orjson.loads(text) == "model")
+
+
+class Router:
+    """One worker's router over the configured providers and the host-wide breakers."""
+
+    def __init__(
+        self,
+        providers: Providers,
+        upstream: Upstream,
+        breakers: Any,
+        timeout_s: float,
+        metrics: Any = None,
+    ) -> None:
+        self.providers = providers
+        self.upstream = upstream
+        self.breakers = breakers
+        self._policy = providers.routing.breaker
+        self._routing = providers.routing
+        self._use_breakers = providers.routing.breakers_enabled
+        self._timeout_s = timeout_s
+        self._metrics = metrics
+        self.busy: dict[str, int] = dict.fromkeys(providers.providers, 0)
+
+    # ---------------------------------------------------------------- choosing
+
+    def targets(self, model: str, kind: str) -> tuple[Target, ...]:
+        targets = self.providers.targets(model) or ()
+        if any(t.provider.kind != kind for t in targets):
+            targets = tuple(t for t in targets if t.provider.kind == kind)
+        if not targets:
+            raise ModelNotFound(
+                f"The model '{model}' does not exist or is not served here.", param="model"
+            )
+        return targets
+
+    def order(self, targets: tuple[Target, ...]) -> list[Target]:
+        """The strategy's order; cooling-down and open providers moved to the end."""
+        strategy = self._routing.strategy
+        if len(targets) == 1 or strategy == "priority":
+            ordered = list(targets)
+        elif strategy == "least-busy":
+            busy = self.busy
+            ordered = sorted(targets, key=lambda t: (busy.get(t.provider.name, 0), random.random()))
+        else:  # weighted: the first drawn by weight, the rest (fallbacks) in the file's order
+            ordered = _weighted(targets)
+        if not self._use_breakers:
+            return ordered
+        breakers = self.breakers
+        now = breakers.clock()
+        ready, later = [], []
+        for target in ordered:
+            name = target.provider.name
+            state, _, cooldown = breakers.hot(name)
+            if cooldown > now:
+                later.append(target)
+            elif state == cb.CLOSED or cb.available(breakers.peek(name), self._policy, now):
+                ready.append(target)
+            else:
+                later.append(target)
+        return ready + later
+
+    def _admit(self, target: Target, last_resort: bool) -> bool:
+        """Claim the right to send to this target (a half-open probe place, if need be)."""
+        if not self._use_breakers:
+            return True
+        policy = self._policy
+
+        def change(state: cb.BreakerState, now: float) -> bool:
+            if state.cooldown_until > now and not last_resort:
+                return False
+            return cb.allow(state, policy, now)
+
+        name = target.provider.name
+        state, _, cooldown = self.breakers.hot(name)
+        if state == cb.CLOSED and (last_resort or cooldown <= self.breakers.clock()):
+            return True  # the common case: no lock
+        try:
+            return bool(self.breakers.update(name, change))
+        except TimeoutError:
+            return True
+
+    def _report(self, target: Target, ok: bool, cooldown: float | None = None) -> None:
+        if not self._use_breakers:
+            return
+        policy = self._policy
+        name = target.provider.name
+        state, failures, _ = self.breakers.hot(name)
+        if ok and cooldown is None and state == cb.CLOSED and failures == 0:
+            return  # nothing to change: no lock
+
+        def change(state: cb.BreakerState, now: float) -> None:
+            if cooldown is not None:
+                cb.cool_down(state, now, cooldown)
+            elif ok:
+                cb.on_success(state, policy, now)
+            else:
+                cb.on_failure(state, policy, now)
+
+        try:
+            self.breakers.update(name, change)
+        except TimeoutError:
+            log.warning("breaker update skipped: table lock timeout", extra={"provider": name})
+
+    # ---------------------------------------------------------------- forwarding
+
+    async def forward(
+        self,
+        ctx: RequestContext,
+        method: str,
+        path: str,
+        body: bytes | None,
+        model: str | None,
+        stream: bool,
+        kind: str = "openai",
+        extra_headers: dict[str, str] | None = None,
+    ) -> UpstreamResponse | Opened:
+        """The first good answer (or the last bad one) from the model's targets."""
+        targets = self.targets(model or "", kind)
+        candidates = self.order(targets)
+        routing = self._routing
+        max_attempts = 1 + (routing.max_retries if routing.fallback_enabled else 0)
+        clock = time.monotonic
+        deadline = clock() + self._timeout_s
+        attempts = 0
+        last: UpstreamResponse | None = None
+        failure: ApiError | None = None
+        tried: set[str] = set()
+        for last_resort in (False, True):
+            for target in candidates:
+                if attempts >= max_attempts:
+                    break
+                name = target.provider.name
+                if name in tried:
+                    continue
+                pause = 0.0
+                if attempts:
+                    pause = min(backoff(attempts), deadline - clock())
+                    if pause <= 0:
+                        break
+                # Admitted only once the deadline allows the attempt: a half-open probe place
+                # claimed here is then always used (and reported).
+                if not self._admit(target, last_resort):
+                    continue
+                if pause:
+                    self._count("retries", name)
+                    await asyncio.sleep(pause)
+                remaining = deadline - clock()
+                if remaining <= 0:
+                    break
+                tried.add(name)
+                attempts += 1
+                ctx.attempts = attempts
+                ctx.provider = name
+                result, failure_now = await self._attempt(
+                    ctx, target, method, path, body, stream, remaining, extra_headers
+                )
+                if failure_now is None and result is not None and not _failed(result):
+                    ctx.upstream_error = None
+                    return result
+                if failure_now is not None:
+                    failure = failure_now
+                    last = None
+                else:
+                    assert isinstance(result, UpstreamResponse)
+                    last = result
+                    failure = None
+                if attempts < max_attempts:
+                    self._count("failovers", name)
+            if attempts >= max_attempts or deadline <= clock():
+                break
+        if last is not None:
+            return last
+        if failure is not None:
+            raise failure
+        raise ServiceUnavailable(
+            "No provider is available for this model right now (circuit breakers open).",
+            code="no_provider_available",
+            headers={"retry-after": "1"},
+        )
+
+    async def _attempt(
+        self,
+        ctx: RequestContext,
+        target: Target,
+        method: str,
+        path: str,
+        body: bytes | None,
+        stream: bool,
+        remaining: float,
+        extra_headers: dict[str, str] | None,
+    ) -> tuple[UpstreamResponse | Opened | None, ApiError | None]:
+        provider = target.provider
+        name = provider.name
+        timeout = remaining if provider.timeout_s is None else min(provider.timeout_s, remaining)
+        if target.model is not None and body is not None:
+            body = rename_model(body, target.model)
+        ctx.upstream_error = None
+        self.busy[name] = self.busy.get(name, 0) + 1
+        started = time.perf_counter()
+        try:
+            if stream:
+                result: UpstreamResponse | Opened = await self._open(
+                    ctx, target, path, body or b"", timeout, extra_headers
+                )
+            else:
+                result = await self.upstream.call(
+                    method, path, body, ctx, provider, timeout, extra_headers
+                )
+        except ApiError as exc:
+            if ctx.upstream_error not in RETRYABLE_ERRORS:
+                raise
+            self._report(target, False)
+            self._observe(name, "error", None)
+            return None, exc
+        finally:
+            self.busy[name] -= 1
+        if isinstance(result, Opened):
+            self._report(target, True)
+            self._observe(name, "2xx", time.perf_counter() - started)
+            return result, None
+        status = result.status
+        outcome = f"{status // 100}xx" if 100 <= status <= 599 else "error"
+        self._observe(name, outcome, time.perf_counter() - started)
+        if status == 429:
+            wait = retry_after_s(result.headers)
+            self._report(target, False, cooldown=wait) if wait else self._report(target, False)
+        elif status >= 500:
+            self._report(target, False)
+        else:
+            self._report(target, True)
+        return result, None
+
+    async def _open(
+        self,
+        ctx: RequestContext,
+        target: Target,
+        path: str,
+        body: bytes,
+        timeout: float,
+        extra_headers: dict[str, str] | None,
+    ) -> UpstreamResponse | Opened:
+        """Open a stream and wait (within `timeout`) for its first bytes, so that a provider
+        that answers the head but never an event is still failed over."""
+        started = time.monotonic()
+        opened = await self.upstream.open_stream(
+            path, body, ctx, target.provider, timeout, extra_headers
+        )
+        if isinstance(opened, UpstreamResponse):
+            return opened
+        left = max(0.001, timeout - (time.monotonic() - started))
+        waited = time.perf_counter()
+        try:
+            async with asyncio.timeout(left):
+                first = await opened.content.readany()
+        except TimeoutError:
+            opened.close()
+            ctx.upstream_error = "timeout"
+            raise GatewayTimeout("The upstream sent no event in time.") from None
+        except aiohttp.ClientError as exc:
+            opened.close()
+            exc.__traceback__ = None
+            ctx.upstream_error = error_kind(exc)
+            raise BadGateway("The upstream connection failed before the first event.") from None
+        finally:
+            ctx.upstream_s += time.perf_counter() - waited  # waiting on the upstream
+        if not first:
+            opened.close()
+            ctx.upstream_error = "invalid"
+            raise BadGateway("The upstream closed the stream without an event.")
+        return Opened(opened, first, opened.status)
+
+    def _count(self, what: str, name: str) -> None:
+        if self._metrics is not None:
+            self._metrics.provider_event(what, name)
+
+    def _observe(self, name: str, outcome: str, ttfb: float | None) -> None:
+        if self._metrics is not None:
+            self._metrics.provider_attempt(name, outcome, ttfb)
+
+    # ---------------------------------------------------------------- health
+
+    def states(self) -> dict[str, dict[str, Any]]:
+        """Each provider's breaker state and cooldown, for /health (no secrets)."""
+        out = {}
+        now = self.breakers.clock() if self.breakers is not None else 0.0
+        for name, provider in self.providers.providers.items():
+            entry = provider.describe()
+            if self._use_breakers:
+                state = self.breakers.peek(name)
+                entry["breaker"] = cb.STATE_NAMES.get(state.state, "unknown")
+                if state.state == cb.OPEN and cb.available(state, self._policy, now):
+                    entry["breaker"] = "half_open"  # the next request will probe it
+                entry["cooldown_seconds"] = round(max(0.0, state.cooldown_until - now), 3)
+            else:
+                entry["breaker"] = "disabled"
+            out[name] = entry
+        return out
+
+    def breaker_numbers(self) -> dict[str, int]:
+        """provider → 0 closed, 1 open, 2 half-open (for the breaker gauge)."""
+        if not self._use_breakers:
+            return {}
+        now = self.breakers.clock()
+        out = {}
+        for name in self.providers.providers:
+            state = self.breakers.peek(name)
+            number = state.state
+            if number == cb.OPEN and cb.available(state, self._policy, now):
+                number = cb.HALF_OPEN
+            out[name] = number
+        return out
+
+    def can_serve(self) -> bool:
+        """Ready unless no provider can take any request (all breakers open)."""
+        if not self._use_breakers:
+            return True
+        now = self.breakers.clock()
+        return any(
+            cb.available(self.breakers.peek(name), self._policy, now)
+            for name in self.providers.providers
+        )
+
+
+def _weighted(targets: tuple[Target, ...]) -> list[Target]:
+    point = random.random() * sum(t.weight for t in targets)
+    index = len(targets) - 1  # float rounding at the very top
+    for at, target in enumerate(targets):
+        point -= target.weight
+        if point < 0:
+            index = at
+            break
+    return [targets[index], *targets[:index], *targets[index + 1 :]]
+
+
+def _failed(result: UpstreamResponse | Opened) -> bool:
+    return isinstance(result, UpstreamResponse) and (result.status == 429 or result.status >= 500)
+
+
+async def prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """The stream's first bytes (already read by the router), then the relay."""
+    try:
+        yield first
+        async for chunk in rest:
+            yield chunk
+    finally:
+        await rest.aclose()  # type: ignore[attr-defined]

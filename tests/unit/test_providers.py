@@ -1,0 +1,199 @@
+"""PROVIDERS_FILE parsing and the router's sans-I/O parts (rename, order, backoff)."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+import orjson
+import pytest
+
+from edge.config import ConfigError
+from edge.upstream import providers as pv
+from edge.upstream.breaker import LocalBreakers
+from edge.upstream.router import Router, _rename_scan, backoff, rename_model, retry_after_s
+
+GOOD = """
+[providers.primary]
+base_url = "http://10.0.0.5:8000/v1/"
+api_key = "sk-primary-secret"
+timeout_seconds = 30
+[providers.backup]
+base_url = "https://api.example.com/v1"
+api_key_file = "key.txt"
+[providers.claude]
+base_url = "https://api.anthropic.com/v1"
+kind = "anthropic"
+[[models]]
+name = "gpt-4o-mini"
+targets = [
+  { provider = "primary", model = "qwen2.5-7b-instruct", weight = 3 },
+  { provider = "backup", weight = 1 },
+]
+[[models]]
+name = "*"
+targets = [{ provider = "backup" }, { provider = "claude" }]
+[routing]
+strategy = "priority"
+[routing.circuit_breaker]
+failure_threshold = 4
+timeout_seconds = 12
+[routing.fallback]
+max_retries = 1
+"""
+
+
+def load(tmp_path, text: str) -> pv.Providers:
+    (tmp_path / "key.txt").write_text("sk-backup-secret\n")
+    path = tmp_path / "providers.toml"
+    path.write_text(text)
+    return pv.load_file(path)
+
+
+def test_good_file(tmp_path):
+    loaded = load(tmp_path, GOOD)
+    primary = loaded.providers["primary"]
+    assert primary.base_url == "http://10.0.0.5:8000/v1"
+    assert primary.auth_headers() == {"authorization": "Bearer sk-primary-secret"}
+    assert loaded.providers["backup"].api_key == "sk-backup-secret"
+    assert loaded.providers["claude"].kind == "anthropic"
+    assert [t.model for t in loaded.targets("gpt-4o-mini")] == ["qwen2.5-7b-instruct", None]
+    assert loaded.targets("anything-else")[0].provider.name == "backup"
+    assert loaded.routing.strategy == "priority"
+    assert loaded.routing.breaker.failure_threshold == 4
+    assert loaded.routing.max_retries == 1
+    assert loaded.model_names() == ["gpt-4o-mini"]
+    assert "sk-" not in repr(loaded)
+    assert (
+        "sk-" not in orjson.dumps({k: p.describe() for k, p in loaded.providers.items()}).decode()
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (("http://10.0.0.5:8000/v1/", "ftp://x"), "base_url"),
+        (("http://10.0.0.5:8000/v1/", "http://user:pw@h/v1"), "credentials"),
+        (('provider = "backup", weight = 1', 'provider = "nope"'), "provider"),
+        (("weight = 3", "weight = 0"), "weight"),
+        (('strategy = "priority"', 'strategy = "random"'), "strategy"),
+        (("failure_threshold = 4", "failure_threshold = 0"), "failure_threshold"),
+        (('kind = "anthropic"', 'kind = "gemini"'), "kind"),
+        (("timeout_seconds = 30", "timeout_seconds = -1"), "timeout_seconds"),
+        (("[routing]", "[routing]\nfoo = 1"), "unknown"),
+        (('api_key_file = "key.txt"', 'api_key_file = "missing.txt"'), "api_key_file"),
+        (('name = "*"', 'name = "gpt-4o-mini"'), "twice"),
+    ],
+)
+def test_bad_file_names_the_problem_not_the_secret(tmp_path, change, needle):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, GOOD.replace(*change))
+    assert info.value.variable == "PROVIDERS_FILE"
+    assert needle in str(info.value)
+    assert "sk-primary-secret" not in str(info.value)
+
+
+def test_not_toml(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load(tmp_path, "[providers\n")
+
+
+def test_rename_touches_only_the_top_level_model():
+    body = b'{"model" :"gpt-4o-mini","messages":[{"role":"user","model":"x"}],"z":"model"}'
+    out = rename_model(body, "qwen/2.5")
+    assert out == b'{"model" :"qwen/2.5","messages":[{"role":"user","model":"x"}],"z":"model"}'
+    dup = b'{"model":"a","x":1,"model":"b"}'
+    assert orjson.loads(rename_model(dup, "c")) == {"model": "c", "x": 1}
+    assert rename_model(b'{"mod\\u0065l":"a"}', "c") == b'{"mod\\u0065l":"c"}'
+    assert (
+        rename_model(b'{"a":"\\"model\\"","model":"m"}', "n") == b'{"a":"\\"model\\"","model":"n"}'
+    )
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}',
+        b'{"messages":[{"content":"say \\"model\\": no"}],\n "model" :\t"gpt-4o-mini" }',
+        b'{"messages":[{"model":"inner"}],"model":"gpt-4o-mini"}',
+        b'{"model":"a","model":"b"}',
+        b'{"mod\\u0065l":"a","x":{"model":"keep"}}',
+        b'{"x":"\\u00e9","model":"a\\"b"}',
+    ],
+)
+def test_fast_rename_agrees_with_the_full_scan(body):
+    fast, full = rename_model(body, "new/name"), _rename_scan(body, "new/name")
+    assert fast == full
+    assert orjson.loads(fast)["model"] == "new/name"
+
+
+def test_retry_after_headers():
+    assert retry_after_s({"retry-after": "7"}) == 7.0
+    assert retry_after_s({"retry-after-ms": "1500", "retry-after": "7"}) == 1.5
+    assert retry_after_s({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) is None
+    assert retry_after_s({}) is None
+
+
+def test_backoff_is_jittered_and_capped():
+    rng = random.Random(1)
+    first = [backoff(1, rng) for _ in range(200)]
+    assert min(first) >= 0.4 and max(first) <= 0.6
+    assert all(4.0 <= backoff(10, rng) <= 6.0 for _ in range(50))
+
+
+def test_weighted_order_follows_weights(tmp_path):
+    loaded = load(tmp_path, GOOD.replace('strategy = "priority"', 'strategy = "weighted"'))
+    router = Router(loaded, None, LocalBreakers(), 30.0)  # type: ignore[arg-type]
+    targets = router.targets("gpt-4o-mini", "openai")
+    firsts = Counter(router.order(targets)[0].provider.name for _ in range(4000))
+    assert 0.70 <= firsts["primary"] / 4000 <= 0.80
+
+
+def test_targets_filter_by_kind_and_unknown_model_is_404(tmp_path):
+    loaded = load(tmp_path, GOOD)
+    router = Router(loaded, None, LocalBreakers(), 30.0)  # type: ignore[arg-type]
+    assert [t.provider.name for t in router.targets("x", "anthropic")] == ["claude"]
+    no_wildcard = pv.Providers(loaded.providers, {"m": loaded.models["gpt-4o-mini"]})
+    router = Router(no_wildcard, None, LocalBreakers(), 30.0)  # type: ignore[arg-type]
+    with pytest.raises(Exception) as info:
+        router.targets("other", "openai")
+    assert info.value.status == 404 and info.value.code == "model_not_found"
+
+
+def test_ready_only_while_some_provider_can_serve_and_health_lists_breakers(tmp_path):
+    import asyncio
+
+    import falcon.testing
+
+    from edge.app import create_app
+    from edge.config import Config
+    from edge.upstream import breaker as cb
+
+    load(tmp_path, GOOD)
+    config = Config.from_env(
+        {"AUTH_ENABLED": "false", "PROVIDERS_FILE": str(tmp_path / "providers.toml")}
+    )
+    app = create_app(config)
+    router = app.runtime.router
+    policy = router.providers.routing.breaker
+
+    async def run() -> None:
+        async with falcon.testing.ASGIConductor(app) as client:
+            assert (await client.simulate_get("/health/ready")).status_code == 200
+            health = (await client.simulate_get("/health")).json
+            assert set(health["providers"]) == {"primary", "backup", "claude"}
+            assert "sk-" not in str(health)
+            for name in ("primary", "backup"):
+                for _ in range(policy.failure_threshold):
+                    router.breakers.update(name, lambda s, t: cb.on_failure(s, policy, t))
+            assert (await client.simulate_get("/health/ready")).status_code == 200  # claude
+            for _ in range(policy.failure_threshold):
+                router.breakers.update("claude", lambda s, t: cb.on_failure(s, policy, t))
+            assert (await client.simulate_get("/health/ready")).status_code == 503
+            answer = await client.simulate_post(
+                "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{}]}
+            )
+            assert answer.status_code == 503
+            assert answer.json["error"]["code"] == "no_provider_available"
+
+    asyncio.run(run())

@@ -1,0 +1,124 @@
+"""The failover loop of Router.forward against a scripted upstream stub (no network)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from edge.errors import BadGateway
+from edge.observability.context import RequestContext
+from edge.upstream import breaker as cb
+from edge.upstream import router as router_module
+from edge.upstream.client import UpstreamResponse
+from edge.upstream.providers import parse
+from edge.upstream.router import Router
+
+OK = UpstreamResponse(200, b'{"ok":1}', "application/json", {})
+
+
+def answer(status: int, **headers: str) -> UpstreamResponse:
+    return UpstreamResponse(status, b'{"error":{}}', "application/json", headers)
+
+
+class Script:
+    """provider name → list of answers (an UpstreamResponse, or "connect" for a failure)."""
+
+    def __init__(self, **answers: list) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, bytes | None]] = []
+
+    async def call(self, method, path, body, ctx, provider=None, timeout_s=None, extra=None):
+        self.calls.append((provider.name, body))
+        queue = self.answers[provider.name]
+        result = queue.pop(0) if len(queue) > 1 else queue[0]
+        if result == "connect":
+            ctx.upstream_error = "connect"
+            raise BadGateway("The upstream could not be reached.")
+        return result
+
+
+def make(script: Script, routing: dict | None = None, clock=None) -> Router:
+    document = {
+        "providers": {n: {"base_url": f"http://127.0.0.1:{i + 1}/v1"} for i, n in
+                      enumerate(("a", "b", "c"))},
+        "models": [{"name": "m", "targets": [{"provider": "a", "model": "renamed"},
+                                             {"provider": "b"}, {"provider": "c"}]}],
+        "routing": {"strategy": "priority", **(routing or {})},
+    }  # fmt: skip
+    breakers = cb.LocalBreakers(clock) if clock else cb.LocalBreakers()
+    return Router(parse(document), script, breakers, 30.0)  # type: ignore[arg-type]
+
+
+@pytest.fixture(autouse=True)
+def _no_backoff(monkeypatch):
+    monkeypatch.setattr(router_module, "backoff", lambda attempt, rng=None: 0.001)
+
+
+def forward(router: Router, body: bytes = b'{"model":"m"}') -> tuple[object, RequestContext]:
+    ctx = RequestContext("r", None)
+    result = asyncio.run(router.forward(ctx, "POST", "/chat/completions", body, "m", False))
+    return result, ctx
+
+
+def test_5xx_and_connect_failures_move_on_with_the_rename_per_target():
+    script = Script(a=["connect"], b=[answer(502)], c=[OK])
+    result, ctx = forward(make(script))
+    assert result is OK and ctx.provider == "c" and ctx.attempts == 3
+    assert script.calls == [("a", b'{"model":"renamed"}'), ("b", b'{"model":"m"}'),
+                            ("c", b'{"model":"m"}')]  # fmt: skip
+
+
+def test_4xx_is_the_clients_answer():
+    script = Script(a=[answer(400)], b=[OK], c=[OK])
+    result, ctx = forward(make(script))
+    assert result.status == 400 and ctx.attempts == 1
+
+
+def test_max_retries_bounds_attempts_and_the_last_answer_is_returned():
+    script = Script(a=[answer(500)], b=[answer(503)], c=[OK])
+    result, ctx = forward(make(script, {"fallback": {"max_retries": 1}}))
+    assert result.status == 503 and ctx.attempts == 2
+    script = Script(a=[answer(500)], b=[OK], c=[OK])
+    result, _ = forward(make(script, {"fallback": {"enabled": False}}))
+    assert result.status == 500
+
+
+def test_all_failing_by_exception_raises_the_last_failure():
+    script = Script(a=["connect"], b=["connect"], c=["connect"])
+    with pytest.raises(BadGateway):
+        forward(make(script))
+
+
+def test_retry_after_cools_down_but_a_cooling_provider_is_the_last_resort():
+    now = [100.0]
+    script = Script(a=[answer(429, **{"retry-after": "7"}), OK], b=[OK], c=[OK])
+    router = make(script, clock=lambda: now[0])
+    result, ctx = forward(router)
+    assert result is OK and ctx.provider == "b"
+    now[0] = 106.9
+    assert forward(router)[1].provider == "b"  # a is still cooling
+    now[0] = 107.1
+    assert forward(router)[1].provider == "a"
+    # Nothing else left (b and c open): the cooling provider is still tried.
+    solo = Script(a=[answer(429, **{"retry-after": "30"}), OK], b=["connect"], c=["connect"])
+    router = make(solo, {"circuit_breaker": {"failure_threshold": 1}}, clock=lambda: now[0])
+    with pytest.raises(BadGateway):
+        forward(router)  # a 429s (cooling 30 s), b and c fail (their breakers open)
+    result, ctx = forward(router)
+    assert result is OK and ctx.provider == "a"
+
+
+def test_breaker_opens_and_traffic_skips_the_provider():
+    now = [0.0]
+    script = Script(a=[answer(500)], b=[OK], c=[OK])
+    router = make(script, {"circuit_breaker": {"failure_threshold": 2, "timeout_seconds": 5}},
+                  clock=lambda: now[0])  # fmt: skip
+    for _ in range(5):
+        assert forward(router)[0] is OK
+    assert [name for name, _ in script.calls].count("a") == 2
+    assert router.states()["a"]["breaker"] == "open"
+    now[0] = 5.0
+    script.answers["a"] = [OK]
+    forward(router)  # the probe
+    assert router.states()["a"]["breaker"] == "half_open"
