@@ -32,8 +32,11 @@ LIMITED = {
     "/v1/chat/completions": ("POST", CHAT_BODY),
     "/v1/completions": ("POST", b'{"model": "m", "prompt": "hi"}'),
     "/v1/models": ("GET", None),
+    "/v1/embeddings": ("POST", b'{"model": "m", "input": "hi"}'),
+    "/v1/responses": ("POST", b'{"model": "m", "input": "hi"}'),
+    "/v1/moderations": ("POST", b'{"input": "hi"}'),
 }
-UNKNOWN = ["/v1/embeddings", "/v1/nothing-here", "/v2/models", "/v1/models/x", "/v1", "/"]
+UNKNOWN = ["/v1/embedding", "/v1/nothing-here", "/v2/models", "/v1/model/x", "/v1", "/"]
 SEPARATORS = ["/", "/", "/", "%2F", "%2f", "//", "/./", "/x/../", "/%2E/"]
 LEADING = ["/", "/", "//", "///", "/%2F", "/%2f/"]
 TRAILING = ["", "", "", "/", "%2F", "/.", "?", "?x=1", "?a=%2F..&b", "#frag"]
@@ -44,7 +47,8 @@ SERIES = re.compile(r"^(edge_\w+)\{(.*)\} ", re.MULTILINE)
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
 KNOWN_ROUTES = {
     "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live",
-    "/health/ready", "/metrics", "unmatched",
+    "/health/ready", "/metrics", "unmatched", "/v1/models/{model_id:path}", "/v1/embeddings",
+    "/v1/responses", "/v1/moderations", "/v1/messages",
 }  # fmt: skip
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 
