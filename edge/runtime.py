@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge.config import Config
+from edge.observability.logs import flush_access_log
 from edge.ratelimit import RateLimiter
 from edge.upstream.client import Upstream
 
@@ -42,3 +43,4 @@ class Runtime:
         if self.limiter is not None and self._limiter_factory is not None:
             self.limiter.close()
             self.limiter = None
+        flush_access_log()  # uvicorn has drained the connections: every access line is out

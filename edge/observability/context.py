@@ -7,7 +7,9 @@ client, an error handler) carry that request's id and never another's.
 
 from __future__ import annotations
 
+import itertools
 import os
+import random
 import re
 import time
 from contextvars import ContextVar
@@ -29,8 +31,35 @@ _ZERO_SPAN = "0" * 16
 _MAX_TRACESTATE = 512
 
 
+class _RequestIds:
+    """Request ids without a syscall: a random per-process prefix and a counter.
+
+    32 hex digits, as a random id would be: 16 drawn from os.urandom once per process (again in
+    each forked worker, so workers never share a prefix) and 16 counting up. Unique within the
+    process by construction and across processes with overwhelming probability; not secret
+    (an id is echoed to the client and logged), so predictability within a worker is fine.
+    """
+
+    def __init__(self) -> None:
+        self.reseed()
+
+    def reseed(self) -> None:
+        self.prefix = os.urandom(8).hex()
+        self.counter = itertools.count()
+
+    def new(self) -> str:
+        return f"{self.prefix}{next(self.counter):016x}"
+
+
+_request_ids = _RequestIds()
+os.register_at_fork(after_in_child=_request_ids.reseed)
+# Trace and span ids come from `random` (reseeded from os.urandom after every fork by the
+# random module itself): W3C asks for random ids, not secret ones, and this costs no syscall.
+_random_bits = random.getrandbits
+
+
 def new_request_id() -> str:
-    return os.urandom(16).hex()
+    return _request_ids.new()
 
 
 def sane_request_id(value: str | None) -> str:
@@ -110,9 +139,9 @@ class RequestContext:
             self.trace_id, self.trace_flags = parsed
             if tracestate and len(tracestate) <= _MAX_TRACESTATE and tracestate.isascii():
                 self.tracestate = tracestate
-            span_id = os.urandom(8).hex()
+            span_id = f"{_random_bits(64) or 1:016x}"
         elif start_new:
-            ids = os.urandom(24).hex()  # one call for the trace id and this hop's span id
+            ids = f"{_random_bits(192):048x}"  # the trace id and this hop's span id
             self.trace_id, span_id = ids[:32], ids[32:]
         else:
             return
