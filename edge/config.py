@@ -69,6 +69,7 @@ class Config:
     rate_limit_failure_policy: str = "allow"
     # Observability
     log_level: str = "info"
+    access_log_flush_ms: int = 50
     enable_tracing: bool = True
     enable_metrics: bool = True
     # Upstream (None: the built-in mock provider answers)
@@ -150,6 +151,7 @@ class Config:
                 "RATE_LIMIT_FAILURE_POLICY", "allow", FAILURE_POLICIES
             ),
             log_level=env.choice("LOG_LEVEL", "info", LOG_LEVELS),
+            access_log_flush_ms=env.integer("ACCESS_LOG_FLUSH_MS", 50, minimum=1, maximum=60_000),
             enable_tracing=env.boolean("ENABLE_TRACING", True),
             enable_metrics=env.boolean("ENABLE_METRICS", True),
             upstream_url=upstream_url,

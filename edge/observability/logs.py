@@ -6,16 +6,16 @@ on stderr. uvicorn's plain-text access log is switched off in `edge.server.worke
 line is written by `edge.middleware` through `log_access` below.
 
 The access log is buffered. Each line is serialised with orjson straight from the request's
-fields (no LogRecord, no formatter walk) and appended to a per-process buffer, which is written
-to the `edge.access` logger's stream in whole lines: FLUSH_INTERVAL_S after the first buffered
-line (a timer on the worker's event loop, so an idle worker never wakes up), as soon as the
-buffer holds FLUSH_BYTES, at lifespan shutdown (`flush_access_log`, after uvicorn has drained
-the connections on SIGTERM or a HUP reload) and at interpreter exit. A graceful stop therefore
-loses no line; a SIGKILLed (or otherwise crashed) worker loses at most its buffer: the lines of
-the last FLUSH_INTERVAL_S, at most FLUSH_BYTES. Every other record goes through logging and
-python-json-logger as before, and when `edge.access` is routed anywhere other than a plain
-StreamHandler with our JsonFormatter (a test's caplog, an operator's dictConfig) the access line
-goes through logging too, with the same shape.
+fields (no LogRecord, no formatter walk) and appended to a per-process buffer, written to the
+`edge.access` logger's stream in whole lines: ACCESS_LOG_FLUSH_MS (50 ms) after the first
+buffered line (a timer on the worker's event loop, so an idle worker never wakes up), as soon
+as the buffer holds FLUSH_BYTES, at lifespan shutdown (`flush_access_log`, after uvicorn has
+drained the connections on SIGTERM or a HUP reload) and at interpreter exit. A graceful stop
+therefore loses no line; a SIGKILLed (or otherwise crashed) worker loses at most its buffer:
+the lines of the last ACCESS_LOG_FLUSH_MS, at most FLUSH_BYTES. Every other record goes through
+logging and python-json-logger as before, and when `edge.access` is routed anywhere other than
+a plain StreamHandler with our JsonFormatter (a test's caplog, an operator's dictConfig) the
+access line goes through logging too, with the same shape.
 
 Nothing here logs a body, a key or an Authorization header: the access record is built from an
 explicit list of fields.
@@ -84,6 +84,8 @@ class ContextFilter(logging.Filter):
 
 
 def logconfig_dict(config: Config) -> dict[str, Any]:
+    # Applied by gunicorn in the master, so every forked worker inherits the interval.
+    _access.interval_s = config.access_log_flush_ms / 1000
     level = config.log_level.upper()
     handler = {
         "class": "logging.StreamHandler",
@@ -156,6 +158,7 @@ class AccessWriter:
 
     def __init__(self) -> None:
         self.logger = logging.getLogger(ACCESS_LOGGER)
+        self.interval_s = FLUSH_INTERVAL_S
         self._chunks: list[bytes] = []
         self._size = 0
         self._timer: asyncio.TimerHandle | None = None
@@ -181,7 +184,7 @@ class AccessWriter:
             except RuntimeError:  # no event loop (a script, a sync test): write at once
                 self.flush()
                 return
-            self._timer = loop.call_later(FLUSH_INTERVAL_S, self._on_timer)
+            self._timer = loop.call_later(self.interval_s, self._on_timer)
 
     def _on_timer(self) -> None:
         self._timer = None
