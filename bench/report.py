@@ -335,10 +335,10 @@ def write_results(
 
 Edge started again with one feature off at a time, then with all four off (metrics:
 `ENABLE_METRICS=false`; access log: `LOG_LEVEL=warning`; rate limit:
-`RATE_LIMIT_ENABLED=false`; auth: `AUTH_ENABLED=false`), one after another beside the running
-floor, each under `wrk -t{settings.threads} -c{settings.connections} \
--d{settings.ablation_duration}s` after the warm-up; the floor ran before and after them (the
-better run kept). A feature's cost is its row's distance from "all features on".
+`RATE_LIMIT_ENABLED=false`; auth: `AUTH_ENABLED=false`), all running beside the floor, each
+under `wrk -t{settings.threads} -c{settings.connections} -d{settings.ablation_duration}s` \
+(after a warm-up) in {settings.rounds} interleaved round(s), the best kept. A feature's cost
+is its row's distance from "all features on"; "all four off" is what the rest of edge costs.
 
 {ablation}
 """

@@ -523,9 +523,9 @@ def best_latency(runs: list[dict]) -> dict:
     }
 
 
-def load_cpu(target: Target, settings: Settings, seconds: int) -> dict:
+def load_cpu(target: Target, settings: Settings, seconds: int, warmup: bool = True) -> dict:
     """One wrk throughput run (after the warm-up), with the target's CPU time per request."""
-    if settings.warmup:
+    if warmup and settings.warmup:
         wrk(target.url, settings.threads, settings.connections, settings.warmup)
     pids = service_pids(target.proc.pid)
     ticks = sum(cpu_ticks(pid) for pid in pids)
@@ -538,27 +538,36 @@ def load_cpu(target: Target, settings: Settings, seconds: int) -> dict:
 def run_ablation(
     settings: Settings, procs: Processes, out: Path, floor: Target, upstream: str
 ) -> dict[str, Any]:
-    """Edge with each feature off in turn (ABLATIONS), one at a time beside the running floor.
+    """Edge with each feature off in turn (ABLATIONS), beside the running floor.
 
-    The floor is measured before and after the edge configurations (the better run kept), so a
-    change of machine load during the phase shows up as a spread rather than a false ratio.
+    Every configuration runs at once (idle gunicorn workers cost next to nothing) and the
+    throughput runs are interleaved, floor first, over `settings.rounds` rounds, the best kept
+    (as in the throughput phase): a change of machine load during the phase then touches every
+    configuration alike instead of skewing the one that ran at the time.
     """
     seconds = settings.ablation_duration
-    floor_runs = []
-    log(f"ablation: floor, wrk -t{settings.threads} -c{settings.connections} -d{seconds}s")
-    floor_runs.append(load_cpu(floor, settings, seconds))
-    configs: dict[str, dict] = {}
-    for name, env in ABLATIONS:
-        port = free_port()
-        log(f"ablation: edge with {name} :{port}")
-        edge = start_edge(procs, out, port, upstream, f"benchabl{port}", "edge-ablation.log", env)
-        try:
-            configs[name] = load_cpu(edge, settings, seconds)
-        finally:
+    edges: dict[str, Target] = {}
+    try:
+        for name, env in ABLATIONS:
+            port = free_port()
+            log(f"ablation: starting edge with {name} :{port}")
+            edges[name] = start_edge(
+                procs, out, port, upstream, f"benchabl{port}", "edge-ablation.log", env
+            )
+        targets = {"floor": floor, **edges}
+        runs: dict[str, list[dict]] = {name: [] for name in targets}
+        for round_ in range(1, settings.rounds + 1):
+            for name, target in targets.items():
+                log(
+                    f"ablation {name} (round {round_}/{settings.rounds}): wrk "
+                    f"-t{settings.threads} -c{settings.connections} -d{seconds}s"
+                )
+                runs[name].append(load_cpu(target, settings, seconds, warmup=round_ == 1))
+    finally:
+        for edge in edges.values():
             procs.stop(edge.proc)
-    log("ablation: floor again")
-    floor_runs.append(load_cpu(floor, settings, seconds))
-    return {"floor": best_throughput(floor_runs), "configs": configs}
+    best = {name: best_throughput(results) for name, results in runs.items()}
+    return {"floor": best.pop("floor"), "configs": best}
 
 
 def run_stream_phase(settings: Settings, procs: Processes, out: Path) -> dict[str, Any] | None:
