@@ -31,35 +31,30 @@ _ZERO_SPAN = "0" * 16
 _MAX_TRACESTATE = 512
 
 
-class _RequestIds:
-    """Request ids without a syscall: a random per-process prefix and a counter.
-
-    32 hex digits, as a random id would be: 16 drawn from os.urandom once per process (again in
-    each forked worker, so workers never share a prefix) and 16 counting up. Unique within the
-    process by construction and across processes with overwhelming probability; not secret
-    (an id is echoed to the client and logged), so predictability within a worker is fine.
-    """
-
-    def __init__(self) -> None:
-        self.reseed()
-
-    def reseed(self) -> None:
-        self.prefix = os.urandom(8).hex()
-        self.counter = itertools.count()
-
-    def new(self) -> str:
-        return f"{self.prefix}{next(self.counter):016x}"
+# Request ids without a syscall: a random per-process prefix and a counter, 32 hex digits as a
+# random id would be. The prefix (16 digits from os.urandom) is drawn again in every forked
+# worker, so workers never share one; ids are unique within a process by construction and
+# across processes with overwhelming probability. They are not secrets (echoed to the client,
+# logged), so being predictable within a worker is fine. One int holds marker, prefix and
+# counter: `hex()` of it, minus "0x1", is the id (one C call, no formatting).
+_next_id = itertools.count().__next__
 
 
-_request_ids = _RequestIds()
-os.register_at_fork(after_in_child=_request_ids.reseed)
+def _new_id_prefix() -> None:
+    global _next_id
+    prefix = int.from_bytes(os.urandom(8), "big")
+    _next_id = itertools.count((1 << 128) | (prefix << 64)).__next__
+
+
+_new_id_prefix()
+os.register_at_fork(after_in_child=_new_id_prefix)
 # Trace and span ids come from `random` (reseeded from os.urandom after every fork by the
 # random module itself): W3C asks for random ids, not secret ones, and this costs no syscall.
 _random_bits = random.getrandbits
 
 
 def new_request_id() -> str:
-    return _request_ids.new()
+    return hex(_next_id())[3:]
 
 
 def sane_request_id(value: str | None) -> str:

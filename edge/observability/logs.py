@@ -164,6 +164,8 @@ class AccessWriter:
         self._timer: asyncio.TimerHandle | None = None
         self._target: tuple[int, int] | None = None  # (fd, bytes per write), once resolved
         self._resolved_for: Any = None
+        self._second = -1
+        self._second_text = ""
 
     def write(self, fields: dict[str, Any]) -> None:
         target = self._resolve()
@@ -172,7 +174,7 @@ class AccessWriter:
             return
         line: dict[str, Any] = {"level": "INFO", "logger": ACCESS_LOGGER, "message": "request"}
         line.update(fields)
-        line["timestamp"] = datetime.fromtimestamp(time.time(), tz=UTC).isoformat()
+        line["timestamp"] = self._timestamp()
         data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         self._chunks.append(data)
         self._size += len(data)
@@ -185,6 +187,16 @@ class AccessWriter:
                 self.flush()
                 return
             self._timer = loop.call_later(self.interval_s, self._on_timer)
+
+    def _timestamp(self) -> str:
+        """ISO 8601 in UTC with microseconds, as the formatter writes it; the date and time to
+        the second are formatted once a second (datetime's isoformat costs ~1-3 µs)."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{int((now - second) * 1e6):06d}+00:00"
 
     def _on_timer(self) -> None:
         self._timer = None
