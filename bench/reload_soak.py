@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -25,30 +24,11 @@ from pathlib import Path
 import aiohttp
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from support import free_port, wait_service  # noqa: E402 - shared with the tests
+
 KEY = "sk-reload-soak"
 BODY = b'{"model": "m", "messages": [{"role": "user", "content": "hi"}]}'
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-async def wait_ready(url: str, proc: subprocess.Popen, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                raise SystemExit("gunicorn exited during start")
-            try:
-                async with session.get(url + "/health/ready") as resp:
-                    if resp.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(0.05)
-    raise SystemExit("gunicorn did not become ready")
 
 
 async def main() -> int:
@@ -79,7 +59,10 @@ async def main() -> int:
     counts = {"ok": 0, "non_2xx": 0, "errors": 0, "signals": 0}
     errors: dict[str, int] = {}
     try:
-        await wait_ready(url, proc)
+        try:  # before any load: blocking here stalls nothing
+            wait_service(proc, url + "/health/ready", timeout=30)
+        except RuntimeError as exc:
+            raise SystemExit(f"gunicorn did not become ready: {exc}") from exc
         remaining = args.requests
         deadline = time.monotonic() + args.max_seconds
         headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}

@@ -34,6 +34,9 @@ from pathlib import Path
 import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+from support import rss_kb  # noqa: E402 - shared with the tests
+
 KEY = "sk-soak-key"
 MAX_BODY = 65536
 CHAT_MESSAGES = [{"role": "user", "content": "Say hello"}]
@@ -255,11 +258,10 @@ def run_mixed(
 
 
 def rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no VmRSS for {pid}")
+    value = rss_kb(pid)
+    if not value:
+        raise RuntimeError(f"no VmRSS for {pid}")
+    return value
 
 
 def fd_count(pid: int) -> int:
@@ -381,7 +383,6 @@ def main() -> int:
     parser.add_argument("--max-fd-growth", type=int, default=16)
     args = parser.parse_args()
 
-    sys.path.insert(0, str(ROOT / "tests"))
     from support import Gunicorn, Upstream
 
     upstream = Upstream("--pace", "0.2")

@@ -418,6 +418,9 @@ SETTINGS: tuple[Setting, ...] = (
     # Observability
     S("LOG_LEVEL", "log_level", choice(*LOG_LEVELS), "info",
       "`debug`, `info`, `warning`, `error`, `critical`"),
+    S("ACCESS_LOG_FLUSH_MS", "access_log_flush_ms", integer(1, 60_000), "50",
+      "Longest time an access line waits in its worker's buffer (also written at 64 KiB and at "
+      "shutdown); a SIGKILLed worker loses at most this much"),
     S("ENABLE_TRACING", "enable_tracing", boolean, "true",
       "Start a W3C trace id when the client sent no `traceparent`"),
     S("ENABLE_METRICS", "enable_metrics", boolean, "true", "Serve `/metrics` and record metrics"),
@@ -495,6 +498,7 @@ class Config:
     rate_limit_tpm_default_max_tokens: int
     # Observability
     log_level: str
+    access_log_flush_ms: int
     enable_tracing: bool
     enable_metrics: bool
     # TLS and HTTP/2

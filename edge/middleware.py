@@ -15,7 +15,6 @@ key is checked (when auth is on), and it is answered 404 having spent no token.
 
 from __future__ import annotations
 
-import logging
 import math
 import time
 from typing import Any
@@ -27,13 +26,9 @@ from edge.config import Config
 from edge.endpoints.routes import UNMATCHED, Endpoint
 from edge.errors import RateLimited
 from edge.observability.context import RequestContext, request_id_var, sane_request_id, trace_id_var
-from edge.observability.logs import ACCESS_LOGGER
+from edge.observability.logs import log_access
 from edge.ratelimit import Decision, RateLimiter
 from edge.upstream.stream import ResponseStream
-
-MAX_LOGGED_PATH = 256
-
-access_log = logging.getLogger(ACCESS_LOGGER)
 
 
 class EdgeMiddleware:
@@ -184,41 +179,7 @@ class EdgeMiddleware:
                 if stream.first_chunk_at is not None:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)
                 metrics.stream_duration.observe(total)
-        if not access_log.isEnabledFor(logging.INFO):
-            return
-        record = {
-            "request_id": ctx.request_id,
-            "method": req.method,
-            "path": path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "…",
-            "status": status,
-            "duration_ms": round(total * 1000, 3),
-            "overhead_ms": round(overhead * 1000, 3),
-            "client": ctx.client,
-            "identity": ctx.identity,
-            "model": ctx.model,
-            "stream": ctx.stream,
-            "upstream_status": ctx.upstream_status,
-            "upstream_error": ctx.upstream_error,
-            "prompt_tokens": ctx.prompt_tokens,
-            "completion_tokens": ctx.completion_tokens,
-            "provider": ctx.provider,
-            "attempts": ctx.attempts,
-        }
-        if ctx.trace_id is not None:
-            record["trace_id"] = ctx.trace_id
-        # makeRecord + handle is what Logger.info does, minus the caller lookup (a stack walk
-        # that the access line never shows).
-        line = access_log.makeRecord(
-            ACCESS_LOGGER,
-            logging.INFO,
-            __file__,
-            0,
-            "request",
-            None,
-            None,
-            extra={"access": record},
-        )
-        access_log.handle(line)
+        log_access(ctx, req.method, path, status, total, overhead)
 
 
 def rate_headers(decision: Decision) -> dict[str, str]:

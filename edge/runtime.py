@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from edge.config import Config
+from edge.observability.logs import flush_access_log
 from edge.ratelimit import RateLimiter
 from edge.upstream.client import Upstream
 
@@ -55,3 +56,4 @@ class Runtime:
             self.limiter = None
         if self.breakers_factory is not None and self.router is not None:
             self.router.breakers.close()
+        flush_access_log()  # uvicorn has drained the connections: every access line is out

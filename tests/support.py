@@ -1,6 +1,8 @@
 """Start the real things for integration tests: gunicorn with our config, the test upstream.
 
-Readiness is polled with deadlines; nothing sleeps and hopes.
+Readiness is polled with deadlines; nothing sleeps and hopes. The process helpers (free ports,
+readiness of a master and its workers, /proc RSS) are also the benchmarks' (bench/ puts this
+directory on sys.path), so they are written once.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +39,72 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def http_status(url: str, timeout: float = 1.0) -> int | None:
+    """The status `url` answers a GET with, or None when nothing answers (stdlib only)."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            resp.read()
+            return resp.status
+    except urllib.error.HTTPError as err:
+        err.close()
+        return err.code
+    except (OSError, urllib.error.URLError):
+        return None
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of pid (gunicorn's workers, nginx's workers), from /proc."""
+    found = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as fh:
+                stat = fh.read()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[1]) == pid:
+            found.append(int(entry.name))
+    return sorted(found)
+
+
+def wait_service(
+    proc: subprocess.Popen[Any], url: str, workers: int = 0, timeout: float = 30.0
+) -> None:
+    """Until `url` answers 200 and `proc` (a master) has `workers` children; RuntimeError if
+    it exits first or is not ready within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"exited with {proc.returncode} before it was ready")
+        if len(children(proc.pid)) >= workers and http_status(url) == 200:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"not ready at {url} within {timeout:.0f} s")
+
+
+def rss_kb(pid: int) -> int:
+    """Resident memory of pid in KiB (VmRSS), 0 when it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def service_pids(master: int) -> list[int]:
+    return [master, *children(master)]
+
+
+def service_rss_mb(master: int) -> float:
+    """RSS of a master and its workers, in MiB."""
+    return sum(rss_kb(pid) for pid in service_pids(master)) / 1024.0
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: float = 0.02) -> Any:
@@ -167,10 +237,7 @@ class Gunicorn(Process):
         wait_until(ready, timeout=timeout)
 
     def worker_pids(self) -> list[int]:
-        out = subprocess.run(
-            ["pgrep", "-P", str(self.pid)], capture_output=True, text=True, check=False
-        ).stdout
-        return [int(pid) for pid in out.split()]
+        return children(self.pid)
 
 
 @contextlib.contextmanager

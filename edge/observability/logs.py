@@ -3,7 +3,19 @@
 `logconfig_dict(config)` is handed to gunicorn, which applies it in the master and every
 worker, so gunicorn's own error log, uvicorn's and ours all come out as one JSON object per line
 on stderr. uvicorn's plain-text access log is switched off in `edge.server.worker`; the access
-line is written by `edge.middleware` through the `edge.access` logger.
+line is written by `edge.middleware` through `log_access` below.
+
+The access log is buffered. Each line is serialised with orjson straight from the request's
+fields (no LogRecord, no formatter walk) and appended to a per-process buffer, written to the
+`edge.access` logger's stream in whole lines: ACCESS_LOG_FLUSH_MS (50 ms) after the first
+buffered line (a timer on the worker's event loop, so an idle worker never wakes up), as soon
+as the buffer holds FLUSH_BYTES, at lifespan shutdown (`flush_access_log`, after uvicorn has
+drained the connections on SIGTERM or a HUP reload) and at interpreter exit. A graceful stop
+therefore loses no line; a SIGKILLed (or otherwise crashed) worker loses at most its buffer:
+the lines of the last ACCESS_LOG_FLUSH_MS, at most FLUSH_BYTES. Every other record goes through
+logging and python-json-logger as before, and when `edge.access` is routed anywhere other than
+a plain StreamHandler with our JsonFormatter (a test's caplog, an operator's dictConfig) the
+access line goes through logging too, with the same shape.
 
 Nothing here logs a body, a key or an Authorization header: the access record is built from an
 explicit list of fields.
@@ -11,7 +23,13 @@ explicit list of fields.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
+import os
+import select
+import stat
+import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -19,9 +37,12 @@ import orjson
 from pythonjsonlogger.orjson import OrjsonFormatter
 
 from edge.config import Config
-from edge.observability.context import request_id_var, trace_id_var
+from edge.observability.context import RequestContext, request_id_var, trace_id_var
 
 ACCESS_LOGGER = "edge.access"
+FLUSH_INTERVAL_S = 0.05
+FLUSH_BYTES = 64 * 1024
+MAX_LOGGED_PATH = 256
 
 
 class JsonFormatter(OrjsonFormatter):
@@ -63,6 +84,8 @@ class ContextFilter(logging.Filter):
 
 
 def logconfig_dict(config: Config) -> dict[str, Any]:
+    # Applied by gunicorn in the master, so every forked worker inherits the interval.
+    _access.interval_s = config.access_log_flush_ms / 1000
     level = config.log_level.upper()
     handler = {
         "class": "logging.StreamHandler",
@@ -95,3 +118,187 @@ def logconfig_dict(config: Config) -> dict[str, Any]:
             "aiohttp": {"level": "WARNING"},
         },
     }
+
+
+def log_access(
+    ctx: RequestContext, method: str, path: str, status: int, total_s: float, overhead_s: float
+) -> None:
+    """The one JSON access line of a finished request (nothing when LOG_LEVEL is above info)."""
+    logger = _access.logger
+    if not logger.isEnabledFor(logging.INFO):
+        return
+    fields = {
+        "request_id": ctx.request_id,
+        "method": method,
+        "path": path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "…",
+        "status": status,
+        "duration_ms": round(total_s * 1000, 3),
+        "overhead_ms": round(overhead_s * 1000, 3),
+        "client": ctx.client,
+        "identity": ctx.identity,
+        "model": ctx.model,
+        "stream": ctx.stream,
+        "upstream_status": ctx.upstream_status,
+        "upstream_error": ctx.upstream_error,
+        "prompt_tokens": ctx.prompt_tokens,
+        "completion_tokens": ctx.completion_tokens,
+        "provider": ctx.provider,
+        "attempts": ctx.attempts,
+    }
+    if ctx.trace_id is not None:
+        fields["trace_id"] = ctx.trace_id
+    _access.write(fields)
+
+
+def flush_access_log() -> None:
+    """Write out the buffered access lines now (lifespan shutdown, interpreter exit)."""
+    _access.flush()
+
+
+class AccessWriter:
+    """The per-process access-line buffer (see the module docstring)."""
+
+    def __init__(self) -> None:
+        self.logger = logging.getLogger(ACCESS_LOGGER)
+        self.interval_s = FLUSH_INTERVAL_S
+        self._chunks: list[bytes] = []
+        self._size = 0
+        self._timer: asyncio.TimerHandle | None = None
+        self._target: tuple[int, int] | None = None  # (fd, bytes per write), once resolved
+        self._resolved_for: Any = None
+        self._second = -1
+        self._second_text = ""
+
+    def write(self, fields: dict[str, Any]) -> None:
+        target = self._resolve()
+        if target is None:
+            self._through_logging(fields)
+            return
+        line: dict[str, Any] = {"level": "INFO", "logger": ACCESS_LOGGER, "message": "request"}
+        line.update(fields)
+        line["timestamp"] = self._timestamp()
+        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+        self._chunks.append(data)
+        self._size += len(data)
+        if self._size >= FLUSH_BYTES:
+            self.flush()
+        elif self._timer is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:  # no event loop (a script, a sync test): write at once
+                self.flush()
+                return
+            self._timer = loop.call_later(self.interval_s, self._on_timer)
+
+    def _timestamp(self) -> str:
+        """ISO 8601 in UTC with microseconds, as the formatter writes it; the date and time to
+        the second are formatted once a second (datetime's isoformat costs ~1-3 µs)."""
+        now = time.time()
+        second = int(now)
+        if second != self._second:
+            self._second = second
+            self._second_text = datetime.fromtimestamp(second, tz=UTC).strftime("%Y-%m-%dT%H:%M:%S")
+        return f"{self._second_text}.{int((now - second) * 1e6):06d}+00:00"
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._chunks:
+            return
+        chunks, self._chunks, self._size = self._chunks, [], 0
+        target = self._target
+        if target is None:  # pragma: no cover - lines are only buffered once resolved
+            return
+        fd, most = target
+        try:
+            for batch in _batches(chunks, most):
+                view = memoryview(batch)
+                while view:
+                    try:
+                        view = view[os.write(fd, view) :]
+                    except BlockingIOError:  # a non-blocking stderr that is full: wait
+                        select.select([], [fd], [], 1.0)
+        except OSError:  # stderr is gone (closed pipe): nothing better to do with the lines
+            pass
+
+    def _resolve(self) -> tuple[int, int] | None:
+        """(fd, largest write) of the logger's stream if it is a plain JSON StreamHandler."""
+        handlers = _effective_handlers(self.logger)
+        if handlers is self._resolved_for or handlers == self._resolved_for:
+            return self._target
+        self.flush()  # logging was reconfigured: lines buffered so far go where they were meant
+        self._resolved_for = handlers
+        self._target = None
+        if len(handlers) == 1:
+            handler = handlers[0]
+            if type(handler) is logging.StreamHandler and isinstance(
+                handler.formatter, JsonFormatter
+            ):
+                try:
+                    handler.flush()
+                    fd = handler.stream.fileno()
+                    mode = os.fstat(fd).st_mode
+                except (AttributeError, OSError, ValueError):
+                    return None
+                # Writes to a pipe or socket (journald, a supervisor) shared by every worker
+                # are atomic only up to PIPE_BUF, so batches never exceed it there.
+                most = FLUSH_BYTES if stat.S_ISREG(mode) else select.PIPE_BUF
+                self._target = (fd, most)
+        return self._target
+
+    def _through_logging(self, fields: dict[str, Any]) -> None:
+        # makeRecord + handle is what Logger.info does, minus the caller lookup.
+        record = self.logger.makeRecord(
+            ACCESS_LOGGER,
+            logging.INFO,
+            __file__,
+            0,
+            "request",
+            None,
+            None,
+            extra={"access": fields},
+        )
+        self.logger.handle(record)
+
+    def after_fork(self) -> None:
+        """A child starts with an empty buffer: the parent's lines are the parent's to write."""
+        self._chunks, self._size, self._timer = [], 0, None
+
+
+def _effective_handlers(logger: logging.Logger) -> list[logging.Handler]:
+    handlers: list[logging.Handler] = []
+    current: logging.Logger | None = logger
+    while current is not None:
+        handlers.extend(current.handlers)
+        if not current.propagate:
+            break
+        current = current.parent
+    return handlers
+
+
+def _batches(chunks: list[bytes], most: int) -> list[bytes]:
+    """Whole lines joined into writes of at most `most` bytes (a longer line goes alone)."""
+    if sum(map(len, chunks)) <= most:
+        return [b"".join(chunks)]
+    batches: list[bytes] = []
+    current: list[bytes] = []
+    size = 0
+    for chunk in chunks:
+        if current and size + len(chunk) > most:
+            batches.append(b"".join(current))
+            current, size = [], 0
+        current.append(chunk)
+        size += len(chunk)
+    if current:
+        batches.append(b"".join(current))
+    return batches
+
+
+_access = AccessWriter()
+atexit.register(flush_access_log)
+os.register_at_fork(after_in_child=_access.after_fork)

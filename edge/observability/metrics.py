@@ -9,6 +9,21 @@ Labels are bounded by construction: routes are the templates of the matched rout
 "unmatched"; see edge.endpoints.routes), methods are the standard ones (anything else: "other"),
 statuses are numbers, models are capped at MAX_MODEL_LABELS per worker with the rest counted as
 "other". No key, identity, raw path or invented method is ever a label.
+
+Theory of operation of the hot path. prometheus_client's multiprocess value takes a lock and
+calls `getpid()` on every `inc`/`observe` (to notice a fork), and a histogram observation walks
+its buckets in Python: about 2-3 µs a call, some 14 calls a request. A worker is one thread on
+one event loop, so neither the lock nor the per-call fork check buys anything. Here each label
+child is resolved once into `_Slot`s: a slot is one (value, timestamp) pair at a fixed offset of
+the worker's own prometheus_client mmap file, and an increment is one slice assignment into the
+mmap. The file format is prometheus_client's own (written through its `MmapedDict`), so scrapes,
+`mark_process_dead` and anything reading the files with `MmapedDict` see the same bytes as
+before, at once: counts stay exact across workers. The fork check happens once, in an
+`os.register_at_fork` hook that re-resolves every slot in the child.
+
+This relies on prometheus_client internals (`MmapedValue._file/_key/_value`, `MmapedDict._m`
+and `._positions`, `Histogram._sum/_buckets/_upper_bounds`); pyproject.toml pins the versions
+tested and tests/unit/test_metrics_fast_path.py fails loudly if they move.
 """
 
 from __future__ import annotations
@@ -17,6 +32,9 @@ import functools
 import glob
 import os
 import platform
+import struct
+import weakref
+from bisect import bisect_left
 from typing import Any
 
 from edge import __version__
@@ -32,6 +50,81 @@ OVERHEAD_BUCKETS = (
     0.00005, 0.0001, 0.00025, 0.0005, 0.00075, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1,
 )  # fmt: skip
 SIZE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
+
+
+_pack_value = struct.Struct("dd").pack  # (value, timestamp), prometheus_client's entry layout
+
+
+class _Slot:
+    """One value of this worker's mmap file, written in place: no lock, no getpid.
+
+    `mv` is prometheus_client's MmapedValue for the value; its `_value` is kept current, so
+    the public API (`.get()`, a later `.inc()`) agrees with what was written.
+    """
+
+    __slots__ = ("_file", "_mv", "_pos")
+
+    def __init__(self, mv: Any) -> None:
+        self._mv = mv
+        self._file = mv._file
+        self._file.read_value(mv._key)  # creates the entry if it is new
+        self._pos = self._file._positions[mv._key]
+
+    def inc(self, amount: float = 1.0) -> None:
+        mv = self._mv
+        value = mv._value = mv._value + amount
+        pos = self._pos
+        # One slice assignment, as MmapedDict.write_value does (never a torn 0 for a reader).
+        # `_m` is looked up each time: the dict remaps its file when it grows.
+        self._file._m[pos : pos + 16] = _pack_value(value, 0.0)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self.inc(-amount)
+
+
+class _LockedSlot:
+    """Single-process mode (no PROMETHEUS_MULTIPROC_DIR: tests, plain uvicorn): the public API."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: Any) -> None:
+        self._value = value
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._value.inc(amount)
+
+    def dec(self, amount: float = 1.0) -> None:
+        self._value.inc(-amount)
+
+
+def _slot(value: Any) -> _Slot | _LockedSlot:
+    return _Slot(value) if getattr(value, "_multiprocess", False) else _LockedSlot(value)
+
+
+class _HistogramSlots:
+    """A histogram child as slots: an observation is two writes (the sum and one bucket)."""
+
+    __slots__ = ("_bounds", "_buckets", "_sum")
+
+    def __init__(self, child: Any) -> None:
+        self._bounds = list(child._upper_bounds)  # ascending, +Inf last
+        self._buckets = [_slot(bucket) for bucket in child._buckets]
+        self._sum = _slot(child._sum)
+        if len(self._bounds) != len(self._buckets):
+            raise RuntimeError("prometheus_client Histogram internals changed")
+
+    def observe(self, amount: float) -> None:
+        self._sum.inc(amount)
+        # The first bucket whose upper bound is >= amount, as Histogram.observe picks it.
+        self._buckets[bisect_left(self._bounds, amount)].inc(1.0)
+
+
+def _fast(family: Any, labels: tuple[str, ...]) -> Any:
+    """The slots of one label child of a Counter, Gauge or Histogram."""
+    child = family.labels(*labels) if labels else family
+    if hasattr(child, "_upper_bounds"):
+        return _HistogramSlots(child)
+    return _slot(child._value)
 
 
 class Metrics:
@@ -60,7 +153,7 @@ class Metrics:
             "request_size_bytes", "Request body sizes of proxied requests.",
             ["route"], namespace=ns, buckets=SIZE_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.in_flight = Gauge(
+        self._in_flight_family = Gauge(
             "requests_in_flight", "Requests being handled now, all workers.",
             namespace=ns, multiprocess_mode="livesum", registry=registry,
         )  # fmt: skip
@@ -68,7 +161,7 @@ class Metrics:
             "auth_failures", "Requests refused by authentication, by reason.",
             ["reason"], namespace=ns, registry=registry,
         )  # fmt: skip
-        self.rate_limited = Counter(
+        self._rate_limited_family = Counter(
             "rate_limited", "Requests refused by the rate limiter.",
             namespace=ns, registry=registry,
         )  # fmt: skip
@@ -85,15 +178,15 @@ class Metrics:
             "upstream_errors", "Upstream failures by kind (timeout, connect, 5xx, invalid).",
             ["kind"], namespace=ns, registry=registry,
         )  # fmt: skip
-        self.upstream_duration = Histogram(
+        self._upstream_duration_family = Histogram(
             "upstream_duration_seconds", "Time waiting on the upstream per exchange.",
             namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.ttft = Histogram(
+        self._ttft_family = Histogram(
             "stream_time_to_first_token_seconds", "Time from request to the first streamed chunk.",
             namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
-        self.stream_duration = Histogram(
+        self._stream_duration_family = Histogram(
             "stream_duration_seconds", "Time from request to the end of a streamed response.",
             namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
         )  # fmt: skip
@@ -136,12 +229,29 @@ class Metrics:
         build.labels(__version__, platform.python_version()).set(1)
         self._children: dict[tuple[Any, ...], Any] = {}
         self._models: set[str] = set()
+        self._bind()
+        # The fork check, once per process instead of once per increment: a child re-resolves
+        # every slot into its own files (prometheus_client's own check runs in `_bind`).
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m._bind())
+
+    def _bind(self) -> None:
+        """(Re)resolve the label-free slots; label children are resolved on first use."""
+        self._children.clear()
+        # Any public read runs prometheus_client's pid check, which reopens the files after a
+        # fork; the slots below then point into this process's files.
+        self._in_flight_family._value.get()
+        self.in_flight = _fast(self._in_flight_family, ())
+        self.rate_limited = _fast(self._rate_limited_family, ())
+        self.upstream_duration = _fast(self._upstream_duration_family, ())
+        self.ttft = _fast(self._ttft_family, ())
+        self.stream_duration = _fast(self._stream_duration_family, ())
 
     def _child(self, family: Any, *labels: str) -> Any:
         key = (id(family), *labels)
         child = self._children.get(key)
         if child is None:
-            child = self._children[key] = family.labels(*labels)
+            child = self._children[key] = _fast(family, labels)
         return child
 
     def observe_request(

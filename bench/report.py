@@ -1,0 +1,369 @@
+# ruff: noqa: RUF001 - the table prints the multiplication sign, dashes and micro on purpose
+"""The benchmark's report: the table rows with their targets, the ablation table, the machine
+and its load during the run, and bench/results.md."""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import os
+import platform
+import resource
+import subprocess
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from runner import Settings
+from targets import TOOLS, WORKERS
+
+# ----------------------------------------------------------------------------- the table
+
+
+@dataclass
+class Row:
+    figure: str
+    direct: str = "–"
+    floor: str = "–"
+    edge: str = "–"
+    result: str = ""
+    target: str = ""
+    met: bool | None = None  # None: no target, or not measured
+    marked: bool = False  # the target text carries its own marks (a target of two parts)
+
+    def cells(self) -> list[str]:
+        mark = "" if self.marked else MARKS[self.met]
+        target = f"{self.target} {mark}".strip() if self.target else ""
+        return [self.figure, self.direct, self.floor, self.edge, self.result, target]
+
+
+MARKS = {True: "✅", False: "❌", None: ""}
+HEADER = ["Figure", "direct", "floor", "edge", "edge vs baseline", "Target"]
+
+
+def render(rows: list[Row]) -> str:
+    return render_cells(HEADER, [row.cells() for row in rows])
+
+
+def render_cells(header: list[str], rows: list[list[str]]) -> str:
+    """A markdown table, columns padded to their widest cell."""
+    cells = [header, *rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(header))]
+
+    def line(values: list[str]) -> str:
+        return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths, strict=True)) + " |"
+
+    return "\n".join(
+        [line(header), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+        + [line(c) for c in cells[1:]]
+    )
+
+
+def ms(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None or value != value else f"{value:.{digits}f} ms"
+
+
+def signed_ms(value: float | None, digits: int = 2) -> str:
+    return "n/a" if value is None or value != value else f"{value:+.{digits}f} ms"
+
+
+def mb(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1f} MB"
+
+
+# ----------------------------------------------------------------------------- the machine
+
+
+def cpu_times() -> list[int]:
+    """The aggregate `cpu` line of /proc/stat: user nice system idle iowait irq softirq steal."""
+    with open("/proc/stat") as fh:
+        return [int(v) for v in fh.readline().split()[1:9]]
+
+
+def steal_percent(before: list[int], after: list[int]) -> float:
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    return 100.0 * delta[7] / max(1, sum(delta))
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and every child it waited for (servers, workers, wrk)."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def others_percent(before: list[int], after: list[int], own_seconds: float) -> float:
+    """CPU used by processes this run did not start, as % of all cores over the run."""
+    delta = [b - a for a, b in zip(before, after, strict=True)]
+    busy = sum(delta) - delta[3] - delta[4] - delta[7]  # minus idle, iowait, steal
+    total = max(1, sum(delta))
+    others = busy - own_seconds * os.sysconf("SC_CLK_TCK")
+    return max(0.0, 100.0 * others / total)
+
+
+def machine_info() -> dict[str, str]:
+    info = {"cpu": platform.processor() or platform.machine(), "cores": str(os.cpu_count())}
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                info["cpu"] = line.split(":", 1)[1].strip()
+                break
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                info["memory"] = f"{int(line.split()[1]) / 1024 / 1024:.1f} GiB"
+    with contextlib.suppress(OSError):
+        for line in Path("/etc/os-release").read_text().splitlines():
+            if line.startswith("PRETTY_NAME="):
+                info["os"] = line.split("=", 1)[1].strip('"')
+    info["kernel"] = platform.release()
+    info["python"] = platform.python_version()
+    versions = []
+    for dist in ("gunicorn", "uvicorn", "uvicorn-worker", "falcon", "aiohttp", "uvloop"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            versions.append(f"{dist} {metadata.version(dist)}")
+    info["packages"] = ", ".join(versions)
+    tools = []
+    for tool in TOOLS:
+        with contextlib.suppress(OSError, subprocess.SubprocessError):
+            out = subprocess.run(
+                ["dpkg-query", "-W", "-f", "${Version}", TOOLS[tool]],
+                capture_output=True, text=True, timeout=10, check=False,
+            ).stdout.strip()  # fmt: skip
+            tools.append(f"{tool} {out or '?'}")
+    info["tools"] = ", ".join(tools)
+    return info
+
+
+# ----------------------------------------------------------------------------- rows and results.md
+
+
+def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    names = ("direct", "floor", "edge")
+
+    tp = raw.get("throughput")
+    row = Row(f"Throughput, c={settings.connections} (req/s)")
+    if tp:
+        row.direct, row.floor, row.edge = (f"{tp[n]['rps']:,.0f}" for n in names)
+        vs_floor = tp["edge"]["rps"] / tp["floor"]["rps"]
+        vs_direct = tp["edge"]["rps"] / tp["direct"]["rps"]
+        row.result = f"{vs_floor:.2f}× floor, {vs_direct:.2f}× direct"
+        ratio_ok, rate_ok = vs_floor >= 0.75, tp["edge"]["rps"] >= 5000
+        row.met = ratio_ok and rate_ok
+        row.target = f"≥ 0.75× floor {MARKS[ratio_ok]}, ≥ 5,000 req/s {MARKS[rate_ok]}"
+        row.marked = True
+    else:
+        row.result = "skipped"
+        row.target = "≥ 0.75× floor, ≥ 5,000 req/s"
+    rows.append(row)
+
+    row = Row("CPU time per request under load (server)")
+    if tp:
+        cpu = {n: tp[n]["cpu_us_per_req"] for n in names}
+        row.direct, row.floor, row.edge = (f"{cpu[n]:.0f} µs" for n in names)
+        row.result = (
+            f"{cpu['edge'] / cpu['floor']:.2f}× floor ({cpu['edge'] - cpu['floor']:+.0f} µs)"
+        )
+    rows.append(row)
+
+    row = Row("Throughput errors (non-2xx / socket)")
+    if tp:
+        row.direct, row.floor, row.edge = (
+            f"{tp[n]['status']} / {tp[n]['socket_errors']}" for n in names
+        )
+        row.met = all(tp[n]["status"] == 0 and tp[n]["socket_errors"] == 0 for n in names)
+        row.target = "0 / 0"
+    rows.append(row)
+
+    lat = raw.get("latency")
+    for pct, limit in (("p50", 0.5), ("p99", 2.0)):
+        row = Row(f"Latency c=1 {pct}")
+        if lat:
+            values = {n: lat[n][f"{pct}_us"] / 1000.0 for n in names}
+            row.direct, row.floor, row.edge = (ms(values[n], 3) for n in names)
+            added = values["edge"] - values["direct"]
+            floor_added = values["floor"] - values["direct"]
+            row.result = f"{signed_ms(added, 3)} added (floor {signed_ms(floor_added, 3)})"
+            row.met = added <= limit
+        else:
+            row.result = "skipped"
+        row.target = f"added ≤ {limit:g} ms"
+        rows.append(row)
+
+    rate = raw.get("rate")
+    for pct in ("p50", "p99"):
+        row = Row(f"Latency at {settings.rate} req/s {pct}")
+        if rate:
+            row.direct, row.floor, row.edge = (ms(rate[n][f"{pct}_ms"], 1) for n in names)
+            added = rate["edge"][f"{pct}_ms"] - rate["direct"][f"{pct}_ms"]
+            row.result = f"{signed_ms(added, 1)} added"
+            if pct == "p99":
+                errors = sum(rate[n]["errors"] for n in names)
+                achieved = rate["edge"]["rps"]
+                row.result += f"; edge {achieved:,.0f} req/s, {errors} errors"
+        else:
+            row.result = "skipped"
+        rows.append(row)
+
+    stream = raw.get("stream")
+    row = Row("Streaming TTFB, first SSE event (p50)")
+    if stream:
+        row.direct = ms(stream["direct"]["ttfb_ms"], 2)
+        row.edge = ms(stream["edge"]["ttfb_ms"], 2)
+        added = stream["edge"]["ttfb_ms"] - stream["direct"]["ttfb_ms"]
+        row.result = f"{signed_ms(added, 2)} added"
+        row.met = added <= 1.0
+    else:
+        row.result = "skipped" if "stream" not in settings.phases else "n/a"
+    row.target = "added ≤ 1 ms"
+    rows.append(row)
+
+    row = Row("Streaming: paced chunks received separately")
+    if stream:
+        sent = stream["sent"]
+        d, e = stream["direct"], stream["edge"]
+        row.direct = f"{d['separate_min']} of {sent}"
+        row.edge = f"{e['separate_min']} of {sent}"
+        row.met = e["separate_min"] == sent and e["paced"] == sent
+        row.result = "no coalescing" if row.met else "coalesced or lost"
+    else:
+        row.result = "skipped" if "stream" not in settings.phases else "n/a"
+    row.target = "all, in every stream"
+    rows.append(row)
+
+    row = Row("Streaming chunk gaps p50 (min–max)")
+    if stream:
+        d, e = stream["direct"], stream["edge"]
+        row.direct = f"{d['gap_p50_ms']:.1f} ({d['gap_min_ms']:.1f}–{d['gap_max_ms']:.1f}) ms"
+        row.edge = f"{e['gap_p50_ms']:.1f} ({e['gap_min_ms']:.1f}–{e['gap_max_ms']:.1f}) ms"
+        row.result = f"sent every {settings.stream_pace * 1000:g} ms"
+    rows.append(row)
+
+    rss = raw.get("rss", {})
+    row = Row("RSS idle (master + workers)")
+    if rss:
+        row.direct, row.floor, row.edge = (mb(rss[n].get("idle")) for n in names)
+    rows.append(row)
+
+    row = Row("RSS after load")
+    if rss and "after_load" in rss.get("edge", {}):
+        row.direct, row.floor, row.edge = (mb(rss[n].get("after_load")) for n in names)
+        row.met = rss["edge"]["after_load"] <= 160
+    else:
+        row.result = "skipped"
+    row.target = "edge ≤ 160 MB"
+    rows.append(row)
+
+    conns = raw.get("idle_conns")
+    row = Row(f"RSS with {settings.idle_connections:,} idle keep-alive conns")
+    if conns:
+        row.floor, row.edge = (
+            f"{mb(conns[n]['during_mb'])}, {conns[n]['per_conn_kb']:.1f} KB/conn"
+            for n in ("floor", "edge")
+        )
+        row.result = f"{conns['edge']['open']} open at measurement"
+        row.met = conns["edge"]["per_conn_kb"] <= 50 and conns["edge"]["during_mb"] > 0
+    else:
+        row.result = "skipped"
+    row.target = "edge ≤ 50 KB per connection"
+    rows.append(row)
+
+    row = Row(f"Idle CPU over {settings.idle_cpu_seconds:g} s (master + workers)")
+    if "idle_cpu" in raw:
+        row.edge = f"{raw['idle_cpu']:.2f} %"
+        row.met = raw["idle_cpu"] < 2.0
+    else:
+        row.result = "skipped"
+    row.target = "< 2 % of a core"
+    rows.append(row)
+
+    limiter = raw.get("limiter")
+    row = Row("Rate-limit decision p50 / p99 (bench_limiter.py)")
+    if limiter:
+        row.edge = f"{limiter['p50_us']:.2f} / {limiter['p99_us']:.2f} µs"
+        row.met = limiter["p99_us"] <= 10.0
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "limiter" not in settings.phases else ""
+    row.target = "p99 ≤ 10 µs"
+    rows.append(row)
+    return rows
+
+
+ABLATION_HEADER = ["Edge configuration", "req/s", "throughput ×floor", "CPU/request", "CPU ×floor"]
+
+
+def ablation_table(raw: dict[str, Any]) -> str | None:
+    """What each feature costs: edge with one feature off at a time, against the floor."""
+    ablation = raw.get("ablation")
+    if not ablation:
+        return None
+    floor = ablation["floor"]
+    cells = [["floor (no features)", f"{floor['rps']:,.0f}", "1.00×",
+              f"{floor['cpu_us_per_req']:.0f} µs", "1.00×"]]  # fmt: skip
+    for name, result in ablation["configs"].items():
+        cells.append(
+            [
+                f"edge, {name}",
+                f"{result['rps']:,.0f}",
+                f"{result['rps'] / floor['rps']:.2f}×",
+                f"{result['cpu_us_per_req']:.0f} µs",
+                f"{result['cpu_us_per_req'] / floor['cpu_us_per_req']:.2f}×",
+            ]
+        )
+    return render_cells(ABLATION_HEADER, cells)
+
+
+def write_results(
+    path: Path,
+    table: str,
+    settings: Settings,
+    command: str,
+    took: float,
+    host: dict[str, str],
+    ablation: str | None = None,
+) -> None:
+    info = {**machine_info(), **host}
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    machine = "\n".join(f"- {key}: {value}" for key, value in info.items())
+    ablation_section = ""
+    if ablation:
+        ablation_section = f"""
+## Ablation: what each feature costs
+
+Edge started again with one feature off at a time, then with all four off (metrics:
+`ENABLE_METRICS=false`; access log: `LOG_LEVEL=warning`; rate limit:
+`RATE_LIMIT_ENABLED=false`; auth: `AUTH_ENABLED=false`), all running beside the floor, each
+under `wrk -t{settings.threads} -c{settings.connections} -d{settings.ablation_duration}s` \
+(after a warm-up) in {settings.rounds} interleaved round(s), the best kept. A feature's cost
+is its row's distance from "all features on"; "all four off" is what the rest of edge costs.
+
+{ablation}
+"""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        f"""# llm-edge-proxy benchmark results
+
+Date: {now} (run took {took:.0f} s)
+
+Command: `{command}`
+
+Machine:
+{machine}
+
+Settings: {WORKERS} workers per target; throughput `wrk -t{settings.threads} \
+-c{settings.connections} -d{settings.duration}s` (after a {settings.warmup} s warm-up); \
+c=1 latency `wrk -t1 -c1 -d{settings.latency_duration}s`; both in {settings.rounds} \
+interleaved round(s), the best kept; fixed rate: an open-loop \
+client (bench/run.py) sending {settings.rate} req/s, evenly spaced, over up to \
+{settings.rate_connections} keep-alive connections for {settings.rate_duration:g} s; \
+streaming {settings.stream_requests} requests of \
+{settings.stream_chunks} chunks every {settings.stream_pace * 1000:g} ms; \
+{settings.idle_connections} idle connections; idle CPU over {settings.idle_cpu_seconds:g} s. \
+All load generators share the machine's cores with the targets.
+
+{table}
+{ablation_section}"""
+    )
