@@ -25,21 +25,11 @@ from edge.endpoints.routes import ANTHROPIC_ROUTES, endpoint_table
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.runtime import Runtime
+from edge.server.disconnect import EdgeRequest
 from edge.upstream.client import Upstream
 
 log = logging.getLogger("edge.app")
 _EVERYTHING = re.compile("")
-
-
-class EdgeRequest(falcon.asgi.Request):
-    """Falcon's request plus the ASGI `receive` callable, used to notice a client hanging up
-    while a stream is relayed (Falcon does not watch for that on `resp.stream`)."""
-
-    __slots__ = ()
-
-    @property
-    def receive(self) -> Any:
-        return self._receive
 
 
 _HEAD_ONLY = {"type": "http.request", "body": b"", "more_body": True}

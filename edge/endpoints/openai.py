@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import falcon
@@ -19,10 +19,11 @@ from edge.endpoints.body import (
     validate_chat,
     validate_completion,
 )
-from edge.errors import ApiError, BadGateway, ClientClosedRequest, ServiceUnavailable, envelope
+from edge.errors import ApiError, BadGateway, ServiceUnavailable, envelope
 from edge.observability import metric_files
-from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, RequestContext
+from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Reservation, ask_for_usage
+from edge.server.disconnect import unless_client_leaves
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
 from edge.upstream.router import Router, prefixed
@@ -107,28 +108,6 @@ async def _settle_answer(reservation: Reservation | None, ctx: RequestContext, s
         await reservation.settle(ctx.prompt_tokens + ctx.completion_tokens)
 
 
-async def _unless_client_leaves(req: Any, awaitable: Awaitable[T]) -> T:
-    """Await an upstream exchange, ending it at once if the client hangs up meanwhile.
-
-    edge.server.protocol cancels the task registered here when the connection drops (see
-    CANCEL_ON_DISCONNECT); the cancellation becomes ClientClosedRequest, so the request is
-    still finished, logged and counted like any other. Without this, a hung-up request would
-    keep its upstream call and its concurrency slot until SERVER_TIMEOUT_SECONDS.
-    """
-    scope = req.scope
-    task = asyncio.current_task()
-    scope[CANCEL_ON_DISCONNECT] = task
-    try:
-        return await awaitable
-    except asyncio.CancelledError:
-        if not scope.get(CLIENT_GONE) or task is None:
-            raise
-        task.uncancel()
-        raise ClientClosedRequest("The client closed the connection.") from None
-    finally:
-        del scope[CANCEL_ON_DISCONNECT]
-
-
 async def forward(
     req: Any,
     resp: Any,
@@ -150,7 +129,7 @@ async def forward(
     API's envelope, e.g. Anthropic's on /v1/messages). A token `reservation` is settled on
     the answer's usage (a stream's usage event; hidden from the client when `hide_usage`).
     """
-    result = await _unless_client_leaves(
+    result = await unless_client_leaves(
         req, router.forward(ctx, "POST", path, body, model, stream, kind, extra_headers)
     )
     if isinstance(result, UpstreamResponse):
@@ -267,7 +246,7 @@ class Models:
             resp.content_type = JSON
             return
         ctx = req.context.edge
-        result = await _unless_client_leaves(req, router.upstream.call("GET", "/models", None, ctx))
+        result = await unless_client_leaves(req, router.upstream.call("GET", "/models", None, ctx))
         _send_upstream(resp, ctx, result)
 
     on_head = on_get  # Falcon sends the head (with the GET's Content-Length) and no body

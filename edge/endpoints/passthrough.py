@@ -20,11 +20,11 @@ from edge.endpoints.openai import (
     JSON,
     SSE,
     _send_upstream,
-    _unless_client_leaves,
     forward,
     model_object,
 )
 from edge.observability.context import RequestContext
+from edge.server.disconnect import unless_client_leaves
 from edge.upstream import mock
 from edge.upstream.router import ModelNotFound
 from edge.upstream.stream import ResponseStream
@@ -100,7 +100,7 @@ class ModelRetrieve:
         targets = router.targets(model_id, "openai")  # 404 model_not_found if none
         target = targets[0]
         upstream_id = target.model or model_id
-        result = await _unless_client_leaves(
+        result = await unless_client_leaves(
             req,
             router.upstream.call(
                 "GET",

@@ -14,13 +14,6 @@ import re
 import time
 from contextvars import ContextVar
 
-# Scope keys shared by edge.server.protocol and edge.endpoints.openai: while a handler awaits
-# the upstream it puts its task under CANCEL_ON_DISCONNECT; if the client's connection drops
-# meanwhile, the protocol sets CLIENT_GONE and cancels that task, so the upstream request ends
-# at once.
-CANCEL_ON_DISCONNECT = "edge.cancel_on_disconnect"
-CLIENT_GONE = "edge.client_gone"
-
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
 

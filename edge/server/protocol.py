@@ -53,7 +53,8 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from edge.config import Config
 from edge.endpoints.routes import HEALTH, kind_of_target
 from edge.errors import OVERLOADED, envelope
-from edge.observability.context import CANCEL_ON_DISCONNECT, CLIENT_GONE, new_request_id
+from edge.observability.context import new_request_id
+from edge.server.disconnect import PROTOCOL_WATCHES, client_gone
 
 _OVERLOADED_BODY = envelope(
     "The server is at its concurrency limit; retry shortly.", OVERLOADED, None, "overloaded"
@@ -149,12 +150,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self._lingering.set()
         cycle = self.cycle
         if cycle is not None and not cycle.response_complete:
-            # A handler waiting on the upstream for this request has nobody left to answer:
-            # end its wait now (edge.endpoints.openai turns this into a logged 499).
-            task = cycle.scope.get(CANCEL_ON_DISCONNECT)
-            if task is not None:
-                cycle.scope[CLIENT_GONE] = True
-                task.cancel()
+            client_gone(cycle.scope)  # see edge.server.disconnect
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -270,6 +266,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         # Health checks are exempt from the cap: a saturated worker is busy, not dead.
         if len(self.tasks) >= self.limits.max_concurrency and kind_of_target(self.url) != HEALTH:
             self.app = _overloaded
+        self.scope[PROTOCOL_WATCHES] = (
+            True  # connection_lost tells the app (edge.server.disconnect)
+        )
         try:
             super().on_headers_complete()
         finally:

@@ -18,6 +18,7 @@ import aiohttp
 from edge.config import Config
 from edge.errors import UPSTREAM, BadGateway, GatewayTimeout, envelope
 from edge.observability.context import RequestContext
+from edge.server.disconnect import close_on_hang_up
 from edge.upstream.sse import EventSplitter, EventTooLarge
 
 log = logging.getLogger("edge.upstream")
@@ -234,7 +235,7 @@ async def relay(
     end or an oversized event mid-event) drops the incomplete event and ends the stream with
     an SSE error event, on an event boundary, instead of a hang.
     """
-    watcher = asyncio.ensure_future(_watch_disconnect(receive, resp)) if receive else None
+    watcher = close_on_hang_up(receive, lambda: _close_for_hang_up(resp)) if receive else None
     content = resp.content
     splitter = EventSplitter()
     clock = time.perf_counter
@@ -280,18 +281,12 @@ def _stream_failed(
     return _sse_error(kind, message)
 
 
-async def _watch_disconnect(
-    receive: Callable[[], Awaitable[dict[str, Any]]], resp: aiohttp.ClientResponse
-) -> None:
-    while True:
-        event = await receive()
-        if event["type"] == "http.disconnect":
-            # An exception of our own for the pending read: left to itself, aiohttp hands every
-            # closed response one shared exception object, whose traceback then grows with
-            # each hung-up stream's frames and keeps them all alive.
-            resp.content.set_exception(aiohttp.ClientConnectionError("client disconnected"))
-            resp.close()
-            return
+def _close_for_hang_up(resp: aiohttp.ClientResponse) -> None:
+    # An exception of our own for the pending read: left to itself, aiohttp hands every closed
+    # response one shared exception object, whose traceback then grows with each hung-up
+    # stream's frames and keeps them all alive.
+    resp.content.set_exception(aiohttp.ClientConnectionError("client disconnected"))
+    resp.close()
 
 
 def _forget_traceback(exc: BaseException) -> None:

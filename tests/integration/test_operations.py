@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import shutil
 import signal
@@ -169,6 +170,27 @@ def test_http2_chat_streaming_limits_and_metrics(h2_server):
     with httpx.Client(http2=False, verify=h2_server.verify) as plain:
         reply = plain.get(h2_server.url + "/health")
         assert (reply.http_version, reply.status_code) == ("HTTP/1.1", 200)
+
+
+def test_http2_hang_up_cancels_the_upstream_call(h2_server):
+    """gunicorn's ASGI worker has no connection_lost hook of ours: the hang-up is noticed on
+    the ASGI receive channel (edge.server.disconnect), and the waiting request ends as 499."""
+    request_id = f"h2-hang-up-{time.monotonic_ns()}"
+    headers = {**AUTH, "x-request-id": request_id}
+    client = httpx.Client(http2=True, verify=h2_server.verify, base_url=h2_server.url, timeout=1)
+    with client, pytest.raises(httpx.ReadTimeout):
+        client.post("/v1/chat/completions", json={**CHAT, "model": "hang"}, headers=headers)
+    # The connection is closed now; the upstream would keep it waiting for an hour.
+
+    def access_line() -> dict | None:
+        for line in h2_server.output().splitlines():
+            if request_id in line and '"status"' in line:
+                return json.loads(line)
+        return None
+
+    record = wait_until(access_line, timeout=10)
+    assert record["status"] == 499, record
+    assert record["upstream_status"] is None
 
 
 def test_http2_rate_limit_429(h2_server):
