@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     stub = StubUpstream()
     single = Router(
-        Providers.single(Config(upstream_url="http://127.0.0.1:1/v1")),
+        Providers.single(Config.from_env({"UPSTREAM_URL": "http://127.0.0.1:1/v1"})),
         stub,  # type: ignore[arg-type]
         cb.LocalBreakers(),
         30.0,

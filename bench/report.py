@@ -289,6 +289,35 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
         row.result = "skipped" if "limiter" not in settings.phases else ""
     row.target = "p99 ≤ 10 µs"
     rows.append(row)
+
+    redis = raw.get("redis")
+    row = Row(f"Throughput on the Redis backend, c={settings.connections}")
+    row.target = "≥ 0.8× edge on shm"
+    if redis:
+        ratio = redis["redis"]["rps"] / redis["shm"]["rps"]
+        row.edge = f"{redis['redis']['rps']:,.0f} req/s ({redis['shm']['rps']:,.0f} on shm)"
+        row.result = (
+            f"{ratio:.2f}× shm; CPU {redis['redis']['cpu_us_per_req']:.0f} vs "
+            f"{redis['shm']['cpu_us_per_req']:.0f} µs/req; errors "
+            f"{redis['redis']['status']} / {redis['redis']['socket_errors']}"
+        )
+        row.met = ratio >= 0.8
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "redis" not in settings.phases else "n/a"
+    rows.append(row)
+
+    routing = raw.get("routing")
+    row = Row("Routing on: added per request p50 / p99 (bench_routing.py)")
+    if routing:
+        row.edge = f"+{routing['p50_us']:.2f} / +{routing['p99_us']:.2f} µs"
+        row.result = "3 weighted targets, rename, shm breakers vs UPSTREAM_URL"
+        row.met = routing["p50_us"] <= 20.0
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "routing" not in settings.phases else ""
+    row.target = "≤ 20 µs per request"
+    rows.append(row)
     return rows
 
 

@@ -18,7 +18,10 @@ when one is missing and this runs as root with apt-get, they are installed first
 
 The ablation phase then starts edge again with one feature off at a time (metrics, access log,
 rate limit, auth), and with all four off, each under the same load as the floor: what each
-feature costs, in CPU per request and throughput against the floor.
+feature costs, in CPU per request and throughput against the floor. The redis phase starts a
+local redis-server and edge on RATE_LIMIT_BACKEND=redis beside edge on shared memory (interleaved
+throughput rounds); the limiter and routing phases run bench/bench_limiter.py and
+bench/bench_routing.py (µs per rate-limit decision, µs routing adds per request).
 
 This file is the command line; bench/targets.py starts the targets, bench/runner.py drives
 the load and the phases, bench/report.py makes the tables and bench/results.md.
@@ -134,13 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     cpu_at_start = cpu_times()
     own_at_start = own_cpu_seconds()
     try:
-        if set(settings.phases) - {"limiter", "stream"}:
+        if set(settings.phases) - {"limiter", "routing", "stream"}:
             ensure_tools(not args.no_install)
         raise_fd_limit(2 * settings.idle_connections + 1024)
         out = args.out_dir.resolve()
         out.mkdir(parents=True, exist_ok=True)
         for name in ("nginx.log", "floor.log", "edge.log", "edge-stream.log", "sse-upstream.log",
-                     "edge-ablation.log"):  # fmt: skip
+                     "edge-ablation.log", "edge-redis.log", "redis.log"):  # fmt: skip
             (out / name).unlink(missing_ok=True)
         raw = measure(settings, out)
         rows = build_rows(settings, raw)

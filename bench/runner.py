@@ -47,7 +47,10 @@ from targets import (
     start_sse_upstream,
 )
 
-PHASES = ("throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "ablation")
+PHASES = (
+    "throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis", "routing",
+    "ablation",
+)  # fmt: skip
 
 # ----------------------------------------------------------------------------- load tools
 
@@ -331,6 +334,24 @@ def limiter_bench(quick: bool) -> dict | None:
     return None
 
 
+def routing_bench(quick: bool) -> dict | None:
+    """bench/bench_routing.py: µs per request of Router.forward, single upstream vs routing."""
+    script = BENCH / "bench_routing.py"
+    argv = [PYTHON, str(script), *(["--n", "5000"] if quick else [])]
+    try:
+        done = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    match = re.search(r"routing added p50 (-?[\d.]+) µs p99 (-?[\d.]+) µs", done.stdout)
+    if done.returncode != 0 or not match:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        log(f"bench/bench_routing.py failed ({done.returncode}): {last}")
+        return None
+    return {"p50_us": float(match.group(1)), "p99_us": float(match.group(2))}
+
+
 # ----------------------------------------------------------------------------- environment
 
 
@@ -403,7 +424,7 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="llm-edge-bench."))
     want = set(settings.phases)
     try:
-        server_phases = {"throughput", "latency", "rate", "memory", "cpu", "ablation"}
+        server_phases = {"throughput", "latency", "rate", "memory", "cpu", "redis", "ablation"}
         if want & server_phases:
             nginx_port, floor_port, edge_port = free_port(), free_port(), free_port()
             log(f"starting nginx :{nginx_port}, floor :{floor_port}, edge :{edge_port}")
@@ -416,6 +437,8 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
                 target.rss["idle"] = service_rss_mb(target.proc.pid)
             check_answers(targets)
             run_server_phases(settings, want, targets, raw)
+            if "redis" in want:  # beside edge on shm, still running
+                raw["redis"] = run_redis_phase(settings, procs, out, upstream, edge)
             for target in targets:
                 raw.setdefault("rss", {})[target.name] = dict(target.rss)
             procs.stop(edge.proc)
@@ -428,6 +451,9 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
         if "limiter" in want:
             log("rate-limiter micro-benchmark (bench/bench_limiter.py)")
             raw["limiter"] = limiter_bench(settings.quick)
+        if "routing" in want:
+            log("routing micro-benchmark (bench/bench_routing.py)")
+            raw["routing"] = routing_bench(settings.quick)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -533,6 +559,50 @@ def load_cpu(target: Target, settings: Settings, seconds: int, warmup: bool = Tr
     ticks = sum(cpu_ticks(pid) for pid in pids) - ticks
     result["cpu_us_per_req"] = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(1, result["requests"])
     return result
+
+
+def run_redis_phase(
+    settings: Settings, procs: Processes, out: Path, upstream: str, edge: Target
+) -> dict[str, Any] | None:
+    """Edge on RATE_LIMIT_BACKEND=redis (a local redis-server, no persistence) against the
+    same edge on shared memory, interleaved rounds of the throughput run."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        log("redis-server not installed: Redis phase skipped")
+        return None
+    redis_port, port = free_port(), free_port()
+    log(f"Redis backend: redis-server :{redis_port}, edge :{port}")
+    redis = procs.start(
+        "redis",
+        [binary, "--port", str(redis_port), "--bind", "127.0.0.1", "--save", "",
+         "--appendonly", "no", "--loglevel", "warning"],
+        out / "redis.log",
+        dict(os.environ),
+    )  # fmt: skip
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", redis_port), timeout=0.5).close()
+            break
+        except OSError:
+            if redis.popen.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"redis-server did not start; see {redis.log}") from None
+            time.sleep(0.05)
+    on_redis = start_edge(
+        procs, out, port, upstream, "benchedge-redis", "edge-redis.log",
+        {"RATE_LIMIT_BACKEND": "redis", "REDIS_URL": f"redis://127.0.0.1:{redis_port}/0"},
+    )  # fmt: skip
+    runs: dict[str, list[dict]] = {"shm": [], "redis": []}
+    try:
+        check_answers([on_redis])
+        for round_ in range(1, settings.rounds + 1):
+            for name, target in (("shm", edge), ("redis", on_redis)):
+                log(f"throughput edge on {name} (round {round_}/{settings.rounds})")
+                runs[name].append(load_cpu(target, settings, settings.duration))
+    finally:
+        procs.stop(on_redis.proc)
+        procs.stop(redis)
+    return {name: best_throughput(results) for name, results in runs.items()}
 
 
 def run_ablation(

@@ -2,7 +2,8 @@
 
   direct  nginx answering a static chat.completion (2 workers, keep-alive, private prefix)
   floor   bench/floor_app.py: Falcon ASGI + aiohttp forwarder, same gunicorn/uvicorn worker
-  edge    this proxy (gunicorn -c gunicorn.conf.py): every feature on, or some off (ABLATIONS)
+  edge    this proxy (gunicorn -c gunicorn.conf.py): every feature on, or some off (ABLATIONS),
+          or on RATE_LIMIT_BACKEND=redis against a local redis-server (the redis phase)
 
 Every process runs in its own session (process group) and is stopped in reverse order. The
 generic helpers (free ports, readiness, /proc RSS) are shared with the tests: tests/support.py.
@@ -69,7 +70,10 @@ EDGE_VARIABLES = (
     "INSTANCE_NAME", "AUTH_ENABLED", "API_KEYS", "API_KEY_HASHES", "API_KEYS_FILE",
     "AUTH_HEALTH_CHECK", "AUTH_METRICS", "PUBLIC_PATHS", "RATE_LIMIT_ENABLED", "RATE_LIMIT_RPM",
     "RATE_LIMIT_BURST", "RATE_LIMIT_TABLE_SLOTS", "RATE_LIMIT_LOCK_TIMEOUT_MS",
-    "RATE_LIMIT_FAILURE_POLICY", "LOG_LEVEL", "ENABLE_TRACING", "ENABLE_METRICS", "UPSTREAM_URL",
+    "RATE_LIMIT_FAILURE_POLICY", "RATE_LIMIT_BACKEND", "REDIS_URL", "REDIS_PASSWORD_FILE",
+    "RATE_LIMIT_REDIS_TIMEOUT_MS", "REDIS_KEY_PREFIX", "RATE_LIMIT_TPM",
+    "RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS", "LOG_LEVEL", "ENABLE_TRACING", "ENABLE_METRICS",
+    "UPSTREAM_URL",
     "UPSTREAM_API_KEY", "UPSTREAM_CONNECT_TIMEOUT_SECONDS", "UPSTREAM_POOL_SIZE",
     "PROMETHEUS_MULTIPROC_DIR", "RUNTIME_DIRECTORY", "GUNICORN_CMD_ARGS",
 )  # fmt: skip
