@@ -32,6 +32,8 @@ from support import (  # noqa: F401
     wait_service,
 )
 
+from edge.config import SETTINGS
+
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
 PYTHON = sys.executable
@@ -65,17 +67,11 @@ UPSTREAM_ANSWER = json.dumps(
     separators=(",", ":"),
 )
 # Environment variables edge reads: cleared so the caller's shell cannot change the benchmark.
+# Every setting edge reads (edge.config.SETTINGS) and the environment gunicorn.conf.py or
+# systemd hand it: cleared, so the caller's shell cannot change what is measured.
 EDGE_VARIABLES = (
-    "SERVER_ADDRESS", "SERVER_TIMEOUT_SECONDS", "MAX_REQUEST_SIZE", "WORKERS", "WEB_CONCURRENCY",
-    "INSTANCE_NAME", "AUTH_ENABLED", "API_KEYS", "API_KEY_HASHES", "API_KEYS_FILE",
-    "AUTH_HEALTH_CHECK", "AUTH_METRICS", "PUBLIC_PATHS", "RATE_LIMIT_ENABLED", "RATE_LIMIT_RPM",
-    "RATE_LIMIT_BURST", "RATE_LIMIT_TABLE_SLOTS", "RATE_LIMIT_LOCK_TIMEOUT_MS",
-    "RATE_LIMIT_FAILURE_POLICY", "RATE_LIMIT_BACKEND", "REDIS_URL", "REDIS_PASSWORD_FILE",
-    "RATE_LIMIT_REDIS_TIMEOUT_MS", "REDIS_KEY_PREFIX", "RATE_LIMIT_TPM",
-    "RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS", "LOG_LEVEL", "ENABLE_TRACING", "ENABLE_METRICS",
-    "UPSTREAM_URL",
-    "UPSTREAM_API_KEY", "UPSTREAM_CONNECT_TIMEOUT_SECONDS", "UPSTREAM_POOL_SIZE",
-    "PROMETHEUS_MULTIPROC_DIR", "RUNTIME_DIRECTORY", "GUNICORN_CMD_ARGS",
+    *(setting.variable for setting in SETTINGS),
+    "PROMETHEUS_MULTIPROC_DIR", "RUNTIME_DIRECTORY", "CREDENTIALS_DIRECTORY", "GUNICORN_CMD_ARGS",
 )  # fmt: skip
 # Edge with one feature off at a time, then all four off (the ablation phase): each feature's
 # cost is the difference to "all features on", measured beside the floor in the same run.
