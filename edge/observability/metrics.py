@@ -312,7 +312,9 @@ class Metrics:
 
         if self.breaker_source is not None:
             for provider, state in self.breaker_source().items():
-                self._child(self.breaker_state, provider).set(state)
+                # Once per scrape, not per request: the public API (it writes the timestamp
+                # `mostrecent` needs; the fast-path slots write values only).
+                self.breaker_state.labels(provider).set(state)
         path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         if not path:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
