@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import falcon
 
@@ -30,6 +30,9 @@ from edge.observability.logs import log_access
 from edge.ratelimit import Decision, RateLimiter
 from edge.upstream.stream import ResponseStream
 
+if TYPE_CHECKING:  # the handlers hold the worker's Runtime
+    from edge.runtime import Runtime
+
 
 class EdgeMiddleware:
     """Context, authentication and rate limiting, all decided on the matched endpoint."""
@@ -39,7 +42,7 @@ class EdgeMiddleware:
         config: Config,
         endpoints: dict[str, Endpoint],
         keys: KeyStore,
-        runtime: Any,
+        runtime: Runtime,
         metrics: Any,
     ) -> None:
         self._tracing = config.enable_tracing

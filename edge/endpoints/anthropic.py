@@ -10,7 +10,7 @@ so the SDK raises the right exception. Without providers the built-in mock answe
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
@@ -20,6 +20,9 @@ from edge.errors import ApiError
 from edge.observability.context import RequestContext
 from edge.upstream import mock
 from edge.upstream.stream import ResponseStream
+
+if TYPE_CHECKING:  # the handlers hold the worker's Runtime
+    from edge.runtime import Runtime
 
 DEFAULT_VERSION = "2023-06-01"
 MAX_HEADER = 512
@@ -49,7 +52,7 @@ class Messages:
 
     anthropic = True  # the error handler renders this route's errors in Anthropic's shape
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
         self._max_body = runtime.config.max_request_size
 

@@ -7,7 +7,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import falcon
 import orjson
@@ -30,8 +30,10 @@ from edge.upstream.router import Router, prefixed
 from edge.upstream.stream import ResponseStream
 from edge.upstream.usage_events import watch_usage
 
+if TYPE_CHECKING:  # the handlers hold the worker's Runtime
+    from edge.runtime import Runtime
+
 log = logging.getLogger("edge.resources")
-T = TypeVar("T")
 
 JSON = "application/json"
 SSE = "text/event-stream"
@@ -43,7 +45,7 @@ _READY = orjson.dumps({"status": "ready"})
 class Completions:
     """POST /v1/chat/completions (chat=True) and POST /v1/completions (chat=False)."""
 
-    def __init__(self, runtime: Any, chat: bool) -> None:
+    def __init__(self, runtime: Runtime, chat: bool) -> None:
         self._runtime = runtime
         self._chat = chat
         self._path = "/chat/completions" if chat else "/completions"
@@ -83,10 +85,10 @@ class Completions:
     ) -> None:
         chat = self._chat
         if ctx.stream:
-            ctx.prompt_tokens, ctx.completion_tokens = mock.stream_usage(data, chat)
+            prompt, completion, source = mock.stream(data, ctx.model, ctx.request_id, chat)
+            ctx.prompt_tokens, ctx.completion_tokens = prompt, completion
             resp.content_type = SSE
             resp.set_header("cache-control", "no-cache")
-            source = mock.stream(data, ctx.model, ctx.request_id, chat)
             if reservation is not None:
                 source = watch_usage(source, reservation.settle_usage, hide_usage)
             resp.stream = ResponseStream(source)
@@ -231,7 +233,7 @@ def _usage_from_line(ctx: RequestContext, line: bytes) -> None:
 class Models:
     """GET /v1/models: the configured model names with PROVIDERS_FILE, else the upstream's."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
     async def on_get(self, req: Any, resp: Any) -> None:
@@ -259,7 +261,7 @@ def model_object(name: str) -> dict[str, Any]:
 class Health:
     """GET /health (overall), /health/live (the process answers), /health/ready (can serve)."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
     async def on_get(self, req: Any, resp: Any) -> None:

@@ -5,7 +5,7 @@ re-serialising them would break it); only a renaming target rewrites the `model`
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
@@ -29,13 +29,16 @@ from edge.upstream import mock
 from edge.upstream.router import ModelNotFound
 from edge.upstream.stream import ResponseStream
 
+if TYPE_CHECKING:  # the handlers hold the worker's Runtime
+    from edge.runtime import Runtime
+
 Validator = Callable[[dict[str, Any]], tuple[str, bool]]
 
 
 class PassThrough:
     """POST /v1/embeddings, /v1/responses and /v1/moderations."""
 
-    def __init__(self, runtime: Any, path: str, validate: Validator) -> None:
+    def __init__(self, runtime: Runtime, path: str, validate: Validator) -> None:
         self._runtime = runtime
         self._path = path
         self._validate = validate
@@ -79,7 +82,7 @@ class ModelRetrieve:
     """GET /v1/models/{model_id}: from the configuration with PROVIDERS_FILE (a "*" entry asks
     its provider), else the upstream's answer, else the mock's list."""
 
-    def __init__(self, runtime: Any) -> None:
+    def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
 
     async def on_get(self, req: Any, resp: Any, model_id: str) -> None:

@@ -148,17 +148,9 @@ class Upstream:
                 allow_redirects=False,
                 timeout=timeout,
             ) as resp:
-                if resp.status in REFUSED:
-                    await _discard(resp)
-                    raise _refused(ctx, resp.status)
-                payload = await _read_bounded(resp)
-                return _response(resp, payload)
-        except TimeoutError as exc:
-            _forget_traceback(exc)
-            raise _timeout(ctx, seconds) from None
-        except aiohttp.ClientError as exc:
-            _forget_traceback(exc)
-            raise _unreachable(ctx, exc) from None
+                return await _answer(ctx, resp)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            raise _failure(ctx, exc, seconds) from None
         finally:
             ctx.upstream_s += time.perf_counter() - started
 
@@ -195,24 +187,31 @@ class Upstream:
                 if resp.status == 200 and content_type.startswith("text/event-stream"):
                     return resp
                 try:
-                    if resp.status in REFUSED:
-                        await _discard(resp)
-                        raise _refused(ctx, resp.status)
-                    return _response(resp, await _read_bounded(resp))
+                    return await _answer(ctx, resp)
                 finally:
                     resp.release()
-        except TimeoutError as exc:
-            _forget_traceback(exc)
+        except (TimeoutError, aiohttp.ClientError) as exc:
             if resp is not None:
                 resp.close()
-            raise _timeout(ctx, seconds) from None
-        except aiohttp.ClientError as exc:
-            _forget_traceback(exc)
-            if resp is not None:
-                resp.close()
-            raise _unreachable(ctx, exc) from None
+            raise _failure(ctx, exc, seconds) from None
         finally:
             ctx.upstream_s += time.perf_counter() - started
+
+
+async def _answer(ctx: RequestContext, resp: aiohttp.ClientResponse) -> UpstreamResponse:
+    """A complete upstream answer, read within its bound; 401/403 refused (see `_refused`)."""
+    if resp.status in REFUSED:
+        await _discard(resp)
+        raise _refused(ctx, resp.status)
+    return _response(resp, await _read_bounded(resp))
+
+
+def _failure(ctx: RequestContext, exc: Exception, seconds: float) -> BadGateway | GatewayTimeout:
+    """What a failed exchange becomes: 504 for a timeout, 502 for anything else."""
+    _forget_traceback(exc)
+    if isinstance(exc, TimeoutError):
+        return _timeout(ctx, seconds)
+    return _unreachable(ctx, exc)
 
 
 async def relay(

@@ -262,16 +262,27 @@ def _sse(payload: dict[str, Any]) -> bytes:
     return b"data: " + orjson.dumps(payload) + b"\n\n"
 
 
-async def stream(
+def stream(
     data: dict[str, Any], model: str, request_id: str, chat_api: bool
-) -> AsyncIterator[bytes]:
-    """SSE events: per word, one chunk for each of the `n` choices; a final chunk per choice
-    with its finish_reason; then [DONE]. A tool call streams as OpenAI's do: its id and name,
-    then its arguments, then finish_reason "tool_calls".
+) -> tuple[int, int, AsyncIterator[bytes]]:
+    """(prompt tokens, completion tokens, the SSE events) of a streamed answer. Raises
+    BadRequest for what the mock cannot answer, so before the stream starts.
 
-    `stream_options.include_usage` adds the usage chunk, as OpenAI does.
+    The events: per word, one chunk for each of the `n` choices; a final chunk per choice with
+    its finish_reason; then [DONE]. A tool call streams as OpenAI's do: its id and name, then
+    its arguments, then finish_reason "tool_calls". `stream_options.include_usage` adds the
+    usage chunk, as OpenAI does.
     """
     plan = _Plan(data, chat_api)
+    options = data.get("stream_options")
+    usage = isinstance(options, dict) and options.get("include_usage") is True
+    events = _events(plan, model, request_id, chat_api, usage)
+    return plan.prompt, plan.completion_tokens(), events
+
+
+async def _events(
+    plan: _Plan, model: str, request_id: str, chat_api: bool, usage: bool
+) -> AsyncIterator[bytes]:
     created = int(time.time())
     if chat_api:
         base = {
@@ -330,18 +341,10 @@ async def stream(
         finish = "stop"
     for index in range(plan.n):
         yield _sse(chunk(index, None, finish))
-    options = data.get("stream_options")
-    if isinstance(options, dict) and options.get("include_usage") is True:
-        usage = _usage(plan.prompt, plan.completion_tokens())
-        yield _sse({**base, "choices": [], "usage": usage})
+    if usage:
+        counts = _usage(plan.prompt, plan.completion_tokens())
+        yield _sse({**base, "choices": [], "usage": counts})
     yield b"data: [DONE]\n\n"
-
-
-def stream_usage(data: dict[str, Any], chat_api: bool) -> tuple[int, int]:
-    """The token counts `stream` reports, for metrics and the access log. Raises BadRequest
-    for what the mock cannot answer (so before the stream starts)."""
-    plan = _Plan(data, chat_api)
-    return plan.prompt, plan.completion_tokens()
 
 
 # ------------------------------------------------------------------ more OpenAI endpoints
