@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import logging
 import re
+import time
+from collections.abc import Callable
 from typing import Any
 
 import falcon
@@ -71,6 +73,7 @@ def create_app(
     limiter_factory: Any = None,
     providers: Any = None,
     breakers_factory: Any = None,
+    clock: Callable[[], float] = time.monotonic,
 ) -> EdgeApp:
     """The ASGI app for `config`.
 
@@ -80,7 +83,7 @@ def create_app(
     is used (tests, a single process). `providers` (edge.upstream.providers.Providers) are those
     the master validated; when None they are loaded here from PROVIDERS_FILE or UPSTREAM_URL.
     `breakers_factory` attaches the host-wide breaker table at startup; without one, breakers
-    are process-local.
+    are process-local. `clock` drives the process-local limiter (tests pass a fake one).
     """
     from edge.upstream.breaker import LocalBreakers
     from edge.upstream.providers import load_for
@@ -95,7 +98,7 @@ def create_app(
         from edge.ratelimit.local import LocalRateLimiter
 
         local_limiter = LocalRateLimiter(
-            config.rate_limit_slots, failure_policy=config.rate_limit_failure_policy
+            config.rate_limit_slots, failure_policy=config.rate_limit_failure_policy, clock=clock
         )
     metrics = None
     if config.enable_metrics:

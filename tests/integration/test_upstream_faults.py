@@ -8,17 +8,15 @@ request; and a bounded mixed run leaves worker memory and descriptors where they
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from types import ModuleType
 
 import httpx
 import openai
 import pytest
-from support import ROOT, Gunicorn, Upstream, assert_envelope, wait_until
+import soak  # bench/soak.py: the mixed load and the worker figures, shared with the soak benchmark
+from support import Gunicorn, Upstream, assert_envelope, wait_until
 
 from edge.upstream.sse import MAX_EVENT_BYTES
 
@@ -27,20 +25,6 @@ TIMEOUT = 2.0  # SERVER_TIMEOUT_SECONDS
 SLACK = 4.0  # on top of a deadline: proves "no hang", not a speed bound
 LONG_CHUNKS = 200_000  # ~46 MB of SSE from the long-stream model
 CHAT = [{"role": "user", "content": "Say hello"}]
-
-
-def _load_soak() -> ModuleType:
-    """bench/soak.py: the mixed load and the worker figures, shared with the soak benchmark."""
-    if "soak" in sys.modules:
-        return sys.modules["soak"]
-    spec = importlib.util.spec_from_file_location("soak", ROOT / "bench" / "soak.py")
-    assert spec is not None and spec.loader is not None
-    module = sys.modules["soak"] = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-soak = _load_soak()
 
 
 @pytest.fixture(scope="module")

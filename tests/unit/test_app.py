@@ -90,6 +90,31 @@ def test_rate_limit_429_with_retry_headers():
     assert limited.simulate_get("/health").status_code == 200
 
 
+def test_retry_after_and_reset_headers_are_exact_with_a_fake_clock():
+    now = [1000.0]
+    app = create_app(
+        Config.from_env({"API_KEYS": KEY, "RATE_LIMIT_BURST": "2", "RATE_LIMIT_RPM": "6"}),
+        clock=lambda: now[0],
+    )
+    limited = falcon.testing.TestClient(app)
+
+    def post() -> falcon.testing.Result:
+        return limited.simulate_post("/v1/chat/completions", json=CHAT, headers=auth())
+
+    first = post()  # 2 -> 1 token; full again 10 s later (6 per minute: one per 10 s)
+    assert first.headers["x-ratelimit-remaining-requests"] == "1"
+    assert first.headers["x-ratelimit-reset-requests"] == "10s"
+    assert post().headers["x-ratelimit-reset-requests"] == "20s"
+    refused = post()
+    assert refused.status_code == 429
+    assert (refused.headers["retry-after"], refused.headers["retry-after-ms"]) == ("10", "10000")
+    now[0] += 2.5
+    refused = post()
+    assert (refused.headers["retry-after"], refused.headers["retry-after-ms"]) == ("8", "7500")
+    now[0] += 7.5
+    assert post().status_code == 200  # one token refilled, exactly on time
+
+
 def test_health_can_require_a_key():
     protected = client(AUTH_HEALTH_CHECK="true")
     assert protected.simulate_get("/health/live").status_code == 401
