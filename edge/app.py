@@ -26,6 +26,7 @@ from edge.endpoints.passthrough import ModelRetrieve, PassThrough
 from edge.endpoints.routes import ANTHROPIC_ROUTES, endpoint_table
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
+from edge.ratelimit.tokens import EMBEDDINGS, RESPONSES
 from edge.runtime import Runtime
 from edge.server.disconnect import EdgeRequest
 from edge.upstream.client import Upstream
@@ -126,9 +127,13 @@ def create_app(
         ("/v1/completions", Completions(runtime, chat=False), None),
         ("/v1/models", Models(runtime), None),
         ("/v1/models/{model_id:path}", ModelRetrieve(runtime), None),
-        ("/v1/embeddings", PassThrough(runtime, "/embeddings", validate_embeddings), None),
-        ("/v1/responses", PassThrough(runtime, "/responses", validate_responses), None),
-        ("/v1/moderations", PassThrough(runtime, "/moderations", validate_moderations), None),
+        (
+            "/v1/embeddings",
+            PassThrough(runtime, "/embeddings", validate_embeddings, EMBEDDINGS),
+            None,
+        ),
+        ("/v1/responses", PassThrough(runtime, "/responses", validate_responses, RESPONSES), None),
+        ("/v1/moderations", PassThrough(runtime, "/moderations", validate_moderations, None), None),
         ("/v1/messages", Messages(runtime), None),
         ("/health", health, None),
         ("/health/live", health, "live"),

@@ -15,11 +15,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge.endpoints.body import check_content_type, parse_json_object, read_body, validate_chat
-from edge.endpoints.openai import JSON, SSE, forward
+from edge.endpoints.openai import JSON, SSE, answered_by_mock, forward, reserve_tokens
 from edge.errors import ApiError
 from edge.observability.context import RequestContext
+from edge.ratelimit.tokens import MESSAGES
 from edge.upstream import mock
-from edge.upstream.stream import ResponseStream
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
@@ -67,8 +67,10 @@ class Messages:
         runtime = self._runtime
         if runtime.metrics is not None:
             runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        reservation = await reserve_tokens(runtime, ctx, resp, data, MESSAGES)
         if runtime.router is None:
             _mock(resp, data, ctx)
+            await answered_by_mock(resp, reservation, ctx)
             return
         headers = {"anthropic-version": _header(req, "anthropic-version") or DEFAULT_VERSION}
         beta = _header(req, "anthropic-beta")
@@ -83,6 +85,7 @@ class Messages:
             body,
             model,
             stream,
+            reservation,
             kind="anthropic",
             extra_headers=headers,
             error_shape=error_body,
@@ -116,7 +119,7 @@ def _mock(resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
         return
     resp.content_type = SSE
     resp.set_header("cache-control", "no-cache")
-    resp.stream = ResponseStream(_mock_stream(message, text))
+    resp.stream = _mock_stream(message, text)
 
 
 async def _mock_stream(message: dict[str, Any], text: str) -> AsyncIterator[bytes]:

@@ -6,7 +6,7 @@ import asyncio
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import falcon
@@ -22,7 +22,7 @@ from edge.endpoints.body import (
 from edge.errors import ApiError, BadGateway, ServiceUnavailable, envelope
 from edge.observability import metric_files
 from edge.observability.context import RequestContext
-from edge.ratelimit.tokens import Reservation, ask_for_usage
+from edge.ratelimit.tokens import CHAT, COMPLETION, Prompt, Reservation, ask_for_usage
 from edge.server.disconnect import unless_client_leaves
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
@@ -63,11 +63,11 @@ class Completions:
         runtime = self._runtime
         if runtime.metrics is not None:
             runtime.metrics.observe_request_size(ctx.route.template, len(body))
-        reservation, hide_usage = None, False
-        if runtime.tokens is not None:
-            reservation = await runtime.tokens.reserve(ctx, resp, data, self._chat)
-            if reservation is not None and stream and ask_for_usage(data):
-                body, hide_usage = orjson.dumps(data), True
+        where = CHAT if self._chat else COMPLETION
+        reservation = await reserve_tokens(runtime, ctx, resp, data, where)
+        hide_usage = False
+        if reservation is not None and stream and ask_for_usage(data):
+            body, hide_usage = orjson.dumps(data), True
         if runtime.router is None:
             await self._mock(req, resp, data, ctx, reservation, hide_usage)
             return
@@ -89,25 +89,66 @@ class Completions:
             ctx.prompt_tokens, ctx.completion_tokens = prompt, completion
             resp.content_type = SSE
             resp.set_header("cache-control", "no-cache")
-            if reservation is not None:
-                source = watch_usage(source, reservation.settle_usage, hide_usage)
+            source = settled_stream(source, reservation, ctx, hide_usage)
             resp.stream = ResponseStream(source)
             return
         build = mock.chat if chat else mock.completion
         resp.data, ctx.prompt_tokens, ctx.completion_tokens = build(data, ctx.model, ctx.request_id)
         resp.content_type = JSON
-        await _settle_answer(reservation, ctx, 200)
+        await settle_answer(reservation, ctx, 200)
 
 
-async def _settle_answer(reservation: Reservation | None, ctx: RequestContext, status: int) -> None:
+async def reserve_tokens(
+    runtime: Runtime, ctx: RequestContext, resp: Any, data: dict[str, Any], where: Prompt
+) -> Reservation | None:
+    """The request's token reservation (TPM), or None when no token limit applies."""
+    if runtime.tokens is None:
+        return None
+    return await runtime.tokens.reserve(ctx, resp, data, where)
+
+
+async def settle_answer(reservation: Reservation | None, ctx: RequestContext, status: int) -> None:
     """Settle a token reservation on a complete answer: its usage when it is a success that
     reports one, nothing at all when the upstream answered an error (nothing was generated)."""
     if reservation is None:
         return
     if not 200 <= status < 300:
         await reservation.settle(0)
-    elif ctx.prompt_tokens is not None and ctx.completion_tokens is not None:
-        await reservation.settle(ctx.prompt_tokens + ctx.completion_tokens)
+    elif ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
+        await reservation.settle((ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
+
+
+def settled_stream(
+    source: AsyncIterator[bytes],
+    reservation: Reservation | None,
+    ctx: RequestContext,
+    hide_usage: bool = False,
+) -> AsyncIterator[bytes]:
+    """`source`, settling the token reservation on the usage the stream reported. A usage chunk
+    requested for the gateway's sake (`hide_usage`) is removed on the way. A stream that does
+    not end (the client left, the upstream broke) keeps its reservation."""
+    if reservation is None:
+        return source
+    if hide_usage:
+        return watch_usage(source, reservation.settle_usage, True)
+    return _settle_at_end(source, reservation, ctx)
+
+
+async def answered_by_mock(resp: Any, reservation: Reservation | None, ctx: RequestContext) -> None:
+    """The mock answered (`resp.stream`, an async iterator, or `resp.data`): settle the token
+    reservation on the counts it reported, at the end of the stream or now."""
+    if resp.stream is not None:
+        resp.stream = ResponseStream(settled_stream(resp.stream, reservation, ctx))
+    else:
+        await settle_answer(reservation, ctx, 200)
+
+
+async def _settle_at_end(
+    source: AsyncIterator[bytes], reservation: Reservation, ctx: RequestContext
+) -> AsyncIterator[bytes]:
+    async for block in source:
+        yield block
+    await settle_answer(reservation, ctx, 200)  # the counts the relay's usage watcher saw
 
 
 async def forward(
@@ -139,7 +180,7 @@ async def forward(
         if error_shape is not None and resp.data is not result.body:
             error = ApiError(f"The upstream answered HTTP {result.status}.", status=resp.status)
             resp.data = error_shape(error)
-        await _settle_answer(reservation, ctx, result.status)
+        await settle_answer(reservation, ctx, result.status)
         return
     ctx.upstream_status = result.status
     resp.content_type = SSE
@@ -148,8 +189,7 @@ async def forward(
     watch = _usage_watcher(ctx)
     watch(result.first)
     source = prefixed(result.first, relay(result.resp, ctx, req.receive, watch))
-    if reservation is not None:
-        source = watch_usage(source, reservation.settle_usage, hide_usage)
+    source = settled_stream(source, reservation, ctx, hide_usage)
     resp.stream = ResponseStream(source)
 
 

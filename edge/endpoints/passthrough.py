@@ -20,14 +20,16 @@ from edge.endpoints.openai import (
     JSON,
     SSE,
     _send_upstream,
+    answered_by_mock,
     forward,
     model_object,
+    reserve_tokens,
 )
 from edge.observability.context import RequestContext
+from edge.ratelimit.tokens import Prompt
 from edge.server.disconnect import unless_client_leaves
 from edge.upstream import mock
 from edge.upstream.router import ModelNotFound
-from edge.upstream.stream import ResponseStream
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
@@ -38,10 +40,13 @@ Validator = Callable[[dict[str, Any]], tuple[str, bool]]
 class PassThrough:
     """POST /v1/embeddings, /v1/responses and /v1/moderations."""
 
-    def __init__(self, runtime: Runtime, path: str, validate: Validator) -> None:
+    def __init__(
+        self, runtime: Runtime, path: str, validate: Validator, tokens: Prompt | None
+    ) -> None:
         self._runtime = runtime
         self._path = path
         self._validate = validate
+        self._tokens = tokens  # where the prompt is, for TPM; None: no token limit (moderations)
         self._max_body = runtime.config.max_request_size
 
     async def on_post(self, req: Any, resp: Any) -> None:
@@ -55,10 +60,14 @@ class PassThrough:
         runtime = self._runtime
         if runtime.metrics is not None:
             runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        reservation = None
+        if self._tokens is not None:
+            reservation = await reserve_tokens(runtime, ctx, resp, data, self._tokens)
         if runtime.router is None:
             self._mock(resp, data, ctx)
+            await answered_by_mock(resp, reservation, ctx)
             return
-        await forward(req, resp, ctx, runtime.router, self._path, body, model, stream)
+        await forward(req, resp, ctx, runtime.router, self._path, body, model, stream, reservation)
 
     def _mock(self, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
         model = ctx.model or ""
@@ -71,7 +80,7 @@ class PassThrough:
             ctx.prompt_tokens, ctx.completion_tokens = mock.response_usage(data)
             resp.content_type = SSE
             resp.set_header("cache-control", "no-cache")
-            resp.stream = ResponseStream(mock.response_stream(data, model, ctx.request_id))
+            resp.stream = mock.response_stream(data, model, ctx.request_id)
         else:
             resp.data, ctx.prompt_tokens, ctx.completion_tokens = mock.response(
                 data, model, ctx.request_id

@@ -32,6 +32,23 @@ _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 BYTES_PER_TOKEN = 4
 
 
+class Prompt:
+    """Where an API's request holds its prompt, and whether it generates output."""
+
+    __slots__ = ("fields", "generates")
+
+    def __init__(self, *fields: str, generates: bool = True) -> None:
+        self.fields = fields
+        self.generates = generates
+
+
+CHAT = Prompt("messages")
+COMPLETION = Prompt("prompt")
+RESPONSES = Prompt("input", "instructions")
+MESSAGES = Prompt("messages", "system")  # Anthropic's Messages API
+EMBEDDINGS = Prompt("input", generates=False)
+
+
 class Reservation:
     """Tokens taken for one request, to settle when its usage is known."""
 
@@ -84,10 +101,12 @@ def used_tokens(usage: Any) -> int | None:
     return count("total_tokens")
 
 
-def estimate_tokens(data: dict[str, Any], chat: bool, default_max: int) -> int:
+def estimate_tokens(data: dict[str, Any], where: Prompt, default_max: int) -> int:
     """Prompt size estimate + the most the request may generate."""
-    text_bytes, prompt_tokens = _prompt_size(data.get("messages") if chat else data.get("prompt"))
+    text_bytes, prompt_tokens = _prompt_size([data.get(name) for name in where.fields])
     prompt = prompt_tokens + math.ceil(text_bytes / BYTES_PER_TOKEN)
+    if not where.generates:
+        return prompt
     completion = default_max
     for name in _MAX_FIELDS:
         value = data.get(name)
@@ -138,7 +157,7 @@ class TokenLimiter:
         return self._default_tpm
 
     async def reserve(
-        self, ctx: Any, resp: Any, data: dict[str, Any], chat: bool
+        self, ctx: Any, resp: Any, data: dict[str, Any], where: Prompt
     ) -> Reservation | None:
         """Take the estimate from the identity's token bucket, or raise 429 / 400.
 
@@ -149,7 +168,7 @@ class TokenLimiter:
         limiter = self._runtime.limiter
         if tpm <= 0 or limiter is None:
             return None
-        estimate = estimate_tokens(data, chat, self._default_max)
+        estimate = estimate_tokens(data, where, self._default_max)
         if estimate > tpm:
             raise BadRequest(
                 f"This request may use up to {estimate} tokens (prompt estimate plus its "

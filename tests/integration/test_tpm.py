@@ -21,7 +21,7 @@ import httpx
 import pytest
 from support import Gunicorn, RedisServer, Upstream
 
-KEYS = {"concurrent": 300, "usage": 120, "big": 50, "stream": 1000}
+KEYS = {"concurrent": 300, "usage": 120, "big": 50, "stream": 1000, "other-apis": 120}
 TOKEN_HEADERS = (
     "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-tokens",
@@ -164,6 +164,32 @@ def test_bucket_is_settled_on_real_usage(server: Gunicorn, upstream: Upstream) -
     assert after.status_code == 200, after.text
     drop = r2 - int(after.headers["x-ratelimit-remaining-tokens"])
     assert 8 - (t3 - t2) * rate - 1 <= drop <= 8 + 1, drop
+
+
+def test_responses_and_embeddings_are_token_limited_too(server: Gunicorn) -> None:
+    """The Responses API (E = 1 + 30 = 31; the upstream uses 24, streamed or not) and
+    embeddings (E = 2, prompt only; the upstream reports 4) reserve and settle like chat."""
+    rate = KEYS["other-apis"] / 60
+    headers = {"x-api-key": key_of("other-apis")}
+
+    def post(path: str, **body: object) -> tuple[int, float]:
+        response = httpx.post(server.url + path, json={"model": "m", **body}, headers=headers,
+                              timeout=20)  # fmt: skip
+        assert response.status_code == 200, response.text
+        return int(response.headers["x-ratelimit-remaining-tokens"]), time.monotonic()
+
+    r1, t1 = post("/v1/responses", input="hi", max_output_tokens=30)
+    r2, t2 = post("/v1/responses", input="hi", max_output_tokens=30, stream=True)
+    r3, t3 = post("/v1/responses", input="hi", max_output_tokens=30)
+    for before, after, elapsed in ((r1, r2, t2 - t1), (r2, r3, t3 - t2)):
+        assert 24 - elapsed * rate - 1 <= before - after <= 24 + 1, (before, after)
+    e1, t4 = post("/v1/embeddings", input="abcdefgh")
+    e2, t5 = post("/v1/embeddings", input="abcdefgh")
+    assert 4 - (t5 - t4) * rate - 1 <= e1 - e2 <= 4 + 1, (e1, e2)
+    # Over the whole bucket: 400 at once, on these APIs too.
+    big = httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "hi",
+                     "max_output_tokens": 51}, headers={"x-api-key": key_of("big")})  # fmt: skip
+    assert big.status_code == 400 and big.json()["error"]["code"] == "tokens_exceed_limit"
 
 
 def test_estimate_over_the_whole_bucket_is_400(server: Gunicorn) -> None:

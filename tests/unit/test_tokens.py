@@ -13,19 +13,35 @@ from hypothesis import strategies as st
 
 from edge.ratelimit import bucket
 from edge.ratelimit.local import LocalRateLimiter
-from edge.ratelimit.tokens import Reservation, ask_for_usage, estimate_tokens, used_tokens
+from edge.ratelimit.tokens import (
+    CHAT,
+    COMPLETION,
+    EMBEDDINGS,
+    MESSAGES,
+    RESPONSES,
+    Reservation,
+    ask_for_usage,
+    estimate_tokens,
+    used_tokens,
+)
 from edge.upstream.usage_events import usage_event, watch_usage
 
 
 def test_estimate_is_prompt_bytes_over_four_plus_the_output_cap():
     data = {"messages": [{"role": "user", "content": "x" * 400}], "max_tokens": 50}
-    assert estimate_tokens(data, True, 1024) == math.ceil((4 + 400) / 4) + 50
+    assert estimate_tokens(data, CHAT, 1024) == math.ceil((4 + 400) / 4) + 50
     data["max_completion_tokens"] = 20  # the newer name wins
-    assert estimate_tokens(data, True, 1024) == 101 + 20
-    assert estimate_tokens({"messages": [{"content": "abcd"}]}, True, 7) == 1 + 7  # default cap
-    assert estimate_tokens({"prompt": "abcdefgh", "max_tokens": 1, "n": 3}, False, 9) == 2 + 3
-    assert estimate_tokens({"prompt": [1, 2, 3], "max_tokens": 0}, False, 9) == 3  # token ids
-    assert estimate_tokens({"prompt": "x", "max_output_tokens": 4}, False, 9) == 1 + 4
+    assert estimate_tokens(data, CHAT, 1024) == 101 + 20
+    assert estimate_tokens({"messages": [{"content": "abcd"}]}, CHAT, 7) == 1 + 7  # default cap
+    assert estimate_tokens({"prompt": "abcdefgh", "max_tokens": 1, "n": 3}, COMPLETION, 9) == 2 + 3
+    assert estimate_tokens({"prompt": [1, 2, 3], "max_tokens": 0}, COMPLETION, 9) == 3  # token ids
+    assert estimate_tokens({"prompt": "x", "max_output_tokens": 4}, COMPLETION, 9) == 1 + 4
+    # Other APIs: their own prompt fields; embeddings generate nothing.
+    responses = {"input": "abcd" * 3, "instructions": "abcd", "max_output_tokens": 5}
+    assert estimate_tokens(responses, RESPONSES, 9) == 4 + 5
+    messages = {"system": "abcd", "messages": [{"content": "abcd"}], "max_tokens": 2}
+    assert estimate_tokens(messages, MESSAGES, 9) == 2 + 2
+    assert estimate_tokens({"input": ["abcd", "abcdabcd"], "max_tokens": 7}, EMBEDDINGS, 9) == 3
 
 
 def test_used_tokens():
