@@ -14,8 +14,15 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from edge.endpoints.body import check_content_type, parse_json_object, read_body, validate_chat
-from edge.endpoints.openai import JSON, SSE, answered_by_mock, forward, reserve_tokens
+from edge.endpoints.body import validate_chat
+from edge.endpoints.openai import (
+    JSON,
+    SSE,
+    answered_by_mock,
+    forward,
+    read_request,
+    reserve_tokens,
+)
 from edge.errors import ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import MESSAGES
@@ -54,19 +61,11 @@ class Messages:
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
-        self._max_body = runtime.config.max_request_size
 
     async def on_post(self, req: Any, resp: Any) -> None:
-        check_content_type(req.content_type)
-        body = await read_body(req, self._max_body)
-        data = parse_json_object(body)
-        model, stream = validate_chat(data)
-        ctx: RequestContext = req.context.edge
-        ctx.model = model
-        ctx.stream = stream
         runtime = self._runtime
-        if runtime.metrics is not None:
-            runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        body, data, ctx = await read_request(req, runtime, validate_chat)
+        model, stream = ctx.model, ctx.stream
         reservation = await reserve_tokens(runtime, ctx, resp, data, MESSAGES)
         if runtime.router is None:
             _mock(resp, data, ctx)

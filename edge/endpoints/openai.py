@@ -50,19 +50,11 @@ class Completions:
         self._chat = chat
         self._path = "/chat/completions" if chat else "/completions"
         self._validate = validate_chat if chat else validate_completion
-        self._max_body = runtime.config.max_request_size
 
     async def on_post(self, req: Any, resp: Any) -> None:
-        check_content_type(req.content_type)
-        body = await read_body(req, self._max_body)
-        data = parse_json_object(body)
-        model, stream = self._validate(data)
-        ctx: RequestContext = req.context.edge
-        ctx.model = model
-        ctx.stream = stream
         runtime = self._runtime
-        if runtime.metrics is not None:
-            runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        body, data, ctx = await read_request(req, runtime, self._validate)
+        model, stream = ctx.model, ctx.stream
         where = CHAT if self._chat else COMPLETION
         reservation = await reserve_tokens(runtime, ctx, resp, data, where)
         hide_usage = False
@@ -96,6 +88,21 @@ class Completions:
         resp.data, ctx.prompt_tokens, ctx.completion_tokens = build(data, ctx.model, ctx.request_id)
         resp.content_type = JSON
         await settle_answer(reservation, ctx, 200)
+
+
+async def read_request(
+    req: Any, runtime: Runtime, validate: Callable[[dict[str, Any]], tuple[str | None, bool]]
+) -> tuple[bytes, dict[str, Any], RequestContext]:
+    """A POST's JSON body, read within MAX_REQUEST_SIZE and validated; what it asks for (model,
+    stream) goes on the request context, and its size into the metrics."""
+    check_content_type(req.content_type)
+    body = await read_body(req, runtime.config.max_request_size)
+    data = parse_json_object(body)
+    ctx: RequestContext = req.context.edge
+    ctx.model, ctx.stream = validate(data)
+    if runtime.metrics is not None:
+        runtime.metrics.observe_request_size(ctx.route.template, len(body))
+    return body, data, ctx
 
 
 async def reserve_tokens(

@@ -11,9 +11,6 @@ from urllib.parse import quote
 import orjson
 
 from edge.endpoints.body import (
-    check_content_type,
-    parse_json_object,
-    read_body,
     validate_model_id,
 )
 from edge.endpoints.openai import (
@@ -23,6 +20,7 @@ from edge.endpoints.openai import (
     answered_by_mock,
     forward,
     model_object,
+    read_request,
     reserve_tokens,
 )
 from edge.observability.context import RequestContext
@@ -47,19 +45,11 @@ class PassThrough:
         self._path = path
         self._validate = validate
         self._tokens = tokens  # where the prompt is, for TPM; None: no token limit (moderations)
-        self._max_body = runtime.config.max_request_size
 
     async def on_post(self, req: Any, resp: Any) -> None:
-        check_content_type(req.content_type)
-        body = await read_body(req, self._max_body)
-        data = parse_json_object(body)
-        model, stream = self._validate(data)
-        ctx: RequestContext = req.context.edge
-        ctx.model = model
-        ctx.stream = stream
         runtime = self._runtime
-        if runtime.metrics is not None:
-            runtime.metrics.observe_request_size(ctx.route.template, len(body))
+        body, data, ctx = await read_request(req, runtime, self._validate)
+        model, stream = ctx.model, ctx.stream
         reservation = None
         if self._tokens is not None:
             reservation = await reserve_tokens(runtime, ctx, resp, data, self._tokens)
