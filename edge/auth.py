@@ -24,11 +24,10 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe
+from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe, load_toml
 from edge.errors import Unauthorized
 
 MAX_KEY_LENGTH = 1024
@@ -104,14 +103,7 @@ class KeyStore:
 
 def _read_keys_file(path: Path) -> list[tuple[bytes, KeyEntry]]:
     variable = "API_KEYS_FILE"
-    try:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(variable, f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        # TOMLDecodeError names a line and column, never the value there.
-        raise ConfigError(variable, f"{str(path)!r} is not valid TOML: {exc}") from None
+    document = load_toml(variable, path)
     unknown = set(document) - {"keys"}
     if unknown:
         raise ConfigError(variable, f"unknown top-level table(s): {', '.join(sorted(unknown))}")

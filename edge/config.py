@@ -18,6 +18,7 @@ import math
 import os
 import re
 import ssl
+import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -614,6 +615,19 @@ def read_key_file(name: str, path: Path, explicit: bool) -> str | None:
             name, f"{str(path)!r} holds characters an HTTP header cannot carry (one line?)"
         )
     return key
+
+
+def load_toml(variable: str, path: Path) -> dict[str, Any]:
+    """A TOML file a setting names (the keys file, the providers file), parsed; a file that
+    cannot be read or parsed is a ConfigError naming `variable` (the line and column, never
+    the value there)."""
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError(variable, f"cannot read {str(path)!r}: {exc.strerror}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(variable, f"{str(path)!r} is not valid TOML: {exc}") from None
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

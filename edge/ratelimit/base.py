@@ -16,6 +16,11 @@ DENY: Final = "deny"
 FAILURE_POLICIES: Final = (ALLOW, DENY)
 
 
+def check_policy(policy: str) -> None:
+    if policy not in FAILURE_POLICIES:
+        raise ValueError(f"failure_policy must be one of {FAILURE_POLICIES}, got {policy!r}")
+
+
 @dataclass(slots=True)
 class Decision:
     """The outcome of one rate-limit check. Read-only by convention: it is not frozen because

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable
 from typing import Any, Final
 
-from edge.ratelimit.base import ALLOW, FAILURE_POLICIES, Decision, DigestCache, failure_decision
+from edge.ratelimit.base import ALLOW, Decision, DigestCache, check_policy, failure_decision
 
 log = logging.getLogger("edge.ratelimit")
 
@@ -153,10 +153,7 @@ class RedisRateLimiter:
         failure_policy: str = ALLOW,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if failure_policy not in FAILURE_POLICIES:
-            raise ValueError(
-                f"failure_policy must be one of {FAILURE_POLICIES}, got {failure_policy!r}"
-            )
+        check_policy(failure_policy)
         self._client_factory = client_factory
         self._client: Any = None
         self._connections: Connections | None = None

@@ -33,11 +33,11 @@ import posix_ipc
 
 from edge.ratelimit.base import (
     ALLOW,
-    FAILURE_POLICIES,
     LOCK_TIMEOUT,
     TABLE_FULL,
     Decision,
     DigestCache,
+    check_policy,
     failure_decision,
 )
 from edge.ratelimit.table import (
@@ -222,10 +222,7 @@ class ShmRateLimiter:
         failure_policy: str = ALLOW,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        if failure_policy not in FAILURE_POLICIES:
-            raise ValueError(
-                f"failure_policy must be one of {FAILURE_POLICIES}, got {failure_policy!r}"
-            )
+        check_policy(failure_policy)
         if not 0.0 <= lock_timeout_s < 60.0:
             raise ValueError(f"lock_timeout_s must be in [0, 60), got {lock_timeout_s!r}")
         self._shared = table

@@ -9,12 +9,18 @@ from __future__ import annotations
 
 import math
 import re
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from edge.config import Config, ConfigError, is_header_safe, parse_base_url, read_key_file
+from edge.config import (
+    Config,
+    ConfigError,
+    is_header_safe,
+    load_toml,
+    parse_base_url,
+    read_key_file,
+)
 
 VARIABLE = "PROVIDERS_FILE"
 KINDS = ("openai", "anthropic")
@@ -113,14 +119,7 @@ def load_for(config: Config) -> Providers | None:
 
 
 def load_file(path: Path) -> Providers:
-    try:
-        with path.open("rb") as handle:
-            document = tomllib.load(handle)
-    except OSError as exc:
-        raise ConfigError(VARIABLE, f"cannot read {str(path)!r}: {exc.strerror}") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(VARIABLE, f"{str(path)!r} is not valid TOML: {exc}") from None
-    return parse(document, base_dir=path.parent)
+    return parse(load_toml(VARIABLE, path), base_dir=path.parent)
 
 
 def _fail(problem: str) -> ConfigError:
