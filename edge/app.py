@@ -15,6 +15,7 @@ from typing import Any
 
 import falcon
 import falcon.asgi
+from falcon.routing import map_http_methods
 
 from edge.auth import KeyStore
 from edge.config import Config
@@ -146,7 +147,10 @@ def create_app(
 
     # Every decision per endpoint (public, limited, the `route` label) is taken once, here,
     # on the template Falcon matches; see edge.endpoints.routes.
-    served = endpoint_table(config, (template for template, _, _ in routes))
+    answers = {
+        path: frozenset(map_http_methods(resource, suffix)) for path, resource, suffix in routes
+    }
+    served = endpoint_table(config, answers, answers)
     edge = EdgeMiddleware(config, served, keys, runtime, metrics)
 
     app = EdgeApp(request_type=EdgeRequest, middleware=[runtime, edge])

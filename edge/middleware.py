@@ -5,7 +5,8 @@ matched) and `process_response` at the end:
 
 - `process_request`: request id, trace context, in-flight gauge;
 - `process_resource`: the matched `Endpoint` (edge.endpoints.routes) is recorded, then the key
-  is checked unless the endpoint is public, then a rate-limit token is taken if it is limited;
+  is checked unless the endpoint is public, then a rate-limit token is taken if it is limited
+  and the method is one it serves (a 405 or Falcon's OPTIONS answer spends none);
 - `process_response`: metrics and the access line. Streamed responses are finished when their
   `ResponseStream` closes, after the last byte.
 
@@ -73,7 +74,7 @@ class EdgeMiddleware:
         ctx.route = endpoint = self._endpoints[req.uri_template]
         if not endpoint.public:
             self._authenticate(req, ctx)
-        if endpoint.limited:
+        if endpoint.limited and (req.method in endpoint.methods or not endpoint.methods):
             identity, rpm, burst = self._bucket_of(ctx)
             limiter: RateLimiter = self._runtime.limiter
             if limiter.asynchronous:  # Redis: awaited; shm: a plain call, no coroutine

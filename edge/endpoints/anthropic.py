@@ -21,11 +21,12 @@ from edge.endpoints.openai import (
     answered_by_mock,
     forward,
     read_request,
+    refunded_on_error,
     reserve_tokens,
 )
 from edge.errors import ApiError
 from edge.observability.context import RequestContext
-from edge.ratelimit.tokens import MESSAGES
+from edge.ratelimit.tokens import MESSAGES, Reservation
 from edge.upstream import mock
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
@@ -65,8 +66,22 @@ class Messages:
     async def on_post(self, req: Any, resp: Any) -> None:
         runtime = self._runtime
         body, data, ctx = await read_request(req, runtime, validate_chat)
-        model, stream = ctx.model, ctx.stream
         reservation = await reserve_tokens(runtime, ctx, resp, data, MESSAGES)
+        if reservation is not None:
+            body = orjson.dumps(data)  # as estimated: see reserve_tokens
+        async with refunded_on_error(reservation):
+            await self._answer(req, resp, ctx, body, data, reservation)
+
+    async def _answer(
+        self,
+        req: Any,
+        resp: Any,
+        ctx: RequestContext,
+        body: bytes,
+        data: dict[str, Any],
+        reservation: Reservation | None,
+    ) -> None:
+        runtime = self._runtime
         if runtime.router is None:
             _mock(resp, data, ctx)
             await answered_by_mock(resp, reservation, ctx)
@@ -82,8 +97,8 @@ class Messages:
             runtime.router,
             "/messages",
             body,
-            model,
-            stream,
+            ctx.model,
+            ctx.stream,
             reservation,
             kind="anthropic",
             extra_headers=headers,

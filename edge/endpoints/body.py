@@ -196,8 +196,12 @@ def validate_embeddings(data: dict[str, Any]) -> tuple[str, bool]:
     """(model, False) of an embeddings request."""
     model, _ = _common({"model": data.get("model")})
     value = data.get("input")
-    if value is None or not isinstance(value, str | list) or value == []:
-        raise BadRequest("'input' is required (a string or a non-empty array).", param="input")
+    if not _embeddings_input(value):
+        raise BadRequest(
+            "'input' must be a string, or a non-empty array (at most "
+            f"{MAX_EMBEDDING_INPUTS}) of strings, of token ids, or of arrays of token ids.",
+            param="input",
+        )
     fmt = data.get("encoding_format")
     if fmt is not None and fmt not in ("float", "base64"):
         raise BadRequest("'encoding_format' must be 'float' or 'base64'.", param="encoding_format")
@@ -207,6 +211,26 @@ def validate_embeddings(data: dict[str, Any]) -> tuple[str, bool]:
     ):
         raise BadRequest("'dimensions' must be a positive integer.", param="dimensions")
     return model, False
+
+
+MAX_EMBEDDING_INPUTS = 2048  # OpenAI's own limit per request
+
+
+def _embeddings_input(value: Any) -> bool:
+    """A string, or a non-empty array of strings, of token ids, or of arrays of token ids."""
+    if isinstance(value, str):
+        return True
+    if not isinstance(value, list) or not value or len(value) > MAX_EMBEDDING_INPUTS:
+        return False
+    if all(isinstance(item, str) for item in value) or all(_token_ids(item) for item in value):
+        return True
+    return _token_ids(value)
+
+
+def _token_ids(value: Any) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(token, int) and not isinstance(token, bool) and token >= 0 for token in value
+    )
 
 
 def validate_responses(data: dict[str, Any]) -> tuple[str, bool]:

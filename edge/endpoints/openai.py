@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -58,13 +59,15 @@ class Completions:
         where = CHAT if self._chat else COMPLETION
         reservation = await reserve_tokens(runtime, ctx, resp, data, where)
         hide_usage = False
-        if reservation is not None and stream and ask_for_usage(data):
-            body, hide_usage = orjson.dumps(data), True
-        if runtime.router is None:
-            await self._mock(req, resp, data, ctx, reservation, hide_usage)
-            return
-        router, path = runtime.router, self._path
-        await forward(req, resp, ctx, router, path, body, model, stream, reservation, hide_usage)
+        if reservation is not None:
+            hide_usage = stream and ask_for_usage(data)
+            body = orjson.dumps(data)  # as estimated: see reserve_tokens
+        async with refunded_on_error(reservation):
+            if runtime.router is None:
+                await self._mock(req, resp, data, ctx, reservation, hide_usage)
+                return
+            route, path = runtime.router, self._path
+            await forward(req, resp, ctx, route, path, body, model, stream, reservation, hide_usage)
 
     async def _mock(
         self,
@@ -108,10 +111,28 @@ async def read_request(
 async def reserve_tokens(
     runtime: Runtime, ctx: RequestContext, resp: Any, data: dict[str, Any], where: Prompt
 ) -> Reservation | None:
-    """The request's token reservation (TPM), or None when no token limit applies."""
+    """The request's token reservation (TPM), or None when no token limit applies.
+
+    With a reservation, the caller forwards `data` re-serialised, as the estimate read it: the
+    default output cap written in when the client set none, and a key the client sent twice
+    resolved the way the gateway parsed it, so the upstream cannot read a larger cap.
+    """
     if runtime.tokens is None:
         return None
     return await runtime.tokens.reserve(ctx, resp, data, where)
+
+
+@contextlib.asynccontextmanager
+async def refunded_on_error(reservation: Reservation | None) -> AsyncIterator[None]:
+    """Give the whole reservation back when the request ends in an error answer before any
+    generation (unknown model, every provider failing, a refused body); a client that hung up
+    (499) keeps it, as an abandoned stream does."""
+    try:
+        yield
+    except ApiError as exc:
+        if reservation is not None and exc.status != 499:
+            await reservation.settle(0)
+        raise
 
 
 async def settle_answer(reservation: Reservation | None, ctx: RequestContext, status: int) -> None:

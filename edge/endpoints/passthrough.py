@@ -21,6 +21,7 @@ from edge.endpoints.openai import (
     forward,
     model_object,
     read_request,
+    refunded_on_error,
     reserve_tokens,
 )
 from edge.observability.context import RequestContext
@@ -53,11 +54,15 @@ class PassThrough:
         reservation = None
         if self._tokens is not None:
             reservation = await reserve_tokens(runtime, ctx, resp, data, self._tokens)
-        if runtime.router is None:
-            self._mock(resp, data, ctx)
-            await answered_by_mock(resp, reservation, ctx)
-            return
-        await forward(req, resp, ctx, runtime.router, self._path, body, model, stream, reservation)
+        if reservation is not None:
+            body = orjson.dumps(data)  # as estimated: see reserve_tokens
+        async with refunded_on_error(reservation):
+            if runtime.router is None:
+                self._mock(resp, data, ctx)
+                await answered_by_mock(resp, reservation, ctx)
+                return
+            router, path = runtime.router, self._path
+            await forward(req, resp, ctx, router, path, body, model, stream, reservation)
 
     def _mock(self, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
         model = ctx.model or ""

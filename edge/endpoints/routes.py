@@ -56,11 +56,15 @@ class Endpoint:
     template: str  # the route template: the canonical spelling and the `route` label
     kind: str  # API, HEALTH or METRICS
     public: bool  # served without a key
-    limited: bool  # spends a rate-limit token
+    limited: bool  # spends a rate-limit token (on a method it serves: a 405 spends none)
+    methods: frozenset[str] = frozenset()  # the methods its resource answers; empty: any
 
 
-def endpoint_table(config: Config, templates: Iterable[str]) -> dict[str, Endpoint]:
-    """The Endpoint of each served template, keyed by template (what `req.uri_template` holds)."""
+def endpoint_table(
+    config: Config, templates: Iterable[str], methods: dict[str, frozenset[str]] | None = None
+) -> dict[str, Endpoint]:
+    """The Endpoint of each served template, keyed by template (what `req.uri_template` holds);
+    `methods` are those each template's resource answers (Falcon's own 405/OPTIONS are not)."""
     configured_public = frozenset(config.public_paths)
     found: dict[str, Endpoint] = {}
     for template in templates:
@@ -72,7 +76,8 @@ def endpoint_table(config: Config, templates: Iterable[str]) -> dict[str, Endpoi
             or (kind == METRICS and not config.auth_metrics)
         )
         limited = kind == API and config.rate_limit_enabled
-        found[template] = Endpoint(template, kind, public, limited)
+        served = methods.get(template, frozenset()) if methods else frozenset()
+        found[template] = Endpoint(template, kind, public, limited, served)
     for path in sorted(configured_public - found.keys()):
         log.warning("PUBLIC_PATHS entry %s is not a route: it has no effect", path[:200])
     return found

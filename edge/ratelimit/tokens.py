@@ -32,20 +32,25 @@ _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 BYTES_PER_TOKEN = 4
 
 
+_COUNT_FIELDS = ("n", "best_of")  # completions generated per request
+
+
 class Prompt:
-    """Where an API's request holds its prompt, and whether it generates output."""
+    """Where an API's request holds its prompt, whether it generates output, and the field
+    that caps that output in this API (written into the request when the client set none)."""
 
-    __slots__ = ("fields", "generates")
+    __slots__ = ("cap", "fields", "generates")
 
-    def __init__(self, *fields: str, generates: bool = True) -> None:
+    def __init__(self, *fields: str, cap: str = "", generates: bool = True) -> None:
         self.fields = fields
+        self.cap = cap
         self.generates = generates
 
 
-CHAT = Prompt("messages")
-COMPLETION = Prompt("prompt")
-RESPONSES = Prompt("input", "instructions")
-MESSAGES = Prompt("messages", "system")  # Anthropic's Messages API
+CHAT = Prompt("messages", cap="max_completion_tokens")
+COMPLETION = Prompt("prompt", cap="max_tokens")
+RESPONSES = Prompt("input", "instructions", cap="max_output_tokens")
+MESSAGES = Prompt("messages", "system", cap="max_tokens")  # Anthropic's Messages API
 EMBEDDINGS = Prompt("input", generates=False)
 
 
@@ -102,7 +107,7 @@ def used_tokens(usage: Any) -> int | None:
 
 
 def estimate_tokens(data: dict[str, Any], where: Prompt, default_max: int) -> int:
-    """Prompt size estimate + the most the request may generate."""
+    """Prompt size estimate + the most the request may generate (see `hold_to_estimate`)."""
     text_bytes, prompt_tokens = _prompt_size([data.get(name) for name in where.fields])
     prompt = prompt_tokens + math.ceil(text_bytes / BYTES_PER_TOKEN)
     if not where.generates:
@@ -110,13 +115,27 @@ def estimate_tokens(data: dict[str, Any], where: Prompt, default_max: int) -> in
     completion = default_max
     for name in _MAX_FIELDS:
         value = data.get(name)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        if _whole(value):
             completion = value
             break
-    choices = data.get("n")
-    if isinstance(choices, int) and not isinstance(choices, bool) and choices > 1:
-        completion *= min(choices, 128)
-    return prompt + completion
+    choices = max((data.get(name) for name in _COUNT_FIELDS if _whole(data.get(name))), default=1)
+    return prompt + completion * max(1, choices)
+
+
+def hold_to_estimate(data: dict[str, Any], where: Prompt, default_max: int) -> None:
+    """Make the request the upstream sees match what was estimated: a cap or count field that
+    is not a whole number is 400 (an upstream may read "100000" or 1e5 where the estimate could
+    not), and a request without a cap gets the default one written in (the upstream would
+    otherwise generate as much as it likes, past what was reserved)."""
+    for name in (*_MAX_FIELDS, *_COUNT_FIELDS):
+        if name in data and not _whole(data[name]):
+            raise BadRequest(f"'{name}' must be a whole number >= 0.", param=name)
+    if where.generates and where.cap and not any(name in data for name in _MAX_FIELDS):
+        data[where.cap] = default_max
+
+
+def _whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _prompt_size(value: Any) -> tuple[int, int]:
@@ -168,6 +187,7 @@ class TokenLimiter:
         limiter = self._runtime.limiter
         if tpm <= 0 or limiter is None:
             return None
+        hold_to_estimate(data, where, self._default_max)
         estimate = estimate_tokens(data, where, self._default_max)
         if estimate > tpm:
             raise BadRequest(

@@ -351,6 +351,7 @@ async def _events(
 
 EMBEDDING_DIMENSIONS = 1536
 MAX_MOCK_DIMENSIONS = 8192
+MAX_MOCK_VALUES = 1 << 18
 
 
 def model(model_id: str) -> bytes | None:
@@ -394,6 +395,11 @@ def embeddings(data: dict[str, Any], model_name: str) -> tuple[bytes, int]:
     if not isinstance(dimensions, int) or isinstance(dimensions, bool):
         dimensions = EMBEDDING_DIMENSIONS
     dimensions = max(1, min(dimensions, MAX_MOCK_DIMENSIONS))
+    if len(inputs) * dimensions > MAX_MOCK_VALUES:  # the mock's work and answer stay small
+        raise BadRequest(
+            f"The built-in mock answers at most {MAX_MOCK_VALUES} embedding values per request.",
+            param="input",
+        )
     as_base64 = data.get("encoding_format") == "base64"
     out = []
     tokens = 0

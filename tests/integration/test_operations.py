@@ -197,7 +197,7 @@ def test_http2_rate_limit_429(h2_server):
     with httpx.Client(http2=True, verify=h2_server.verify, base_url=h2_server.url) as client:
         statuses = [
             client.post("/v1/models", headers=AUTH).status_code for _ in range(3)
-        ]  # 405s still consume: the limit applies to /v1/*
+        ]  # a 405 spends no token: only methods the route serves do
         assert 405 in statuses
         results = [client.get("/v1/models", headers=AUTH) for _ in range(45)]
         limited = [r for r in results if r.status_code == 429]

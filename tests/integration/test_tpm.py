@@ -21,7 +21,9 @@ import httpx
 import pytest
 from support import Gunicorn, RedisServer, Upstream
 
-KEYS = {"concurrent": 300, "usage": 120, "big": 50, "stream": 1000, "other-apis": 120}
+KEYS = {
+    "concurrent": 300, "usage": 120, "big": 50, "stream": 1000, "other-apis": 120, "refund": 120,
+}  # fmt: skip
 TOKEN_HEADERS = (
     "x-ratelimit-limit-tokens",
     "x-ratelimit-remaining-tokens",
@@ -190,6 +192,32 @@ def test_responses_and_embeddings_are_token_limited_too(server: Gunicorn) -> Non
     big = httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "hi",
                      "max_output_tokens": 51}, headers={"x-api-key": key_of("big")})  # fmt: skip
     assert big.status_code == 400 and big.json()["error"]["code"] == "tokens_exceed_limit"
+
+
+def test_the_upstream_is_held_to_the_estimate_and_errors_refund(
+    server: Gunicorn, upstream: Upstream
+) -> None:
+    """No cap from the client: the default cap (50 here) goes upstream, so the upstream cannot
+    generate past what was reserved. A cap that is not a whole number is 400. An upstream error
+    answer (nothing generated) gives the whole reservation back."""
+    rate = KEYS["refund"] / 60
+    first = chat(server, "refund")
+    assert first.status_code == 200, first.text
+    sent = json.loads(upstream.seen(first.headers["x-request-id"])["body"])
+    assert sent["max_completion_tokens"] == 50
+    for bad in ("100000", 1e5, -1):
+        refused = chat(server, "refund", max_tokens=bad)
+        assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
+    r1, t1 = int(first.headers["x-ratelimit-remaining-tokens"]), time.monotonic()
+    failed = chat(server, "refund", model="error-500", max_tokens=30)
+    assert failed.status_code == 500
+    after = chat(server, "refund", max_tokens=30)
+    t2 = time.monotonic()
+    assert after.status_code == 200, after.text
+    # r1 -> after: the first request's settlement (52 reserved, 12 used: +40), nothing kept for
+    # the failed one, 32 reserved for this one; plus the refill meanwhile.
+    drop = r1 - int(after.headers["x-ratelimit-remaining-tokens"])
+    assert 32 - 40 - (t2 - t1) * rate - 1 <= drop <= 32 - 40 + 1, drop
 
 
 def test_estimate_over_the_whole_bucket_is_400(server: Gunicorn) -> None:

@@ -115,6 +115,42 @@ def test_retry_after_and_reset_headers_are_exact_with_a_fake_clock():
     assert post().status_code == 200  # one token refilled, exactly on time
 
 
+def test_a_method_the_route_does_not_serve_spends_no_token():
+    limited = client(RATE_LIMIT_BURST="5", RATE_LIMIT_RPM="0.001")
+    for method in ("POST", "PUT", "DELETE", "OPTIONS"):
+        assert limited.simulate_request(method, "/v1/models", headers=auth()).status_code in (
+            200,  # Falcon's own OPTIONS answer
+            405,
+        )
+    assert (
+        limited.simulate_get("/v1/models", headers=auth()).headers["x-ratelimit-remaining-requests"]
+        == "4"
+    )
+
+
+@pytest.mark.parametrize(
+    "value",
+    [[None], [0, 1.5], [1e308], [], [["a"]], [{"x": 1}], ["x"] * 2049, 7, {"text": "x"}],
+)
+def test_embeddings_input_of_the_wrong_shape_is_400(value):
+    result = client().simulate_post(
+        "/v1/embeddings", json={"model": "m", "input": value}, headers=auth()
+    )
+    assert result.status_code == 400, result.text
+    assert result.json["error"]["param"] == "input"
+
+
+def test_the_mock_keeps_embeddings_small():
+    body = {"model": "m", "input": [str(i) for i in range(1000)], "dimensions": 8192}
+    result = client().simulate_post("/v1/embeddings", json=body, headers=auth())
+    assert result.status_code == 400 and result.json["error"]["param"] == "input"
+    for value in ("one", ["one", "two"], [1, 2, 3], [[1, 2], [3]]):
+        fine = client().simulate_post(
+            "/v1/embeddings", json={"model": "m", "input": value, "dimensions": 4}, headers=auth()
+        )
+        assert fine.status_code == 200, (value, fine.text)
+
+
 def test_health_can_require_a_key():
     protected = client(AUTH_HEALTH_CHECK="true")
     assert protected.simulate_get("/health/live").status_code == 401

@@ -42,6 +42,30 @@ def test_estimate_is_prompt_bytes_over_four_plus_the_output_cap():
     messages = {"system": "abcd", "messages": [{"content": "abcd"}], "max_tokens": 2}
     assert estimate_tokens(messages, MESSAGES, 9) == 2 + 2
     assert estimate_tokens({"input": ["abcd", "abcdabcd"], "max_tokens": 7}, EMBEDDINGS, 9) == 3
+    best_of = {"prompt": "x", "max_tokens": 2, "best_of": 4, "n": 2}
+    assert estimate_tokens(best_of, COMPLETION, 9) == 1 + 2 * 4  # the larger of n and best_of
+
+
+def test_the_request_is_held_to_its_estimate():
+    from edge.errors import BadRequest
+    from edge.ratelimit.tokens import hold_to_estimate
+
+    for name, value in [("max_tokens", "100000"), ("max_tokens", 1e5), ("max_tokens", -1),
+                        ("max_completion_tokens", True), ("n", "2"), ("best_of", 2.0)]:  # fmt: skip
+        with pytest.raises(BadRequest) as caught:
+            hold_to_estimate({name: value}, CHAT, 50)
+        assert caught.value.param == name
+    for where, cap in ((CHAT, "max_completion_tokens"), (COMPLETION, "max_tokens"),
+                       (RESPONSES, "max_output_tokens"), (MESSAGES, "max_tokens")):  # fmt: skip
+        data: dict = {}
+        hold_to_estimate(data, where, 50)
+        assert data == {cap: 50}  # no cap: the default is written in, and sent upstream
+    data = {"max_tokens": 7}
+    hold_to_estimate(data, CHAT, 50)
+    assert data == {"max_tokens": 7}  # the client's own cap stays
+    data = {}
+    hold_to_estimate(data, EMBEDDINGS, 50)
+    assert data == {}
 
 
 def test_used_tokens():
