@@ -540,6 +540,9 @@ class Config:
             UPSTREAM_KEY_CREDENTIAL,
             credentials,
         )
+        explicit = values["upstream_api_key_file"] is not None
+        if key_file is not None and not explicit and not key_file.read_bytes()[:65536].strip():
+            key_file = None  # an empty credential: no key from it (UPSTREAM_API_KEY may set one)
         if key_file is not None:
             if values["upstream_api_key"] is not None:
                 raise ConfigError(
@@ -547,7 +550,6 @@ class Config:
                     "set either UPSTREAM_API_KEY or UPSTREAM_API_KEY_FILE (or the "
                     f"{UPSTREAM_KEY_CREDENTIAL} credential), not both",
                 )
-            explicit = values["upstream_api_key_file"] is not None
             values["upstream_api_key"] = read_key_file("UPSTREAM_API_KEY_FILE", key_file, explicit)
             if values["upstream_api_key"] is None:
                 key_file = None  # an empty credential: no upstream key, deliberately

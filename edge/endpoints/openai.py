@@ -27,7 +27,7 @@ from edge.ratelimit.tokens import CHAT, COMPLETION, Prompt, Reservation, ask_for
 from edge.server.disconnect import unless_client_leaves
 from edge.upstream import mock
 from edge.upstream.client import UpstreamResponse, relay
-from edge.upstream.router import Router, prefixed
+from edge.upstream.router import Router
 from edge.upstream.stream import ResponseStream
 from edge.upstream.usage_events import watch_usage
 
@@ -174,9 +174,12 @@ async def answered_by_mock(resp: Any, reservation: Reservation | None, ctx: Requ
 async def _settle_at_end(
     source: AsyncIterator[bytes], reservation: Reservation, ctx: RequestContext
 ) -> AsyncIterator[bytes]:
-    async for block in source:
-        yield block
-    await settle_answer(reservation, ctx, 200)  # the counts the relay's usage watcher saw
+    try:
+        async for block in source:
+            yield block
+        await settle_answer(reservation, ctx, 200)  # the counts the relay's usage watcher saw
+    finally:
+        await source.aclose()  # type: ignore[attr-defined]  # closing this closes the relay
 
 
 async def forward(
@@ -214,11 +217,10 @@ async def forward(
     resp.content_type = SSE
     resp.set_header("cache-control", "no-cache")
     resp.set_header("x-accel-buffering", "no")
-    watch = _usage_watcher(ctx)
-    watch(result.first)
-    source = prefixed(result.first, relay(result.resp, ctx, req.receive, watch))
-    source = settled_stream(source, reservation, ctx, hide_usage)
-    resp.stream = ResponseStream(source)
+    source = relay(result.resp, ctx, req.receive, _usage_watcher(ctx), result.first)
+    resp.stream = stream = ResponseStream(settled_stream(source, reservation, ctx, hide_usage))
+    # A generator closed before it started runs no `finally`: release the upstream here too.
+    stream.on_close.append(lambda _: result.resp.close())
 
 
 def _send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> None:

@@ -216,7 +216,10 @@ class SharedBreakers:
             return index
         key = slot_key(name)
         start = int.from_bytes(key[:4], "little") % self._slots
-        self._lock()
+        try:
+            self._lock()
+        except TimeoutError:
+            return -1  # not cached: a local breaker this once, the shared slot next time
         try:
             for probe in range(self._slots):
                 offset = HEADER_SIZE + ((start + probe) % self._slots) * SLOT_SIZE
@@ -234,8 +237,22 @@ class SharedBreakers:
         return offset
 
     def _read(self, offset: int) -> BreakerState:
+        """The slot's state; a torn or corrupt one (a state out of range, a time that is not a
+        number or lies ahead of what any transition writes) reads as a fresh closed breaker, so
+        it costs at most what a new provider's first failures cost, never a lasting lock-out."""
         _, *fields = _SLOT.unpack_from(self._mm, offset)
-        return BreakerState(*fields)
+        state = BreakerState(*fields)
+        now = self.clock()
+        times = (state.opened_at, state.probe_at, state.cooldown_until)
+        if (
+            state.state not in (CLOSED, OPEN, HALF_OPEN)
+            or any(t != t for t in times)  # NaN
+            or state.opened_at > now + 1.0
+            or state.probe_at > now + 1.0
+            or state.cooldown_until > now + MAX_COOLDOWN_S + 1.0
+        ):
+            return BreakerState()
+        return state
 
     def _write(self, offset: int, key: bytes, s: BreakerState) -> None:
         _SLOT.pack_into(

@@ -219,6 +219,7 @@ async def relay(
     ctx: RequestContext,
     receive: Callable[[], Awaitable[dict[str, Any]]] | None,
     on_chunk: Callable[[bytes], None] | None = None,
+    first: bytes = b"",
 ) -> AsyncIterator[bytes]:
     """Yield the upstream's SSE events as they complete; never buffer a whole stream.
 
@@ -240,11 +241,14 @@ async def relay(
     clock = time.perf_counter
     try:
         while True:
-            started = clock()
-            chunk = await content.readany()
-            ctx.upstream_s += clock() - started  # waiting on the upstream is not our overhead
-            if not chunk:
-                break
+            if first:  # bytes the router already read (to fail over a stream that sends none)
+                chunk, first = first, b""
+            else:
+                started = clock()
+                chunk = await content.readany()
+                ctx.upstream_s += clock() - started  # waiting on the upstream: not our overhead
+                if not chunk:
+                    break
             events = splitter.feed(chunk)
             if not events:
                 continue

@@ -18,7 +18,6 @@ import logging
 import random
 import re
 import time
-from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,7 +32,9 @@ from edge.upstream.providers import Providers, Target
 
 log = logging.getLogger("edge.router")
 
-RETRYABLE_ERRORS = frozenset({"timeout", "connect", "disconnect", "invalid"})
+# "auth": the provider refused the gateway's key (401/403): not the client's answer, and
+# nothing has reached the client yet, so another provider may serve it.
+RETRYABLE_ERRORS = frozenset({"timeout", "connect", "disconnect", "invalid", "auth"})
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 5.0
 
@@ -404,6 +405,9 @@ class Router:
             exc.__traceback__ = None
             ctx.upstream_error = error_kind(exc)
             raise BadGateway("The upstream connection failed before the first event.") from None
+        except BaseException:  # cancelled (the client hung up): end the upstream stream too
+            opened.close()
+            raise
         finally:
             ctx.upstream_s += time.perf_counter() - waited  # waiting on the upstream
         if not first:
@@ -477,13 +481,3 @@ def _weighted(targets: tuple[Target, ...]) -> list[Target]:
 
 def _failed(result: UpstreamResponse | Opened) -> bool:
     return isinstance(result, UpstreamResponse) and (result.status == 429 or result.status >= 500)
-
-
-async def prefixed(first: bytes, rest: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
-    """The stream's first bytes (already read by the router), then the relay."""
-    try:
-        yield first
-        async for chunk in rest:
-            yield chunk
-    finally:
-        await rest.aclose()  # type: ignore[attr-defined]

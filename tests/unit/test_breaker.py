@@ -87,6 +87,26 @@ def table_name():
     cb.unlink(name)
 
 
+@pytest.mark.parametrize(
+    "corrupt",
+    [{"state": 3}, {"cooldown_until": 1e300}, {"opened_at": float("nan")}, {"probe_at": 1e9}],
+)
+def test_a_corrupt_slot_reads_as_a_fresh_breaker(table_name, corrupt):
+    now = [100.0]
+    table = cb.SharedBreakers.attach(table_name, clock=lambda: now[0])
+    try:
+        table.update("primary", lambda s, t: cb.on_failure(s, POLICY, t))
+        offset = table._slot("primary")
+        state = table._read(offset)
+        for name, value in corrupt.items():
+            setattr(state, name, value)
+        table._write(offset, table._mm[offset : offset + 16], state)
+        assert table.peek("primary") == cb.BreakerState()
+        assert table.update("primary", lambda s, t: cb.allow(s, POLICY, t)) is True
+    finally:
+        table.close()
+
+
 def test_shared_table_is_one_state_for_every_attachment(table_name):
     now = [0.0]
     first = cb.SharedBreakers.attach(table_name, clock=lambda: now[0])

@@ -106,3 +106,14 @@ def test_key_and_key_file_together_are_refused(tmp_path: Path):
     (tmp_path / "upstream-api-key").write_text("sk-cred")
     with pytest.raises(ConfigError, match="not both"):
         Config.from_env({"UPSTREAM_API_KEY": CANARY, "CREDENTIALS_DIRECTORY": str(tmp_path)})
+
+
+def test_an_empty_credential_leaves_upstream_api_key_in_force(tmp_path: Path):
+    """The shipped unit always loads the credential (an empty file for "none"): a key set in
+    the environment must still work beside it."""
+    (tmp_path / "upstream-api-key").write_text("\n")
+    config = Config.from_env(
+        {"UPSTREAM_API_KEY": "sk-from-env", "CREDENTIALS_DIRECTORY": str(tmp_path)}
+    )
+    assert config.upstream_api_key == "sk-from-env"
+    assert config.upstream_api_key_file is None
