@@ -158,6 +158,24 @@ def test_5xx_and_429_fail_over_before_the_first_byte(tmp_path, upstreams):
         server.stop()
 
 
+def test_a_provider_refusing_the_gateways_key_fails_over(tmp_path, upstreams):
+    """A 401/403 from a provider is its key's fault, not the client's: before the first byte,
+    the next provider answers, streamed or not."""
+    a, b = upstreams["a"], upstreams["b"]
+    server = start(tmp_path, upstreams, FAILOVER, '[routing]\nstrategy = "priority"')
+    try:
+        for status in (401, 403):
+            a.control(status=status)
+            before_a, before_b = count(a), count(b)
+            for stream in (False, True):
+                response = chat(server, stream=stream)
+                assert response.status_code == 200, response.text
+            assert count(a, before_a) >= 1 and count(b, before_b) == 2
+    finally:
+        a.control()
+        server.stop()
+
+
 def test_429_retry_after_moves_traffic_away_for_that_long(tmp_path, upstreams):
     a = upstreams["a"]
     server = start(tmp_path, upstreams, FAILOVER, '[routing]\nstrategy = "priority"')

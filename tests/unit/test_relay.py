@@ -97,6 +97,34 @@ def test_a_break_mid_event_drops_the_tail_and_ends_on_a_boundary(fail):
     assert ctx.upstream_error is not None
 
 
+def test_the_routers_first_read_goes_through_the_splitter_too():
+    """The router reads a stream's first bytes itself (to fail over a provider that sends no
+    event); they are handed to the relay, so a first read that ends mid-event is held like any
+    other, and a break then still ends on an event boundary."""
+    resp = ScriptedResponse([b'"half": tr'], aiohttp.ClientPayloadError("cut"))
+    ctx = RequestContext("rid", None)
+    first = event(0) + b"data: {"
+
+    async def run() -> list[bytes]:
+        return [block async for block in relay(resp, ctx, None, None, first)]  # type: ignore[arg-type]
+
+    blocks = asyncio.run(run())
+    assert resp.closed
+    assert blocks[0] == event(0)
+    assert len(blocks) == 2 and b"half" not in blocks[1]
+    assert error_of(blocks[1])["type"] == "upstream_error"
+
+
+def test_a_relay_closed_before_it_started_is_released_by_its_stream():
+    from edge.upstream.stream import ResponseStream
+
+    resp = ScriptedResponse([event(0)])
+    stream = ResponseStream(relay(resp, RequestContext("rid", None), None))  # type: ignore[arg-type]
+    stream.on_close.append(lambda _: resp.close())  # what forward() registers
+    asyncio.run(stream.close())
+    assert resp.closed
+
+
 def test_an_oversized_event_is_an_upstream_error(monkeypatch):
     monkeypatch.setattr(client_module, "EventSplitter", lambda: EventSplitter(100))
     blocks, ctx = collect([event(0), b"data: " + b"x" * 80, b"x" * 80, event(9)])
