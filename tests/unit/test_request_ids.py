@@ -28,13 +28,14 @@ def test_a_forked_worker_gets_its_own_prefix():
         finally:
             os._exit(0)
     os.close(write_fd)
+    ours = new_request_id()  # what the child would have made without a key of its own
     try:
         theirs = os.read(read_fd, 64).decode()
     finally:
         os.close(read_fd)
         os.waitpid(child, 0)
     assert HEX32.match(theirs)
-    assert theirs[:16] != parent[:16]  # a new random prefix after fork, not the parent's
+    assert theirs not in (parent, ours)  # a new key after fork, not the parent's
 
 
 def test_trace_ids_are_valid_w3c_ids():
