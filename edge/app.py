@@ -121,6 +121,8 @@ def create_app(
         runtime.breakers_factory = breakers_factory
         if metrics is not None:
             metrics.breaker_source = runtime.router.breaker_numbers
+    if metrics is not None:
+        metrics.model_label = _model_labels(providers)
 
     health = Health(runtime)
     routes: list[tuple[str, Any, str | None]] = [
@@ -164,6 +166,22 @@ def create_app(
     app.add_error_handler(ApiError, _api_error)
     app.runtime = runtime
     return app
+
+
+def _model_labels(providers: Any) -> Callable[[str], str] | None:
+    """The `model` label of the token metrics: a name this gateway serves (a PROVIDERS_FILE
+    entry, a mock model), anything else `other`, so clients cannot fill the label set with
+    names of their own. None with UPSTREAM_URL: the upstream decides which names exist (usage
+    comes only with its answers), and the first MAX_MODEL_LABELS per worker are kept."""
+    if providers is None:
+        from edge.upstream.mock import MOCK_MODELS
+
+        names = frozenset(MOCK_MODELS)
+    elif providers.from_file:
+        names = frozenset(providers.model_names())
+    else:
+        return None
+    return lambda model: model if model in names else "other"
 
 
 def _render(req: Any, resp: Any, error: ApiError) -> None:

@@ -222,6 +222,9 @@ class Metrics:
             ["provider"], namespace=ns, multiprocess_mode="mostrecent", registry=registry,
         )  # fmt: skip
         self.breaker_source: Any = None  # callable: {provider: state number}, set by the app
+        # callable: the `model` label for a request's model, set by the app where the set of
+        # served names is known (PROVIDERS_FILE, the mock); None: the first MAX_MODEL_LABELS
+        self.model_label: Any = None
         build = Gauge(
             "build_info", "Build information (value is always 1).",
             ["version", "python"], namespace=ns, multiprocess_mode="max", registry=registry,
@@ -280,7 +283,9 @@ class Metrics:
     def observe_tokens(self, model: str | None, prompt: int | None, completion: int | None) -> None:
         if model is None:
             return
-        if model not in self._models:
+        if self.model_label is not None:
+            model = self.model_label(model)
+        elif model not in self._models:
             if len(self._models) >= MAX_MODEL_LABELS:
                 model = "other"
             else:

@@ -151,6 +151,25 @@ def test_the_mock_keeps_embeddings_small():
         assert fine.status_code == 200, (value, fine.text)
 
 
+def test_clients_cannot_fill_the_token_metrics_model_labels():
+    app_client = client()
+    for index in range(40):
+        body = {**CHAT, "model": f"junk-{index}-\u202e"}
+        assert (
+            app_client.simulate_post("/v1/chat/completions", json=body, headers=auth()).status_code
+            == 200
+        )
+    body = {**CHAT, "model": "gpt-4o"}
+    assert (
+        app_client.simulate_post("/v1/chat/completions", json=body, headers=auth()).status_code
+        == 200
+    )
+    scrape = app_client.simulate_get("/metrics").text
+    assert 'edge_tokens_total{kind="prompt",model="gpt-4o"}' in scrape
+    assert "junk-" not in scrape
+    assert 'model="other"' in scrape
+
+
 def test_health_can_require_a_key():
     protected = client(AUTH_HEALTH_CHECK="true")
     assert protected.simulate_get("/health/live").status_code == 401
