@@ -338,6 +338,9 @@ SETTINGS: tuple[Setting, ...] = (
       "Time a client gets to send a complete request head; then 408 and close"),
     S("HTTP_BODY_TIMEOUT_SECONDS", "body_timeout_s", number(0.1, 86_400), "30",
       "Time a client gets to send a complete body after its head; then 408 and close"),
+    S("HTTP_SEND_TIMEOUT_SECONDS", "send_timeout_s", number(0.1, 86_400), "30",
+      "Time a client may leave its socket full (accepting no response bytes); then the "
+      "connection is dropped and its upstream request ends"),
     S("MAX_CONCURRENT_REQUESTS", "max_concurrency", integer(1, 1_000_000), "1000",
       "Requests in flight per worker; beyond → 503 with `Retry-After: 1`"),
     S("INSTANCE_NAME", "instance", instance, None,
@@ -465,6 +468,7 @@ class Config:
     max_headers: int
     header_timeout_s: float
     body_timeout_s: float
+    send_timeout_s: float
     max_concurrency: int
     instance: str
     # Upstream (None: the built-in mock provider answers)

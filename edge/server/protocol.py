@@ -75,6 +75,7 @@ class EdgeLimits:
     header_timeout: float
     body_timeout: float
     max_concurrency: int
+    send_timeout: float = 30.0
 
     @classmethod
     def from_config(cls, config: Config) -> EdgeLimits:
@@ -85,6 +86,7 @@ class EdgeLimits:
             header_timeout=config.header_timeout_s,
             body_timeout=config.body_timeout_s,
             max_concurrency=config.max_concurrency,
+            send_timeout=config.send_timeout_s,
         )
 
 
@@ -127,6 +129,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._header_size = 0
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._send_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._draining = False
         self._upgrade_head: bytes | None = None  # a head to parse again without its Upgrade
@@ -344,6 +347,31 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def _cancel_timers(self) -> None:
         self._cancel_head_timer()
         self._cancel_body_timer()
+        self._cancel_send_timer()
+
+    # A client that stops reading: the socket's buffer fills, the transport pauses writing, and
+    # the response (a relayed stream above all) waits for it. Without a deadline that wait holds
+    # a request slot and an upstream connection for as long as the client keeps its window shut.
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._send_timer is None and not self._lost:
+            self._send_timer = self.loop.call_later(self.limits.send_timeout, self._send_timed_out)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        self._cancel_send_timer()
+
+    def _cancel_send_timer(self) -> None:
+        if self._send_timer is not None:
+            self._send_timer.cancel()
+            self._send_timer = None
+
+    def _send_timed_out(self) -> None:
+        """The client accepted no bytes for HTTP_SEND_TIMEOUT_SECONDS: drop the connection, so
+        its request ends (edge.server.disconnect) and the upstream call with it."""
+        self._send_timer = None
+        if not self._lost and self.flow.write_paused:
+            self.transport.abort()
 
     def _head_timed_out(self) -> None:
         self._head_timer = None

@@ -9,6 +9,7 @@ request; and a bounded mixed run leaves worker memory and descriptors where they
 from __future__ import annotations
 
 import json
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -249,6 +250,40 @@ def test_client_hanging_up_mid_stream_cancels_the_upstream_request(proxy, upstre
     wait_until(lambda: upstream.stats()["streams_cancelled"] == cancelled + 1, timeout=5)
     assert time.monotonic() - hung_up < 5
     ready(proxy)
+
+
+def test_a_client_that_stops_reading_is_dropped_and_its_request_ends(upstream):
+    """A client that sends a stream request and never reads: its socket fills, and after
+    HTTP_SEND_TIMEOUT_SECONDS the connection is dropped and the request ends (the relay closes
+    its upstream response), so it cannot hold a slot and an upstream connection at will."""
+    server = Gunicorn(
+        API_KEYS=KEY, UPSTREAM_URL=upstream.url + "/v1", HTTP_SEND_TIMEOUT_SECONDS="1", WORKERS="1"
+    )
+    request_id = f"never-reads-{time.monotonic_ns()}"
+    try:
+        body = json.dumps({"model": "long-stream", "messages": CHAT, "stream": True}).encode()
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # fills fast
+            sock.connect(("127.0.0.1", server.port))
+            sock.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: t\r\n"
+                b"Authorization: Bearer " + KEY.encode() + b"\r\n"
+                b"x-request-id: " + request_id.encode() + b"\r\n"
+                b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+            )
+
+            def finished() -> dict | None:  # the access line is written when the request ends
+                for line in server.output().splitlines():
+                    if request_id in line and '"edge.access"' in line:
+                        return json.loads(line)
+                return None
+
+            # Never read: the long stream (~46 MB) would take as long as the client liked.
+            record = wait_until(finished, timeout=15)
+        assert record["duration_ms"] < 10_000, record
+        assert httpx.get(server.url + "/health/ready", timeout=5).status_code == 200
+    finally:
+        server.stop()
 
 
 def test_many_hang_ups_mid_stream_all_cancel_upstream(proxy, upstream):

@@ -38,6 +38,7 @@ LIMITS = EdgeLimits(
     header_timeout=10.0,
     body_timeout=30.0,
     max_concurrency=4,
+    send_timeout=20.0,
 )
 KEEPALIVE = 5.0
 CHAT = b'{"model":"m"}'
@@ -52,6 +53,7 @@ class MockTransport:
         self.closed = False
         self.eof_written = False
         self.reading = True
+        self.aborted = False
 
     def write(self, data: bytes) -> None:
         assert not self.closed and not self.eof_written, "write after close or half-close"
@@ -59,6 +61,9 @@ class MockTransport:
 
     def close(self) -> None:
         self.closed = True
+
+    def abort(self) -> None:
+        self.closed = self.aborted = True
 
     def is_closing(self) -> bool:
         return self.closed
@@ -459,6 +464,31 @@ def test_websocket_upgrade_is_served_as_plain_http_and_connect_is_400():
     run(test)
 
 
+async def endless_stream(scope: Any, receive: Any, send: Any) -> None:
+    """A stream that never ends by itself (a long generation)."""
+    await send({"type": "http.response.start", "status": 200, "headers": []})
+    while True:
+        await send({"type": "http.response.body", "body": b"data: x\n\n", "more_body": True})
+        await asyncio.sleep(0)
+
+
+def test_a_client_that_stops_reading_is_dropped_after_the_send_deadline():
+    async def test() -> None:
+        conn = Connection(endless_stream)
+        await conn.send(post(CHAT))
+        conn.protocol.pause_writing()  # the client's window is shut: the buffer filled
+        await conn.loop.advance(LIMITS.send_timeout - 1)
+        assert not conn.transport.aborted  # a slow reader is given its time
+        conn.protocol.resume_writing()  # it read: the deadline starts over next time
+        conn.protocol.pause_writing()
+        await conn.loop.advance(LIMITS.send_timeout - 1)
+        assert not conn.transport.aborted
+        await conn.loop.advance(1.5)
+        assert conn.transport.aborted  # no byte accepted for the whole deadline: dropped
+
+    run(test)
+
+
 def test_http10_stream_is_close_delimited():
     async def test() -> None:
         conn = Connection(stream)
@@ -605,7 +635,7 @@ def test_the_httptools_protocol_internals_are_where_the_subclass_expects_them():
     for name in (
         "data_received", "connection_made", "connection_lost", "eof_received", "shutdown",
         "on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body",
-        "on_message_complete", "_unset_keepalive_if_required",
+        "on_message_complete", "_unset_keepalive_if_required", "pause_writing", "resume_writing",
     ):  # fmt: skip
         assert callable(getattr(base, name, None)), f"HttpToolsProtocol.{name} moved"
     init = inspect.getsource(base.__init__)
@@ -616,6 +646,8 @@ def test_the_httptools_protocol_internals_are_where_the_subclass_expects_them():
     assert "RequestResponseCycle(" in headers_complete  # _Http10Cycle swaps its class
     assert "self.app" in headers_complete  # the 503 swap of self.app relies on this
     assert "set_dangerous_leniencies" in init  # the re-parse configures its parser the same
+    assert "self.flow.pause_writing()" in inspect.getsource(base.pause_writing)  # send deadline
+    assert "write_paused" in inspect.getsource(base.__init__.__globals__["FlowControl"])
 
 
 def test_the_cycle_internals_are_where_the_subclass_expects_them():
