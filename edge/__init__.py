@@ -18,7 +18,8 @@ Architecture: the process model and one request's path, with the module that own
       → edge.middleware.EdgeMiddleware     request id, trace context (edge.observability.context)
       → route matched (edge.endpoints.routes: which endpoint this is; unmatched → 404)
       → authenticate (edge.auth)           → limit (edge.ratelimit: shm table or Redis)
-      → endpoint (edge.endpoints.openai, .passthrough, .anthropic; body rules: .body)
+      → endpoint (edge.endpoints.openai, .passthrough, .anthropic, .health, .metrics); the
+        forwarding ones share edge.endpoints.exchange (body rules: .body)
           → token reservation (edge.ratelimit.tokens)
           → route to providers (edge.upstream.router, .breaker) → exchange (edge.upstream.client;
             SSE relayed as whole events: edge.upstream.sse) or the built-in mock (.mock)

@@ -22,7 +22,9 @@ from edge.config import Config
 from edge.endpoints.anthropic import Messages
 from edge.endpoints.anthropic import error_body as anthropic_error_body
 from edge.endpoints.body import validate_embeddings, validate_moderations, validate_responses
-from edge.endpoints.openai import Completions, Health, MetricsResource, Models, SwitchedOff
+from edge.endpoints.health import Health
+from edge.endpoints.metrics import MetricsResource, SwitchedOff
+from edge.endpoints.openai import Completions, Models
 from edge.endpoints.passthrough import ModelRetrieve, PassThrough
 from edge.endpoints.routes import ANTHROPIC_ROUTES, endpoint_table
 from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status

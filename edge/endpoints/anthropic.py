@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge.endpoints.body import validate_chat
-from edge.endpoints.openai import (
+from edge.endpoints.exchange import (
     JSON,
     SSE,
     answered_by_mock,

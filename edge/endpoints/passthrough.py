@@ -13,17 +13,17 @@ import orjson
 from edge.endpoints.body import (
     validate_model_id,
 )
-from edge.endpoints.openai import (
+from edge.endpoints.exchange import (
     JSON,
     SSE,
-    _send_upstream,
     answered_by_mock,
     forward,
-    model_object,
     read_request,
     refunded_on_error,
     reserve_tokens,
+    send_upstream,
 )
+from edge.endpoints.openai import model_object
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt
 from edge.server.disconnect import unless_client_leaves
@@ -118,7 +118,7 @@ class ModelRetrieve:
             ),
         )
         ctx.provider = target.provider.name if providers.from_file else None
-        _send_upstream(resp, ctx, result)
+        send_upstream(resp, ctx, result)
 
 
 def _not_found(model_id: str) -> ModelNotFound:
