@@ -60,7 +60,9 @@ class StubUpstream:
     def __init__(self) -> None:
         self.answer = UpstreamResponse(200, b'{"ok":true}', "application/json", {})
 
-    async def call(self, method, path, body, ctx, provider=None, timeout_s=None, extra=None):
+    async def call(
+        self, method, path, body, ctx, outcome, provider=None, timeout_s=None, extra=None
+    ):
         return self.answer
 
 

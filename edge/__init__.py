@@ -22,8 +22,11 @@ Architecture: the process model and one request's path, with the module that own
         forwarding ones share edge.endpoints.exchange (body rules: .body)
           → token reservation (edge.ratelimit.tokens)
           → route to providers (edge.upstream.router, .breaker) → exchange (edge.upstream.client;
-            SSE relayed as whole events: edge.upstream.sse) or the built-in mock (.mock)
-      → response: metrics (edge.observability.metrics), one access line (.logs)
+            SSE relayed as whole events: edge.upstream.sse) or the built-in mock (.mock); what
+            the exchange came to is one UpstreamOutcome (edge.upstream.outcome), which the router
+            records on the request context once
+      → response: metrics (edge.observability.metrics), one access line (.logs), both reading
+        the recorded outcome
     errors anywhere → edge.errors (the OpenAI envelope; Anthropic's on /v1/messages)
     the client hanging up at any point → edge.server.disconnect
 """

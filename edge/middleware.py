@@ -167,7 +167,8 @@ class EdgeMiddleware:
     ) -> None:
         now = time.perf_counter()
         total = now - ctx.start
-        overhead = max(0.0, total - ctx.upstream_s)
+        upstream = ctx.upstream  # the recorded outcome (edge.upstream.outcome), if it went upstream
+        overhead = total if upstream is None else max(0.0, total - upstream.waited_s)
         path = req.path
         metrics = self._metrics
         if metrics is not None:
@@ -175,8 +176,8 @@ class EdgeMiddleware:
             route = UNMATCHED if endpoint is None else endpoint.template
             metrics.in_flight.dec()
             metrics.observe_request(route, req.method, status, total, overhead)
-            if ctx.upstream_status is not None or ctx.upstream_error is not None:
-                metrics.observe_upstream(ctx.upstream_status, ctx.upstream_s, ctx.upstream_error)
+            if upstream is not None and (upstream.status is not None or upstream.error is not None):
+                metrics.observe_upstream(upstream.status, upstream.waited_s, upstream.error)
             if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
                 metrics.observe_tokens(ctx.model, ctx.prompt_tokens, ctx.completion_tokens)
             if stream is not None:

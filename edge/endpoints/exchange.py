@@ -152,11 +152,12 @@ async def forward(
             resp.data = error_shape(error)
         await settle_answer(reservation, ctx, result.status)
         return
-    ctx.upstream_status = result.status
     resp.content_type = SSE
     resp.set_header("cache-control", "no-cache")
     resp.set_header("x-accel-buffering", "no")
-    source = relay(result.resp, ctx, req.receive, _usage_watcher(ctx), result.first)
+    outcome = ctx.upstream
+    assert outcome is not None  # recorded by the router
+    source = relay(result.resp, outcome, req.receive, _usage_watcher(ctx), result.first)
     resp.stream = stream = ResponseStream(settled_stream(source, reservation, ctx, hide_usage))
     # A generator closed before it started runs no `finally`: release the upstream here too.
     stream.on_close.append(lambda _: result.resp.close())
@@ -166,9 +167,10 @@ def send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> N
     """Pass an upstream answer through: status, body, content type, retry headers.
 
     A success must be a JSON object (its `usage` feeds the token metrics); anything else is
-    502. An error passes through when it is JSON, and is wrapped in the envelope otherwise.
+    502 (and the request's upstream outcome `invalid`). An error passes through when it is
+    JSON, and is wrapped in the envelope otherwise.
     """
-    ctx.upstream_status = status = result.status
+    status = result.status
     body = result.body
     try:
         data = orjson.loads(body)
@@ -176,7 +178,9 @@ def send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> N
         data = None
     if 200 <= status < 300:
         if not isinstance(data, dict):
-            ctx.upstream_error = "invalid"
+            outcome = ctx.upstream
+            assert outcome is not None  # recorded by the router
+            outcome.error = "invalid"
             raise BadGateway("The upstream sent a response that is not a JSON object.")
         _record_usage(ctx, data.get("usage"))
         resp.content_type = result.content_type

@@ -99,7 +99,7 @@ class Models:
             resp.content_type = JSON
             return
         ctx = req.context.edge
-        result = await unless_client_leaves(req, router.upstream.call("GET", "/models", None, ctx))
+        result = await unless_client_leaves(req, router.call(ctx, "GET", "/models"))
         send_upstream(resp, ctx, result)
 
     on_head = on_get  # Falcon sends the head (with the GET's Content-Length) and no body

@@ -109,15 +109,13 @@ class ModelRetrieve:
         upstream_id = target.model or model_id
         result = await unless_client_leaves(
             req,
-            router.upstream.call(
+            router.call(
+                ctx,
                 "GET",
                 "/models/" + quote(upstream_id, safe=""),
-                None,
-                ctx,
                 target.provider if providers.from_file else None,
             ),
         )
-        ctx.provider = target.provider.name if providers.from_file else None
         send_upstream(resp, ctx, result)
 
 

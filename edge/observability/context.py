@@ -1,5 +1,9 @@
 """Per-request context: request id, W3C trace context, timings, and what later stages learn.
 
+What the upstream exchange came to is not written here field by field: the router records the
+request's one `UpstreamOutcome` (edge.upstream.outcome) with `record_upstream`, and the
+upstream fields below are read-only views of it.
+
 The request id lives in a ContextVar as well as on the context object: uvicorn runs each
 request in its own task, so log records from any code running for a request (the upstream
 client, an error handler) carry that request's id and never another's.
@@ -14,6 +18,10 @@ import re
 import time
 from contextvars import ContextVar
 from hashlib import blake2b
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # recorded here, produced by the upstream layer
+    from edge.upstream.outcome import UpstreamOutcome
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
@@ -109,14 +117,12 @@ class RequestContext:
     """What the request path knows about one request. Never holds a key."""
 
     __slots__ = (
-        "attempts",
         "client",
         "completion_tokens",
         "identity",
         "key",
         "model",
         "prompt_tokens",
-        "provider",
         "request_id",
         "route",
         "start",
@@ -125,9 +131,7 @@ class RequestContext:
         "trace_id",
         "traceparent_out",
         "tracestate",
-        "upstream_error",
-        "upstream_s",
-        "upstream_status",
+        "upstream",
     )
 
     def __init__(self, request_id: str, client: str | None) -> None:
@@ -139,17 +143,44 @@ class RequestContext:
         self.key = None  # edge.auth.KeyEntry of an authenticated request
         self.model: str | None = None
         self.stream = False
-        self.upstream_status: int | None = None
-        self.upstream_s = 0.0
-        self.upstream_error: str | None = None  # timeout, connect, disconnect, invalid, auth
+        self.upstream: UpstreamOutcome | None = None  # see record_upstream
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
-        self.provider: str | None = None  # the configured provider that answered (or last tried)
-        self.attempts = 0  # upstream attempts made (failover retries included)
         self.trace_id: str | None = None
         self.trace_flags = "01"
         self.traceparent_out: str | None = None
         self.tracestate: str | None = None
+
+    def record_upstream(self, outcome: UpstreamOutcome) -> None:
+        """The one place a request learns its upstream outcome (edge.upstream.outcome).
+
+        Recorded once, when the router starts the exchange: the upstream layer goes on filling
+        the same object (a stream's later reads too), so a request cut short by its client
+        still reports what it tried and waited.
+        """
+        self.upstream = outcome
+
+    # Read-only views of the recorded outcome (what a request that never went upstream reads).
+
+    @property
+    def upstream_status(self) -> int | None:
+        return None if self.upstream is None else self.upstream.status
+
+    @property
+    def upstream_error(self) -> str | None:
+        return None if self.upstream is None else self.upstream.error
+
+    @property
+    def upstream_s(self) -> float:
+        return 0.0 if self.upstream is None else self.upstream.waited_s
+
+    @property
+    def provider(self) -> str | None:
+        return None if self.upstream is None else self.upstream.provider
+
+    @property
+    def attempts(self) -> int:
+        return 0 if self.upstream is None else self.upstream.attempts
 
     def set_trace(self, traceparent: str | None, tracestate: str | None, start_new: bool) -> None:
         """Adopt the caller's trace, or start one when tracing is on; prepare what goes upstream.

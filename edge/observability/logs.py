@@ -127,6 +127,7 @@ def log_access(
     logger = _access.logger
     if not logger.isEnabledFor(logging.INFO):
         return
+    upstream = ctx.upstream  # the recorded outcome (edge.upstream.outcome), if it went upstream
     fields = {
         "request_id": ctx.request_id,
         "method": method,
@@ -138,12 +139,12 @@ def log_access(
         "identity": ctx.identity,
         "model": ctx.model,
         "stream": ctx.stream,
-        "upstream_status": ctx.upstream_status,
-        "upstream_error": ctx.upstream_error,
+        "upstream_status": None if upstream is None else upstream.status,
+        "upstream_error": None if upstream is None else upstream.error,
         "prompt_tokens": ctx.prompt_tokens,
         "completion_tokens": ctx.completion_tokens,
-        "provider": ctx.provider,
-        "attempts": ctx.attempts,
+        "provider": None if upstream is None else upstream.provider,
+        "attempts": 0 if upstream is None else upstream.attempts,
     }
     if ctx.trace_id is not None:
         fields["trace_id"] = ctx.trace_id

@@ -3,6 +3,10 @@
 Only headers built here go upstream (an allow-list, not a deny-list): the configured upstream
 key, the request id and the trace context. The client's Authorization, x-api-key and cookies
 therefore cannot reach the upstream. Upstream URLs come from configuration only.
+
+What an exchange came to (the time spent waiting on the upstream, a failure's kind, a refused
+key's status) goes into the `UpstreamOutcome` the caller hands in (edge.upstream.outcome),
+never into the request context.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from edge.config import Config
 from edge.errors import UPSTREAM, BadGateway, GatewayTimeout, envelope
 from edge.observability.context import RequestContext
 from edge.server.disconnect import close_on_hang_up
+from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.sse import EventSplitter, EventTooLarge
 
 log = logging.getLogger("edge.upstream")
@@ -47,6 +52,8 @@ class Upstream:
 
     `call` and `open_stream` go to the UPSTREAM_URL provider unless given a `provider`
     (edge.upstream.providers.Provider) and, for a failover attempt, a shorter `timeout_s`.
+    `ctx` gives the headers (request id, trace context); what the exchange came to goes into
+    `outcome`.
     """
 
     def __init__(self, config: Config) -> None:
@@ -125,6 +132,7 @@ class Upstream:
         path: str,
         body: bytes | None,
         ctx: RequestContext,
+        outcome: UpstreamOutcome,
         provider: Any = None,
         timeout_s: float | None = None,
         extra_headers: dict[str, str] | None = None,
@@ -148,17 +156,18 @@ class Upstream:
                 allow_redirects=False,
                 timeout=timeout,
             ) as resp:
-                return await _answer(ctx, resp)
+                return await _answer(outcome, resp)
         except (TimeoutError, aiohttp.ClientError) as exc:
-            raise _failure(ctx, exc, seconds) from None
+            raise _failure(outcome, exc, seconds) from None
         finally:
-            ctx.upstream_s += time.perf_counter() - started
+            outcome.waited_s += time.perf_counter() - started
 
     async def open_stream(
         self,
         path: str,
         body: bytes,
         ctx: RequestContext,
+        outcome: UpstreamOutcome,
         provider: Any = None,
         timeout_s: float | None = None,
         extra_headers: dict[str, str] | None = None,
@@ -187,36 +196,38 @@ class Upstream:
                 if resp.status == 200 and content_type.startswith("text/event-stream"):
                     return resp
                 try:
-                    return await _answer(ctx, resp)
+                    return await _answer(outcome, resp)
                 finally:
                     resp.release()
         except (TimeoutError, aiohttp.ClientError) as exc:
             if resp is not None:
                 resp.close()
-            raise _failure(ctx, exc, seconds) from None
+            raise _failure(outcome, exc, seconds) from None
         finally:
-            ctx.upstream_s += time.perf_counter() - started
+            outcome.waited_s += time.perf_counter() - started
 
 
-async def _answer(ctx: RequestContext, resp: aiohttp.ClientResponse) -> UpstreamResponse:
+async def _answer(outcome: UpstreamOutcome, resp: aiohttp.ClientResponse) -> UpstreamResponse:
     """A complete upstream answer, read within its bound; 401/403 refused (see `_refused`)."""
     if resp.status in REFUSED:
         await _discard(resp)
-        raise _refused(ctx, resp.status)
+        raise _refused(outcome, resp.status)
     return _response(resp, await _read_bounded(resp))
 
 
-def _failure(ctx: RequestContext, exc: Exception, seconds: float) -> BadGateway | GatewayTimeout:
+def _failure(
+    outcome: UpstreamOutcome, exc: Exception, seconds: float
+) -> BadGateway | GatewayTimeout:
     """What a failed exchange becomes: 504 for a timeout, 502 for anything else."""
     _forget_traceback(exc)
     if isinstance(exc, TimeoutError):
-        return _timeout(ctx, seconds)
-    return _unreachable(ctx, exc)
+        return _timeout(outcome, seconds)
+    return _unreachable(outcome, exc)
 
 
 async def relay(
     resp: aiohttp.ClientResponse,
-    ctx: RequestContext,
+    outcome: UpstreamOutcome,
     receive: Callable[[], Awaitable[dict[str, Any]]] | None,
     on_chunk: Callable[[bytes], None] | None = None,
     first: bytes = b"",
@@ -233,7 +244,8 @@ async def relay(
     (watched through ASGI `receive`) closes the upstream response at once, so no orphaned
     upstream work remains. An upstream failure mid-stream (a broken connection, a stall, an
     end or an oversized event mid-event) drops the incomplete event and ends the stream with
-    an SSE error event, on an event boundary, instead of a hang.
+    an SSE error event, on an event boundary, instead of a hang. The time spent waiting on
+    reads and a failure's kind go into the request's `outcome`.
     """
     watcher = close_on_hang_up(receive, lambda: _close_for_hang_up(resp)) if receive else None
     content = resp.content
@@ -246,7 +258,7 @@ async def relay(
             else:
                 started = clock()
                 chunk = await content.readany()
-                ctx.upstream_s += clock() - started  # waiting on the upstream: not our overhead
+                outcome.waited_s += clock() - started  # waiting on the upstream: not our overhead
                 if not chunk:
                     break
             events = splitter.feed(chunk)
@@ -258,14 +270,14 @@ async def relay(
             yield block
         if splitter.pending:
             message = "The upstream's event stream ended in the middle of an event."
-            yield _stream_failed(ctx, "invalid", "ended mid-event", splitter.pending, message)
+            yield _stream_failed(outcome, "invalid", "ended mid-event", splitter.pending, message)
     except (aiohttp.ClientError, TimeoutError) as exc:
         _forget_traceback(exc)
         if watcher is None or not watcher.done():
-            yield _stream_failed(ctx, error_kind(exc), type(exc).__name__, splitter.pending)
+            yield _stream_failed(outcome, error_kind(exc), type(exc).__name__, splitter.pending)
     except EventTooLarge:
         message = f"The upstream sent an event larger than {splitter.max_event_bytes} bytes."
-        yield _stream_failed(ctx, "invalid", "EventTooLarge", splitter.pending, message)
+        yield _stream_failed(outcome, "invalid", "EventTooLarge", splitter.pending, message)
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -273,10 +285,10 @@ async def relay(
 
 
 def _stream_failed(
-    ctx: RequestContext, kind: str, error: str, dropped: int, message: str | None = None
+    outcome: UpstreamOutcome, kind: str, error: str, dropped: int, message: str | None = None
 ) -> bytes:
     """Record and log a stream that failed mid-way; the SSE error event that ends it."""
-    ctx.upstream_error = kind
+    outcome.error = kind
     log.warning(
         "upstream stream failed",
         extra={"error_kind": kind, "error": error, "dropped_bytes": dropped},
@@ -338,15 +350,15 @@ async def _discard(resp: aiohttp.ClientResponse) -> None:
             return
 
 
-def _refused(ctx: RequestContext, status: int) -> BadGateway:
+def _refused(outcome: UpstreamOutcome, status: int) -> BadGateway:
     """An upstream 401/403 means the gateway's upstream key is wrong or lacks a permission.
 
     The client's own key was fine, so it gets 502, not the upstream's 401 (which an SDK turns
     into an AuthenticationError about the client's key). The upstream's body is neither passed
     on nor logged: providers quote part of the presented key in it.
     """
-    ctx.upstream_status = status
-    ctx.upstream_error = "auth"
+    outcome.status = status
+    outcome.error = "auth"
     log.error(
         "upstream refused the gateway's credentials (check UPSTREAM_API_KEY)",
         extra={"error_kind": "auth", "upstream_status": status},
@@ -358,8 +370,8 @@ def _refused(ctx: RequestContext, status: int) -> BadGateway:
     )
 
 
-def _timeout(ctx: RequestContext, seconds: float) -> GatewayTimeout:
-    ctx.upstream_error = "timeout"
+def _timeout(outcome: UpstreamOutcome, seconds: float) -> GatewayTimeout:
+    outcome.error = "timeout"
     log.warning("upstream timed out", extra={"error_kind": "timeout"})
     return GatewayTimeout(f"The upstream did not answer within {seconds:g} seconds.")
 
@@ -376,8 +388,8 @@ def error_kind(exc: BaseException) -> str:
     return "invalid"
 
 
-def _unreachable(ctx: RequestContext, exc: aiohttp.ClientError) -> BadGateway:
-    ctx.upstream_error = kind = error_kind(exc)
+def _unreachable(outcome: UpstreamOutcome, exc: aiohttp.ClientError) -> BadGateway:
+    outcome.error = kind = error_kind(exc)
     log.warning("upstream request failed", extra={"error_kind": kind, "error": type(exc).__name__})
     if kind == "connect":
         return BadGateway("The upstream could not be reached.")

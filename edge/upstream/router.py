@@ -9,6 +9,10 @@ it is retried on another target after a jittered backoff (Bifrost's min(0.5 s·2
 U(0.8, 1.2)), all within one deadline (SERVER_TIMEOUT_SECONDS). A 4xx other than 429 is the
 client's answer. Nothing is retried once a byte has reached the client: `forward` returns
 before the relay starts.
+
+The router owns the request's `UpstreamOutcome` (edge.upstream.outcome): `forward` and `call`
+create it, record it on the request context once, and fill in the provider, the attempts and
+the status of the answer they return; the client fills in its waiting time and failure kinds.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from edge.errors import ApiError, BadGateway, GatewayTimeout, NotFound, ServiceU
 from edge.observability.context import RequestContext
 from edge.upstream import breaker as cb
 from edge.upstream.client import Upstream, UpstreamResponse, error_kind
+from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.providers import Providers, Target
 
 log = logging.getLogger("edge.router")
@@ -261,6 +266,8 @@ class Router:
         """The first good answer (or the last bad one) from the model's targets."""
         targets = self.targets(model or "", kind)
         candidates = self.order(targets)
+        outcome = UpstreamOutcome()
+        ctx.record_upstream(outcome)
         routing = self._routing
         max_attempts = 1 + (routing.max_retries if routing.fallback_enabled else 0)
         clock = time.monotonic
@@ -293,13 +300,14 @@ class Router:
                     break
                 tried.add(name)
                 attempts += 1
-                ctx.attempts = attempts
-                ctx.provider = name
+                outcome.attempts = attempts
+                outcome.provider = name
                 result, failure_now = await self._attempt(
-                    ctx, target, method, path, body, stream, remaining, extra_headers
+                    ctx, outcome, target, method, path, body, stream, remaining, extra_headers
                 )
                 if failure_now is None and result is not None and not _failed(result):
-                    ctx.upstream_error = None
+                    outcome.error = None
+                    outcome.status = result.status
                     return result
                 if failure_now is not None:
                     failure = failure_now
@@ -313,6 +321,7 @@ class Router:
             if attempts >= max_attempts or deadline <= clock():
                 break
         if last is not None:
+            outcome.status = last.status
             return last
         if failure is not None:
             raise failure
@@ -322,9 +331,23 @@ class Router:
             headers={"retry-after": "1"},
         )
 
+    async def call(
+        self, ctx: RequestContext, method: str, path: str, provider: Any = None
+    ) -> UpstreamResponse:
+        """One exchange with one provider (the UPSTREAM_URL one when None): no failover, no
+        breaker (GET /v1/models, and /v1/models/{id} asked of its provider)."""
+        outcome = UpstreamOutcome()
+        ctx.record_upstream(outcome)
+        result = await self.upstream.call(method, path, None, ctx, outcome, provider)
+        outcome.status = result.status
+        # Named once it answered, as before; attempts stay 0 (no routing took place).
+        outcome.provider = None if provider is None else provider.name
+        return result
+
     async def _attempt(
         self,
         ctx: RequestContext,
+        outcome: UpstreamOutcome,
         target: Target,
         method: str,
         path: str,
@@ -338,20 +361,20 @@ class Router:
         timeout = remaining if provider.timeout_s is None else min(provider.timeout_s, remaining)
         if target.model is not None and body is not None:
             body = rename_model(body, target.model)
-        ctx.upstream_error = None
+        outcome.error = None
         self.busy[name] = self.busy.get(name, 0) + 1
         started = time.perf_counter()
         try:
             if stream:
                 result: UpstreamResponse | Opened = await self._open(
-                    ctx, target, path, body or b"", timeout, extra_headers
+                    ctx, outcome, target, path, body or b"", timeout, extra_headers
                 )
             else:
                 result = await self.upstream.call(
-                    method, path, body, ctx, provider, timeout, extra_headers
+                    method, path, body, ctx, outcome, provider, timeout, extra_headers
                 )
         except ApiError as exc:
-            if ctx.upstream_error not in RETRYABLE_ERRORS:
+            if outcome.error not in RETRYABLE_ERRORS:
                 raise
             self._report(target, False)
             self._observe(name, "error", None)
@@ -377,6 +400,7 @@ class Router:
     async def _open(
         self,
         ctx: RequestContext,
+        outcome: UpstreamOutcome,
         target: Target,
         path: str,
         body: bytes,
@@ -387,7 +411,7 @@ class Router:
         that answers the head but never an event is still failed over."""
         started = time.monotonic()
         opened = await self.upstream.open_stream(
-            path, body, ctx, target.provider, timeout, extra_headers
+            path, body, ctx, outcome, target.provider, timeout, extra_headers
         )
         if isinstance(opened, UpstreamResponse):
             return opened
@@ -398,21 +422,21 @@ class Router:
                 first = await opened.content.readany()
         except TimeoutError:
             opened.close()
-            ctx.upstream_error = "timeout"
+            outcome.error = "timeout"
             raise GatewayTimeout("The upstream sent no event in time.") from None
         except aiohttp.ClientError as exc:
             opened.close()
             exc.__traceback__ = None
-            ctx.upstream_error = error_kind(exc)
+            outcome.error = error_kind(exc)
             raise BadGateway("The upstream connection failed before the first event.") from None
         except BaseException:  # cancelled (the client hung up): end the upstream stream too
             opened.close()
             raise
         finally:
-            ctx.upstream_s += time.perf_counter() - waited  # waiting on the upstream
+            outcome.waited_s += time.perf_counter() - waited  # waiting on the upstream
         if not first:
             opened.close()
-            ctx.upstream_error = "invalid"
+            outcome.error = "invalid"
             raise BadGateway("The upstream closed the stream without an event.")
         return Opened(opened, first, opened.status)
 

@@ -12,11 +12,14 @@ import pytest
 
 from edge.observability import logs
 from edge.observability.context import RequestContext
+from edge.upstream.outcome import UpstreamOutcome
 
 
 def context(request_id: str) -> RequestContext:
     ctx = RequestContext(request_id, "10.0.0.7")
-    ctx.identity, ctx.model, ctx.upstream_status = "team", "gpt", 200
+    ctx.identity, ctx.model = "team", "gpt"
+    ctx.record_upstream(outcome := UpstreamOutcome())
+    outcome.status = 200
     ctx.prompt_tokens, ctx.completion_tokens = 3, 4
     return ctx
 

@@ -12,6 +12,7 @@ import pytest
 from edge.observability.context import RequestContext
 from edge.upstream import client as client_module
 from edge.upstream.client import relay
+from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.sse import EventSplitter
 
 
@@ -44,13 +45,20 @@ class ScriptedResponse:
         self.closed = True
 
 
+def recorded() -> RequestContext:
+    """A request context with an upstream outcome recorded, as the router leaves it."""
+    ctx = RequestContext("rid", None)
+    ctx.record_upstream(UpstreamOutcome())
+    return ctx
+
+
 def collect(reads: list[bytes], fail: BaseException | None = None):
     resp = ScriptedResponse(reads, fail)
-    ctx = RequestContext("rid", None)
+    ctx = recorded()
     seen: list[bytes] = []
 
     async def run() -> list[bytes]:
-        return [block async for block in relay(resp, ctx, None, seen.append)]  # type: ignore[arg-type]
+        return [block async for block in relay(resp, ctx.upstream, None, seen.append)]  # type: ignore[arg-type]
 
     blocks = asyncio.run(run())
     assert resp.closed
@@ -102,11 +110,11 @@ def test_the_routers_first_read_goes_through_the_splitter_too():
     event); they are handed to the relay, so a first read that ends mid-event is held like any
     other, and a break then still ends on an event boundary."""
     resp = ScriptedResponse([b'"half": tr'], aiohttp.ClientPayloadError("cut"))
-    ctx = RequestContext("rid", None)
+    ctx = recorded()
     first = event(0) + b"data: {"
 
     async def run() -> list[bytes]:
-        return [block async for block in relay(resp, ctx, None, None, first)]  # type: ignore[arg-type]
+        return [block async for block in relay(resp, ctx.upstream, None, None, first)]  # type: ignore[arg-type]
 
     blocks = asyncio.run(run())
     assert resp.closed
@@ -119,7 +127,7 @@ def test_a_relay_closed_before_it_started_is_released_by_its_stream():
     from edge.upstream.stream import ResponseStream
 
     resp = ScriptedResponse([event(0)])
-    stream = ResponseStream(relay(resp, RequestContext("rid", None), None))  # type: ignore[arg-type]
+    stream = ResponseStream(relay(resp, UpstreamOutcome(), None))  # type: ignore[arg-type]
     stream.on_close.append(lambda _: resp.close())  # what forward() registers
     asyncio.run(stream.close())
     assert resp.closed
@@ -135,10 +143,10 @@ def test_an_oversized_event_is_an_upstream_error(monkeypatch):
 
 def test_backpressure_no_read_ahead_of_the_consumer():
     resp = ScriptedResponse([event(i) for i in range(5)])
-    ctx = RequestContext("rid", None)
+    outcome = UpstreamOutcome()
 
     async def run() -> None:
-        stream = relay(resp, ctx, None)  # type: ignore[arg-type]
+        stream = relay(resp, outcome, None)  # type: ignore[arg-type]
         assert await anext(stream) == event(0)
         assert resp.content.read_count == 1  # nothing read beyond what was handed on
         assert await anext(stream) == event(1)

@@ -28,12 +28,14 @@ class Script:
         self.answers = answers
         self.calls: list[tuple[str, bytes | None]] = []
 
-    async def call(self, method, path, body, ctx, provider=None, timeout_s=None, extra=None):
+    async def call(
+        self, method, path, body, ctx, outcome, provider=None, timeout_s=None, extra=None
+    ):
         self.calls.append((provider.name, body))
         queue = self.answers[provider.name]
         result = queue.pop(0) if len(queue) > 1 else queue[0]
         if result == "connect":
-            ctx.upstream_error = "connect"
+            outcome.error = "connect"  # as Upstream.call names a failure
             raise BadGateway("The upstream could not be reached.")
         return result
 
