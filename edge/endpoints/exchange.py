@@ -4,7 +4,6 @@ relay the stream, settle the reservation on the usage reported."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
@@ -61,17 +60,25 @@ async def reserve_tokens(
     return await runtime.tokens.reserve(ctx, resp, data, where)
 
 
-@contextlib.asynccontextmanager
-async def refunded_on_error(reservation: Reservation | None) -> AsyncIterator[None]:
+class refunded_on_error:  # used as `async with refunded_on_error(reservation)`
     """Give the whole reservation back when the request ends in an error answer before any
     generation (unknown model, every provider failing, a refused body); a client that hung up
-    (499) keeps it, as an abandoned stream does."""
-    try:
-        yield
-    except ApiError as exc:
-        if reservation is not None and exc.status != 499:
+    (499) keeps it, as an abandoned stream does. A plain class, not a generator-based context
+    manager: it is entered on every request."""
+
+    __slots__ = ("_reservation",)
+
+    def __init__(self, reservation: Reservation | None) -> None:
+        self._reservation = reservation
+
+    async def __aenter__(self) -> None:
+        return None
+
+    async def __aexit__(self, kind: Any, exc: BaseException | None, tb: Any) -> bool:
+        reservation = self._reservation
+        if reservation is not None and isinstance(exc, ApiError) and exc.status != 499:
             await reservation.settle(0)
-        raise
+        return False  # the error goes on
 
 
 async def settle_answer(reservation: Reservation | None, ctx: RequestContext, status: int) -> None:

@@ -43,6 +43,7 @@ ACCESS_LOGGER = "edge.access"
 FLUSH_INTERVAL_S = 0.05
 FLUSH_BYTES = 64 * 1024
 MAX_LOGGED_PATH = 256
+_RECORD_OWN = frozenset(("level", "logger", "message"))
 
 
 class JsonFormatter(OrjsonFormatter):
@@ -124,11 +125,16 @@ def log_access(
     ctx: RequestContext, method: str, path: str, status: int, total_s: float, overhead_s: float
 ) -> None:
     """The one JSON access line of a finished request (nothing when LOG_LEVEL is above info)."""
-    logger = _access.logger
-    if not logger.isEnabledFor(logging.INFO):
+    writer = _access
+    if not writer.logger.isEnabledFor(logging.INFO):
         return
     upstream = ctx.upstream  # the recorded outcome (edge.upstream.outcome), if it went upstream
-    fields = {
+    # The whole line in its final order (level, logger, message, the fields, timestamp), built
+    # once.
+    line = {
+        "level": "INFO",
+        "logger": ACCESS_LOGGER,
+        "message": "request",
         "request_id": ctx.request_id,
         "method": method,
         "path": path if len(path) <= MAX_LOGGED_PATH else path[:MAX_LOGGED_PATH] + "…",
@@ -147,8 +153,8 @@ def log_access(
         "attempts": 0 if upstream is None else upstream.attempts,
     }
     if ctx.trace_id is not None:
-        fields["trace_id"] = ctx.trace_id
-    _access.write(fields)
+        line["trace_id"] = ctx.trace_id
+    writer.write(line)
 
 
 def flush_access_log() -> None:
@@ -170,13 +176,13 @@ class AccessWriter:
         self._second = -1
         self._second_text = ""
 
-    def write(self, fields: dict[str, Any]) -> None:
+    def write(self, line: dict[str, Any]) -> None:
+        """Buffer one access line: `line` holds level, logger, message and the fields, in that
+        order; the timestamp is added here."""
         target = self._resolve()
         if target is None:
-            self._through_logging(fields)
+            self._through_logging(line)
             return
-        line: dict[str, Any] = {"level": "INFO", "logger": ACCESS_LOGGER, "message": "request"}
-        line.update(fields)
         line["timestamp"] = self._timestamp()
         data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
         self._chunks.append(data)
@@ -252,8 +258,10 @@ class AccessWriter:
                 self._target = (fd, most)
         return self._target
 
-    def _through_logging(self, fields: dict[str, Any]) -> None:
-        # makeRecord + handle is what Logger.info does, minus the caller lookup.
+    def _through_logging(self, line: dict[str, Any]) -> None:
+        # makeRecord + handle is what Logger.info does, minus the caller lookup. The record
+        # carries the fields only: level, logger and message are the record's own.
+        fields = {name: value for name, value in line.items() if name not in _RECORD_OWN}
         record = self.logger.makeRecord(
             ACCESS_LOGGER,
             logging.INFO,

@@ -52,7 +52,7 @@ OVERHEAD_BUCKETS = (
 SIZE_BUCKETS = (256, 1024, 4096, 16384, 65536, 262144, 1048576, 4194304, 16777216)
 
 
-_pack_value = struct.Struct("dd").pack  # (value, timestamp), prometheus_client's entry layout
+_pack_into = struct.Struct("dd").pack_into  # (value, timestamp), prometheus_client's layout
 
 
 class _Slot:
@@ -73,10 +73,10 @@ class _Slot:
     def inc(self, amount: float = 1.0) -> None:
         mv = self._mv
         value = mv._value = mv._value + amount
-        pos = self._pos
-        # One slice assignment, as MmapedDict.write_value does (never a torn 0 for a reader).
+        # One 16-byte store straight into the map, as MmapedDict.write_value's slice
+        # assignment does (never a torn 0 for a reader), without building a bytes object.
         # `_m` is looked up each time: the dict remaps its file when it grows.
-        self._file._m[pos : pos + 16] = _pack_value(value, 0.0)
+        _pack_into(self._file._m, self._pos, value, 0.0)
 
     def dec(self, amount: float = 1.0) -> None:
         self.inc(-amount)
@@ -125,6 +125,20 @@ def _fast(family: Any, labels: tuple[str, ...]) -> Any:
     if hasattr(child, "_upper_bounds"):
         return _HistogramSlots(child)
     return _slot(child._value)
+
+
+class _RouteSlots:
+    """Everything a finished request on one route writes, resolved once per route: its
+    duration, overhead and request-size histograms, and its request counter per (method,
+    status), so the hot path does one lookup per route instead of one per metric."""
+
+    __slots__ = ("counts", "duration", "overhead", "size")
+
+    def __init__(self, duration: Any, overhead: Any, size: Any) -> None:
+        self.duration = duration
+        self.overhead = overhead
+        self.size = size
+        self.counts: dict[tuple[str, int], Any] = {}
 
 
 class Metrics:
@@ -231,6 +245,11 @@ class Metrics:
         )  # fmt: skip
         build.labels(__version__, platform.python_version()).set(1)
         self._children: dict[tuple[Any, ...], Any] = {}
+        # Caches over `_children` for the hot path (cleared with it after a fork).
+        self._routes: dict[str, _RouteSlots] = {}
+        self._upstream_by_status: dict[int, tuple[Any, ...]] = {}
+        self._token_counters: dict[str, tuple[Any, Any]] = {}
+        self._attempts: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._models: set[str] = set()
         self._bind()
         # The fork check, once per process instead of once per increment: a child re-resolves
@@ -241,6 +260,10 @@ class Metrics:
     def _bind(self) -> None:
         """(Re)resolve the label-free slots; label children are resolved on first use."""
         self._children.clear()
+        self._routes.clear()
+        self._upstream_by_status.clear()
+        self._token_counters.clear()
+        self._attempts.clear()
         # Any public read runs prometheus_client's pid check, which reopens the files after a
         # fork; the slots below then point into this process's files.
         self._in_flight_family._value.get()
@@ -257,28 +280,52 @@ class Metrics:
             child = self._children[key] = _fast(family, labels)
         return child
 
+    def _route(self, route: str) -> _RouteSlots:
+        slots = self._routes.get(route)
+        if slots is None:
+            slots = self._routes[route] = _RouteSlots(
+                self._child(self.duration, route),
+                self._child(self.overhead, route),
+                self._child(self.request_size, route),
+            )
+        return slots
+
     def observe_request(
         self, route: str, method: str, status: int, total_s: float, overhead_s: float
     ) -> None:
-        if method not in METHOD_LABELS:
-            method = "other"
-        self._child(self.requests, route, method, str(status)).inc()
-        self._child(self.duration, route).observe(total_s)
-        self._child(self.overhead, route).observe(overhead_s)
+        slots = self._routes.get(route) or self._route(route)
+        counter = slots.counts.get((method, status))
+        if counter is None:
+            label = method if method in METHOD_LABELS else "other"
+            counter = slots.counts[(method, status)] = self._child(
+                self.requests, route, label, str(status)
+            )
+            if len(slots.counts) > 4096:  # invented methods (h2) must not grow it for ever
+                slots.counts.clear()
+        counter.inc()
+        slots.duration.observe(total_s)
+        slots.overhead.observe(overhead_s)
 
     def observe_request_size(self, route: str, size: int) -> None:
-        self._child(self.request_size, route).observe(size)
+        (self._routes.get(route) or self._route(route)).size.observe(size)
 
     def observe_upstream(self, status: int | None, seconds: float, error: str | None) -> None:
         if error is not None:
             self._child(self.upstream_requests, "error").inc()
             self._child(self.upstream_errors, error).inc()
         elif status is not None:
-            outcome = f"{status // 100}xx"
-            self._child(self.upstream_requests, outcome).inc()
-            if status >= 500:
-                self._child(self.upstream_errors, "5xx").inc()
+            counters = self._upstream_by_status.get(status)
+            if counters is None:
+                counters = self._upstream_by_status[status] = self._upstream_counters(status)
+            for counter in counters:
+                counter.inc()
         self.upstream_duration.observe(seconds)
+
+    def _upstream_counters(self, status: int) -> tuple[Any, ...]:
+        outcome = self._child(self.upstream_requests, f"{status // 100}xx")
+        if status >= 500:
+            return outcome, self._child(self.upstream_errors, "5xx")
+        return (outcome,)
 
     def observe_tokens(self, model: str | None, prompt: int | None, completion: int | None) -> None:
         if model is None:
@@ -290,15 +337,28 @@ class Metrics:
                 model = "other"
             else:
                 self._models.add(model)
+        counters = self._token_counters.get(model)
+        if counters is None:
+            counters = self._token_counters[model] = (
+                self._child(self.tokens, model, "prompt"),
+                self._child(self.tokens, model, "completion"),
+            )
         if prompt:
-            self._child(self.tokens, model, "prompt").inc(prompt)
+            counters[0].inc(prompt)
         if completion:
-            self._child(self.tokens, model, "completion").inc(completion)
+            counters[1].inc(completion)
 
     def provider_attempt(self, provider: str, outcome: str, ttfb_s: float | None) -> None:
-        self._child(self.provider_requests, provider, outcome).inc()
+        key = (provider, outcome)
+        slots = self._attempts.get(key)
+        if slots is None:
+            slots = self._attempts[key] = (
+                self._child(self.provider_requests, provider, outcome),
+                self._child(self.provider_ttfb, provider),
+            )
+        slots[0].inc()
         if ttfb_s is not None:
-            self._child(self.provider_ttfb, provider).observe(ttfb_s)
+            slots[1].observe(ttfb_s)
 
     def provider_event(self, what: str, provider: str) -> None:
         family = self.provider_retries if what == "retries" else self.provider_failovers

@@ -64,13 +64,19 @@ class Upstream:
         self._static_headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if config.upstream_api_key:
             self._static_headers["authorization"] = f"Bearer {config.upstream_api_key}"
-        # Non-streamed exchanges: aiohttp's own total timeout covers connecting, sending and
-        # reading the whole response, so no second timer is needed per request.
-        self._call_timeout = self._timeouts(self._timeout_s)[0]
-        self._stream_timeout = self._timeouts(self._timeout_s)[1]
+        # Prebuilt per attempt budget (see `_timeouts_for`): no ClientTimeout per request.
+        self._timeouts: dict[float, tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]] = {}
+        self._full = self._build_timeouts(self._timeout_s)
+        # Each provider's fixed headers (content type, identity coding, its key), built once.
+        self._provider_headers: dict[Any, dict[str, str]] = {}
         self.session: aiohttp.ClientSession | None = None
 
-    def _timeouts(self, seconds: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+    def _build_timeouts(
+        self, seconds: float
+    ) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+        """(call, stream) timeouts for an attempt of `seconds`. Non-streamed exchanges:
+        aiohttp's own total timeout covers connecting, sending and reading the whole response,
+        so no second timer is needed per request."""
         connect = min(self._connect_timeout_s, seconds)
         call = aiohttp.ClientTimeout(total=seconds, connect=connect, sock_connect=connect)
         stream = aiohttp.ClientTimeout(
@@ -78,18 +84,38 @@ class Upstream:
         )
         return call, stream
 
+    def _timeouts_for(self, seconds: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+        """The timeouts of an attempt of `seconds`, built once per budget where they recur.
+
+        A first attempt's budget is the router's whole deadline less the microseconds it took
+        to get there: it gets the prebuilt SERVER_TIMEOUT_SECONDS pair (at most 10 ms more).
+        A provider's own `timeout_s` recurs exactly and is kept (a few per worker); only a
+        failover attempt's remainder is built on the spot.
+        """
+        if 0.0 <= self._timeout_s - seconds < 0.01:
+            return self._full
+        found = self._timeouts.get(seconds)
+        if found is None:
+            found = self._build_timeouts(seconds)
+            if len(self._timeouts) < 64:
+                self._timeouts[seconds] = found
+        return found
+
     def _target(
         self, provider: Any, timeout_s: float | None, extra: dict[str, str] | None
     ) -> tuple[str, dict[str, str], float]:
-        """Base URL, headers and timeout of one attempt."""
+        """Base URL, headers (a fresh dict: the caller adds to it) and timeout of one attempt."""
         if provider is None:
-            base, headers = self._base, dict(self._static_headers)
+            base, fixed = self._base, self._static_headers
         else:
             base = provider.base_url
-            headers = {"content-type": "application/json", "accept-encoding": "identity"}
-            headers.update(provider.auth_headers())
-        if extra:
-            headers.update(extra)
+            fixed = self._provider_headers.get(provider)
+            if fixed is None:
+                fixed = {"content-type": "application/json", "accept-encoding": "identity"}
+                fixed.update(provider.auth_headers())
+                if len(self._provider_headers) < 256:  # providers are re-read on HUP only
+                    self._provider_headers[provider] = fixed
+        headers = {**fixed, **extra} if extra else fixed.copy()
         return base, headers, self._timeout_s if timeout_s is None else timeout_s
 
     @property
@@ -146,7 +172,7 @@ class Upstream:
         assert self.session is not None
         started = time.perf_counter()
         base, headers, seconds = self._target(provider, timeout_s, extra_headers)
-        timeout = self._call_timeout if timeout_s is None else self._timeouts(seconds)[0]
+        timeout = self._timeouts_for(seconds)[0]
         try:
             async with self.session.request(
                 method,
@@ -181,7 +207,7 @@ class Upstream:
         started = time.perf_counter()
         resp = None
         base, headers, seconds = self._target(provider, timeout_s, extra_headers)
-        timeout = self._stream_timeout if timeout_s is None else self._timeouts(seconds)[1]
+        timeout = self._timeouts_for(seconds)[1]
         try:
             async with asyncio.timeout(seconds):
                 resp = await self.session.request(
@@ -321,8 +347,11 @@ def _sse_error(kind: str, message: str | None = None) -> bytes:
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
-    if resp.content_length is not None and resp.content_length > MAX_RESPONSE_BYTES:
-        raise BadGateway("The upstream response is too large.")
+    length = resp.content_length
+    if length is not None:
+        if length > MAX_RESPONSE_BYTES:
+            raise BadGateway("The upstream response is too large.")
+        return await resp.read()  # a declared length: read in one call, bounded by it
     chunks = []
     size = 0
     async for chunk in resp.content.iter_any():
