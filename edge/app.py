@@ -114,7 +114,8 @@ def create_app(
         config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream
     )
     runtime.limiter = local_limiter
-    if config.rate_limit_enabled:
+    if config.rate_limit_enabled and (config.rate_limit_tpm > 0 or keys.any_token_limit()):
+        # Only where a token limit applies: otherwise every request would ask it for nothing.
         from edge.ratelimit.tokens import TokenLimiter
 
         runtime.tokens = TokenLimiter(config, runtime, metrics)

@@ -64,6 +64,10 @@ class KeyStore:
     def __len__(self) -> int:
         return len(self._entries)
 
+    def any_token_limit(self) -> bool:
+        """Whether some key has a token limit of its own (`tpm` in API_KEYS_FILE)."""
+        return any(entry.tpm for _, entry in self._entries.values())
+
     def lookup(self, presented: str) -> KeyEntry | None:
         if not presented or len(presented) > MAX_KEY_LENGTH:
             return None
