@@ -283,7 +283,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             cycle.__class__ = _Http10Cycle
         if self._draining:
             cycle.keep_alive = False
-        if cycle.more_body:
+
+    def _start_asgi_task(self, cycle: Any, app: Any) -> None:
+        """A request's turn starts (at once, or after the requests pipelined before it): its
+        body deadline starts with it. A request queued behind another is not read meanwhile
+        (uvicorn pauses reading), so a deadline started at its head could run out during the
+        previous response and write a 408 into the middle of it."""
+        super()._start_asgi_task(cycle, app)
+        if cycle.more_body and self._body_timer is None:
             self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
 
     def on_body(self, body: bytes) -> None:

@@ -317,6 +317,49 @@ def test_head_deadline_408_then_idle_silent_close():
     run(test)
 
 
+class SlowFirstStream(App):
+    """The first request streams until `release` is set; later ones are App's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.release = asyncio.Event()
+        self.calls = 0
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        self.calls += 1
+        if self.calls > 1:
+            await super().__call__(scope, receive, send)
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"data: 1\n\n", "more_body": True})
+        await self.release.wait()
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def test_a_pipelined_requests_body_deadline_starts_with_its_turn():
+    """A request queued behind a long stream is not read meanwhile: its body deadline must not
+    run out during the stream (a 408 written into the middle of it), only from its own start."""
+
+    async def test() -> None:
+        app = SlowFirstStream()
+        conn = Connection(app)
+        await conn.send(GET + post(b"x" * 100)[:-60])  # the second body is still incomplete
+        await conn.loop.advance(LIMITS.body_timeout * 2)
+        written = conn.transport.take()
+        assert status_lines(written) == [200] and b"data: 1" in written, written
+        assert not conn.closed
+        app.release.set()
+        await settle()
+        assert b"data: [DONE]" in conn.transport.take()
+        await conn.loop.advance(LIMITS.body_timeout - 1)  # counted from the second's start
+        assert conn.transport.buffer == b"" and not conn.closed
+        await conn.loop.advance(1.2)
+        assert status_lines(conn.transport.take()) == [408]
+        assert app.bodies == []
+
+    run(test)
+
+
 def test_body_deadline_408_and_the_app_sees_a_disconnect():
     async def test() -> None:
         app = App()
@@ -636,6 +679,7 @@ def test_the_httptools_protocol_internals_are_where_the_subclass_expects_them():
         "data_received", "connection_made", "connection_lost", "eof_received", "shutdown",
         "on_message_begin", "on_url", "on_header", "on_headers_complete", "on_body",
         "on_message_complete", "_unset_keepalive_if_required", "pause_writing", "resume_writing",
+        "_start_asgi_task", "on_response_complete",
     ):  # fmt: skip
         assert callable(getattr(base, name, None)), f"HttpToolsProtocol.{name} moved"
     init = inspect.getsource(base.__init__)
@@ -645,6 +689,10 @@ def test_the_httptools_protocol_internals_are_where_the_subclass_expects_them():
     headers_complete = inspect.getsource(base.on_headers_complete)
     assert "RequestResponseCycle(" in headers_complete  # _Http10Cycle swaps its class
     assert "self.app" in headers_complete  # the 503 swap of self.app relies on this
+    # Every request's task starts here, pipelined ones from on_response_complete: the body
+    # deadline is armed there.
+    assert "self._start_asgi_task(" in headers_complete
+    assert "self._start_asgi_task(" in inspect.getsource(base.on_response_complete)
     assert "set_dangerous_leniencies" in init  # the re-parse configures its parser the same
     assert "self.flow.pause_writing()" in inspect.getsource(base.pause_writing)  # send deadline
     assert "write_paused" in inspect.getsource(base.__init__.__globals__["FlowControl"])
