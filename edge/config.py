@@ -443,7 +443,8 @@ del S
 # Read by gunicorn.conf.py (edge.server.master), not by Config: listed in the README's table.
 PROMETHEUS_MULTIPROC_DIR_ROW = (
     "| `PROMETHEUS_MULTIPROC_DIR` | see below | Where workers write metric files. Default: "
-    "`$RUNTIME_DIRECTORY/metrics` under systemd, else a new private directory in the temp dir "
+    "`$RUNTIME_DIRECTORY/metrics.<INSTANCE_NAME>` under systemd, else a new private directory "
+    "in the temp dir "
     "with an unpredictable name (`tempfile.mkdtemp`, mode 0700). A directory the service did not "
     "just create must be a real directory (not a symlink), owned by the service's user, and not "
     "writable by group or others; otherwise the start stops with one line naming the problem |"

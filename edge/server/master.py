@@ -105,9 +105,9 @@ def _metrics_dir(environ: MutableMapping[str, str], config: Config) -> tuple[Pat
     """The Prometheus multiprocess directory, exported before prometheus_client is imported.
 
     An operator's PROMETHEUS_MULTIPROC_DIR is honoured (and left in place on exit); else
-    `$RUNTIME_DIRECTORY/metrics` (systemd); else a new private directory with an unpredictable
-    name (`tempfile.mkdtemp`, mode 0700). The last two are removed when the master exits,
-    a failed start included. Returns (path, removed on exit, what named it).
+    `$RUNTIME_DIRECTORY/metrics.<INSTANCE_NAME>` (systemd); else a new private directory with an
+    unpredictable name (`tempfile.mkdtemp`, mode 0700). The last two are removed when the master
+    exits, a failed start included. Returns (path, removed on exit, what named it).
     """
     global _removable_dir
     if _current is not None:  # a HUP reload keeps the directory and what it holds
@@ -117,7 +117,10 @@ def _metrics_dir(environ: MutableMapping[str, str], config: Config) -> tuple[Pat
         path, owns, source = Path(preset), False, "PROMETHEUS_MULTIPROC_DIR"
     elif environ.get("RUNTIME_DIRECTORY"):
         runtime = environ["RUNTIME_DIRECTORY"].split(":")[0]
-        path, owns, source = Path(runtime) / "metrics", True, "RUNTIME_DIRECTORY"
+        # One per instance: two units sharing a RuntimeDirectory must not fold or wipe each
+        # other's files.
+        path = Path(runtime) / f"metrics.{config.instance}"
+        owns, source = True, "RUNTIME_DIRECTORY"
     else:
         path = Path(tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.{config.instance}.", suffix=".metrics"))
         owns, source = True, "the temporary directory"

@@ -87,8 +87,8 @@ def test_failed_bind_leaves_no_directory_and_no_table():
     ]
 
 
-def _refused(env: dict[str, str], *fragments: str) -> None:
-    port = free_port()
+def _refused(env: dict[str, str], *fragments: str, port: int | None = None) -> None:
+    port = free_port() if port is None else port  # the instance is test<port>
     result = run_to_exit(
         no_auth(SERVER_ADDRESS=f"127.0.0.1:{port}", INSTANCE_NAME=f"test{port}", **env)
     )
@@ -124,26 +124,31 @@ def test_directory_owned_by_someone_else_is_refused(tmp_path):
         pytest.skip("needs root to make a directory owned by another user")
     runtime = tmp_path / "runtime"
     runtime.mkdir()
-    planted = runtime / "metrics"
+    port = free_port()
+    planted = runtime / f"metrics.test{port}"
     planted.mkdir(mode=0o700)
     os.chown(planted, 65534, 65534)  # nobody
-    _refused({"RUNTIME_DIRECTORY": str(runtime)}, "RUNTIME_DIRECTORY", "owned by uid 65534")
+    _refused(
+        {"RUNTIME_DIRECTORY": str(runtime)}, "RUNTIME_DIRECTORY", "owned by uid 65534", port=port
+    )
     assert planted.is_dir()  # refused, and not removed either
 
 
 def test_runtime_directory_symlink_is_refused(tmp_path):
     runtime = tmp_path / "runtime"
     runtime.mkdir()
-    (runtime / "metrics").symlink_to(tmp_path)
-    _refused({"RUNTIME_DIRECTORY": str(runtime)}, "RUNTIME_DIRECTORY", "symlink")
+    port = free_port()
+    (runtime / f"metrics.test{port}").symlink_to(tmp_path)
+    _refused({"RUNTIME_DIRECTORY": str(runtime)}, "RUNTIME_DIRECTORY", "symlink", port=port)
 
 
 def test_runtime_directory_metrics_is_created_private_and_removed(tmp_path):
     runtime = tmp_path / "runtime"
     runtime.mkdir()
-    server = Gunicorn(**no_auth(RUNTIME_DIRECTORY=str(runtime)))
+    server = Gunicorn(**no_auth(RUNTIME_DIRECTORY=str(runtime), INSTANCE_NAME="unit-a"))
     try:
-        path = runtime / "metrics"
+        path = runtime / "metrics.unit-a"  # per instance: units may share a RuntimeDirectory
+        assert [entry.name for entry in runtime.iterdir()] == ["metrics.unit-a"]
         assert stat.S_IMODE(path.stat().st_mode) == 0o700
         assert (path / ".lock").exists()
     finally:
