@@ -326,7 +326,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("KEEPALIVE_TIMEOUT_SECONDS", "keepalive_s", integer(1, 3600), "5",
       "Idle keep-alive connections are closed after this"),
     S("GRACEFUL_TIMEOUT_SECONDS", "graceful_timeout_s", integer(1, 3600), "30",
-      "Time draining workers (reload, TTOU, stop) get to finish in-flight requests and streams"),
+      "Time draining workers (reload, TTOU, stop) get to finish in-flight requests and streams; "
+      "under systemd keep it below the unit's TimeoutStopSec (45 s as shipped), or raise both"),
     # HTTP edge limits (enforced in edge.server.protocol)
     S("HTTP_MAX_REQUEST_LINE", "max_request_line", integer(256, 1 << 20), "8192",
       "Longest request line in bytes; longer → 414"),
