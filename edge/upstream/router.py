@@ -127,12 +127,15 @@ def _rename_scan(body: bytes, model: str) -> bytes:
         elif text in (b"}", b"]"):
             depth -= 1
         elif depth == 1 and _is_model_key(text):
-            if _COLON.match(body, token.end()) is None:
+            colon = _COLON.match(body, token.end())
+            if colon is None:
                 continue  # a string value, not a key
-            value = next(tokens, None)
-            if value is None or value.group()[:1] != b'"':
-                continue  # not a string: validation already refused it
-            spans.append((value.start(), value.end()))
+            if body[colon.end() : colon.end() + 1] == b'"':
+                value = next(tokens)  # the string value is the very next token
+                spans.append((value.start(), value.end()))
+            # Else the value is an object or array, whose bracket is the next token and is
+            # counted above, or a number, true, false or null, which is no token at all: either
+            # way nothing is consumed here, so the scan stays in step with the nesting.
     if not spans:
         return body
     out = []

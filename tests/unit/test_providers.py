@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
 
 import orjson
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from edge.config import ConfigError
 from edge.upstream import providers as pv
@@ -125,6 +128,47 @@ def test_fast_rename_agrees_with_the_full_scan(body):
     fast, full = rename_model(body, "new/name"), _rename_scan(body, "new/name")
     assert fast == full
     assert orjson.loads(fast)["model"] == "new/name"
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.text(max_size=8),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3)
+    ),
+    max_leaves=8,
+)
+ESCAPED_MODEL_KEY = '"mod\\u0065l"'  # JSON text for the key "model", spelled with an escape
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    pairs=st.lists(
+        st.tuples(st.sampled_from(["model", "x", "messages", ESCAPED_MODEL_KEY]), json_values),
+        max_size=6,
+    ),
+    last=st.text(max_size=8),
+    spaced=st.booleans(),
+)
+def test_every_top_level_model_string_is_renamed_whatever_the_other_values(pairs, last, spaced):
+    """Duplicate "model" keys whose values are objects or arrays used to put the scan out of
+    step with the nesting, so a later top-level "model" went upstream un-renamed."""
+    comma, colon = (", ", ": ") if spaced else (",", ":")
+    members = [
+        (key if key == ESCAPED_MODEL_KEY else json.dumps(key))
+        + colon
+        + json.dumps(value, separators=(comma, colon))
+        for key, value in [*pairs, ("model", last)]
+    ]
+    body = ("{" + comma.join(members) + "}").encode()
+    out = rename_model(body, "new/name")
+    as_pairs = lambda text: json.loads(text, object_pairs_hook=lambda items: items)  # noqa: E731
+    seen, sent = as_pairs(out), as_pairs(body)
+    assert [value for key, value in seen if key == "model"] == [
+        "new/name" if isinstance(value, str) else value for key, value in sent if key == "model"
+    ]
+    assert [pair for pair in seen if pair[0] != "model"] == [
+        pair for pair in sent if pair[0] != "model"
+    ]  # nothing else touched
 
 
 def test_retry_after_headers():
