@@ -10,10 +10,11 @@ The state machine is sans-I/O (`allow`, `on_success`, `on_failure`, `cool_down` 
     half-open: at most half_open_max probes in flight; a failure --> open again,
                success_threshold successes --> closed
 
-A probe that never reports back (its worker died) holds its place only for one breaker
-timeout, then its place is given to a new probe. A cooldown (from a provider's retry-after)
-is separate: it only moves forward, so a shorter retry-after never shortens a longer cooldown
-(LiteLLM #40130).
+A probe that ends without a verdict (its client hung up, a retry-after answer) gives its place
+back (`release`); one that never reports back at all (its worker died) holds its place only for
+one breaker timeout, then its place is given to a new probe. A cooldown (from a provider's
+retry-after) is separate: it only moves forward, so a shorter retry-after never shortens a
+longer cooldown (LiteLLM #40130).
 
 `SharedBreakers` keeps one 64-byte slot per provider in a POSIX shared-memory object created by
 the gunicorn master beside the rate-limit table; each worker attaches after fork and locks with
@@ -100,6 +101,13 @@ def on_failure(s: BreakerState, policy: BreakerPolicy, now: float) -> None:
             _open(s, now)
     elif s.state == HALF_OPEN:
         _open(s, now)
+
+
+def release(s: BreakerState) -> None:
+    """A probe that ends without a verdict (its client hung up, its attempt was never sent, a
+    retry-after answer) gives its place back at once, instead of holding it for a timeout."""
+    if s.state == HALF_OPEN and s.probes > 0:
+        s.probes -= 1
 
 
 def _open(s: BreakerState, now: float) -> None:

@@ -243,6 +243,7 @@ class Router:
         def change(state: cb.BreakerState, now: float) -> None:
             if cooldown is not None:
                 cb.cool_down(state, now, cooldown)
+                cb.release(state)  # a probe answered with retry-after: no verdict
             elif ok:
                 cb.on_success(state, policy, now)
             else:
@@ -250,6 +251,19 @@ class Router:
 
         try:
             self.breakers.update(name, change)
+        except TimeoutError:
+            log.warning("breaker update skipped: table lock timeout", extra={"provider": name})
+
+    def _release(self, target: Target) -> None:
+        """Give back a half-open probe place claimed by `_admit` for an attempt that ends
+        without a verdict (see breaker.release); the common case costs one unlocked read."""
+        if not self._use_breakers:
+            return
+        name = target.provider.name
+        if self.breakers.hot(name)[0] != cb.HALF_OPEN:
+            return
+        try:
+            self.breakers.update(name, lambda state, now: cb.release(state))
         except TimeoutError:
             log.warning("breaker update skipped: table lock timeout", extra={"provider": name})
 
@@ -297,9 +311,14 @@ class Router:
                     continue
                 if pause:
                     self._count("retries", name)
-                    await asyncio.sleep(pause)
+                    try:
+                        await asyncio.sleep(pause)
+                    except BaseException:  # the client hung up during the backoff
+                        self._release(target)
+                        raise
                 remaining = deadline - clock()
                 if remaining <= 0:
+                    self._release(target)
                     break
                 tried.add(name)
                 attempts += 1
@@ -378,10 +397,14 @@ class Router:
                 )
         except ApiError as exc:
             if outcome.error not in RETRYABLE_ERRORS:
+                self._release(target)  # not the provider's failure: no verdict
                 raise
             self._report(target, False)
             self._observe(name, "error", None)
             return None, exc
+        except BaseException:  # cancelled: the client hung up before the answer
+            self._release(target)
+            raise
         finally:
             self.busy[name] -= 1
         if isinstance(result, Opened):
@@ -389,8 +412,8 @@ class Router:
             self._observe(name, "2xx", time.perf_counter() - started)
             return result, None
         status = result.status
-        outcome = f"{status // 100}xx" if 100 <= status <= 599 else "error"
-        self._observe(name, outcome, time.perf_counter() - started)
+        label = f"{status // 100}xx" if 100 <= status <= 599 else "error"
+        self._observe(name, label, time.perf_counter() - started)
         if status == 429:
             wait = retry_after_s(result.headers)
             self._report(target, False, cooldown=wait) if wait else self._report(target, False)

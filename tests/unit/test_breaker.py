@@ -62,6 +62,19 @@ def test_probes_that_never_report_back_are_given_up_after_a_timeout():
     assert cb.allow(s, POLICY, 20.0)
 
 
+def test_a_probe_without_a_verdict_gives_its_place_back_at_once():
+    s = cb.BreakerState()
+    for _ in range(3):
+        cb.on_failure(s, POLICY, 0.0)
+    assert cb.allow(s, POLICY, 10.0) and cb.allow(s, POLICY, 10.0)
+    assert not cb.allow(s, POLICY, 10.1)
+    cb.release(s)  # one probe's client hung up
+    assert s.state == cb.HALF_OPEN and cb.allow(s, POLICY, 10.1)  # not after a timeout
+    closed = cb.BreakerState()
+    cb.release(closed)
+    assert closed == cb.BreakerState()  # nothing to give back outside half-open
+
+
 def test_late_success_while_open_changes_nothing():
     s = cb.BreakerState()
     for _ in range(3):

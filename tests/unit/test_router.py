@@ -34,6 +34,8 @@ class Script:
         self.calls.append((provider.name, body))
         queue = self.answers[provider.name]
         result = queue.pop(0) if len(queue) > 1 else queue[0]
+        if result == "hang":
+            await asyncio.sleep(3600)  # cancelled by the test: the client hangs up
         if result == "connect":
             outcome.error = "connect"  # as Upstream.call names a failure
             raise BadGateway("The upstream could not be reached.")
@@ -124,3 +126,49 @@ def test_breaker_opens_and_traffic_skips_the_provider():
     script.answers["a"] = [OK]
     forward(router)  # the probe
     assert router.states()["a"]["breaker"] == "half_open"
+
+
+HALF_OPEN_ONE = {"circuit_breaker": {"failure_threshold": 1, "timeout_seconds": 5,
+                                     "half_open_max": 1}}  # fmt: skip
+
+
+def half_open_router(now: list[float], *answers: object) -> tuple[Router, Script]:
+    """Router whose provider "a" is one failure from open, then answers `answers`."""
+    script = Script(a=["connect", *answers], b=[OK], c=[OK])
+    router = make(script, HALF_OPEN_ONE, clock=lambda: now[0])
+    assert forward(router)[1].provider == "b"  # a failed once: open
+    now[0] = 5.0  # its timeout passed: the next request to it is the one probe
+    return router, script
+
+
+def test_a_probe_whose_client_hangs_up_gives_its_place_back():
+    now = [0.0]
+    router, _ = half_open_router(now, "hang")
+
+    async def hang_up() -> None:
+        ctx = RequestContext("r", None)
+        task = asyncio.ensure_future(
+            router.forward(ctx, "POST", "/chat/completions", b'{"model":"m"}', "m", False)
+        )
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert router.breakers.peek("a").probes == 1  # the probe is in flight
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(hang_up())
+    state = router.breakers.peek("a")
+    assert state.state == cb.HALF_OPEN and state.probes == 0  # given back, not held 5 s
+    assert cb.available(state, router._policy, now[0])
+
+
+def test_a_probe_answered_with_retry_after_gives_its_place_back():
+    now = [0.0]
+    router, _ = half_open_router(now, answer(429, **{"retry-after": "2"}), OK)
+    result, ctx = forward(router)
+    assert result is OK and ctx.provider == "b"  # a asked for 2 s: b answered
+    state = router.breakers.peek("a")
+    assert state.probes == 0 and state.cooldown_until == pytest.approx(7.0)
+    now[0] = 7.1
+    assert forward(router)[1].provider == "a"  # probed again once the cooldown is over
