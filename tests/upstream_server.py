@@ -15,6 +15,7 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     reset-mid-stream      two SSE chunks, then a TCP reset
     stall-mid-stream      two SSE chunks, then silence
     cut-mid-event         two SSE chunks, half of the third, then the connection closes
+                          (/v1/messages: three events, half of the fourth)
     end-mid-event         two SSE chunks, half of the third, then a clean end of the response
     split-events          every event written in pieces, cut inside its data and its CRLFs,
                           with a pause between pieces (a whole, valid stream)
@@ -400,8 +401,13 @@ async def messages(request: web.Request) -> web.StreamResponse:
                            "usage": {"output_tokens": 4}}),
         ("message_stop", {"type": "message_stop"}),
     ]  # fmt: skip
-    for kind, payload in events:
-        await response.write(f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode())
+    for index, (kind, payload) in enumerate(events):
+        event = f"event: {kind}\ndata: {json.dumps(payload)}\n\n".encode()
+        if model == "cut-mid-event" and index == 3:
+            await response.write(event[: len(event) // 2])
+            request.transport.close()  # the connection breaks inside an event
+            return response
+        await response.write(event)
     await response.write_eof()
     return response
 

@@ -14,11 +14,11 @@ from edge.endpoints.body import (
     parse_json_object,
     read_body,
 )
-from edge.errors import ApiError, BadGateway, envelope
+from edge.errors import ApiError, BadGateway, GatewayTimeout, envelope
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt, Reservation
 from edge.server.disconnect import unless_client_leaves
-from edge.upstream.client import UpstreamResponse, relay
+from edge.upstream.client import UpstreamResponse, openai_error_event, relay
 from edge.upstream.router import Router
 from edge.upstream.stream import ResponseStream
 from edge.upstream.usage_events import watch_usage
@@ -145,8 +145,9 @@ async def forward(
 ) -> None:
     """Route `body` to the model's providers (failover before the first byte) and answer.
 
-    `error_shape` renders an upstream error that had no JSON error body of its own (another
-    API's envelope, e.g. Anthropic's on /v1/messages). A token `reservation` is settled on
+    `error_shape` renders an upstream error that had no JSON error body of its own, and the
+    error event that ends a stream broken mid-way, in another API's envelope (Anthropic's on
+    /v1/messages). A token `reservation` is settled on
     the answer's usage (a stream's usage event; hidden from the client when `hide_usage`).
     """
     result = await unless_client_leaves(
@@ -164,10 +165,24 @@ async def forward(
     resp.set_header("x-accel-buffering", "no")
     outcome = ctx.upstream
     assert outcome is not None  # recorded by the router
-    source = relay(result.resp, outcome, req.receive, _usage_watcher(ctx), result.first)
+    error_event = openai_error_event if error_shape is None else _shaped_error_event(error_shape)
+    source = relay(
+        result.resp, outcome, req.receive, _usage_watcher(ctx), result.first, error_event
+    )
     resp.stream = stream = ResponseStream(settled_stream(source, reservation, ctx, hide_usage))
     # A generator closed before it started runs no `finally`: release the upstream here too.
     stream.on_close.append(lambda _: result.resp.close())
+
+
+def _shaped_error_event(error_shape: Callable[[ApiError], bytes]) -> Callable[[str, str], bytes]:
+    """A stream's closing error event in `error_shape`'s envelope, as an `error` SSE event
+    (Anthropic's streams end that way; its SDK raises the error it carries)."""
+
+    def error_event(kind: str, message: str) -> bytes:
+        error = GatewayTimeout(message) if kind == "timeout" else BadGateway(message)
+        return b"event: error\ndata: " + error_shape(error) + b"\n\n"
+
+    return error_event
 
 
 def send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> None:

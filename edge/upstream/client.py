@@ -33,6 +33,8 @@ MAX_RESPONSE_BYTES = 64 * 1024 * 1024
 PASS_HEADERS = ("retry-after", "retry-after-ms", "openai-processing-ms", "openai-version")
 # Upstream statuses that refuse the gateway's own credentials: never the client's fault.
 REFUSED = frozenset((401, 403))
+# Renders the SSE event that ends a stream broken mid-way: (error kind, message) -> bytes.
+ErrorEvent = Callable[[str, str], bytes]
 
 
 class UpstreamResponse:
@@ -251,12 +253,19 @@ def _failure(
     return _unreachable(outcome, exc)
 
 
+def openai_error_event(kind: str, message: str) -> bytes:
+    """The SSE event that ends a broken OpenAI-style stream: the error envelope as data (the
+    openai SDK raises it as an APIError)."""
+    return b"data: " + envelope(message, UPSTREAM, None, f"upstream_{kind}") + b"\n\n"
+
+
 async def relay(
     resp: aiohttp.ClientResponse,
     outcome: UpstreamOutcome,
     receive: Callable[[], Awaitable[dict[str, Any]]] | None,
     on_chunk: Callable[[bytes], None] | None = None,
     first: bytes = b"",
+    error_event: ErrorEvent = openai_error_event,
 ) -> AsyncIterator[bytes]:
     """Yield the upstream's SSE events as they complete; never buffer a whole stream.
 
@@ -270,7 +279,8 @@ async def relay(
     (watched through ASGI `receive`) closes the upstream response at once, so no orphaned
     upstream work remains. An upstream failure mid-stream (a broken connection, a stall, an
     end or an oversized event mid-event) drops the incomplete event and ends the stream with
-    an SSE error event, on an event boundary, instead of a hang. The time spent waiting on
+    an SSE error event (`error_event`: in the API's own shape), on an event boundary, instead
+    of a hang. The time spent waiting on
     reads and a failure's kind go into the request's `outcome`.
     """
     watcher = close_on_hang_up(receive, lambda: _close_for_hang_up(resp)) if receive else None
@@ -296,14 +306,20 @@ async def relay(
             yield block
         if splitter.pending:
             message = "The upstream's event stream ended in the middle of an event."
-            yield _stream_failed(outcome, "invalid", "ended mid-event", splitter.pending, message)
+            yield _stream_failed(
+                outcome, error_event, "invalid", "ended mid-event", splitter.pending, message
+            )
     except (aiohttp.ClientError, TimeoutError) as exc:
         _forget_traceback(exc)
         if watcher is None or not watcher.done():
-            yield _stream_failed(outcome, error_kind(exc), type(exc).__name__, splitter.pending)
+            yield _stream_failed(
+                outcome, error_event, error_kind(exc), type(exc).__name__, splitter.pending
+            )
     except EventTooLarge:
         message = f"The upstream sent an event larger than {splitter.max_event_bytes} bytes."
-        yield _stream_failed(outcome, "invalid", "EventTooLarge", splitter.pending, message)
+        yield _stream_failed(
+            outcome, error_event, "invalid", "EventTooLarge", splitter.pending, message
+        )
     finally:
         if watcher is not None:
             watcher.cancel()
@@ -311,7 +327,12 @@ async def relay(
 
 
 def _stream_failed(
-    outcome: UpstreamOutcome, kind: str, error: str, dropped: int, message: str | None = None
+    outcome: UpstreamOutcome,
+    error_event: ErrorEvent,
+    kind: str,
+    error: str,
+    dropped: int,
+    message: str | None = None,
 ) -> bytes:
     """Record and log a stream that failed mid-way; the SSE error event that ends it."""
     outcome.error = kind
@@ -319,7 +340,13 @@ def _stream_failed(
         "upstream stream failed",
         extra={"error_kind": kind, "error": error, "dropped_bytes": dropped},
     )
-    return _sse_error(kind, message)
+    if message is None:
+        message = (
+            "The upstream stopped responding mid-stream."
+            if kind == "timeout"
+            else "The upstream connection failed mid-stream."
+        )
+    return error_event(kind, message)
 
 
 def _close_for_hang_up(resp: aiohttp.ClientResponse) -> None:
@@ -334,16 +361,6 @@ def _forget_traceback(exc: BaseException) -> None:
     """Drop the traceback of a caught aiohttp exception: aiohttp reuses some exception objects
     across requests, and a traceback left on one keeps every frame it passed through alive."""
     exc.__traceback__ = None
-
-
-def _sse_error(kind: str, message: str | None = None) -> bytes:
-    if message is None:
-        message = (
-            "The upstream stopped responding mid-stream."
-            if kind == "timeout"
-            else "The upstream connection failed mid-stream."
-        )
-    return b"data: " + envelope(message, UPSTREAM, None, f"upstream_{kind}") + b"\n\n"
 
 
 async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:

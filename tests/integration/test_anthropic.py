@@ -42,6 +42,9 @@ targets = [{{ provider = "claude" }}]
 [[models]]
 name = "html-502"
 targets = [{{ provider = "claude" }}]
+[[models]]
+name = "cut-mid-event"
+targets = [{{ provider = "claude" }}]
 """)
     server = Gunicorn(API_KEYS=KEY, PROVIDERS_FILE=str(path))
     yield server
@@ -139,3 +142,29 @@ def test_routing_errors_in_anthropic_shape(proxy):
         "type": "error",
         "error": {"type": "api_error", "message": "The upstream answered HTTP 502."},
     }
+
+
+def test_a_stream_broken_mid_event_ends_with_an_anthropic_error_event(proxy):
+    """The upstream breaks inside the fourth event: the three whole ones arrive, the half one
+    is dropped, and the stream ends with Anthropic's `error` event, which the SDK raises."""
+    ask = {"model": "cut-mid-event", "max_tokens": 8, "messages": ASK}
+    with (
+        client(proxy) as sdk,
+        pytest.raises(anthropic.APIStatusError) as info,
+        sdk.messages.stream(**ask) as stream,
+    ):
+        for _ in stream:
+            pass
+    assert info.value.body["type"] == "error"
+    assert info.value.body["error"]["type"] == "api_error"
+    assert "mid-stream" in info.value.body["error"]["message"]
+    raw = httpx.post(
+        proxy.url + "/v1/messages",
+        json={"model": "cut-mid-event", "max_tokens": 8, "stream": True, "messages": ASK},
+        headers={"x-api-key": KEY, "anthropic-version": "2023-06-01"},
+    ).text
+    events = [block for block in raw.split("\n\n") if block]
+    assert [block.split("\n")[0] for block in events] == [
+        "event: message_start", "event: content_block_start", "event: ping", "event: error",
+    ]  # fmt: skip
+    assert "Hello from" not in raw  # the half event never reached the client
