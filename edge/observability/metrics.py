@@ -79,7 +79,9 @@ class _Slot:
         _pack_into(self._file._m, self._pos, value, 0.0)
 
     def dec(self, amount: float = 1.0) -> None:
-        self.inc(-amount)
+        mv = self._mv
+        value = mv._value = mv._value - amount
+        _pack_into(self._file._m, self._pos, value, 0.0)
 
 
 class _LockedSlot:
@@ -102,28 +104,50 @@ def _slot(value: Any) -> _Slot | _LockedSlot:
 
 
 class _HistogramSlots:
-    """A histogram child as slots: an observation is two writes (the sum and one bucket)."""
+    """A histogram child as slots of one mmap file: an observation is two writes (the sum and
+    one bucket), done here directly rather than through two `_Slot.inc` calls."""
 
-    __slots__ = ("_bounds", "_buckets", "_sum")
+    __slots__ = ("_bounds", "_bucket_mvs", "_bucket_pos", "_file", "_sum_mv", "_sum_pos")
 
     def __init__(self, child: Any) -> None:
         self._bounds = list(child._upper_bounds)  # ascending, +Inf last
-        self._buckets = [_slot(bucket) for bucket in child._buckets]
-        self._sum = _slot(child._sum)
-        if len(self._bounds) != len(self._buckets):
+        buckets = [_Slot(bucket) for bucket in child._buckets]
+        total = _Slot(child._sum)
+        if len(self._bounds) != len(buckets) or any(b._file is not total._file for b in buckets):
             raise RuntimeError("prometheus_client Histogram internals changed")
+        self._file = total._file
+        self._sum_mv, self._sum_pos = total._mv, total._pos
+        self._bucket_mvs = [bucket._mv for bucket in buckets]
+        self._bucket_pos = [bucket._pos for bucket in buckets]
 
     def observe(self, amount: float) -> None:
-        self._sum.inc(amount)
+        m = self._file._m  # looked up each time: the dict remaps its file when it grows
+        mv = self._sum_mv
+        value = mv._value = mv._value + amount
+        _pack_into(m, self._sum_pos, value, 0.0)
         # The first bucket whose upper bound is >= amount, as Histogram.observe picks it.
-        self._buckets[bisect_left(self._bounds, amount)].inc(1.0)
+        index = bisect_left(self._bounds, amount)
+        mv = self._bucket_mvs[index]
+        value = mv._value = mv._value + 1.0
+        _pack_into(m, self._bucket_pos[index], value, 0.0)
+
+
+class _LockedHistogram:
+    """Single-process mode: the public API."""
+
+    __slots__ = ("observe",)
+
+    def __init__(self, child: Any) -> None:
+        self.observe = child.observe
 
 
 def _fast(family: Any, labels: tuple[str, ...]) -> Any:
     """The slots of one label child of a Counter, Gauge or Histogram."""
     child = family.labels(*labels) if labels else family
     if hasattr(child, "_upper_bounds"):
-        return _HistogramSlots(child)
+        if getattr(child._sum, "_multiprocess", False):
+            return _HistogramSlots(child)
+        return _LockedHistogram(child)
     return _slot(child._value)
 
 
