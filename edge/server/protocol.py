@@ -209,6 +209,11 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if self._lingering is not None:
             self._lingering.set()  # the client has sent everything: the linger is over
             return True  # _linger closes the transport
+        # Otherwise a FIN is taken as the client going away, as nginx does for proxied requests
+        # (499): the transport closes, and the request's upstream work is cancelled at once.
+        # TCP cannot tell a client that half-closed but still reads (`nc -N`) from one that
+        # left; keeping such connections open would let every hung-up client hold its request
+        # slot and upstream call until SERVER_TIMEOUT_SECONDS.
         return super().eof_received()
 
     def _restart_without_upgrade(self) -> bytes | None:
