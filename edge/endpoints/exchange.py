@@ -166,8 +166,14 @@ async def forward(
     outcome = ctx.upstream
     assert outcome is not None  # recorded by the router
     error_event = openai_error_event if error_shape is None else _shaped_error_event(error_shape)
+    provider = outcome.provider
+
+    def ended(ok: bool) -> None:  # the provider's breaker gets the stream's verdict
+        if provider is not None and not (ok and result.probe_reported):
+            router.stream_ended(provider, ok)
+
     source = relay(
-        result.resp, outcome, req.receive, _usage_watcher(ctx), result.first, error_event
+        result.resp, outcome, req.receive, _usage_watcher(ctx), result.first, error_event, ended
     )
     resp.stream = stream = ResponseStream(settled_stream(source, reservation, ctx, hide_usage))
     # A generator closed before it started runs no `finally`: release the upstream here too.

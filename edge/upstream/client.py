@@ -266,6 +266,7 @@ async def relay(
     on_chunk: Callable[[bytes], None] | None = None,
     first: bytes = b"",
     error_event: ErrorEvent = openai_error_event,
+    on_end: Callable[[bool], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the upstream's SSE events as they complete; never buffer a whole stream.
 
@@ -280,8 +281,9 @@ async def relay(
     upstream work remains. An upstream failure mid-stream (a broken connection, a stall, an
     end or an oversized event mid-event) drops the incomplete event and ends the stream with
     an SSE error event (`error_event`: in the API's own shape), on an event boundary, instead
-    of a hang. The time spent waiting on
-    reads and a failure's kind go into the request's `outcome`.
+    of a hang. `on_end` learns how the stream ended: True when whole, False on such a failure
+    (for the provider's breaker); a client hanging up is neither, and it is not called. The
+    time spent waiting on reads and a failure's kind go into the request's `outcome`.
     """
     watcher = close_on_hang_up(receive, lambda: _close_for_hang_up(resp)) if receive else None
     content = resp.content
@@ -304,21 +306,35 @@ async def relay(
             if on_chunk is not None:
                 on_chunk(block)
             yield block
-        if splitter.pending:
+        if not splitter.pending:
+            if on_end is not None:
+                on_end(True)
+        else:
             message = "The upstream's event stream ended in the middle of an event."
             yield _stream_failed(
-                outcome, error_event, "invalid", "ended mid-event", splitter.pending, message
+                outcome,
+                error_event,
+                on_end,
+                "invalid",
+                "ended mid-event",
+                splitter.pending,
+                message,
             )
     except (aiohttp.ClientError, TimeoutError) as exc:
         _forget_traceback(exc)
         if watcher is None or not watcher.done():
             yield _stream_failed(
-                outcome, error_event, error_kind(exc), type(exc).__name__, splitter.pending
+                outcome,
+                error_event,
+                on_end,
+                error_kind(exc),
+                type(exc).__name__,
+                splitter.pending,
             )
     except EventTooLarge:
         message = f"The upstream sent an event larger than {splitter.max_event_bytes} bytes."
         yield _stream_failed(
-            outcome, error_event, "invalid", "EventTooLarge", splitter.pending, message
+            outcome, error_event, on_end, "invalid", "EventTooLarge", splitter.pending, message
         )
     finally:
         if watcher is not None:
@@ -329,6 +345,7 @@ async def relay(
 def _stream_failed(
     outcome: UpstreamOutcome,
     error_event: ErrorEvent,
+    on_end: Callable[[bool], None] | None,
     kind: str,
     error: str,
     dropped: int,
@@ -336,6 +353,8 @@ def _stream_failed(
 ) -> bytes:
     """Record and log a stream that failed mid-way; the SSE error event that ends it."""
     outcome.error = kind
+    if on_end is not None:
+        on_end(False)
     log.warning(
         "upstream stream failed",
         extra={"error_kind": kind, "error": error, "dropped_bytes": dropped},

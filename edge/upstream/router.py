@@ -55,6 +55,7 @@ class Opened:
     resp: aiohttp.ClientResponse
     first: bytes
     status: int
+    probe_reported: bool = False  # a half-open probe's success was reported at the first event
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:
@@ -231,11 +232,18 @@ class Router:
         except TimeoutError:
             return True
 
-    def _report(self, target: Target, ok: bool, cooldown: float | None = None) -> None:
+    def stream_ended(self, name: str, ok: bool) -> None:
+        """A stream from provider `name` ended: whole (`ok`), or failed after its first event
+        (a broken connection, a stall, a malformed event). The failure counts for its breaker
+        like one before the first byte; only the client's answer could not fail over any more.
+        A stream whose client hung up has no verdict and is not reported, nor is the success
+        of one whose first event already reported it (`Opened.probe_reported`)."""
+        self._report(name, ok)
+
+    def _report(self, name: str, ok: bool, cooldown: float | None = None) -> None:
         if not self._use_breakers:
             return
         policy = self._policy
-        name = target.provider.name
         state, failures, _ = self.breakers.hot(name)
         if ok and cooldown is None and state == cb.CLOSED and failures == 0:
             return  # nothing to change: no lock
@@ -399,7 +407,7 @@ class Router:
             if outcome.error not in RETRYABLE_ERRORS:
                 self._release(target)  # not the provider's failure: no verdict
                 raise
-            self._report(target, False)
+            self._report(name, False)
             self._observe(name, "error", None)
             return None, exc
         except BaseException:  # cancelled: the client hung up before the answer
@@ -408,7 +416,12 @@ class Router:
         finally:
             self.busy[name] -= 1
         if isinstance(result, Opened):
-            self._report(target, True)
+            # A stream's verdict comes at its end (`stream_ended`), when it is known whether it
+            # broke; only a half-open probe's success is reported now, so the breaker can close
+            # without waiting out a long stream.
+            if self._use_breakers and self.breakers.hot(name)[0] != cb.CLOSED:
+                self._report(name, True)
+                result.probe_reported = True
             self._observe(name, "2xx", time.perf_counter() - started)
             return result, None
         status = result.status
@@ -416,11 +429,11 @@ class Router:
         self._observe(name, label, time.perf_counter() - started)
         if status == 429:
             wait = retry_after_s(result.headers)
-            self._report(target, False, cooldown=wait) if wait else self._report(target, False)
+            self._report(name, False, cooldown=wait) if wait else self._report(name, False)
         elif status >= 500:
-            self._report(target, False)
+            self._report(name, False)
         else:
-            self._report(target, True)
+            self._report(name, True)
         return result, None
 
     async def _open(

@@ -242,6 +242,36 @@ timeout_seconds = 60
         server.stop()
 
 
+def test_streams_broken_mid_way_open_the_providers_breaker(tmp_path, upstreams):
+    """Failures after the first event can no longer fail over, but they are the provider's:
+    they count for its breaker, and once it opens the next streams go elsewhere."""
+    models = """
+[[models]]
+name = "cut-mid-event"
+targets = [{ provider = "a" }, { provider = "b", model = "paced-2" }]
+"""
+    routing = """[routing]
+strategy = "priority"
+[routing.circuit_breaker]
+failure_threshold = 2
+timeout_seconds = 60
+"""
+    server = start(tmp_path, upstreams, models, routing)
+    try:
+        for _ in range(2):
+            broken = chat(server, "cut-mid-event", stream=True)
+            assert broken.status_code == 200  # the stream had started: no failover
+            assert '"upstream_error"' in broken.text.splitlines()[-2]  # its closing error event
+        health = httpx.get(server.url + "/health").json()
+        assert health["providers"]["a"]["breaker"] == "open"
+        before = count(upstreams["b"])
+        served = chat(server, "cut-mid-event", stream=True)
+        assert served.status_code == 200 and served.text.rstrip().endswith("data: [DONE]")
+        assert count(upstreams["b"], before) == 1
+    finally:
+        server.stop()
+
+
 def test_provider_killed_under_load_no_request_fails(tmp_path, upstreams):
     a = upstreams["a"]
     routing = """[routing]

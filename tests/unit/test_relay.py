@@ -56,14 +56,24 @@ def collect(reads: list[bytes], fail: BaseException | None = None):
     resp = ScriptedResponse(reads, fail)
     ctx = recorded()
     seen: list[bytes] = []
+    ends: list[bool] = []
 
     async def run() -> list[bytes]:
-        return [block async for block in relay(resp, ctx.upstream, None, seen.append)]  # type: ignore[arg-type]
+        stream = relay(
+            resp,  # type: ignore[arg-type]
+            ctx.upstream,  # type: ignore[arg-type]
+            None,
+            seen.append,
+            on_end=ends.append,
+        )
+        return [block async for block in stream]
 
     blocks = asyncio.run(run())
     assert resp.closed
     # on_chunk sees exactly the upstream's events that go out (not our closing error event)
     assert blocks[: len(seen)] == seen and len(blocks) - len(seen) <= 1
+    # the provider's breaker gets one verdict: a failure exactly when the stream ended on one
+    assert ends == [ctx.upstream_error is None]
     return blocks, ctx
 
 

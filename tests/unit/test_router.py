@@ -172,3 +172,17 @@ def test_a_probe_answered_with_retry_after_gives_its_place_back():
     assert state.probes == 0 and state.cooldown_until == pytest.approx(7.0)
     now[0] = 7.1
     assert forward(router)[1].provider == "a"  # probed again once the cooldown is over
+
+
+def test_a_stream_broken_after_its_first_event_counts_against_the_breaker():
+    now = [0.0]
+    script = Script(a=[OK], b=[OK], c=[OK])
+    router = make(script, {"circuit_breaker": {"failure_threshold": 2, "timeout_seconds": 5}},
+                  clock=lambda: now[0])  # fmt: skip
+    router.stream_ended("a", False)
+    router.stream_ended("a", True)  # a whole stream in between: failures are consecutive
+    router.stream_ended("a", False)
+    assert router.breakers.peek("a").state == cb.CLOSED
+    router.stream_ended("a", False)
+    assert router.breakers.peek("a").state == cb.OPEN
+    assert forward(router)[1].provider == "b"
