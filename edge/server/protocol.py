@@ -127,8 +127,12 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._header_size = 0
+        # Deadlines (loop time; None: not running) and their timers, see _start_head_deadline.
+        self._head_due: float | None = None
+        self._body_due: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
+        self._has_host = False
         self._send_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._draining = False
@@ -144,7 +148,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # Every close, ours and uvicorn's, goes through _close(): see _LingeringTransport.
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
-        self._arm_head_timer()  # the first request must arrive in time too
+        self._start_head_deadline()  # the first request must arrive in time too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -196,14 +200,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(431, "Request header block too large.")
         elif (
-            self._head_timer is None
+            self._head_due is None
             and self.timeout_keep_alive_task is None
             and (self.cycle is None or self.cycle.response_complete)
         ):
             # Bytes that start no request (the blank lines a parser skips) cancelled the
             # keep-alive deadline above; without a new deadline they would hold the
             # connection open for ever.
-            self._arm_head_timer()
+            self._start_head_deadline()
 
     def eof_received(self) -> bool | None:
         if self._lingering is not None:
@@ -239,8 +243,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._header_size = 0
-        if self._head_timer is None:
-            self._arm_head_timer()
+        self._has_host = False
+        if self._head_due is None:
+            self._start_head_deadline()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -257,6 +262,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if self._header_size > self.limits.max_header_bytes:
             raise _Refuse(431, "Request header block too large.")
         super().on_header(name, value)
+        if self.headers[-1][0] == b"host":  # as uvicorn stored it: lower-cased
+            self._has_host = True
 
     def on_headers_complete(self) -> None:
         if self.parser.should_upgrade():
@@ -265,10 +272,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self._upgrade_head = self._head_without_upgrade()
             return
         self._head_started = False
-        self._cancel_head_timer()
-        if not any(name == b"host" for name, _ in self.headers) and (
-            self.parser.get_http_version() == "1.1"
-        ):
+        self._head_due = None  # its timer, if still armed, finds nothing to do
+        if not self._has_host and (self.parser.get_http_version() == "1.1"):
             raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         app = self.app
         # Health checks are exempt from the cap: a saturated worker is busy, not dead.
@@ -295,8 +300,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         (uvicorn pauses reading), so a deadline started at its head could run out during the
         previous response and write a 408 into the middle of it."""
         super()._start_asgi_task(cycle, app)
-        if cycle.more_body and self._body_timer is None:
-            self._body_timer = self.loop.call_later(self.limits.body_timeout, self._body_timed_out)
+        if cycle.more_body and self._body_due is None:
+            self._start_body_deadline()
 
     def on_body(self, body: bytes) -> None:
         if self._upgrade_head is None:
@@ -305,7 +310,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._upgrade_head is not None:
             return  # the upgrade request is served from its second parse
-        self._cancel_body_timer()
+        self._body_due = None
         super().on_message_complete()
 
     def _head_without_upgrade(self) -> bytes | None:
@@ -343,22 +348,51 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     # -------------------------------------------------------------- timers and refusals
 
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.limits.header_timeout, self._head_timed_out)
+    # Deadlines without a timer per request. A deadline is a loop time (`_head_due`,
+    # `_body_due`; None when not running). Its timer is armed only when none is pending, and
+    # stays armed when the deadline stops or moves: when it fires it compares the time with the
+    # deadline then in force and waits again for what is left, or does nothing. A keep-alive
+    # connection serving requests back to back so costs a float store per deadline and request
+    # instead of a call_later and a cancel, and every deadline still fires on time.
 
-    def _cancel_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+    def _start_head_deadline(self) -> None:
+        self._head_due = due = self.loop.time() + self.limits.header_timeout
+        if self._head_timer is None:
+            self._head_timer = self.loop.call_at(due, self._head_timer_fired)
 
-    def _cancel_body_timer(self) -> None:
-        if self._body_timer is not None:
-            self._body_timer.cancel()
-            self._body_timer = None
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        due = self._head_due
+        if due is None:
+            return
+        if due > self.loop.time():  # a later request's deadline: wait for what is left
+            self._head_timer = self.loop.call_at(due, self._head_timer_fired)
+            return
+        self._head_due = None
+        self._head_timed_out()
+
+    def _start_body_deadline(self) -> None:
+        self._body_due = due = self.loop.time() + self.limits.body_timeout
+        if self._body_timer is None:
+            self._body_timer = self.loop.call_at(due, self._body_timer_fired)
+
+    def _body_timer_fired(self) -> None:
+        self._body_timer = None
+        due = self._body_due
+        if due is None:
+            return
+        if due > self.loop.time():
+            self._body_timer = self.loop.call_at(due, self._body_timer_fired)
+            return
+        self._body_due = None
+        self._body_timed_out()
 
     def _cancel_timers(self) -> None:
-        self._cancel_head_timer()
-        self._cancel_body_timer()
+        self._head_due = self._body_due = None
+        for timer in (self._head_timer, self._body_timer):
+            if timer is not None:
+                timer.cancel()
+        self._head_timer = self._body_timer = None
         self._cancel_send_timer()
 
     # A client that stops reading: the socket's buffer fills, the transport pauses writing, and
@@ -386,7 +420,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self.transport.abort()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
         if self.transport.is_closing():
             return
         self._linger_allowed = False  # a client this slow is not waited for any longer
@@ -397,7 +430,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _body_timed_out(self) -> None:
-        self._body_timer = None
         cycle = self.cycle
         if self.transport.is_closing() or cycle is None or not cycle.more_body:
             return

@@ -107,14 +107,22 @@ class MockLoop:
         self.now = 0.0
         self._timers: list[tuple[float, int, MockTimer]] = []
         self._order = itertools.count()
+        self.armed: list[str] = []  # the name of every timer callback armed, in order
 
     def create_task(self, coro: Awaitable[Any], **kwargs: Any) -> asyncio.Task[Any]:
         return asyncio.get_running_loop().create_task(coro, **kwargs)  # type: ignore[arg-type]
 
     def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> MockTimer:
+        return self.call_at(self.now + delay, callback, *args)
+
+    def call_at(self, when: float, callback: Callable[..., None], *args: Any) -> MockTimer:
         timer = MockTimer(callback, args)
-        heapq.heappush(self._timers, (self.now + delay, next(self._order), timer))
+        self.armed.append(getattr(callback, "__name__", ""))
+        heapq.heappush(self._timers, (when, next(self._order), timer))
         return timer
+
+    def time(self) -> float:
+        return self.now
 
     def pending(self) -> int:
         return sum(not timer.cancelled for _, _, timer in self._timers)
@@ -356,6 +364,27 @@ def test_a_pipelined_requests_body_deadline_starts_with_its_turn():
         await conn.loop.advance(1.2)
         assert status_lines(conn.transport.take()) == [408]
         assert app.bodies == []
+
+    run(test)
+
+
+def test_deadlines_follow_each_request_without_a_timer_per_request():
+    async def test() -> None:
+        conn = Connection(App())
+        for _ in range(20):  # back to back on one keep-alive connection, each body in 2 reads
+            request = post(CHAT)
+            await conn.send(request[:-3])
+            await conn.send(request[-3:])
+        assert status_lines(conn.transport.take()) == [200] * 20
+        ours = [name for name in conn.loop.armed if name.startswith(("_head_", "_body_"))]
+        assert len(ours) <= 2, ours  # one head and one body timer, kept armed across requests
+        await conn.loop.advance(4)  # idle, within the keep-alive time
+        await conn.send(b"GET / HTTP/1.1\r\nHo")  # a head starts at t=4: due at t=14
+        await conn.loop.advance(LIMITS.header_timeout - 0.1)  # the first timer fired at 10
+        assert conn.transport.buffer == b"" and not conn.closed
+        await conn.loop.advance(0.2)
+        assert status_lines(conn.transport.take()) == [408]
+        assert conn.closed
 
     run(test)
 
