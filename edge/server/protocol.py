@@ -127,11 +127,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._header_size = 0
-        # Deadlines (loop time; None: not running) and their timers, see _start_head_deadline.
-        self._head_due: float | None = None
-        self._body_due: float | None = None
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._body_timer: asyncio.TimerHandle | None = None
+        self._head = _Deadline(self.loop, self.limits.header_timeout, self._head_timed_out)
+        self._body = _Deadline(self.loop, self.limits.body_timeout, self._body_timed_out)
         self._has_host = False
         self._send_timer: asyncio.TimerHandle | None = None
         self._refused = False
@@ -148,7 +145,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # Every close, ours and uvicorn's, goes through _close(): see _LingeringTransport.
         super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
-        self._start_head_deadline()  # the first request must arrive in time too
+        self._head.start()  # the first request must arrive in time too
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
@@ -200,14 +197,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(431, "Request header block too large.")
         elif (
-            self._head_due is None
+            self._head.due is None
             and self.timeout_keep_alive_task is None
             and (self.cycle is None or self.cycle.response_complete)
         ):
             # Bytes that start no request (the blank lines a parser skips) cancelled the
             # keep-alive deadline above; without a new deadline they would hold the
             # connection open for ever.
-            self._start_head_deadline()
+            self._head.start()
 
     def eof_received(self) -> bool | None:
         if self._lingering is not None:
@@ -244,8 +241,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._header_size = 0
         self._has_host = False
-        if self._head_due is None:
-            self._start_head_deadline()
+        if self._head.due is None:
+            self._head.start()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -272,7 +269,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self._upgrade_head = self._head_without_upgrade()
             return
         self._head_started = False
-        self._head_due = None  # its timer, if still armed, finds nothing to do
+        self._head.due = None  # its timer, if still armed, finds nothing to do (_Deadline)
         if not self._has_host and (self.parser.get_http_version() == "1.1"):
             raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         app = self.app
@@ -300,8 +297,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         (uvicorn pauses reading), so a deadline started at its head could run out during the
         previous response and write a 408 into the middle of it."""
         super()._start_asgi_task(cycle, app)
-        if cycle.more_body and self._body_due is None:
-            self._start_body_deadline()
+        if cycle.more_body and self._body.due is None:
+            self._body.start()
 
     def on_body(self, body: bytes) -> None:
         if self._upgrade_head is None:
@@ -310,7 +307,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._upgrade_head is not None:
             return  # the upgrade request is served from its second parse
-        self._body_due = None
+        self._body.due = None
         super().on_message_complete()
 
     def _head_without_upgrade(self) -> bytes | None:
@@ -348,51 +345,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     # -------------------------------------------------------------- timers and refusals
 
-    # Deadlines without a timer per request. A deadline is a loop time (`_head_due`,
-    # `_body_due`; None when not running). Its timer is armed only when none is pending, and
-    # stays armed when the deadline stops or moves: when it fires it compares the time with the
-    # deadline then in force and waits again for what is left, or does nothing. A keep-alive
-    # connection serving requests back to back so costs a float store per deadline and request
-    # instead of a call_later and a cancel, and every deadline still fires on time.
-
-    def _start_head_deadline(self) -> None:
-        self._head_due = due = self.loop.time() + self.limits.header_timeout
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_at(due, self._head_timer_fired)
-
-    def _head_timer_fired(self) -> None:
-        self._head_timer = None
-        due = self._head_due
-        if due is None:
-            return
-        if due > self.loop.time():  # a later request's deadline: wait for what is left
-            self._head_timer = self.loop.call_at(due, self._head_timer_fired)
-            return
-        self._head_due = None
-        self._head_timed_out()
-
-    def _start_body_deadline(self) -> None:
-        self._body_due = due = self.loop.time() + self.limits.body_timeout
-        if self._body_timer is None:
-            self._body_timer = self.loop.call_at(due, self._body_timer_fired)
-
-    def _body_timer_fired(self) -> None:
-        self._body_timer = None
-        due = self._body_due
-        if due is None:
-            return
-        if due > self.loop.time():
-            self._body_timer = self.loop.call_at(due, self._body_timer_fired)
-            return
-        self._body_due = None
-        self._body_timed_out()
-
     def _cancel_timers(self) -> None:
-        self._head_due = self._body_due = None
-        for timer in (self._head_timer, self._body_timer):
-            if timer is not None:
-                timer.cancel()
-        self._head_timer = self._body_timer = None
+        self._head.cancel()
+        self._body.cancel()
         self._cancel_send_timer()
 
     # A client that stops reading: the socket's buffer fills, the transport pauses writing, and
@@ -514,6 +469,46 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         finally:
             deadline.cancel()
             transport.close()
+
+
+class _Deadline:
+    """A deadline without a timer per request: `start()` sets the due time (loop time), and a
+    timer is armed only when none is pending; stopping (`due = None`) or moving the deadline
+    leaves the timer armed. When it fires it compares the time with the deadline then in force:
+    past it, `on_expiry` runs; before it, it waits again for what is left; with none, nothing.
+    A keep-alive connection serving requests back to back so costs a float store per deadline
+    and request instead of a call_later and a cancel, and every deadline still fires on time."""
+
+    __slots__ = ("_loop", "_on_expiry", "_seconds", "_timer", "due")
+
+    def __init__(self, loop: Any, seconds: float, on_expiry: Any) -> None:
+        self._loop = loop
+        self._seconds = seconds
+        self._on_expiry = on_expiry
+        self._timer: asyncio.TimerHandle | None = None
+        self.due: float | None = None  # loop time; None: not running
+
+    def start(self) -> None:
+        self.due = due = self._loop.time() + self._seconds
+        if self._timer is None:
+            self._timer = self._loop.call_at(due, self._fired)
+
+    def cancel(self) -> None:
+        self.due = None
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _fired(self) -> None:
+        self._timer = None
+        due = self.due
+        if due is None:
+            return
+        if due > self._loop.time():  # a later request's deadline: wait for what is left
+            self._timer = self._loop.call_at(due, self._fired)
+            return
+        self.due = None
+        self._on_expiry()
 
 
 class _LingeringTransport:
