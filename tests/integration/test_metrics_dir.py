@@ -241,6 +241,7 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
         assert server.stop() == 0
 
 
+@pytest.mark.slow
 def test_scrapes_stay_exact_while_workers_exit_and_are_folded(tmp_path):
     """Two workers; one after another is stopped (SIGTERM) and replaced by gunicorn while the
     other keeps answering scrapes, so scrapes run while the master folds the dead worker's
