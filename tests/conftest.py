@@ -9,6 +9,14 @@ import pytest
 _TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(?:breakers\.)?(\d+)(?:\.[0-9a-f]+)?")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Files holding a `slow` test first, otherwise collection order: the test processes
+    (pytest-xdist, one file at a time in this order) start the longest files at once instead
+    of ending the run on them."""
+    slow = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow)
+
+
 @pytest.fixture(autouse=True)
 def _close_sdk_clients():
     yield

@@ -71,6 +71,17 @@ def children(pid: int) -> list[int]:
     return sorted(found)
 
 
+def is_child(pid: int, parent: int) -> bool:
+    """Whether `pid` is still a child of `parent` (a zombie not yet reaped counts): one /proc
+    read, where children() scans every process; for polling one known worker's exit."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+    except OSError:
+        return False
+    return int(stat[stat.rindex(")") + 2 :].split()[1]) == parent
+
+
 def wait_service(
     proc: subprocess.Popen[Any], url: str, workers: int = 0, timeout: float = 30.0
 ) -> None:

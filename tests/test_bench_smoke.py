@@ -39,6 +39,7 @@ ROWS = (
 )
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(
     bool(MISSING),
     reason=f"benchmark tools not installed: {', '.join(MISSING)} (apt-get install wrk nginx)",

@@ -472,7 +472,12 @@ def main() -> None:
     app.router.add_get("/_seen/{request_id}", seen)
     app.router.add_get("/_stats", stats)
     app.router.add_get("/_health", health)
-    web.run_app(app, host=options.host, port=options.port, print=None, access_log=None)
+    # A short shutdown: a test that leaves a stream or a `hang` handler running must not make
+    # a stop wait out aiohttp's default 60 s for handlers to finish.
+    web.run_app(
+        app, host=options.host, port=options.port, print=None, access_log=None,
+        shutdown_timeout=1.0,
+    )  # fmt: skip
 
 
 if __name__ == "__main__":

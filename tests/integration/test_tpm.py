@@ -201,6 +201,7 @@ def test_the_upstream_is_held_to_the_estimate_and_errors_refund(
     generate past what was reserved. A cap that is not a whole number is 400. An upstream error
     answer (nothing generated) gives the whole reservation back."""
     rate = KEYS["refund"] / 60
+    t1 = time.monotonic()  # r1 is read when `first` reserves: the refill window opens after t1
     first = chat(server, "refund")
     assert first.status_code == 200, first.text
     sent = json.loads(upstream.seen(first.headers["x-request-id"])["body"])
@@ -208,7 +209,7 @@ def test_the_upstream_is_held_to_the_estimate_and_errors_refund(
     for bad in ("100000", 1e5, -1):
         refused = chat(server, "refund", max_tokens=bad)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
-    r1, t1 = int(first.headers["x-ratelimit-remaining-tokens"]), time.monotonic()
+    r1 = int(first.headers["x-ratelimit-remaining-tokens"])
     failed = chat(server, "refund", model="error-500", max_tokens=30)
     assert failed.status_code == 500
     after = chat(server, "refund", max_tokens=30)

@@ -308,6 +308,7 @@ class Leak(AssertionError):
     """Memory that does not come back (kept apart from functional failures)."""
 
 
+@pytest.mark.slow
 def test_hang_ups_mid_stream_do_not_leak_memory(proxy, upstream):
     driver = soak.Driver(proxy.url, KEY)
 
@@ -331,6 +332,7 @@ def test_hang_ups_mid_stream_do_not_leak_memory(proxy, upstream):
         raise Leak(f"2000 hang-ups mid-stream: worker RSS grew {grown_mib:.1f} MiB in total")
 
 
+@pytest.mark.slow
 def test_mixed_run_leaves_memory_and_descriptors_flat(proxy, upstream):
     pids = sorted(proxy.worker_pids())
     warm = soak.run_mixed(proxy.url, 600, concurrency=16, key=KEY)
