@@ -5,8 +5,9 @@ matched) and `process_response` at the end:
 
 - `process_request`: request id, trace context, in-flight gauge;
 - `process_resource`: the matched `Endpoint` (edge.endpoints.routes) is recorded, then the key
-  is checked unless the endpoint is public, then a rate-limit token is taken if it is limited
-  and the method is one it serves (a 405 or Falcon's OPTIONS answer spends none);
+  is checked unless the endpoint is public, then its path parameters (400 if one names
+  nothing), then a rate-limit token is taken if it is limited and the method is one it serves
+  (a 405 or Falcon's OPTIONS answer spends none);
 - `process_response`: metrics and the access line. Streamed responses are finished when their
   `ResponseStream` closes, after the last byte.
 
@@ -74,6 +75,8 @@ class EdgeMiddleware:
         ctx.route = endpoint = self._endpoints[req.uri_template]
         if not endpoint.public:
             self._authenticate(req, ctx)
+        if endpoint.check is not None:
+            endpoint.check(params)  # 400 for a parameter naming nothing: no token spent
         if endpoint.limited and (req.method in endpoint.methods or not endpoint.methods):
             identity, rpm, burst = self._bucket_of(ctx)
             limiter: RateLimiter = self._runtime.limiter

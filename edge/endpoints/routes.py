@@ -20,8 +20,9 @@ from __future__ import annotations
 import functools
 import logging
 import urllib.parse
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from edge.config import Config
 
@@ -44,6 +45,17 @@ ROUTES: dict[str, str] = {
     "/metrics": METRICS,
 }
 ANTHROPIC_ROUTES = frozenset({"/v1/messages"})  # errors in Anthropic's shape there
+
+
+def _check_model_id(params: dict[str, Any]) -> None:
+    from edge.endpoints.body import validate_model_id
+
+    validate_model_id(params["model_id"])
+
+
+PARAM_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
+    "/v1/models/{model_id:path}": _check_model_id,
+}
 UNMATCHED = "unmatched"  # the `route` label of a request no route matched
 
 log = logging.getLogger("edge.routes")
@@ -58,6 +70,10 @@ class Endpoint:
     public: bool  # served without a key
     limited: bool  # spends a rate-limit token (on a method it serves: a 405 spends none)
     methods: frozenset[str] = frozenset()  # the methods its resource answers; empty: any
+    # Checks the path parameters Falcon matched (raises 400), before any token is spent: a
+    # spelling whose parameter names nothing (`/v1/models/`, `/v1/models/.`) is refused as if
+    # unmatched, not limited and then refused.
+    check: Callable[[dict[str, Any]], None] | None = None
 
 
 def endpoint_table(
@@ -77,7 +93,8 @@ def endpoint_table(
         )
         limited = kind == API and config.rate_limit_enabled
         served = methods.get(template, frozenset()) if methods else frozenset()
-        found[template] = Endpoint(template, kind, public, limited, served)
+        check = PARAM_CHECKS.get(template)
+        found[template] = Endpoint(template, kind, public, limited, served, check)
     for path in sorted(configured_public - found.keys()):
         log.warning("PUBLIC_PATHS entry %s is not a route: it has no effect", path[:200])
     return found

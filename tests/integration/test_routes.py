@@ -188,6 +188,21 @@ def test_a_spelling_spends_a_token_only_if_it_reaches_an_endpoint(client, templa
         assert remaining(client, key) == BURST - 1, target  # nothing was spent
 
 
+@pytest.mark.parametrize(
+    "target", ["/v1/models/", "/v1/models%2F", "/v1/models/.", "//v1/models/.."]
+)
+def test_a_model_path_naming_no_model_is_400_and_spends_no_token(client, target):
+    """It routes to GET /v1/models/{id}, but its id names nothing: refused as if unmatched."""
+    key = next(_fresh_keys)
+    reply = send(client, "GET", target, key, "/v1/models/{model_id:path}")
+    # 400 naming the model; 404 where the server does not decode %2F (the h2 worker)
+    assert reply.status_code in (400, 404), (target, reply.text)
+    if reply.status_code == 400:
+        assert reply.json()["error"]["param"] == "model"
+    assert "x-ratelimit-remaining-requests" not in reply.headers
+    assert remaining(client, key) == BURST - 1  # nothing was spent
+
+
 def series(client: httpx.Client) -> list[tuple[str, dict[str, str]]]:
     text = client.get("/metrics").text
     return [(name, dict(LABEL.findall(labels))) for name, labels in SERIES.findall(text)]
