@@ -471,6 +471,12 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
 
 
+# uvloop keeps time and timers in whole milliseconds: a timer may fire up to 1 ms before its
+# due time, and re-arming for the sub-millisecond rest would fire again at once, in a loop.
+# Within this of its due time a deadline counts as reached.
+_TIMER_GRAIN_S = 0.001
+
+
 class _Deadline:
     """A deadline without a timer per request: `start()` sets the due time (loop time), and a
     timer is armed only when none is pending; stopping (`due = None`) or moving the deadline
@@ -504,7 +510,8 @@ class _Deadline:
         due = self.due
         if due is None:
             return
-        if due > self._loop.time():  # a later request's deadline: wait for what is left
+        left = due - self._loop.time()
+        if left > _TIMER_GRAIN_S:  # a later request's deadline: wait for what is left
             self._timer = self._loop.call_at(due, self._fired)
             return
         self.due = None
