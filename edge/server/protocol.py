@@ -241,8 +241,26 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._header_size = 0
         self._has_host = False
-        if self._head.due is None:
+        if self._head.due is None and not self._answer_owed():
             self._head.start()
+        # Else an earlier request's answer is still owed (a long stream, requests pipelined
+        # behind it): reading is paused or the client waits for it, so this head's deadline
+        # starts when that answer is done (on_response_complete), not now.
+
+    def _answer_owed(self) -> bool:
+        """An earlier request on this connection is not fully answered yet."""
+        cycle = self.cycle
+        return bool(self.pipeline) or (cycle is not None and not cycle.response_complete)
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._head_started and not self.transport.is_closing():
+            # A head began while this answer was under way: not an idle connection (uvicorn
+            # may just have armed its keep-alive timer) but a request, whose head deadline
+            # starts now if it has not yet.
+            self._unset_keepalive_if_required()
+            if self._head.due is None:
+                self._head.start()
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -268,10 +286,10 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             # is parsed again by _restart_without_upgrade once llhttp stops after it.
             self._upgrade_head = self._head_without_upgrade()
             return
+        if not self._has_host and (self.parser.get_http_version() == "1.1"):
+            raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")  # a head's refusal
         self._head_started = False
         self._head.due = None  # its timer, if still armed, finds nothing to do (_Deadline)
-        if not self._has_host and (self.parser.get_http_version() == "1.1"):
-            raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         app = self.app
         # Health checks are exempt from the cap: a saturated worker is busy, not dead.
         if len(self.tasks) >= self.limits.max_concurrency and kind_of_target(self.url) != HEALTH:
@@ -410,6 +428,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             cycle.disconnected = True
             cycle.message_event.set()
         if self.transport.is_closing():
+            return
+        # Refusing the request whose body is being read, before its answer began: answer it.
+        # Anything else with an answer still owed on this connection (a new head behind a
+        # stream or behind pipelined requests; a body whose answer is under way): a status
+        # line now would be read as an earlier request's answer, or land inside one. Close.
+        own_body = not self._head_started and cycle is not None and cycle.more_body
+        if self.pipeline or (self._answer_owed() and not (own_body and not cycle.response_started)):
+            self.transport.close()
             return
         body = envelope(message, "invalid_request_error", None, _CODES.get(status))
         phrase = http.HTTPStatus(status).phrase.encode()

@@ -389,6 +389,54 @@ def test_deadlines_follow_each_request_without_a_timer_per_request():
     run(test)
 
 
+def test_a_head_behind_a_stream_gets_its_deadline_when_its_turn_comes():
+    """A stream, a request pipelined behind it, and the start of a third head: no 408 may be
+    written into the stream; the third head's deadline runs from when the answers before it
+    are done (reading was paused until then)."""
+
+    async def test() -> None:
+        app = SlowFirstStream()
+        conn = Connection(app)
+        await conn.send(GET + GET + b"GET /health HTTP/1.1\r\nHo")
+        await conn.loop.advance(LIMITS.header_timeout * 2)
+        written = conn.transport.take()
+        assert status_lines(written) == [200] and not conn.closed, written
+        app.release.set()
+        await settle()
+        assert status_lines(conn.transport.take()) == [200]  # the stream's end, then B
+        await conn.loop.advance(LIMITS.header_timeout - 0.1)
+        assert conn.transport.buffer == b"" and not conn.closed
+        await conn.loop.advance(0.2)
+        assert status_lines(conn.transport.take()) == [408]
+        assert conn.closed
+
+    run(test)
+
+
+def test_a_bad_head_behind_a_stream_closes_instead_of_writing_into_it():
+    async def test() -> None:
+        app = SlowFirstStream()
+        conn = Connection(app)
+        await conn.send(GET)
+        assert b"data: 1" in conn.transport.take()  # the stream is under way
+        await conn.send(b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-N: 1\r\n" * 11 + b"\r\n")
+        assert conn.transport.take() == b""  # no 431 inside the stream
+        assert conn.closed or conn.transport.eof_written  # ended (lingering for what is sent)
+
+        keep_alive = Connection(App())  # with nothing owed, the refusal is still answered
+        await keep_alive.send(GET)
+        assert status_lines(keep_alive.transport.take()) == [200]
+        await keep_alive.send(b"GET / HTTP/1.1\r\n\r\n")  # no Host
+        assert status_lines(keep_alive.transport.take()) == [400]
+        garbage = Connection(App())
+        await garbage.send(GET)
+        garbage.transport.take()
+        await garbage.send(b"\x01\x02 nonsense\r\n\r\n")
+        assert status_lines(garbage.transport.take()) == [400]
+
+    run(test)
+
+
 def test_body_deadline_408_and_the_app_sees_a_disconnect():
     async def test() -> None:
         app = App()
