@@ -761,7 +761,8 @@ def test_the_httptools_protocol_internals_are_where_the_subclass_expects_them():
         assert callable(getattr(base, name, None)), f"HttpToolsProtocol.{name} moved"
     init = inspect.getsource(base.__init__)
     for attribute in ("self.parser", "self.tasks", "self.app", "self.loop", "self.server_state",
-                      "self.timeout_keep_alive_task", "self.cycle", "self.headers"):  # fmt: skip
+                      "self.timeout_keep_alive_task", "self.cycle", "self.headers",
+                      "self.pipeline"):  # fmt: skip
         assert attribute in init, f"HttpToolsProtocol no longer sets {attribute}"
     headers_complete = inspect.getsource(base.on_headers_complete)
     assert "RequestResponseCycle(" in headers_complete  # _Http10Cycle swaps its class
