@@ -170,7 +170,7 @@ async def forward(
 
     def ended(ok: bool) -> None:  # the provider's breaker gets the stream's verdict
         if provider is not None and not (ok and result.probe_reported):
-            router.stream_ended(provider, ok)
+            router.stream_ended(provider, ok, result.probe)
 
     source = relay(
         result.resp, outcome, req.receive, _usage_watcher(ctx), result.first, error_event, ended

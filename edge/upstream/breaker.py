@@ -83,10 +83,13 @@ def allow(s: BreakerState, policy: BreakerPolicy, now: float) -> bool:
     return True
 
 
-def on_success(s: BreakerState, policy: BreakerPolicy, now: float) -> None:
+def on_success(s: BreakerState, policy: BreakerPolicy, now: float, probe: bool = True) -> None:
+    """A success. In half-open only a probe's counts (`probe`: the report comes from a request
+    that claimed a place in this half-open period); a late answer to a request sent before the
+    breaker opened changes nothing, as in open."""
     if s.state == CLOSED:
         s.failures = 0
-    elif s.state == HALF_OPEN:
+    elif s.state == HALF_OPEN and probe:
         s.probes = max(0, s.probes - 1)
         s.successes += 1
         if s.successes >= policy.success_threshold:
@@ -94,19 +97,27 @@ def on_success(s: BreakerState, policy: BreakerPolicy, now: float) -> None:
     # OPEN: a late answer to a request sent before the breaker opened changes nothing
 
 
-def on_failure(s: BreakerState, policy: BreakerPolicy, now: float) -> None:
+def on_failure(s: BreakerState, policy: BreakerPolicy, now: float, probe: bool = True) -> None:
+    """A failure; in half-open only a probe's reopens the breaker (see on_success)."""
     if s.state == CLOSED:
         s.failures += 1
         if s.failures >= policy.failure_threshold:
             _open(s, now)
-    elif s.state == HALF_OPEN:
+    elif s.state == HALF_OPEN and probe:
         _open(s, now)
 
 
-def release(s: BreakerState) -> None:
+def claimed(s: BreakerState, probe: float | None) -> bool:
+    """Whether `probe` (what `Router._admit` handed a request: the half-open period's
+    `opened_at` it claimed a place in, else None) is a place in the current half-open period."""
+    return probe is not None and s.state == HALF_OPEN and s.opened_at == probe
+
+
+def release(s: BreakerState, probe: float | None) -> None:
     """A probe that ends without a verdict (its client hung up, its attempt was never sent, a
-    retry-after answer) gives its place back at once, instead of holding it for a timeout."""
-    if s.state == HALF_OPEN and s.probes > 0:
+    retry-after answer) gives its place back at once, instead of holding it for a timeout. Only
+    a place it claimed, in this same half-open period: never another request's."""
+    if claimed(s, probe) and s.probes > 0:
         s.probes -= 1
 
 

@@ -55,7 +55,8 @@ class Opened:
     resp: aiohttp.ClientResponse
     first: bytes
     status: int
-    probe_reported: bool = False  # a half-open probe's success was reported at the first event
+    probe: float | None = None  # the half-open place this attempt claimed (breaker.claimed)
+    probe_reported: bool = False  # that probe's success was reported at the first event
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:
@@ -212,35 +213,41 @@ class Router:
                 later.append(target)
         return ready + later
 
-    def _admit(self, target: Target, last_resort: bool) -> bool:
-        """Claim the right to send to this target (a half-open probe place, if need be)."""
+    def _admit(self, target: Target, last_resort: bool) -> tuple[bool, float | None]:
+        """Claim the right to send to this target: (admitted, probe). `probe` names the
+        half-open place claimed (the period's `opened_at`), else None; the attempt's verdict or
+        release carries it, so it can only ever count for, or give back, its own place."""
         if not self._use_breakers:
-            return True
+            return True, None
         policy = self._policy
 
-        def change(state: cb.BreakerState, now: float) -> bool:
+        def change(state: cb.BreakerState, now: float) -> tuple[bool, float | None]:
             if state.cooldown_until > now and not last_resort:
-                return False
-            return cb.allow(state, policy, now)
+                return False, None
+            if not cb.allow(state, policy, now):
+                return False, None
+            return True, (state.opened_at if state.state == cb.HALF_OPEN else None)
 
         name = target.provider.name
         state, _, cooldown = self.breakers.hot(name)
         if state == cb.CLOSED and (last_resort or cooldown <= self.breakers.clock()):
-            return True  # the common case: no lock
+            return True, None  # the common case: no lock
         try:
-            return bool(self.breakers.update(name, change))
+            return self.breakers.update(name, change)  # type: ignore[return-value]
         except TimeoutError:
-            return True
+            return True, None
 
-    def stream_ended(self, name: str, ok: bool) -> None:
+    def stream_ended(self, name: str, ok: bool, probe: float | None = None) -> None:
         """A stream from provider `name` ended: whole (`ok`), or failed after its first event
         (a broken connection, a stall, a malformed event). The failure counts for its breaker
         like one before the first byte; only the client's answer could not fail over any more.
         A stream whose client hung up has no verdict and is not reported, nor is the success
         of one whose first event already reported it (`Opened.probe_reported`)."""
-        self._report(name, ok)
+        self._report(name, ok, probe=probe)
 
-    def _report(self, name: str, ok: bool, cooldown: float | None = None) -> None:
+    def _report(
+        self, name: str, ok: bool, cooldown: float | None = None, probe: float | None = None
+    ) -> None:
         if not self._use_breakers:
             return
         policy = self._policy
@@ -251,27 +258,25 @@ class Router:
         def change(state: cb.BreakerState, now: float) -> None:
             if cooldown is not None:
                 cb.cool_down(state, now, cooldown)
-                cb.release(state)  # a probe answered with retry-after: no verdict
+                cb.release(state, probe)  # a probe answered with retry-after: no verdict
             elif ok:
-                cb.on_success(state, policy, now)
+                cb.on_success(state, policy, now, cb.claimed(state, probe))
             else:
-                cb.on_failure(state, policy, now)
+                cb.on_failure(state, policy, now, cb.claimed(state, probe))
 
         try:
             self.breakers.update(name, change)
         except TimeoutError:
             log.warning("breaker update skipped: table lock timeout", extra={"provider": name})
 
-    def _release(self, target: Target) -> None:
-        """Give back a half-open probe place claimed by `_admit` for an attempt that ends
-        without a verdict (see breaker.release); the common case costs one unlocked read."""
-        if not self._use_breakers:
+    def _release(self, target: Target, probe: float | None) -> None:
+        """Give back the half-open place `probe` that `_admit` claimed, for an attempt that
+        ends without a verdict (see breaker.release). Nothing to do without one."""
+        if probe is None or not self._use_breakers:
             return
         name = target.provider.name
-        if self.breakers.hot(name)[0] != cb.HALF_OPEN:
-            return
         try:
-            self.breakers.update(name, lambda state, now: cb.release(state))
+            self.breakers.update(name, lambda state, now: cb.release(state, probe))
         except TimeoutError:
             log.warning("breaker update skipped: table lock timeout", extra={"provider": name})
 
@@ -315,25 +320,35 @@ class Router:
                         break
                 # Admitted only once the deadline allows the attempt: a half-open probe place
                 # claimed here is then always used (and reported).
-                if not self._admit(target, last_resort):
+                admitted, probe = self._admit(target, last_resort)
+                if not admitted:
                     continue
                 if pause:
                     self._count("retries", name)
                     try:
                         await asyncio.sleep(pause)
                     except BaseException:  # the client hung up during the backoff
-                        self._release(target)
+                        self._release(target, probe)
                         raise
                 remaining = deadline - clock()
                 if remaining <= 0:
-                    self._release(target)
+                    self._release(target, probe)
                     break
                 tried.add(name)
                 attempts += 1
                 outcome.attempts = attempts
                 outcome.provider = name
                 result, failure_now = await self._attempt(
-                    ctx, outcome, target, method, path, body, stream, remaining, extra_headers
+                    ctx,
+                    outcome,
+                    target,
+                    method,
+                    path,
+                    body,
+                    stream,
+                    remaining,
+                    extra_headers,
+                    probe,
                 )
                 if failure_now is None and result is not None and not _failed(result):
                     outcome.error = None
@@ -385,7 +400,9 @@ class Router:
         stream: bool,
         remaining: float,
         extra_headers: dict[str, str] | None,
+        probe: float | None = None,
     ) -> tuple[UpstreamResponse | Opened | None, ApiError | None]:
+        """One attempt at `target`; `probe` is the half-open place `_admit` claimed for it."""
         provider = target.provider
         name = provider.name
         timeout = remaining if provider.timeout_s is None else min(provider.timeout_s, remaining)
@@ -405,13 +422,13 @@ class Router:
                 )
         except ApiError as exc:
             if outcome.error not in RETRYABLE_ERRORS:
-                self._release(target)  # not the provider's failure: no verdict
+                self._release(target, probe)  # not the provider's failure: no verdict
                 raise
-            self._report(name, False)
+            self._report(name, False, probe=probe)
             self._observe(name, "error", None)
             return None, exc
         except BaseException:  # cancelled: the client hung up before the answer
-            self._release(target)
+            self._release(target, probe)
             raise
         finally:
             self.busy[name] -= 1
@@ -419,8 +436,9 @@ class Router:
             # A stream's verdict comes at its end (`stream_ended`), when it is known whether it
             # broke; only a half-open probe's success is reported now, so the breaker can close
             # without waiting out a long stream.
-            if self._use_breakers and self.breakers.hot(name)[0] != cb.CLOSED:
-                self._report(name, True)
+            result.probe = probe
+            if probe is not None:
+                self._report(name, True, probe=probe)
                 result.probe_reported = True
             self._observe(name, "2xx", time.perf_counter() - started)
             return result, None
@@ -429,11 +447,13 @@ class Router:
         self._observe(name, label, time.perf_counter() - started)
         if status == 429:
             wait = retry_after_s(result.headers)
-            self._report(name, False, cooldown=wait) if wait else self._report(name, False)
+            self._report(name, False, wait, probe) if wait else self._report(
+                name, False, None, probe
+            )
         elif status >= 500:
-            self._report(name, False)
+            self._report(name, False, probe=probe)
         else:
-            self._report(name, True)
+            self._report(name, True, probe=probe)
         return result, None
 
     async def _open(

@@ -68,11 +68,25 @@ def test_a_probe_without_a_verdict_gives_its_place_back_at_once():
         cb.on_failure(s, POLICY, 0.0)
     assert cb.allow(s, POLICY, 10.0) and cb.allow(s, POLICY, 10.0)
     assert not cb.allow(s, POLICY, 10.1)
-    cb.release(s)  # one probe's client hung up
+    probe = s.opened_at  # what the router hands a request that claimed a place
+    cb.release(s, probe)  # one probe's client hung up
     assert s.state == cb.HALF_OPEN and cb.allow(s, POLICY, 10.1)  # not after a timeout
     closed = cb.BreakerState()
-    cb.release(closed)
+    cb.release(closed, None)
     assert closed == cb.BreakerState()  # nothing to give back outside half-open
+
+
+def test_only_a_place_claimed_in_this_half_open_period_is_given_back_or_counts():
+    s = cb.BreakerState()
+    for _ in range(3):
+        cb.on_failure(s, POLICY, 0.0)
+    assert cb.allow(s, POLICY, 10.0) and cb.allow(s, POLICY, 10.0)  # both places taken
+    cb.release(s, None)  # a request admitted before the breaker opened: claimed nothing
+    cb.release(s, s.opened_at - 5.0)  # a place from an earlier half-open period
+    assert s.probes == 2 and not cb.allow(s, POLICY, 10.1)
+    cb.on_success(s, POLICY, 10.2, probe=False)  # a late answer from before the opening
+    cb.on_failure(s, POLICY, 10.3, probe=False)
+    assert s.state == cb.HALF_OPEN and s.probes == 2 and s.successes == 0
 
 
 def test_late_success_while_open_changes_nothing():

@@ -186,3 +186,40 @@ def test_a_stream_broken_after_its_first_event_counts_against_the_breaker():
     router.stream_ended("a", False)
     assert router.breakers.peek("a").state == cb.OPEN
     assert forward(router)[1].provider == "b"
+
+
+def test_a_request_that_claimed_no_probe_place_gives_none_back():
+    """Admitted while the breaker was closed, still waiting when it opened and went half-open,
+    then its client hung up: the one probe place, claimed by another request, stays taken."""
+    now = [0.0]
+    script = Script(a=["hang"], b=[OK], c=[OK])
+    router = make(script, HALF_OPEN_ONE, clock=lambda: now[0])
+
+    async def scenario() -> None:
+        body = b'{"model":"m"}'
+        old = asyncio.ensure_future(
+            router.forward(RequestContext("old", None), "POST", "/chat/completions", body, "m",
+                           False)
+        )  # fmt: skip
+        for _ in range(10):
+            await asyncio.sleep(0)
+        router.breakers.update("a", lambda state, t: cb.on_failure(state, router._policy, t))
+        assert router.breakers.peek("a").state == cb.OPEN  # other requests failed meanwhile
+        now[0] = 5.0
+        probe = asyncio.ensure_future(
+            router.forward(RequestContext("probe", None), "POST", "/chat/completions", body, "m",
+                           False)
+        )  # fmt: skip
+        for _ in range(10):
+            await asyncio.sleep(0)
+        assert router.breakers.peek("a").probes == 1
+        old.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await old
+        assert router.breakers.peek("a").probes == 1  # not the old request's to give back
+        probe.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await probe
+        assert router.breakers.peek("a").probes == 0  # the probe's own place
+
+    asyncio.run(scenario())
