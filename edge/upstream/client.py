@@ -86,21 +86,24 @@ class Upstream:
         )
         return call, stream
 
-    def _timeouts_for(self, seconds: float) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
+    def _timeouts_for(
+        self, seconds: float, provider: Any = None
+    ) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
         """The timeouts of an attempt of `seconds`, built once per budget where they recur.
 
         A first attempt's budget is the router's whole deadline less the microseconds it took
-        to get there: it gets the prebuilt SERVER_TIMEOUT_SECONDS pair (at most 10 ms more).
-        A provider's own `timeout_s` recurs exactly and is kept (a few per worker); only a
-        failover attempt's remainder is built on the spot.
+        to get there: it gets the prebuilt SERVER_TIMEOUT_SECONDS pair (so its deadline may be
+        up to 10 ms past the router's). A provider's own `timeout_s` recurs exactly and is kept
+        (a few per worker); any other budget (a failover attempt's remainder) is built on the
+        spot and not kept.
         """
         if 0.0 <= self._timeout_s - seconds < 0.01:
             return self._full
+        if provider is None or seconds != provider.timeout_s:
+            return self._build_timeouts(seconds)
         found = self._timeouts.get(seconds)
         if found is None:
-            found = self._build_timeouts(seconds)
-            if len(self._timeouts) < 64:
-                self._timeouts[seconds] = found
+            found = self._timeouts[seconds] = self._build_timeouts(seconds)
         return found
 
     def _target(
@@ -174,7 +177,7 @@ class Upstream:
         assert self.session is not None
         started = time.perf_counter()
         base, headers, seconds = self._target(provider, timeout_s, extra_headers)
-        timeout = self._timeouts_for(seconds)[0]
+        timeout = self._timeouts_for(seconds, provider)[0]
         try:
             async with self.session.request(
                 method,
@@ -209,7 +212,7 @@ class Upstream:
         started = time.perf_counter()
         resp = None
         base, headers, seconds = self._target(provider, timeout_s, extra_headers)
-        timeout = self._timeouts_for(seconds)[1]
+        timeout = self._timeouts_for(seconds, provider)[1]
         try:
             async with asyncio.timeout(seconds):
                 resp = await self.session.request(
