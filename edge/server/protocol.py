@@ -417,11 +417,23 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self._refuse(408, "Request body not received in time.")
 
     def _refuse(self, status: int, message: str) -> None:
-        """Answer `status` and close: nothing more is read or answered on this connection."""
+        """Answer `status` and close: nothing more is read or answered on this connection.
+
+        A refused new head with earlier answers still owed on the connection (a long stream,
+        requests pipelined before it) is not answered: a status line now would be read as an
+        earlier request's answer, or land inside one. Those answers are given, then the
+        connection closes. A request refused in its own body once its answer has begun ends
+        the connection at once.
+        """
         self._refused = True
         self._stopped_mid_request = True
         self._cancel_timers()
         cycle = self.cycle
+        own_body = not self._head_started and cycle is not None and cycle.more_body
+        if not own_body and self._answer_owed():
+            last = self.pipeline[0][0] if self.pipeline else cycle
+            last.keep_alive = False  # close once the answers owed are given
+            return
         if cycle is not None and not cycle.response_complete:
             # The app may already be handling this request: it now sees a disconnect, and
             # whatever it sends is dropped, so this refusal stays the only response.
@@ -429,13 +441,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             cycle.message_event.set()
         if self.transport.is_closing():
             return
-        # Refusing the request whose body is being read, before its answer began: answer it.
-        # Anything else with an answer still owed on this connection (a new head behind a
-        # stream or behind pipelined requests; a body whose answer is under way): a status
-        # line now would be read as an earlier request's answer, or land inside one. Close.
-        own_body = not self._head_started and cycle is not None and cycle.more_body
-        if self.pipeline or (self._answer_owed() and not (own_body and not cycle.response_started)):
-            self.transport.close()
+        if own_body and cycle.response_started:
+            self.transport.close()  # its answer is under way: no status line can follow
             return
         body = envelope(message, "invalid_request_error", None, _CODES.get(status))
         phrase = http.HTTPStatus(status).phrase.encode()

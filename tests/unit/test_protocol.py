@@ -413,7 +413,7 @@ def test_a_head_behind_a_stream_gets_its_deadline_when_its_turn_comes():
     run(test)
 
 
-def test_a_bad_head_behind_a_stream_closes_instead_of_writing_into_it():
+def test_a_bad_head_behind_a_stream_is_not_answered_and_the_stream_finishes():
     async def test() -> None:
         app = SlowFirstStream()
         conn = Connection(app)
@@ -421,7 +421,12 @@ def test_a_bad_head_behind_a_stream_closes_instead_of_writing_into_it():
         assert b"data: 1" in conn.transport.take()  # the stream is under way
         await conn.send(b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-N: 1\r\n" * 11 + b"\r\n")
         assert conn.transport.take() == b""  # no 431 inside the stream
-        assert conn.closed or conn.transport.eof_written  # ended (lingering for what is sent)
+        assert not conn.closed  # the stream owed is still given
+        app.release.set()
+        await settle()
+        rest = conn.transport.take()
+        assert rest.endswith(b"0\r\n\r\n") and status_lines(rest) == []  # whole, then
+        assert conn.closed or conn.transport.eof_written  # closed (lingering for what is sent)
 
         keep_alive = Connection(App())  # with nothing owed, the refusal is still answered
         await keep_alive.send(GET)
