@@ -254,7 +254,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if self._head_started and not self.transport.is_closing():
+        if self._head_started and not self._refused and not self.transport.is_closing():
             # A head began while this answer was under way: not an idle connection (uvicorn
             # may just have armed its keep-alive timer) but a request, whose head deadline
             # starts now if it has not yet.
@@ -427,13 +427,14 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         """
         self._refused = True
         self._stopped_mid_request = True
-        self._cancel_timers()
         cycle = self.cycle
         own_body = not self._head_started and cycle is not None and cycle.more_body
         if not own_body and self._answer_owed():
+            self._head.cancel()  # the send deadline stays: the answers owed must still move
             last = self.pipeline[0][0] if self.pipeline else cycle
             last.keep_alive = False  # close once the answers owed are given
             return
+        self._cancel_timers()
         if cycle is not None and not cycle.response_complete:
             # The app may already be handling this request: it now sees a disconnect, and
             # whatever it sends is dropped, so this refusal stays the only response.

@@ -428,6 +428,13 @@ def test_a_bad_head_behind_a_stream_is_not_answered_and_the_stream_finishes():
         assert rest.endswith(b"0\r\n\r\n") and status_lines(rest) == []  # whole, then
         assert conn.closed or conn.transport.eof_written  # closed (lingering for what is sent)
 
+        stuck = Connection(SlowFirstStream())  # the same, to a client that stopped reading
+        await stuck.send(GET)
+        stuck.protocol.pause_writing()  # its window shut during the stream
+        await stuck.send(b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-N: 1\r\n" * 11 + b"\r\n")
+        await stuck.loop.advance(LIMITS.send_timeout + 0.1)
+        assert stuck.transport.aborted  # the refusal did not take the send deadline away
+
         keep_alive = Connection(App())  # with nothing owed, the refusal is still answered
         await keep_alive.send(GET)
         assert status_lines(keep_alive.transport.take()) == [200]
