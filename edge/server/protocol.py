@@ -10,9 +10,13 @@ of headers, and has no deadline for a client to finish sending its head or its b
   read's worth is ever buffered beyond it) → 431, closed;
 - more than `max_headers` header fields → 431, closed;
 - head not complete within `header_timeout` seconds of its first byte (or of the connection
-  opening) → 408 if anything was sent, else a silent close;
-- body not complete within `body_timeout` seconds of the head → 408, closed, and the app sees
-  the client as disconnected;
+  opening; or, for a head begun while an earlier answer is still under way, of the end of
+  that answer) → 408 if anything was sent, else a silent close;
+- body not complete within `body_timeout` seconds of the start of its request's turn (at once,
+  or after the requests pipelined before it) → 408, closed, and the app sees the client as
+  disconnected;
+- a refusal never writes into an answer still owed: a new head refused behind one is not
+  answered, the owed answers are given and the connection then closes;
 - more than `max_concurrency` requests in flight in this worker → 503 in the OpenAI envelope
   with `Retry-After: 1`;
 - while the worker drains (gunicorn HUP/TERM/TTOU), idle keep-alive connections are not cut
