@@ -336,9 +336,11 @@ SETTINGS: tuple[Setting, ...] = (
     S("HTTP_MAX_HEADERS", "max_headers", integer(8, 10_000), "100",
       "Most header fields; more → 431"),
     S("HTTP_HEADER_TIMEOUT_SECONDS", "header_timeout_s", number(0.1, 3600), "10",
-      "Time a client gets to send a complete request head; then 408 and close"),
+      "Time a client gets to send a complete request head (one begun during an earlier answer: "
+      "from that answer's end); then 408 and close"),
     S("HTTP_BODY_TIMEOUT_SECONDS", "body_timeout_s", number(0.1, 86_400), "30",
-      "Time a client gets to send a complete body after its head; then 408 and close"),
+      "Time a client gets to send a complete body after its head (a pipelined request: once its "
+      "turn comes); then 408 and close"),
     S("HTTP_SEND_TIMEOUT_SECONDS", "send_timeout_s", number(0.1, 86_400), "30",
       "Time a client may leave its socket full (accepting no response bytes); then the "
       "connection is dropped and its upstream request ends"),
