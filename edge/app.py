@@ -31,7 +31,7 @@ from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.ratelimit.tokens import EMBEDDINGS, RESPONSES
 from edge.runtime import Runtime
-from edge.server.disconnect import EdgeRequest
+from edge.server.disconnect import BODY_READY, EdgeRequest
 from edge.upstream.client import Upstream
 
 log = logging.getLogger("edge.app")
@@ -53,7 +53,9 @@ class EdgeApp(falcon.asgi.App):
     __slots__ = ("runtime",)
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
-        if scope["type"] == "http":
+        # Our HTTP/1.1 protocol marks a request whose whole body is already in (the common
+        # case: a small body in the head's read): Falcon's first receive() returns it at once.
+        if scope["type"] == "http" and not scope.get(BODY_READY):
             receive = _head_first(receive)
         await super().__call__(scope, receive, send)
 
