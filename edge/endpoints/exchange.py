@@ -147,8 +147,9 @@ async def forward(
 
     `error_shape` renders an upstream error that had no JSON error body of its own, and the
     error event that ends a stream broken mid-way, in another API's envelope (Anthropic's on
-    /v1/messages). A token `reservation` is settled on
-    the answer's usage (a stream's usage event; hidden from the client when `hide_usage`).
+    /v1/messages). A token `reservation` is settled on the answer's usage (a stream's usage
+    event; hidden from the client when `hide_usage`). A stream's end is reported to the
+    provider's breaker (`Router.stream_ended`).
     """
     result = await unless_client_leaves(
         req, router.forward(ctx, "POST", path, body, model, stream, kind, extra_headers)

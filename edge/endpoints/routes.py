@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.config import Config
+from edge.endpoints.body import validate_model_id
 
 API = "api"  # the OpenAI endpoints: need a key, spend a rate-limit token
 HEALTH = "health"  # public unless AUTH_HEALTH_CHECK; never limited; exempt from the cap
@@ -48,8 +49,6 @@ ANTHROPIC_ROUTES = frozenset({"/v1/messages"})  # errors in Anthropic's shape th
 
 
 def _check_model_id(params: dict[str, Any]) -> None:
-    from edge.endpoints.body import validate_model_id
-
     validate_model_id(params["model_id"])
 
 
