@@ -10,9 +10,6 @@ from urllib.parse import quote
 
 import orjson
 
-from edge.endpoints.body import (
-    validate_model_id,
-)
 from edge.endpoints.exchange import (
     JSON,
     SSE,
@@ -90,7 +87,8 @@ class ModelRetrieve:
         self._runtime = runtime
 
     async def on_get(self, req: Any, resp: Any, model_id: str) -> None:
-        model_id = validate_model_id(model_id)
+        # model_id was checked by the route (edge.endpoints.routes.PARAM_CHECKS) before any
+        # rate-limit token was spent.
         ctx: RequestContext = req.context.edge
         ctx.model = model_id
         router = self._runtime.router

@@ -1,8 +1,8 @@
 """Per-request context: request id, W3C trace context, timings, and what later stages learn.
 
 What the upstream exchange came to is not written here field by field: the router records the
-request's one `UpstreamOutcome` (edge.upstream.outcome) with `record_upstream`, and the
-upstream fields below are read-only views of it.
+request's one `UpstreamOutcome` (edge.upstream.outcome) with `record_upstream`, and readers
+(metrics, the access line) read `ctx.upstream`.
 
 The request id lives in a ContextVar as well as on the context object: uvicorn runs each
 request in its own task, so log records from any code running for a request (the upstream
@@ -159,28 +159,6 @@ class RequestContext:
         still reports what it tried and waited.
         """
         self.upstream = outcome
-
-    # Read-only views of the recorded outcome (what a request that never went upstream reads).
-
-    @property
-    def upstream_status(self) -> int | None:
-        return None if self.upstream is None else self.upstream.status
-
-    @property
-    def upstream_error(self) -> str | None:
-        return None if self.upstream is None else self.upstream.error
-
-    @property
-    def upstream_s(self) -> float:
-        return 0.0 if self.upstream is None else self.upstream.waited_s
-
-    @property
-    def provider(self) -> str | None:
-        return None if self.upstream is None else self.upstream.provider
-
-    @property
-    def attempts(self) -> int:
-        return 0 if self.upstream is None else self.upstream.attempts
 
     def set_trace(self, traceparent: str | None, tracestate: str | None, start_new: bool) -> None:
         """Adopt the caller's trace, or start one when tracing is on; prepare what goes upstream.

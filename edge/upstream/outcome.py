@@ -3,9 +3,8 @@
 The router creates one outcome per forwarded request (`Router.forward`, or `Router.call` for a
 single exchange without failover) and records it on the request context at once, in one place:
 `RequestContext.record_upstream`. From then on the request reads the upstream facts only
-through it (edge.middleware's metrics, the access line of edge.observability.logs); the
-context's `upstream_status`, `upstream_error`, `upstream_s`, `provider` and `attempts` are
-read-only views of it, so nothing else can write them.
+through it, as `ctx.upstream` (edge.middleware's metrics, the access line of
+edge.observability.logs); the context has no upstream fields of its own to write.
 
 The upstream layer fills the outcome it was handed, and nothing else:
 

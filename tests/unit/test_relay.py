@@ -73,7 +73,7 @@ def collect(reads: list[bytes], fail: BaseException | None = None):
     # on_chunk sees exactly the upstream's events that go out (not our closing error event)
     assert blocks[: len(seen)] == seen and len(blocks) - len(seen) <= 1
     # the provider's breaker gets one verdict: a failure exactly when the stream ended on one
-    assert ends == [ctx.upstream_error is None]
+    assert ends == [ctx.upstream.error is None]
     return blocks, ctx
 
 
@@ -84,7 +84,7 @@ def event(n: int) -> bytes:
 def test_events_from_separate_reads_go_out_separately():
     blocks, ctx = collect([event(0), event(1), event(2) + b"data: [DONE]\n\n"])
     assert blocks == [event(0), event(1), event(2) + b"data: [DONE]\n\n"]
-    assert ctx.upstream_error is None
+    assert ctx.upstream.error is None
 
 
 def test_an_event_split_over_reads_goes_out_whole_when_complete():
@@ -111,8 +111,8 @@ def test_a_break_mid_event_drops_the_tail_and_ends_on_a_boundary(fail):
     assert b'"half"' not in b"".join(blocks)
     error = error_of(blocks[2])
     assert error["type"] == "upstream_error"
-    assert error["code"] == f"upstream_{ctx.upstream_error}"
-    assert ctx.upstream_error is not None
+    assert error["code"] == f"upstream_{ctx.upstream.error}"
+    assert ctx.upstream.error is not None
 
 
 def test_the_routers_first_read_goes_through_the_splitter_too():
@@ -148,7 +148,7 @@ def test_an_oversized_event_is_an_upstream_error(monkeypatch):
     blocks, ctx = collect([event(0), b"data: " + b"x" * 80, b"x" * 80, event(9)])
     assert blocks[0] == event(0)
     assert error_of(blocks[1])["code"] == "upstream_invalid"
-    assert len(blocks) == 2 and ctx.upstream_error == "invalid"
+    assert len(blocks) == 2 and ctx.upstream.error == "invalid"
 
 
 def test_backpressure_no_read_ahead_of_the_consumer():

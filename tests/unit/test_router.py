@@ -68,7 +68,7 @@ def forward(router: Router, body: bytes = b'{"model":"m"}') -> tuple[object, Req
 def test_5xx_and_connect_failures_move_on_with_the_rename_per_target():
     script = Script(a=["connect"], b=[answer(502)], c=[OK])
     result, ctx = forward(make(script))
-    assert result is OK and ctx.provider == "c" and ctx.attempts == 3
+    assert result is OK and ctx.upstream.provider == "c" and ctx.upstream.attempts == 3
     assert script.calls == [("a", b'{"model":"renamed"}'), ("b", b'{"model":"m"}'),
                             ("c", b'{"model":"m"}')]  # fmt: skip
 
@@ -76,13 +76,13 @@ def test_5xx_and_connect_failures_move_on_with_the_rename_per_target():
 def test_4xx_is_the_clients_answer():
     script = Script(a=[answer(400)], b=[OK], c=[OK])
     result, ctx = forward(make(script))
-    assert result.status == 400 and ctx.attempts == 1
+    assert result.status == 400 and ctx.upstream.attempts == 1
 
 
 def test_max_retries_bounds_attempts_and_the_last_answer_is_returned():
     script = Script(a=[answer(500)], b=[answer(503)], c=[OK])
     result, ctx = forward(make(script, {"fallback": {"max_retries": 1}}))
-    assert result.status == 503 and ctx.attempts == 2
+    assert result.status == 503 and ctx.upstream.attempts == 2
     script = Script(a=[answer(500)], b=[OK], c=[OK])
     result, _ = forward(make(script, {"fallback": {"enabled": False}}))
     assert result.status == 500
@@ -99,18 +99,18 @@ def test_retry_after_cools_down_but_a_cooling_provider_is_the_last_resort():
     script = Script(a=[answer(429, **{"retry-after": "7"}), OK], b=[OK], c=[OK])
     router = make(script, clock=lambda: now[0])
     result, ctx = forward(router)
-    assert result is OK and ctx.provider == "b"
+    assert result is OK and ctx.upstream.provider == "b"
     now[0] = 106.9
-    assert forward(router)[1].provider == "b"  # a is still cooling
+    assert forward(router)[1].upstream.provider == "b"  # a is still cooling
     now[0] = 107.1
-    assert forward(router)[1].provider == "a"
+    assert forward(router)[1].upstream.provider == "a"
     # Nothing else left (b and c open): the cooling provider is still tried.
     solo = Script(a=[answer(429, **{"retry-after": "30"}), OK], b=["connect"], c=["connect"])
     router = make(solo, {"circuit_breaker": {"failure_threshold": 1}}, clock=lambda: now[0])
     with pytest.raises(BadGateway):
         forward(router)  # a 429s (cooling 30 s), b and c fail (their breakers open)
     result, ctx = forward(router)
-    assert result is OK and ctx.provider == "a"
+    assert result is OK and ctx.upstream.provider == "a"
 
 
 def test_breaker_opens_and_traffic_skips_the_provider():
@@ -136,7 +136,7 @@ def half_open_router(now: list[float], *answers: object) -> tuple[Router, Script
     """Router whose provider "a" is one failure from open, then answers `answers`."""
     script = Script(a=["connect", *answers], b=[OK], c=[OK])
     router = make(script, HALF_OPEN_ONE, clock=lambda: now[0])
-    assert forward(router)[1].provider == "b"  # a failed once: open
+    assert forward(router)[1].upstream.provider == "b"  # a failed once: open
     now[0] = 5.0  # its timeout passed: the next request to it is the one probe
     return router, script
 
@@ -167,11 +167,11 @@ def test_a_probe_answered_with_retry_after_gives_its_place_back():
     now = [0.0]
     router, _ = half_open_router(now, answer(429, **{"retry-after": "2"}), OK)
     result, ctx = forward(router)
-    assert result is OK and ctx.provider == "b"  # a asked for 2 s: b answered
+    assert result is OK and ctx.upstream.provider == "b"  # a asked for 2 s: b answered
     state = router.breakers.peek("a")
     assert state.probes == 0 and state.cooldown_until == pytest.approx(7.0)
     now[0] = 7.1
-    assert forward(router)[1].provider == "a"  # probed again once the cooldown is over
+    assert forward(router)[1].upstream.provider == "a"  # probed again once the cooldown is over
 
 
 def test_a_stream_broken_after_its_first_event_counts_against_the_breaker():
@@ -185,7 +185,7 @@ def test_a_stream_broken_after_its_first_event_counts_against_the_breaker():
     assert router.breakers.peek("a").state == cb.CLOSED
     router.stream_ended("a", False)
     assert router.breakers.peek("a").state == cb.OPEN
-    assert forward(router)[1].provider == "b"
+    assert forward(router)[1].upstream.provider == "b"
 
 
 def test_a_request_that_claimed_no_probe_place_gives_none_back():
