@@ -52,6 +52,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
+from uvicorn.protocols.http.httptools_impl import HEADER_RE as _HEADER_RE
+from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE as _HEADER_VALUE_RE
+from uvicorn.protocols.http.httptools_impl import STATUS_LINE as _STATUS_LINE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from edge.config import Config
@@ -129,11 +132,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_started = False  # between a head's first byte and its end
         self._head_bytes = 0
-        self._header_count = 0
-        self._header_size = 0
+        self._read_bytes = 0  # the size of the read being parsed
         self._head = _Deadline(self.loop, self.limits.header_timeout, self._head_timed_out)
         self._body = _Deadline(self.loop, self.limits.body_timeout, self._body_timed_out)
-        self._has_host = False
         self._send_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._draining = False
@@ -170,6 +171,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._unset_keepalive_if_required()
+        self._read_bytes = len(data)
         while True:  # a loop, not recursion: a read may hold many pipelined upgrade requests
             try:
                 self.parser.feed_data(data)
@@ -242,9 +244,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_started = True
         self._head_bytes = 0
-        self._header_count = 0
-        self._header_size = 0
-        self._has_host = False
         if self._head.due is None and not self._answer_owed():
             self._head.start()
         # Else an earlier request's answer is still owed (a long stream, requests pipelined
@@ -271,27 +270,31 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if len(self.url) > self.limits.max_request_line:
             raise _Refuse(414, "Request line too long.")
 
-    def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            raise _Refuse(431, "Too many request headers.")
-        # A head that arrives in a single read is never counted in data_received: its size
-        # is bounded here, field by field.
-        self._header_size += len(name) + len(value) + 4
-        if self._header_size > self.limits.max_header_bytes:
-            raise _Refuse(431, "Request header block too large.")
-        super().on_header(name, value)
-        if self.headers[-1][0] == b"host":  # as uvicorn stored it: lower-cased
-            self._has_host = True
-
     def on_headers_complete(self) -> None:
+        # The head's fields are checked once it is whole (no per-field callback of ours): what
+        # llhttp holds meanwhile is bounded by the read it came in, and a head spanning reads
+        # by the count of data_received.
+        headers = self.headers  # as uvicorn stored them: names lower-cased
+        limits = self.limits
+        if len(headers) > limits.max_headers:
+            raise _Refuse(431, "Too many request headers.")
+        # The fields' size is at most the bytes read since the head began; only a head that
+        # may pass the limit is measured (the request line is not counted).
+        if self._head_bytes + self._read_bytes > limits.max_header_bytes and (
+            sum(len(name) + len(value) + 4 for name, value in headers) > limits.max_header_bytes
+        ):
+            raise _Refuse(431, "Request header block too large.")
         if self.parser.should_upgrade():
             # Served as if it had not asked (RFC 9110 7.8): no cycle for this parse; the head
             # is parsed again by _restart_without_upgrade once llhttp stops after it.
             self._upgrade_head = self._head_without_upgrade()
             return
-        if not self._has_host and (self.parser.get_http_version() == "1.1"):
-            raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")  # a head's refusal
+        for name, _ in headers:
+            if name == b"host":
+                break
+        else:
+            if self.parser.get_http_version() == "1.1":
+                raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         self._head_started = False
         self._head.due = None  # its timer, if still armed, finds nothing to do (_Deadline)
         app = self.app
@@ -308,8 +311,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None:
             return
-        if cycle.scope["http_version"] == "1.0":
-            cycle.__class__ = _Http10Cycle
+        cycle.__class__ = _Http10Cycle if cycle.scope["http_version"] == "1.0" else _EdgeCycle
         if self._draining:
             cycle.keep_alive = False
 
@@ -565,9 +567,39 @@ class _LingeringTransport:
     def __init__(self, transport: asyncio.Transport, protocol: EdgeHttpToolsProtocol) -> None:
         self._transport = transport
         self._protocol = protocol
+        self._held: bytes | None = None
         self.write = transport.write  # the hot path, without __getattr__
 
+    # A response's head and the start of its body go out in one send (one syscall, one TCP
+    # segment instead of two): the head is held until the next write, which the app makes in
+    # the same step for an answer it has whole, and is sent on its own at the loop's next
+    # iteration otherwise (a stream whose first chunk is not there yet, a HEAD answer).
+    def hold_next_write(self) -> None:
+        self.write = self._hold
+        self._protocol.loop.call_soon(self._release)
+
+    def _hold(self, data: bytes) -> None:
+        self._held = data
+        self.write = self._write_with_held
+
+    def _write_with_held(self, data: bytes) -> None:
+        held, self._held = self._held, None
+        write = self.write = self._transport.write
+        if held is not None:
+            if len(data) <= _JOIN_MAX_BYTES:
+                data = held + data
+            else:  # a large body is not copied to save a syscall
+                write(held)
+        write(data)
+
+    def _release(self) -> None:
+        self.write = self._transport.write
+        held, self._held = self._held, None
+        if held is not None:
+            self._transport.write(held)
+
     def close(self) -> None:
+        self._release()
         self._protocol._close(self._transport)
 
     def is_closing(self) -> bool:
@@ -577,7 +609,78 @@ class _LingeringTransport:
         return getattr(self._transport, name)
 
 
-class _Http10Cycle(RequestResponseCycle):
+_JOIN_MAX_BYTES = 64 * 1024
+
+
+class _Sent:
+    """An awaitable that is already done: what `_EdgeCycle.send` returns for a head it wrote."""
+
+    __slots__ = ()
+
+    def __await__(self) -> Any:
+        return iter(())
+
+
+_SENT = _Sent()
+
+
+class _EdgeCycle(RequestResponseCycle):
+    """uvicorn's request/response cycle, sending a response's head with its first body bytes
+    (see _LingeringTransport.hold_next_write), and writing the head without a coroutine."""
+
+    def send(self, message: Any) -> Any:  # type: ignore[override]  # an awaitable
+        if not self.response_started and message["type"] == "http.response.start":
+            if not (self.flow.write_paused or self.disconnected or self.access_log):
+                self._start_response(message)
+                return _SENT
+            self.transport.hold_next_write()
+        return RequestResponseCycle.send(self, message)
+
+    def _start_response(self, message: Any) -> None:
+        """What uvicorn's `send` does for `http.response.start` (0.54; tests/unit/test_protocol.py
+        holds the version), with the headers checked by one search over all the names and one
+        over all the values: the patterns are character classes, so a search over the joined
+        bytes finds exactly what one search per header would."""
+        self.response_started = True
+        self.waiting_for_100_continue = False
+        status_code = message["status"]
+        headers = self.default_headers + list(message.get("headers", []))
+        if _HEADER_RE.search(b"".join([name for name, _ in headers])):
+            raise RuntimeError("Invalid HTTP header name.")
+        if _HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
+            raise RuntimeError("Invalid HTTP header value.")
+        content = [_STATUS_LINE[status_code]]
+        has_connection_close = False
+        for name, value in headers:
+            name = name.lower()
+            if name == b"content-length" and self.chunked_encoding is None:
+                self.expected_content_length = int(value.decode())
+                self.chunked_encoding = False
+            elif name == b"transfer-encoding" and value.lower() == b"chunked":
+                self.expected_content_length = 0
+                self.chunked_encoding = True
+            elif name == b"connection":
+                connection = [token.lower().strip() for token in value.split(b",")]
+                if b"close" in connection:
+                    self.keep_alive = False
+                    has_connection_close = True
+            content.extend((name, b": ", value, b"\r\n"))
+        if not self.keep_alive and not has_connection_close:
+            content.append(b"connection: close\r\n")
+        if (
+            self.chunked_encoding is None
+            and self.scope["method"] != "HEAD"
+            and status_code not in (204, 304)
+        ):
+            self.chunked_encoding = True
+            content.append(b"transfer-encoding: chunked\r\n")
+        content.append(b"\r\n")
+        transport = self.transport
+        transport.hold_next_write()
+        transport.write(b"".join(content))
+
+
+class _Http10Cycle(_EdgeCycle):
     """uvicorn's request/response cycle for an HTTP/1.0 request: a response of unknown length
     is sent close-delimited (RFC 9112 6.3), as HTTP/1.0 has no chunked coding."""
 

@@ -9,6 +9,7 @@ they fail with a message saying what moved, rather than the edge silently losing
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import heapq
 import importlib.metadata
 import inspect
@@ -50,6 +51,7 @@ CHAT = b'{"model":"m"}'
 class MockTransport:
     def __init__(self) -> None:
         self.buffer = b""
+        self.writes = 0  # write calls: one per send() on a real socket
         self.closed = False
         self.eof_written = False
         self.reading = True
@@ -58,6 +60,7 @@ class MockTransport:
     def write(self, data: bytes) -> None:
         assert not self.closed and not self.eof_written, "write after close or half-close"
         self.buffer += data
+        self.writes += 1
 
     def close(self) -> None:
         self.closed = True
@@ -111,6 +114,9 @@ class MockLoop:
 
     def create_task(self, coro: Awaitable[Any], **kwargs: Any) -> asyncio.Task[Any]:
         return asyncio.get_running_loop().create_task(coro, **kwargs)  # type: ignore[arg-type]
+
+    def call_soon(self, callback: Callable[..., None], *args: Any) -> asyncio.Handle:
+        return asyncio.get_running_loop().call_soon(callback, *args)
 
     def call_later(self, delay: float, callback: Callable[..., None], *args: Any) -> MockTimer:
         return self.call_at(self.now + delay, callback, *args)
@@ -208,6 +214,7 @@ class Connection:
             lifespan="off",
             timeout_keep_alive=int(KEEPALIVE),
             log_level="warning",
+            access_log=False,  # as edge.server.worker runs it (its send takes a faster path)
             proxy_headers=False,
         )
         config.load()
@@ -286,6 +293,81 @@ def test_refusals(request_bytes, status):
         assert app.bodies == []  # the app never saw it
         await conn.send(GET)  # nothing more is parsed or answered
         assert conn.transport.take() == b""
+
+    run(test)
+
+
+@pytest.mark.parametrize("pipelined", [1, 3])
+def test_a_head_in_one_read_with_a_large_body_is_not_refused_for_the_body(pipelined):
+    """The header-size bound counts the fields, never a body that came in the same read."""
+
+    async def test() -> None:
+        app = App()
+        conn = Connection(app)
+        fields = b"".join(b"X-%d: %s\r\n" % (i, b"v" * 80) for i in range(8))  # ~700 bytes
+        await conn.send(post(b"x" * 5000, fields) * pipelined)
+        assert status_lines(conn.transport.take()) == [200] * pipelined
+        assert app.bodies == [b"x" * 5000] * pipelined
+
+    run(test)
+
+
+@pytest.mark.parametrize("reads", [1, 2, 5])
+def test_header_fields_over_the_limit_are_refused_however_they_arrive(reads):
+    """Fewer fields than max_headers, more bytes than max_header_bytes, in one or more reads."""
+
+    async def test() -> None:
+        app = App()
+        conn = Connection(app)
+        head = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: " + b"a" * 1100 + b"\r\n\r\n"
+        size = -(-len(head) // reads)
+        for at in range(0, len(head), size):
+            await conn.send(head[at : at + size])
+        assert status_lines(conn.transport.take()) == [431]
+        assert app.bodies == []
+
+    run(test)
+
+
+def test_a_response_head_and_body_go_out_in_one_write():
+    """One send per answer the app has whole: the head waits for the body's first bytes."""
+
+    async def test() -> None:
+        conn = Connection(App())
+        await conn.send(post(CHAT) + GET)
+        written = conn.transport.take()
+        assert status_lines(written) == [200, 200], written
+        assert conn.transport.writes == 2  # one per response, not head and body apart
+
+    run(test)
+
+
+def test_a_stream_head_goes_out_before_its_first_chunk_is_ready():
+    """A held head is never held for the app: it goes out at the loop's next iteration."""
+    release = asyncio.Event()
+
+    async def slow_stream(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await release.wait()
+        await send({"type": "http.response.body", "body": b"data: 1\n\n"})
+
+    async def test() -> None:
+        conn = Connection(slow_stream)
+        await conn.send(GET)
+        assert status_lines(conn.transport.take()) == [200]  # the head, on its own
+        release.set()
+        await settle()
+        assert conn.transport.take() == b"9\r\ndata: 1\n\n\r\n0\r\n\r\n"
+
+    run(test)
+
+
+def test_a_head_answer_without_body_bytes_is_still_sent():
+    async def test() -> None:
+        conn = Connection(App())
+        await conn.send(b"HEAD /health HTTP/1.1\r\nHost: t\r\n\r\n")
+        written = conn.transport.take()
+        assert status_lines(written) == [200] and written.endswith(b"\r\n\r\n"), written
 
     run(test)
 
@@ -819,6 +901,64 @@ def test_the_cycle_internals_are_where_the_subclass_expects_them():
     send = inspect.getsource(httptools_impl.RequestResponseCycle.send)
     assert "self.chunked_encoding is None" in send  # how chunked framing is chosen
     assert "self.transport.close()" in send  # how a close after a response happens
+    # _EdgeCycle._start_response repeats what this send does for a response's head: any
+    # change to it must be looked at (and the digest updated) before that copy is trusted.
+    digest = hashlib.sha256(send.encode()).hexdigest()[:16]
+    assert digest == "abdd8601b326a8da", "uvicorn's RequestResponseCycle.send changed"
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        (b"x-bad name", b"v"),
+        (b"x-bad:name", b"v"),
+        (b"x-ok", b"v\r\nx-injected: 1"),
+        (b"x-ok", b"v\x00"),
+        (b"x-ok", b"v\x7f"),
+    ],
+)
+@pytest.mark.parametrize("position", ["first", "last"])
+def test_a_head_with_a_bad_header_is_never_written(name, value, position):
+    """The head's headers are checked together: a bad name or value anywhere sends no head."""
+
+    async def bad_header(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"content-type", b"text/plain"), (b"content-length", b"2")]
+        headers.insert(0 if position == "first" else len(headers), (name, value))
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def test() -> None:
+        conn = Connection(bad_header)
+        await conn.send(GET)
+        written = conn.transport.take()
+        assert b"x-injected" not in written and value not in written, written
+        assert b"HTTP/1.1 200" not in written
+
+    run(test)
+
+
+def test_head_fields_are_written_as_uvicorn_writes_them():
+    """Connection: close from the app ends the connection; a missing length means chunked."""
+
+    async def closing(scope: Any, receive: Any, send: Any) -> None:
+        headers = [(b"Content-Length", b"2"), (b"Connection", b"Keep-Alive, Close")]
+        await send({"type": "http.response.start", "status": 201, "headers": headers})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    async def test() -> None:
+        conn = Connection(closing)
+        await conn.send(GET)
+        written = conn.transport.take()
+        assert written.startswith(b"HTTP/1.1 201 Created\r\n"), written
+        assert b"\r\ncontent-length: 2\r\nconnection: Keep-Alive, Close\r\n\r\nok" in written
+        assert conn.closed
+        conn = Connection(stream)
+        await conn.send(GET)
+        written = conn.transport.take()
+        assert b"transfer-encoding: chunked\r\n" in written and written.endswith(b"0\r\n\r\n")
+        assert not conn.closed
+
+    run(test)
 
 
 def test_httptools_skips_an_upgrade_body_and_stops_after_the_head():
