@@ -52,12 +52,18 @@ class EdgeApp(falcon.asgi.App):
 
     __slots__ = ("runtime",)
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:  # type: ignore[override]
         # Our HTTP/1.1 protocol marks a request whose whole body is already in (the common
         # case: a small body in the head's read): Falcon's first receive() returns it at once.
+        # A plain function returning Falcon's coroutine: no coroutine frame of its own, which
+        # every resumption of the request would pass through (the worker declares ASGI 3,
+        # since uvicorn would otherwise take a non-async __call__ for ASGI 2).
         if scope["type"] == "http" and not scope.get(BODY_READY):
             receive = _head_first(receive)
-        await super().__call__(scope, receive, send)
+        return _FALCON_CALL(self, scope, receive, send)
+
+
+_FALCON_CALL = falcon.asgi.App.__call__
 
 
 def _head_first(receive: Any) -> Any:
