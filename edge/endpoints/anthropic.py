@@ -21,7 +21,7 @@ from edge.endpoints.exchange import (
     answered_by_mock,
     forward,
     read_request,
-    refunded_on_error,
+    refund_on_error,
     reserve_tokens,
 )
 from edge.errors import ApiError
@@ -69,8 +69,11 @@ class Messages:
         reservation = await reserve_tokens(runtime, ctx, resp, data, MESSAGES)
         if reservation is not None:
             body = orjson.dumps(data)  # as estimated: see reserve_tokens
-        async with refunded_on_error(reservation):
+        try:
             await self._answer(req, resp, ctx, body, data, reservation)
+        except ApiError as exc:
+            await refund_on_error(reservation, exc)
+            raise
 
     async def _answer(
         self,

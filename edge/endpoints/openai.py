@@ -10,6 +10,7 @@ from edge.endpoints.body import (
     validate_chat,
     validate_completion,
 )
+from edge.errors import ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import CHAT, COMPLETION, Reservation, ask_for_usage
 from edge.server.disconnect import unless_client_leaves
@@ -23,7 +24,7 @@ from edge.endpoints.exchange import (
     SSE,
     forward,
     read_request,
-    refunded_on_error,
+    refund_on_error,
     reserve_tokens,
     send_upstream,
     settle_answer,
@@ -50,12 +51,15 @@ class Completions:
         if reservation is not None:
             hide_usage = stream and ask_for_usage(data)
             body = orjson.dumps(data)  # as estimated: see reserve_tokens
-        async with refunded_on_error(reservation):
+        try:
             if runtime.router is None:
                 await self._mock(req, resp, data, ctx, reservation, hide_usage)
                 return
             route, path = runtime.router, self._path
             await forward(req, resp, ctx, route, path, body, model, stream, reservation, hide_usage)
+        except ApiError as exc:
+            await refund_on_error(reservation, exc)
+            raise
 
     async def _mock(
         self,

@@ -16,11 +16,12 @@ from edge.endpoints.exchange import (
     answered_by_mock,
     forward,
     read_request,
-    refunded_on_error,
+    refund_on_error,
     reserve_tokens,
     send_upstream,
 )
 from edge.endpoints.openai import model_object
+from edge.errors import ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt
 from edge.server.disconnect import unless_client_leaves
@@ -53,13 +54,16 @@ class PassThrough:
             reservation = await reserve_tokens(runtime, ctx, resp, data, self._tokens)
         if reservation is not None:
             body = orjson.dumps(data)  # as estimated: see reserve_tokens
-        async with refunded_on_error(reservation):
+        try:
             if runtime.router is None:
                 self._mock(resp, data, ctx)
                 await answered_by_mock(resp, reservation, ctx)
                 return
             router, path = runtime.router, self._path
             await forward(req, resp, ctx, router, path, body, model, stream, reservation)
+        except ApiError as exc:
+            await refund_on_error(reservation, exc)
+            raise
 
     def _mock(self, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
         model = ctx.model or ""
