@@ -595,7 +595,7 @@ class _LingeringTransport:
     def _release(self) -> None:
         self.write = self._transport.write
         held, self._held = self._held, None
-        if held is not None:
+        if held is not None and not self._transport.is_closing():  # else the client is gone
             self._transport.write(held)
 
     def close(self) -> None:

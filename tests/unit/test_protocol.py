@@ -362,6 +362,25 @@ def test_a_stream_head_goes_out_before_its_first_chunk_is_ready():
     run(test)
 
 
+def test_a_held_head_is_dropped_when_the_connection_closes_first():
+    """The client is gone before the held head's turn came: nothing is written after close."""
+    errors: list[dict[str, Any]] = []
+    opened: list[Connection] = []
+
+    async def head_then_gone(scope: Any, receive: Any, send: Any) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        opened[0].transport.closed = True  # the peer reset the connection meanwhile
+
+    async def test() -> None:
+        asyncio.get_running_loop().set_exception_handler(lambda _, context: errors.append(context))
+        opened.append(Connection(head_then_gone))
+        await opened[0].send(GET)
+        assert opened[0].transport.buffer == b""
+        assert errors == []  # no write was tried on the closed transport
+
+    run(test)
+
+
 def test_a_head_answer_without_body_bytes_is_still_sent():
     async def test() -> None:
         conn = Connection(App())
