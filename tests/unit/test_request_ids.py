@@ -1,4 +1,4 @@
-"""Request ids without a syscall: 128 bits from `random`, reseeded in every forked worker."""
+"""Request ids without a syscall: a per-process random prefix and a counter."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ def test_ids_are_32_hex_digits_and_unique():
     assert sane_request_id("client-id-1") == "client-id-1"
 
 
-def test_a_forked_worker_draws_its_own_ids():
+def test_a_forked_worker_gets_its_own_prefix():
     read_fd, write_fd = os.pipe()
     parent = new_request_id()
     child = os.fork()
@@ -28,14 +28,14 @@ def test_a_forked_worker_draws_its_own_ids():
         finally:
             os._exit(0)
     os.close(write_fd)
-    ours = new_request_id()  # what the child would have drawn without a reseed of its own
+    ours = new_request_id()  # what the child would have made without a key of its own
     try:
         theirs = os.read(read_fd, 64).decode()
     finally:
         os.close(read_fd)
         os.waitpid(child, 0)
     assert HEX32.match(theirs)
-    assert theirs not in (parent, ours)  # reseeded after fork, not the parent's sequence
+    assert theirs not in (parent, ours)  # a new key after fork, not the parent's
 
 
 def test_trace_ids_are_valid_w3c_ids():
