@@ -132,9 +132,11 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self._head_started = False  # between a head's first byte and its end
         self._head_bytes = 0
-        self._read_bytes = 0  # the size of the read being parsed
+        self._header_count = 0
+        self._header_size = 0
         self._head = _Deadline(self.loop, self.limits.header_timeout, self._head_timed_out)
         self._body = _Deadline(self.loop, self.limits.body_timeout, self._body_timed_out)
+        self._has_host = False
         self._send_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._draining = False
@@ -171,7 +173,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if self._refused:
             return
         self._unset_keepalive_if_required()
-        self._read_bytes = len(data)
         while True:  # a loop, not recursion: a read may hold many pipelined upgrade requests
             try:
                 self.parser.feed_data(data)
@@ -244,6 +245,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super().on_message_begin()
         self._head_started = True
         self._head_bytes = 0
+        self._header_count = 0
+        self._header_size = 0
+        self._has_host = False
         if self._head.due is None and not self._answer_owed():
             self._head.start()
         # Else an earlier request's answer is still owed (a long stream, requests pipelined
@@ -270,31 +274,30 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if len(self.url) > self.limits.max_request_line:
             raise _Refuse(414, "Request line too long.")
 
-    def on_headers_complete(self) -> None:
-        # The head's fields are checked once it is whole (no per-field callback of ours): what
-        # llhttp holds meanwhile is bounded by the read it came in, and a head spanning reads
-        # by the count of data_received.
-        headers = self.headers  # as uvicorn stored them: names lower-cased
-        limits = self.limits
-        if len(headers) > limits.max_headers:
+    def on_header(self, name: bytes, value: bytes) -> None:
+        # Checked field by field, not once the head is whole: llhttp reports a chunked body's
+        # trailers here too (with no on_headers_complete after them), and a head of tiny
+        # fields in one large read would otherwise hold tens of thousands before the refusal.
+        self._header_count += 1
+        if self._header_count > self.limits.max_headers:
             raise _Refuse(431, "Too many request headers.")
-        # The fields' size is at most the bytes read since the head began; only a head that
-        # may pass the limit is measured (the request line is not counted).
-        if self._head_bytes + self._read_bytes > limits.max_header_bytes and (
-            sum(len(name) + len(value) + 4 for name, value in headers) > limits.max_header_bytes
-        ):
+        # A head that arrives in a single read is never counted in data_received: its size
+        # is bounded here, field by field.
+        self._header_size += len(name) + len(value) + 4
+        if self._header_size > self.limits.max_header_bytes:
             raise _Refuse(431, "Request header block too large.")
+        super().on_header(name, value)
+        if self.headers[-1][0] == b"host":  # as uvicorn stored it: lower-cased
+            self._has_host = True
+
+    def on_headers_complete(self) -> None:
         if self.parser.should_upgrade():
             # Served as if it had not asked (RFC 9110 7.8): no cycle for this parse; the head
             # is parsed again by _restart_without_upgrade once llhttp stops after it.
             self._upgrade_head = self._head_without_upgrade()
             return
-        for name, _ in headers:
-            if name == b"host":
-                break
-        else:
-            if self.parser.get_http_version() == "1.1":
-                raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
+        if not self._has_host and (self.parser.get_http_version() == "1.1"):
+            raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")  # a head's refusal
         self._head_started = False
         self._head.due = None  # its timer, if still armed, finds nothing to do (_Deadline)
         app = self.app

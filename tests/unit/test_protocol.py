@@ -312,6 +312,28 @@ def test_a_head_in_one_read_with_a_large_body_is_not_refused_for_the_body(pipeli
     run(test)
 
 
+@pytest.mark.parametrize("reads", [1, 3])
+def test_trailers_count_against_the_header_limit(reads):
+    """llhttp reports a chunked body's trailer fields like header fields (and no headers-complete
+    after them): they are held to max_headers too, not kept for as long as the client sends."""
+
+    async def test() -> None:
+        app = App()
+        conn = Connection(app)
+        await conn.send(
+            post(b"", CHUNKED).replace(b"Content-Length: 0\r\n", b"") + b"1\r\nx\r\n0\r\n"
+        )
+        trailers = b"a:\r\n" * 1000
+        size = -(-len(trailers) // reads)
+        for at in range(0, len(trailers), size):
+            await conn.send(trailers[at : at + size])
+        assert status_lines(conn.transport.take()) == [431]
+        assert len(conn.protocol.headers) <= LIMITS.max_headers + 2  # the head's 2, then 10 more
+        assert app.bodies == []
+
+    run(test)
+
+
 @pytest.mark.parametrize("reads", [1, 2, 5])
 def test_header_fields_over_the_limit_are_refused_however_they_arrive(reads):
     """Fewer fields than max_headers, more bytes than max_header_bytes, in one or more reads."""
