@@ -45,13 +45,17 @@ _TRACESTATE_MEMBER_RE = re.compile(
 # within a process by construction and across processes with overwhelming probability; and
 # unlike a bare counter they tell a client nothing about how many requests a worker served
 # between two of its own.
+# The keyed hash is set up once per process and copied per id (BLAKE2b's key costs a whole
+# compression; a copy does not), and it is never exposed: `random`'s Mersenne Twister, whose
+# state a client could rebuild from enough of its outputs, is kept for trace ids, which go
+# upstream only.
 _next_id = itertools.count().__next__
-_id_key = b""
+_id_hash = blake2b(digest_size=16)
 
 
 def _new_id_key() -> None:
-    global _next_id, _id_key
-    _id_key = os.urandom(16)
+    global _next_id, _id_hash
+    _id_hash = blake2b(key=os.urandom(16), digest_size=16)
     _next_id = itertools.count().__next__
 
 
@@ -63,7 +67,9 @@ _random_bits = random.getrandbits
 
 
 def new_request_id() -> str:
-    return blake2b(_next_id().to_bytes(8, "little"), key=_id_key, digest_size=16).hexdigest()
+    digest = _id_hash.copy()
+    digest.update(_next_id().to_bytes(8, "little"))
+    return digest.hexdigest()
 
 
 def sane_request_id(value: str | None) -> str:
