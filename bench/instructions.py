@@ -30,6 +30,7 @@ import argparse
 import asyncio
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -193,12 +194,17 @@ def _run(name: str, upstream: str, requests: int, warmup: int, valgrind: bool) -
     if valgrind:
         argv = ["valgrind", "--tool=cachegrind", "--cache-sim=no",
                 "--cachegrind-out-file=/dev/null", *argv]  # fmt: skip
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=1800)
-    if done.returncode != 0:
-        raise SystemExit(f"{name}: the driver failed:\n{done.stderr[-2000:]}")
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as child:
+        _CHILDREN.add(child)
+        try:
+            stdout, stderr = child.communicate(timeout=1800)
+        finally:
+            _CHILDREN.discard(child)
+    if child.returncode != 0:
+        raise SystemExit(f"{name}: the driver failed:\n{stderr[-2000:]}")
     if not valgrind:
-        return float(done.stdout.split()[-1])
-    found = IR_RE.search(done.stderr)
+        return float(stdout.split()[-1])
+    found = IR_RE.search(stderr)
     if found is None:
         raise SystemExit(f"{name}: no instruction count in valgrind's output")
     return int(found[1].replace(",", ""))
@@ -231,6 +237,16 @@ def table(results: dict[str, float], valgrind: bool) -> str:
     return "\n".join(lines)
 
 
+_CHILDREN: set[subprocess.Popen[str]] = set()
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    """SIGTERM: end the drivers (their threads then return) and stop nginx on the way out."""
+    for child in list(_CHILDREN):
+        child.kill()
+    raise KeyboardInterrupt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--requests", type=int, default=1000, help="N (counted: N and 3N)")
@@ -254,6 +270,8 @@ def main() -> None:
     from targets import UPSTREAM_ANSWER, Processes, free_port, start_nginx
 
     procs = Processes()
+    signal.signal(signal.SIGTERM, _interrupted)
+    signal.signal(signal.SIGINT, _interrupted)
     with tempfile.TemporaryDirectory(prefix="edge-instr-") as tmp:
         try:
             nginx = start_nginx(procs, Path(tmp), Path(tmp) / "out", free_port(), UPSTREAM_ANSWER)
