@@ -6,7 +6,7 @@
 Time-based figures on a shared 2-core VM move by ±10 % between runs (the floor's own CPU per
 request has read 174 µs in one phase and 220 µs in the next), which hides any change smaller
 than that. Counting the instructions a request executes does not: valgrind's cachegrind counts
-them exactly, and two runs of the same code agree within about 0.5 %.
+them exactly, and two runs of the same code agree within about 1 %.
 
 Each configuration runs in one process, in-process and without load generators: the server
 side is the real thing (uvicorn's HTTP protocol, edge's own protocol class for edge, the ASGI
@@ -15,7 +15,7 @@ keep-alive request at a time. Each is counted twice, with N and 3N requests afte
 and the difference divided by 2N is what one request costs: start-up and warm-up cancel out.
 What it does not count: the kernel's work (sockets, flock), and cache misses, which make a
 larger request path cost more time per instruction than a smaller one (under wrk, edge's
-time ratio to the floor runs ~0.2× above its instruction ratio).
+time ratio to the floor runs ~0.2–0.4× above its instruction ratio).
 
 Configurations: the floor (bench/floor_app.py on uvicorn's stock httptools protocol), edge with
 every feature on (as bench/run.py starts it: auth, shm-like process-local rate limiter, metrics,
