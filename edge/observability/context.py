@@ -46,9 +46,8 @@ _TRACESTATE_MEMBER_RE = re.compile(
 # unlike a bare counter they tell a client nothing about how many requests a worker served
 # between two of its own.
 # The keyed hash is set up once per process and copied per id (BLAKE2b's key costs a whole
-# compression; a copy does not), and it is never exposed: `random`'s Mersenne Twister, whose
-# state a client could rebuild from enough of its outputs, is kept for trace ids, which go
-# upstream only.
+# compression; a copy does not). Not `random` here: a client could rebuild its Mersenne
+# Twister's state from enough ids; it serves the trace ids below, which go upstream only.
 _next_id = itertools.count().__next__
 _id_hash = blake2b(digest_size=16)
 
