@@ -41,28 +41,28 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
 
-EDGE_ENV = {
-    "API_KEYS": "bench-key",
-    "RATE_LIMIT_RPM": "100000000",
-    "RATE_LIMIT_BURST": "100000000",
-    "LOG_LEVEL": "info",
-}
-ALL_OFF = {
-    "ENABLE_METRICS": "false",
-    "LOG_LEVEL": "warning",
-    "RATE_LIMIT_ENABLED": "false",
-    "AUTH_ENABLED": "false",
-}
-# key (for --only) -> (row label, edge settings over EDGE_ENV; None: the floor)
+from targets import (  # noqa: E402 - found through BENCH above
+    ABLATIONS,
+    BODY,
+    CHAT_PATH,
+    EDGE_FEATURES_ON,
+    KEY,
+    UPSTREAM_ANSWER,
+    Processes,
+    free_port,
+    start_nginx,
+)
+
+# key (for --only) -> (row label, edge settings over EDGE_FEATURES_ON; None: the floor): the
+# floor, bench/run.py's ablation configurations (ABLATIONS, in its order), and tracing off.
+_ABLATION_KEYS = ("on", "metrics-off", "log-off", "limit-off", "auth-off", "all-off")
 CONFIGS: dict[str, tuple[str, dict[str, str] | None]] = {
     "floor": ("floor (no features)", None),
-    "on": ("edge, all features on", {}),
-    "metrics-off": ("edge, metrics off", {"ENABLE_METRICS": "false"}),
-    "log-off": ("edge, access log off", {"LOG_LEVEL": "warning"}),
-    "limit-off": ("edge, rate limit off", {"RATE_LIMIT_ENABLED": "false"}),
-    "auth-off": ("edge, auth off", {"AUTH_ENABLED": "false"}),
+    **{
+        key: (f"edge, {label}", settings)
+        for key, (label, settings) in zip(_ABLATION_KEYS, ABLATIONS, strict=True)
+    },
     "tracing-off": ("edge, tracing off", {"ENABLE_TRACING": "false"}),
-    "all-off": ("edge, all four off", ALL_OFF),
 }
 IR_RE = re.compile(r"I\s+refs:\s+([\d,]+)")
 
@@ -112,7 +112,6 @@ class _ClientTransport:
 
 async def _drive(app: Any, http: Any, requests: int, warmup: int) -> float:
     import uvicorn
-    from targets import BODY, CHAT_PATH, KEY
     from uvicorn.server import ServerState
 
     loop = asyncio.get_running_loop()
@@ -176,7 +175,7 @@ def drive(name: str, upstream: str, requests: int, warmup: int) -> None:
         from edge.observability import logs
         from edge.server.protocol import EdgeLimits, protocol_class
 
-        config = Config.from_env({**EDGE_ENV, "UPSTREAM_URL": upstream, **overrides})
+        config = Config.from_env({**EDGE_FEATURES_ON, "UPSTREAM_URL": upstream, **overrides})
         app, http = create_app(config), protocol_class(EdgeLimits.from_config(config))
         sys.stderr = open(os.devnull, "w")  # noqa: SIM115 - the access log, as under gunicorn
         logging.config.dictConfig(logs.logconfig_dict(config))
@@ -267,8 +266,6 @@ def main() -> None:
     unknown = [name for name in names if name not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown configurations {unknown}; known: {','.join(CONFIGS)}")
-    from targets import UPSTREAM_ANSWER, Processes, free_port, start_nginx
-
     procs = Processes()
     signal.signal(signal.SIGTERM, _interrupted)
     signal.signal(signal.SIGINT, _interrupted)

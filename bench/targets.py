@@ -93,6 +93,18 @@ ABLATIONS: tuple[tuple[str, dict[str, str]], ...] = (
 )
 
 
+# Edge as every run starts it: every feature on, a key, and a rate limit too large to refuse.
+EDGE_FEATURES_ON = {
+    "API_KEYS": KEY,
+    "RATE_LIMIT_RPM": "100000000",
+    "RATE_LIMIT_BURST": "100000000",
+    "ENABLE_METRICS": "true",
+    "AUTH_ENABLED": "true",
+    "RATE_LIMIT_ENABLED": "true",
+    "LOG_LEVEL": "info",
+}
+
+
 class BenchError(RuntimeError):
     """A target did not start or a load tool failed: the run stops with this message."""
 
@@ -271,15 +283,9 @@ def start_edge(
         SERVER_ADDRESS=f"127.0.0.1:{port}",
         WORKERS=str(WORKERS),
         UPSTREAM_URL=upstream,
-        API_KEYS=KEY,
-        RATE_LIMIT_RPM="100000000",
-        RATE_LIMIT_BURST="100000000",
         INSTANCE_NAME=instance,
-        ENABLE_METRICS="true",
-        AUTH_ENABLED="true",
-        RATE_LIMIT_ENABLED="true",
-        LOG_LEVEL="info",
     )
+    env.update(EDGE_FEATURES_ON)
     env.update(extra_env or {})  # e.g. a feature switched off, to see what it costs
     argv = [GUNICORN, "-c", "gunicorn.conf.py"]
     proc = procs.start("edge", argv, out / log_name, env)

@@ -227,6 +227,12 @@ class Connection:
         self.protocol.data_received(data)
         await settle()
 
+    async def send_in(self, data: bytes, reads: int) -> None:
+        """`data` in `reads` reads of (nearly) equal size."""
+        size = -(-len(data) // reads)
+        for at in range(0, len(data), size):
+            await self.send(data[at : at + size])
+
     @property
     def closed(self) -> bool:
         return self.transport.closed
@@ -323,10 +329,7 @@ def test_trailers_count_against_the_header_limit(reads):
         await conn.send(
             post(b"", CHUNKED).replace(b"Content-Length: 0\r\n", b"") + b"1\r\nx\r\n0\r\n"
         )
-        trailers = b"a:\r\n" * 1000
-        size = -(-len(trailers) // reads)
-        for at in range(0, len(trailers), size):
-            await conn.send(trailers[at : at + size])
+        await conn.send_in(b"a:\r\n" * 1000, reads)  # trailer fields
         assert status_lines(conn.transport.take()) == [431]
         assert len(conn.protocol.headers) <= LIMITS.max_headers + 2  # the head's 2, then 10 more
         assert app.bodies == []
@@ -342,9 +345,7 @@ def test_header_fields_over_the_limit_are_refused_however_they_arrive(reads):
         app = App()
         conn = Connection(app)
         head = b"GET / HTTP/1.1\r\nHost: t\r\n" + b"X-A: " + b"a" * 1100 + b"\r\n\r\n"
-        size = -(-len(head) // reads)
-        for at in range(0, len(head), size):
-            await conn.send(head[at : at + size])
+        await conn.send_in(head, reads)
         assert status_lines(conn.transport.take()) == [431]
         assert app.bodies == []
 
