@@ -1,4 +1,5 @@
-"""The upstream client: one pooled aiohttp session per worker, JSON pass-through and SSE relay.
+"""The upstream client: one connection pool per worker (edge.upstream.http1), JSON
+pass-through and SSE relay.
 
 Only headers built here go upstream (an allow-list, not a deny-list): the configured upstream
 key, the request id and the trace context. The client's Authorization, x-api-key and cookies
@@ -17,12 +18,19 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-import aiohttp
-
 from edge.config import Config
 from edge.errors import UPSTREAM, BadGateway, GatewayTimeout, envelope
 from edge.observability.context import RequestContext
 from edge.server.disconnect import close_on_hang_up
+from edge.upstream.http1 import (
+    Connection,
+    Disconnected,
+    Origin,
+    Pool,
+    ResponseTooLarge,
+    UpstreamError,
+    request_head,
+)
 from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.sse import EventSplitter, EventTooLarge
 
@@ -35,6 +43,7 @@ PASS_HEADERS = ("retry-after", "retry-after-ms", "openai-processing-ms", "openai
 REFUSED = frozenset((401, 403))
 # Renders the SSE event that ends a stream broken mid-way: (error kind, message) -> bytes.
 ErrorEvent = Callable[[str, str], bytes]
+_METHODS = {"GET": b"GET", "POST": b"POST"}
 
 
 class UpstreamResponse:
@@ -49,8 +58,32 @@ class UpstreamResponse:
         self.headers = headers
 
 
+class StreamResponse:
+    """A live upstream event stream: `readany` what arrived (each read bounded by the
+    upstream timeout), `close` to end it (the connection goes back to the pool only when the
+    stream was read to its end)."""
+
+    __slots__ = ("_conn", "_read_timeout_s", "status")
+
+    def __init__(self, conn: Connection, read_timeout_s: float) -> None:
+        self._conn = conn
+        self._read_timeout_s = read_timeout_s
+        self.status = conn.status
+
+    async def readany(self) -> bytes:
+        conn = self._conn
+        if conn is None:
+            raise Disconnected("The stream was closed.")
+        return await conn.readany(self._read_timeout_s)
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:  # once: after `done` the connection may serve another request
+            conn.done()
+
+
 class Upstream:
-    """The worker's one pooled session, shared by every provider.
+    """The worker's one connection pool, shared by every provider.
 
     `call` and `open_stream` go to the UPSTREAM_URL provider unless given a `provider`
     (edge.upstream.providers.Provider) and, for a failover attempt, a shorter `timeout_s`.
@@ -66,50 +99,16 @@ class Upstream:
         self._static_headers = {"content-type": "application/json", "accept-encoding": "identity"}
         if config.upstream_api_key:
             self._static_headers["authorization"] = f"Bearer {config.upstream_api_key}"
-        # Prebuilt per attempt budget (see `_timeouts_for`): no ClientTimeout per request.
-        self._timeouts: dict[float, tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]] = {}
-        self._full = self._build_timeouts(self._timeout_s)
-        # Each provider's fixed headers (content type, identity coding, its key), built once.
+        # Each base URL's origin, and each provider's fixed headers (content type, identity
+        # coding, its key), built once: providers are re-read on HUP only.
+        self._origins: dict[str, Origin] = {}
         self._provider_headers: dict[Any, dict[str, str]] = {}
-        self.session: aiohttp.ClientSession | None = None
-
-    def _build_timeouts(
-        self, seconds: float
-    ) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
-        """(call, stream) timeouts for an attempt of `seconds`. Non-streamed exchanges:
-        aiohttp's own total timeout covers connecting, sending and reading the whole response,
-        so no second timer is needed per request."""
-        connect = min(self._connect_timeout_s, seconds)
-        call = aiohttp.ClientTimeout(total=seconds, connect=connect, sock_connect=connect)
-        stream = aiohttp.ClientTimeout(
-            total=None, connect=connect, sock_connect=connect, sock_read=self._timeout_s
-        )
-        return call, stream
-
-    def _timeouts_for(
-        self, seconds: float, provider: Any = None
-    ) -> tuple[aiohttp.ClientTimeout, aiohttp.ClientTimeout]:
-        """The timeouts of an attempt of `seconds`, built once per budget where they recur.
-
-        A first attempt's budget is the router's whole deadline less the microseconds it took
-        to get there: it gets the prebuilt SERVER_TIMEOUT_SECONDS pair (so its deadline may be
-        up to 10 ms past the router's). A provider's own `timeout_s` recurs exactly and is kept
-        (a few per worker); any other budget (a failover attempt's remainder) is built on the
-        spot and not kept.
-        """
-        if 0.0 <= self._timeout_s - seconds < 0.01:
-            return self._full
-        if provider is None or seconds != provider.timeout_s:
-            return self._build_timeouts(seconds)
-        found = self._timeouts.get(seconds)
-        if found is None:
-            found = self._timeouts[seconds] = self._build_timeouts(seconds)
-        return found
+        self.pool: Pool | None = None
 
     def _target(
         self, provider: Any, timeout_s: float | None, extra: dict[str, str] | None
-    ) -> tuple[str, dict[str, str], float]:
-        """Base URL, headers (a fresh dict: the caller adds to it) and timeout of one attempt."""
+    ) -> tuple[Origin, dict[str, str], float]:
+        """Origin, headers (a fresh dict: the caller adds to it) and timeout of one attempt."""
         if provider is None:
             base, fixed = self._base, self._static_headers
         else:
@@ -118,31 +117,26 @@ class Upstream:
             if fixed is None:
                 fixed = {"content-type": "application/json", "accept-encoding": "identity"}
                 fixed.update(provider.auth_headers())
-                if len(self._provider_headers) < 256:  # providers are re-read on HUP only
+                if len(self._provider_headers) < 256:
                     self._provider_headers[provider] = fixed
+        origin = self._origins.get(base)
+        if origin is None:
+            origin = Origin(base)
+            if len(self._origins) < 256:
+                self._origins[base] = origin
         headers = {**fixed, **extra} if extra else fixed.copy()
-        return base, headers, self._timeout_s if timeout_s is None else timeout_s
+        return origin, headers, self._timeout_s if timeout_s is None else timeout_s
 
     @property
     def ready(self) -> bool:
-        return self.session is not None and not self.session.closed
+        return self.pool is not None and not self.pool.closed
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(
-            limit=self._pool_size, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
-        )
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            timeout=aiohttp.ClientTimeout(
-                total=None, connect=self._connect_timeout_s, sock_connect=self._connect_timeout_s
-            ),
-            auto_decompress=False,
-            skip_auto_headers=("User-Agent",),
-        )
+        self.pool = Pool(self._pool_size)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
+        if self.pool is not None:
+            await self.pool.close()
 
     def _headers(
         self, ctx: RequestContext, stream: bool, headers: dict[str, str] | None = None
@@ -156,6 +150,27 @@ class Upstream:
         if stream:
             headers["accept"] = "text/event-stream"
         return headers
+
+    async def _send(
+        self, origin: Origin, head: bytes, body: bytes | None, seconds: float, limit: int
+    ) -> Connection:
+        """A connection with the request written and its answer (whole, or the head of a
+        stream: `limit` 0) in, all within `seconds`: TimeoutError past them."""
+        pool = self.pool
+        assert pool is not None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        conn = pool.idle_connection(origin.key())
+        if conn is None:  # connect (or wait for room in the pool) within the same deadline
+            async with asyncio.timeout_at(deadline):
+                conn = await pool.acquire(origin, min(self._connect_timeout_s, seconds))
+        try:
+            conn.send(head + body if body else head, limit)
+            await conn.wait(deadline)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
 
     async def call(
         self,
@@ -174,21 +189,22 @@ class Upstream:
         the OpenAI envelope; upstream HTTP errors are returned as they came, except 401 and 403
         (see `_refused`).
         """
-        assert self.session is not None
         started = time.perf_counter()
-        base, headers, seconds = self._target(provider, timeout_s, extra_headers)
-        timeout = self._timeouts_for(seconds, provider)[0]
+        origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
+        size = len(body) if body else 0
+        headers = self._headers(ctx, False, headers)
+        head = request_head(origin, _METHODS[method], path, headers, size)
         try:
-            async with self.session.request(
-                method,
-                base + path,
-                data=body,
-                headers=self._headers(ctx, False, headers),
-                allow_redirects=False,
-                timeout=timeout,
-            ) as resp:
-                return await _answer(outcome, resp)
-        except (TimeoutError, aiohttp.ClientError) as exc:
+            conn = await self._send(origin, head, body, seconds, MAX_RESPONSE_BYTES)
+            try:
+                if conn.status in REFUSED:
+                    raise _refused(outcome, conn.status)
+                return _response(conn, conn.body())
+            finally:
+                conn.done()
+        except ResponseTooLarge:
+            raise BadGateway("The upstream response is too large.") from None
+        except (TimeoutError, UpstreamError) as exc:
             raise _failure(outcome, exc, seconds) from None
         finally:
             outcome.waited_s += time.perf_counter() - started
@@ -202,48 +218,48 @@ class Upstream:
         provider: Any = None,
         timeout_s: float | None = None,
         extra_headers: dict[str, str] | None = None,
-    ) -> aiohttp.ClientResponse | UpstreamResponse:
+    ) -> StreamResponse | UpstreamResponse:
         """Send a streaming request and wait (bounded) for the response head.
 
         Returns the live response when the upstream answered 200 with an event stream, else
         the complete answer (an upstream error for a stream request is plain JSON).
         """
-        assert self.session is not None
         started = time.perf_counter()
-        resp = None
-        base, headers, seconds = self._target(provider, timeout_s, extra_headers)
-        timeout = self._timeouts_for(seconds, provider)[1]
+        origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
+        head = request_head(origin, b"POST", path, self._headers(ctx, True, headers), len(body))
         try:
-            async with asyncio.timeout(seconds):
-                resp = await self.session.request(
-                    "POST",
-                    base + path,
-                    data=body,
-                    headers=self._headers(ctx, True, headers),
-                    allow_redirects=False,
-                    timeout=timeout,
-                )
-                content_type = resp.headers.get("content-type", "")
-                if resp.status == 200 and content_type.startswith("text/event-stream"):
-                    return resp
-                try:
-                    return await _answer(outcome, resp)
-                finally:
-                    resp.release()
-        except (TimeoutError, aiohttp.ClientError) as exc:
-            if resp is not None:
-                resp.close()
+            conn = await self._send(origin, head, body, seconds, 0)
+            content_type = conn.headers.get("content-type", "")
+            if conn.status == 200 and content_type.startswith("text/event-stream"):
+                return StreamResponse(conn, self._timeout_s)
+            try:
+                return await _answer(outcome, conn, started + seconds - time.perf_counter())
+            finally:
+                conn.done()
+        except ResponseTooLarge:
+            raise BadGateway("The upstream response is too large.") from None
+        except (TimeoutError, UpstreamError) as exc:
             raise _failure(outcome, exc, seconds) from None
         finally:
             outcome.waited_s += time.perf_counter() - started
 
 
-async def _answer(outcome: UpstreamOutcome, resp: aiohttp.ClientResponse) -> UpstreamResponse:
-    """A complete upstream answer, read within its bound; 401/403 refused (see `_refused`)."""
-    if resp.status in REFUSED:
-        await _discard(resp)
-        raise _refused(outcome, resp.status)
-    return _response(resp, await _read_bounded(resp))
+async def _answer(outcome: UpstreamOutcome, conn: Connection, left_s: float) -> UpstreamResponse:
+    """The rest of a streamed exchange's answer that is not a stream (an error, most often),
+    read within the attempt's time left and MAX_RESPONSE_BYTES; 401/403 refused (`_refused`)."""
+    if conn.status in REFUSED:
+        raise _refused(outcome, conn.status)
+    if conn.content_length is not None and conn.content_length > MAX_RESPONSE_BYTES:
+        raise ResponseTooLarge()
+    chunks = []
+    size = 0
+    async with asyncio.timeout(max(0.001, left_s)):
+        while chunk := await conn.readany(None):
+            size += len(chunk)
+            if size > MAX_RESPONSE_BYTES:
+                raise ResponseTooLarge()
+            chunks.append(chunk)
+    return _response(conn, b"".join(chunks))
 
 
 def _failure(
@@ -263,7 +279,7 @@ def openai_error_event(kind: str, message: str) -> bytes:
 
 
 async def relay(
-    resp: aiohttp.ClientResponse,
+    resp: StreamResponse,
     outcome: UpstreamOutcome,
     receive: Callable[[], Awaitable[dict[str, Any]]] | None,
     on_chunk: Callable[[bytes], None] | None = None,
@@ -289,7 +305,6 @@ async def relay(
     time spent waiting on reads and a failure's kind go into the request's `outcome`.
     """
     watcher = close_on_hang_up(receive, lambda: _close_for_hang_up(resp)) if receive else None
-    content = resp.content
     splitter = EventSplitter()
     clock = time.perf_counter
     try:
@@ -298,7 +313,7 @@ async def relay(
                 chunk, first = first, b""
             else:
                 started = clock()
-                chunk = await content.readany()
+                chunk = await resp.readany()
                 outcome.waited_s += clock() - started  # waiting on the upstream: not our overhead
                 if not chunk:
                     break
@@ -323,7 +338,7 @@ async def relay(
                 splitter.pending,
                 message,
             )
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (UpstreamError, TimeoutError) as exc:
         _forget_traceback(exc)
         if watcher is None or not watcher.done():
             yield _stream_failed(
@@ -371,51 +386,21 @@ def _stream_failed(
     return error_event(kind, message)
 
 
-def _close_for_hang_up(resp: aiohttp.ClientResponse) -> None:
-    # An exception of our own for the pending read: left to itself, aiohttp hands every closed
-    # response one shared exception object, whose traceback then grows with each hung-up
-    # stream's frames and keeps them all alive.
-    resp.content.set_exception(aiohttp.ClientConnectionError("client disconnected"))
-    resp.close()
+def _close_for_hang_up(resp: StreamResponse) -> None:
+    resp.close()  # a read waiting on it raises Disconnected
 
 
 def _forget_traceback(exc: BaseException) -> None:
-    """Drop the traceback of a caught aiohttp exception: aiohttp reuses some exception objects
-    across requests, and a traceback left on one keeps every frame it passed through alive."""
+    """Drop the traceback of a caught exception, so that it keeps no frame alive."""
     exc.__traceback__ = None
 
 
-async def _read_bounded(resp: aiohttp.ClientResponse) -> bytes:
-    length = resp.content_length
-    if length is not None:
-        if length > MAX_RESPONSE_BYTES:
-            raise BadGateway("The upstream response is too large.")
-        return await resp.read()  # a declared length: read in one call, bounded by it
-    chunks = []
-    size = 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            raise BadGateway("The upstream response is too large.")
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
-def _response(resp: aiohttp.ClientResponse, payload: bytes) -> UpstreamResponse:
-    headers = {name: resp.headers[name] for name in PASS_HEADERS if name in resp.headers}
+def _response(conn: Connection, payload: bytes) -> UpstreamResponse:
+    headers = conn.headers
+    passed = {name: headers[name] for name in PASS_HEADERS if name in headers}
     return UpstreamResponse(
-        resp.status, payload, resp.headers.get("content-type", "application/json"), headers
+        conn.status, payload, headers.get("content-type", "application/json"), passed
     )
-
-
-async def _discard(resp: aiohttp.ClientResponse) -> None:
-    """Read and drop a (bounded) body, so the connection can go back to the pool."""
-    size = 0
-    async for chunk in resp.content.iter_any():
-        size += len(chunk)
-        if size > MAX_RESPONSE_BYTES:
-            resp.close()
-            return
 
 
 def _refused(outcome: UpstreamOutcome, status: int) -> BadGateway:
@@ -449,14 +434,12 @@ def error_kind(exc: BaseException) -> str:
     the upstream refused the gateway's credentials)."""
     if isinstance(exc, TimeoutError):
         return "timeout"
-    if isinstance(exc, aiohttp.ClientConnectorError):
-        return "connect"
-    if isinstance(exc, aiohttp.ServerDisconnectedError | aiohttp.ClientOSError):
-        return "disconnect"
+    if isinstance(exc, UpstreamError):
+        return exc.kind
     return "invalid"
 
 
-def _unreachable(outcome: UpstreamOutcome, exc: aiohttp.ClientError) -> BadGateway:
+def _unreachable(outcome: UpstreamOutcome, exc: BaseException) -> BadGateway:
     outcome.error = kind = error_kind(exc)
     log.warning("upstream request failed", extra={"error_kind": kind, "error": type(exc).__name__})
     if kind == "connect":

@@ -25,13 +25,13 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-import aiohttp
 import orjson
 
 from edge.errors import ApiError, BadGateway, GatewayTimeout, NotFound, ServiceUnavailable
 from edge.observability.context import RequestContext
 from edge.upstream import breaker as cb
-from edge.upstream.client import Upstream, UpstreamResponse, error_kind
+from edge.upstream.client import StreamResponse, Upstream, UpstreamResponse, error_kind
+from edge.upstream.http1 import UpstreamError
 from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.providers import Providers, Target
 
@@ -52,7 +52,7 @@ class ModelNotFound(NotFound):
 class Opened:
     """A stream that answered with its first event: relay `first`, then the rest of `resp`."""
 
-    resp: aiohttp.ClientResponse
+    resp: StreamResponse
     first: bytes
     status: int
     probe: float | None = None  # the half-open place this attempt claimed (breaker.claimed)
@@ -478,12 +478,12 @@ class Router:
         waited = time.perf_counter()
         try:
             async with asyncio.timeout(left):
-                first = await opened.content.readany()
+                first = await opened.readany()
         except TimeoutError:
             opened.close()
             outcome.error = "timeout"
             raise GatewayTimeout("The upstream sent no event in time.") from None
-        except aiohttp.ClientError as exc:
+        except UpstreamError as exc:
             opened.close()
             exc.__traceback__ = None
             outcome.error = error_kind(exc)

@@ -6,23 +6,25 @@ from __future__ import annotations
 import asyncio
 import json
 
-import aiohttp
 import pytest
 
 from edge.observability.context import RequestContext
 from edge.upstream import client as client_module
 from edge.upstream.client import relay
+from edge.upstream.http1 import Disconnected, InvalidResponse
 from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.sse import EventSplitter
 
 
-class ScriptedContent:
-    """resp.content: hands out the scripted reads one by one, then an exception or EOF."""
+class ScriptedResponse:
+    """A live upstream stream (edge.upstream.client.StreamResponse): hands out the scripted
+    reads one by one, then an exception or EOF."""
 
-    def __init__(self, reads: list[bytes], fail: BaseException | None) -> None:
+    def __init__(self, reads: list[bytes], fail: BaseException | None = None) -> None:
         self._reads = list(reads)
         self._fail = fail
         self.read_count = 0
+        self.closed = False
 
     async def readany(self) -> bytes:
         self.read_count += 1
@@ -31,15 +33,6 @@ class ScriptedContent:
         if self._fail is not None:
             raise self._fail
         return b""
-
-    def set_exception(self, exc: BaseException) -> None:
-        self._fail = exc
-
-
-class ScriptedResponse:
-    def __init__(self, reads: list[bytes], fail: BaseException | None = None) -> None:
-        self.content = ScriptedContent(reads, fail)
-        self.closed = False
 
     def close(self) -> None:
         self.closed = True
@@ -100,7 +93,7 @@ def error_of(block: bytes) -> dict:
 
 @pytest.mark.parametrize(
     "fail",
-    [aiohttp.ClientPayloadError("cut"), aiohttp.ServerDisconnectedError(), TimeoutError(), None],
+    [InvalidResponse("cut"), Disconnected("gone"), TimeoutError(), None],
     ids=["payload", "disconnect", "timeout", "clean-eof"],
 )
 def test_a_break_mid_event_drops_the_tail_and_ends_on_a_boundary(fail):
@@ -119,7 +112,7 @@ def test_the_routers_first_read_goes_through_the_splitter_too():
     """The router reads a stream's first bytes itself (to fail over a provider that sends no
     event); they are handed to the relay, so a first read that ends mid-event is held like any
     other, and a break then still ends on an event boundary."""
-    resp = ScriptedResponse([b'"half": tr'], aiohttp.ClientPayloadError("cut"))
+    resp = ScriptedResponse([b'"half": tr'], InvalidResponse("cut"))
     ctx = recorded()
     first = event(0) + b"data: {"
 
@@ -158,9 +151,9 @@ def test_backpressure_no_read_ahead_of_the_consumer():
     async def run() -> None:
         stream = relay(resp, outcome, None)  # type: ignore[arg-type]
         assert await anext(stream) == event(0)
-        assert resp.content.read_count == 1  # nothing read beyond what was handed on
+        assert resp.read_count == 1  # nothing read beyond what was handed on
         assert await anext(stream) == event(1)
-        assert resp.content.read_count == 2
+        assert resp.read_count == 2
         await stream.aclose()
 
     asyncio.run(run())

@@ -1,0 +1,409 @@
+"""edge.upstream.http1 against scripted upstreams on loopback sockets: keep-alive reuse and
+its limits, bodies of every framing, malformed and oversized answers, the pool's bound and
+waiters, idle expiry, stream backpressure and read timeouts, cancellation."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+
+import pytest
+
+from edge.upstream.http1 import (
+    HIGH_WATER,
+    ConnectFailed,
+    Disconnected,
+    InvalidResponse,
+    Origin,
+    Pool,
+    ResponseTooLarge,
+    request_head,
+)
+
+Handler = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
+OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+
+
+async def read_request(reader: asyncio.StreamReader) -> bytes:
+    """One request (head and Content-Length body); b"" when the client closed."""
+    try:
+        head = await reader.readuntil(b"\r\n\r\n")
+    except asyncio.IncompleteReadError:
+        return b""
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    return head + await reader.readexactly(length)
+
+
+class Upstream:
+    """A scripted server: `answer(request_number)` gives the bytes to write per request
+    (None: write nothing and keep the connection; b"CLOSE": close it)."""
+
+    def __init__(self, answer: Callable[[int], bytes | None]) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.writers: list[asyncio.StreamWriter] = []
+
+    async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.append(writer)
+        try:
+            while request := await read_request(reader):
+                self.requests.append(request)
+                data = self.answer(len(self.requests))
+                if data == b"CLOSE":
+                    break
+                if data is not None:
+                    writer.write(data)
+                    await writer.drain()
+        except (ConnectionError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            writer.close()
+
+
+async def serve(answer: Callable[[int], bytes | None]) -> tuple[Upstream, Origin, asyncio.Server]:
+    upstream = Upstream(answer)
+    server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    return upstream, Origin(f"http://127.0.0.1:{port}/v1"), server
+
+
+async def exchange(pool: Pool, origin: Origin, limit: int = 1 << 20, body: bytes = b"{}"):
+    conn = await pool.acquire(origin, 2.0)
+    head = request_head(origin, b"POST", "/chat/completions", {"x-a": "1"}, len(body))
+    try:
+        conn.send(head + body, limit)
+        await conn.wait(asyncio.get_running_loop().time() + 2.0)
+        return conn.status, dict(conn.headers), conn.body()
+    finally:
+        conn.done()
+
+
+async def until(predicate: Callable[[], bool], seconds: float = 3.0) -> None:
+    loop = asyncio.get_running_loop()
+    end = loop.time() + seconds
+    while not predicate():
+        assert loop.time() < end, "condition not reached in time"
+        await asyncio.sleep(0.01)
+
+
+def run(coro: Awaitable[None]) -> None:
+    asyncio.run(coro)  # type: ignore[arg-type]
+
+
+def test_the_request_is_written_whole_and_the_connection_reused():
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: OK)
+        pool = Pool(4)
+        for _ in range(3):
+            status, headers, body = await exchange(pool, origin)
+            assert (status, body, headers["content-type"]) == (200, b"{}", "application/json")
+        assert upstream.connections == 1 and pool.open_connections == 1
+        port = origin.port
+        assert upstream.requests[0] == (
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1:%d\r\n"
+            b"x-a: 1\r\ncontent-length: 2\r\n\r\n{}" % port
+        )
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_a_get_without_body_sends_no_content_length():
+    origin = Origin("https://api.example.com")
+    assert (origin.host, origin.port, origin.tls, origin.prefix) == (
+        "api.example.com",
+        443,
+        True,
+        b"",
+    )
+    head = request_head(origin, b"GET", "/models", {}, 0)
+    assert head == b"GET /models HTTP/1.1\r\nhost: api.example.com\r\n\r\n"
+    v6 = Origin("http://[::1]:8081/base/")
+    assert (v6.host, v6.port, v6.prefix, v6.host_line) == (
+        "::1",
+        8081,
+        b"/base",
+        b"host: [::1]:8081\r\n",
+    )
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 2\r\n\r\n{}",
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\n{}",
+    ],
+)
+def test_a_connection_the_upstream_will_close_is_not_reused(answer):
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: answer)
+        pool = Pool(4)
+        for _ in range(2):
+            assert (await exchange(pool, origin))[2] == b"{}"
+        assert upstream.connections == 2
+        await until(lambda: pool.open_connections == 0)
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_chunked_and_close_delimited_bodies_are_read_whole():
+    chunked = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    until_close = b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\nto the end"
+
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: chunked if n == 1 else until_close)
+        pool = Pool(4)
+        assert (await exchange(pool, origin))[2] == b"abcde"
+        # the body that ends with the connection: complete when the server closes
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"GET", "/x", {}, 0), 1 << 20)
+        loop = asyncio.get_running_loop()
+        waiter = asyncio.ensure_future(conn.wait(loop.time() + 2.0))
+        await until(lambda: len(upstream.requests) == 2)
+        upstream.writers[-1].close()  # the server ends the body by closing
+        await waiter
+        assert conn.body() == b"to the end"
+        conn.done()
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    ("answer", "error"),
+    [
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort", Disconnected),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n", Disconnected),
+        (b"HTTP/1.1 200 OK\r\nContent-Len", Disconnected),
+        (b"this is not HTTP at all\r\n\r\n", InvalidResponse),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: x\r\n\r\n", InvalidResponse),
+        (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: h2c\r\n\r\n", InvalidResponse),
+        (b"HTTP/1.1 200 OK\r\n" + b"X-Many: 1\r\n" * 200 + b"\r\n", InvalidResponse),
+        (b"HTTP/1.1 200 OK\r\nX-Big: " + b"a" * 70_000 + b"\r\n\r\n", InvalidResponse),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2000\r\n\r\n", ResponseTooLarge),
+        (
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n400\r\n" + b"a" * 1024,
+            ResponseTooLarge,
+        ),
+    ],
+)
+def test_broken_malformed_and_oversized_answers_fail_and_close(answer, error):
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: answer)
+        pool = Pool(4)
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
+        waiting = asyncio.ensure_future(conn.wait(asyncio.get_running_loop().time() + 2.0))
+        await until(lambda: bool(upstream.requests))
+        upstream.writers[0].close()  # a truncated answer ends with the connection
+        with pytest.raises(error):
+            await waiting
+        conn.done()
+        assert conn.closed and pool.open_connections == 0
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_an_interim_100_answer_is_skipped():
+    answer = b"HTTP/1.1 100 Continue\r\n\r\n" + OK
+
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: answer)
+        pool = Pool(2)
+        assert (await exchange(pool, origin))[:1] == (200,)
+        assert (await exchange(pool, origin))[2] == b"{}"
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_bytes_nobody_asked_for_close_the_connection():
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: OK + b"HTTP/1.1 200 OK\r\n")
+        pool = Pool(2)
+        assert (await exchange(pool, origin))[2] == b"{}"
+        await until(lambda: pool.open_connections == 0)
+        assert (await exchange(pool, origin))[2] == b"{}"
+        assert upstream.connections == 2
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_an_idle_connection_the_upstream_closed_is_not_handed_out():
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: OK)
+        pool = Pool(2)
+        await exchange(pool, origin)
+        upstream.writers[0].close()  # the upstream's keep-alive timeout
+        await until(lambda: pool.open_connections == 0)
+        assert (await exchange(pool, origin))[0] == 200
+        assert upstream.connections == 2
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_idle_connections_are_closed_after_the_keepalive_time():
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: OK)
+        pool = Pool(2, keepalive_s=0.2)
+        await exchange(pool, origin)
+        assert pool.open_connections == 1
+        await until(lambda: pool.open_connections == 0)
+        assert upstream.writers[0].is_closing() or upstream.connections == 1
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_the_pool_bound_holds_and_waiters_get_the_room_in_turn():
+    async def main() -> None:
+        release = asyncio.Event()
+        held: list[int] = []
+
+        def answer(n: int) -> bytes | None:
+            held.append(n)
+            return OK
+
+        upstream, origin, server = await serve(answer)
+        pool = Pool(2)
+        peak = 0
+
+        async def one() -> None:
+            nonlocal peak
+            conn = await pool.acquire(origin, 2.0)
+            peak = max(peak, pool.open_connections)
+            conn.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
+            await conn.wait(asyncio.get_running_loop().time() + 2.0)
+            await release.wait()
+            conn.done()
+
+        tasks = [asyncio.ensure_future(one()) for _ in range(6)]
+        await until(lambda: len(held) == 2)
+        await asyncio.sleep(0.05)
+        assert len(held) == 2  # the other four wait for room
+        # a waiter that gives up does not take the room with it
+        waiting = asyncio.ensure_future(pool.acquire(origin, 2.0))
+        await asyncio.sleep(0.01)
+        waiting.cancel()
+        release.set()
+        await asyncio.wait_for(asyncio.gather(*tasks), 3)
+        assert peak <= 2 and upstream.connections <= 2 and len(held) == 6
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_a_full_pool_makes_room_by_closing_an_idle_connection_to_another_origin():
+    async def main() -> None:
+        _, first, server_a = await serve(lambda n: OK)
+        _, second, server_b = await serve(lambda n: OK)
+        pool = Pool(1)
+        await exchange(pool, first)
+        await asyncio.wait_for(exchange(pool, second), 2)
+        assert pool.open_connections == 1
+        await pool.close()
+        server_a.close()
+        server_b.close()
+
+    run(main())
+
+
+def test_a_refused_connection_is_connect_failed():
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: OK)
+        server.close()
+        await server.wait_closed()
+        pool = Pool(2)
+        with pytest.raises(ConnectFailed):
+            await pool.acquire(origin, 2.0)
+        assert pool.open_connections == 0
+        await pool.close()
+
+    run(main())
+
+
+def test_a_stream_pauses_the_socket_and_times_out_reads():
+    big = b"x" * (4 * HIGH_WATER)
+    head = (
+        b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: head + b"%x\r\n%s\r\n" % (len(big), big))
+        pool = Pool(2)
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"POST", "/s", {}, 0), 0)
+        await conn.wait(asyncio.get_running_loop().time() + 2.0)
+        assert conn.status == 200
+        await until(lambda: conn._buffered > HIGH_WATER)
+        await asyncio.sleep(0.1)
+        # not read: the socket was paused; what waits is bounded by one read past the mark
+        assert conn._paused and conn._buffered < HIGH_WATER + 300_000
+        got = 0
+        while got < len(big):
+            got += len(await conn.readany(2.0))
+        assert got == len(big)
+        with pytest.raises(TimeoutError):  # the stream stalls: the read's bound ends it
+            await conn.readany(0.05)
+        conn.done()
+        assert conn.closed and pool.open_connections == 0
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_a_cancelled_exchange_closes_its_connection():
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: None)  # never answers
+        pool = Pool(2)
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
+        waiting = asyncio.ensure_future(conn.wait(None))
+        await until(lambda: len(upstream.requests) == 1)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        conn.done()
+        assert conn.closed and pool.open_connections == 0
+        await until(lambda: upstream.writers[0].is_closing())
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_a_deadline_ends_the_wait_with_timeout_error():
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: None)
+        pool = Pool(2)
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
+        with pytest.raises(TimeoutError):
+            await conn.wait(asyncio.get_running_loop().time() + 0.05)
+        conn.done()
+        assert pool.open_connections == 0
+        await pool.close()
+        server.close()
+
+    run(main())
