@@ -361,7 +361,7 @@ SETTINGS: tuple[Setting, ...] = (
       "in `$CREDENTIALS_DIRECTORY`. Unset, and `$CREDENTIALS_DIRECTORY/upstream-api-key` exists "
       "(systemd `LoadCredential=`): that file (empty: no key)"),
     S("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "upstream_connect_timeout_s", number(0.001, 3600), "5",
-      "Connecting to the upstream; exceeded → 502"),
+      "Connecting to the upstream, waiting for a free pooled connection included; exceeded → 502"),
     S("UPSTREAM_POOL_SIZE", "upstream_pool_size", integer(1, 65_536), "256",
       "Upstream connections per worker (keep-alive pool), shared by all providers"),
     S("PROVIDERS_FILE", "providers_file", readable_file, None,

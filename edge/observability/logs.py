@@ -115,8 +115,6 @@ def logconfig_dict(config: Config) -> dict[str, Any]:
             "uvicorn.error": {"level": level, "handlers": ["stderr"], "propagate": False},
             "uvicorn.access": {"level": "CRITICAL", "handlers": [], "propagate": False},
             "edge": {"level": level, "handlers": ["stderr"], "propagate": False},
-            # Quieten libraries that would log at INFO on every connection.
-            "aiohttp": {"level": "WARNING"},
         },
     }
 

@@ -77,9 +77,18 @@ class StreamResponse:
         return await conn.readany(self._read_timeout_s)
 
     def close(self) -> None:
+        """Done with the stream: its connection goes back to the pool if it was read to the
+        end (once: after that the connection may serve another request)."""
         conn, self._conn = self._conn, None
-        if conn is not None:  # once: after `done` the connection may serve another request
+        if conn is not None:
             conn.done()
+
+    def abort(self) -> None:
+        """End the stream now, never reusing its connection (a read waiting on it raises
+        Disconnected): for a client hanging up while the relay may still be reading."""
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.close()
 
 
 class Upstream:
@@ -155,22 +164,36 @@ class Upstream:
         self, origin: Origin, head: bytes, body: bytes | None, seconds: float, limit: int
     ) -> Connection:
         """A connection with the request written and its answer (whole, or the head of a
-        stream: `limit` 0) in, all within `seconds`: TimeoutError past them."""
+        stream: `limit` 0) in, all within `seconds`: TimeoutError past them. Waiting for room
+        in the pool and connecting are bounded by UPSTREAM_CONNECT_TIMEOUT_SECONDS too
+        (ConnectFailed). A GET that finds its reused connection closed by the upstream before
+        any answer is sent once more on another (as aiohttp did for idempotent methods)."""
         pool = self.pool
         assert pool is not None
         loop = asyncio.get_running_loop()
         deadline = loop.time() + seconds
-        conn = pool.idle_connection(origin.key())
-        if conn is None:  # connect (or wait for room in the pool) within the same deadline
-            async with asyncio.timeout_at(deadline):
-                conn = await pool.acquire(origin, min(self._connect_timeout_s, seconds))
-        try:
-            conn.send(head + body if body else head, limit)
-            await conn.wait(deadline)
-        except BaseException:
-            conn.close()
-            raise
-        return conn
+        data = head + body if body else head
+        for retry in (False, True):
+            conn = pool.idle_connection(origin.key())
+            if conn is None:
+                if self._connect_timeout_s < seconds:
+                    conn = await pool.acquire(origin, self._connect_timeout_s)
+                else:  # the attempt's own deadline comes first: 504, as for the answer
+                    async with asyncio.timeout_at(deadline):
+                        conn = await pool.acquire(origin, seconds + 1.0)
+            try:
+                conn.send(data, limit)
+                await conn.wait(deadline)
+            except Disconnected:
+                conn.close()
+                if retry or not (conn.reused and not conn.received and head[:4] == b"GET "):
+                    raise
+                continue
+            except BaseException:
+                conn.close()
+                raise
+            return conn
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def call(
         self,
@@ -387,7 +410,7 @@ def _stream_failed(
 
 
 def _close_for_hang_up(resp: StreamResponse) -> None:
-    resp.close()  # a read waiting on it raises Disconnected
+    resp.abort()  # never back to the pool: the relay may be waiting in a read on it
 
 
 def _forget_traceback(exc: BaseException) -> None:

@@ -9,17 +9,24 @@ a stream; that much HTTP/1.1 is small, and the parsing stays in a well-kept libr
 (llhttp, strict), which the server side already uses.
 
 What a `Connection` does: one request at a time, written in one `write`; the response parsed
-as it arrives. A whole-body exchange (`Connection.exchange`) resolves one future when the
-message completes; a stream resolves at the head and then hands out what arrived with
-`Response.readany`, pausing the socket while more than `HIGH_WATER` bytes wait unread.
-A connection goes back to the pool only when its response was read to the end and the
-upstream allows keep-alive; anything else (an error, a cancelled exchange, a stream closed
-early, bytes nobody asked for) closes it.
+as it arrives. Collecting a whole body (`send` with a limit, then `wait`) resolves one future
+when the message completes; a stream (`send` with limit 0) resolves at the head and then hands
+out what arrived with `readany`, pausing the socket while more than `HIGH_WATER` bytes wait
+unread. A connection goes back to the pool (`done`) only when its response was read to the end,
+the upstream allows keep-alive, its socket is not paused and nobody is still waiting on it;
+anything else (an error, a cancelled exchange, a stream closed early, bytes nobody asked for)
+closes it, aborting a connection whose exchange did not end. What httptools must hold before
+it can call back (a head, chunk lines, trailers) is bounded by `MAX_HEADER_BYTES` fed without
+body bytes; trailers never become headers.
 
 `Pool`: idle connections per origin (last in, first out), at most `limit` open in all; a
-request past the limit waits for one to close or come back. Idle connections are closed after
-`keepalive_s`. A reused connection that the upstream had closed fails as `Disconnected`, as
-with aiohttp: it is not retried here (a POST may have been acted on); the router fails over.
+request past the limit waits for one to close or come back, within the connect timeout, which
+bounds waiting and connecting together. Idle connections are closed after `keepalive_s`.
+Connecting resolves the host (kept `DNS_TTL_S`) and races its addresses `STAGGER_S` apart
+(happy eyeballs; uvloop's `create_connection` has no `happy_eyeballs_delay`). A reused
+connection that the upstream had closed fails as `Disconnected`; the caller (edge.upstream.
+client) sends a GET once more, never a POST (it may have been acted on): the router fails
+over instead.
 
 Errors: `ConnectFailed` (could not connect), `Disconnected` (closed before the response was
 complete), `InvalidResponse` (not HTTP, or headers past the bounds), `ResponseTooLarge`, and
@@ -30,6 +37,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
+import socket
 import ssl
 import time
 from collections import deque
@@ -41,6 +50,8 @@ HIGH_WATER = 64 * 1024  # a stream's unread bytes past which the socket is pause
 MAX_HEADER_BYTES = 64 * 1024  # a response head's names and values, in all
 MAX_HEADERS = 128
 _NO_BODY = frozenset((204, 304))
+STAGGER_S = 0.25  # happy eyeballs: the head start each address gets before the next
+DNS_TTL_S = 300.0  # resolved addresses kept this long (aiohttp's ttl_dns_cache default)
 
 
 class UpstreamError(Exception):
@@ -126,6 +137,7 @@ class Connection(asyncio.Protocol):
         self.key = key
         self.closed = False
         self.idle_since = 0.0
+        self.reused = False  # served an exchange before this one
         self._pool = pool
         self._loop = asyncio.get_running_loop()
         self._transport: Any = None
@@ -138,9 +150,12 @@ class Connection(asyncio.Protocol):
         self.status = 0
         self.headers: dict[str, str] = {}
         self.content_length: int | None = None
+        self.received = False  # any byte of this exchange's answer
         self._limit = limit  # > 0: collect the whole body up to this; 0: a stream
         self._chunks: list[bytes] = []
+        self._whole: bytearray | None = None  # a collected body past its first piece
         self._buffered = 0
+        self._without_body = 0  # bytes fed since the last body bytes (head, chunk lines, trailers)
         self._header_bytes = 0
         self._header_count = 0
         self._head_done = False
@@ -176,8 +191,9 @@ class Connection(asyncio.Protocol):
             raise self._error
 
     def body(self) -> bytes:
-        chunks = self._chunks
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        if self._whole is not None:
+            return bytes(self._whole)
+        return self._chunks[0] if self._chunks else b""
 
     async def readany(self, timeout: float | None) -> bytes:
         """What arrived since the last read (waiting up to `timeout` for something); b"" at
@@ -187,7 +203,14 @@ class Connection(asyncio.Protocol):
                 raise self._error
             if self._complete:
                 return b""
-            await self.wait_more(timeout)
+            waiter = self._waiter = self._loop.create_future()
+            timer = None if timeout is None else self._loop.call_later(timeout, _expire, waiter)
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+                if timer is not None:
+                    timer.cancel()
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
@@ -197,38 +220,46 @@ class Connection(asyncio.Protocol):
             self._transport.resume_reading()
         return data
 
-    async def wait_more(self, timeout: float | None) -> None:
-        waiter = self._waiter = self._loop.create_future()
-        timer = None if timeout is None else self._loop.call_later(timeout, _expire, waiter)
-        try:
-            await waiter
-        finally:
-            self._waiter = None
-            if timer is not None:
-                timer.cancel()
-
     @property
     def reusable(self) -> bool:
-        return self._complete and self._keep_alive and self._error is None and not self.closed
+        return (
+            self._complete
+            and self._keep_alive
+            and self._error is None
+            and not self._paused  # a paused socket would starve the next exchange
+            and self._waiter is None  # nobody is still reading this exchange
+            and not self.closed
+        )
 
     def done(self) -> None:
         """The caller is finished with this exchange: back to the pool if it may be reused."""
-        self._busy = False
         if self.reusable:
+            self._busy = False
             self._chunks = []
+            self._whole = None
+            self.reused = True
             self._pool.release(self)
         else:
             self.close()
 
     def close(self) -> None:
+        """Close for good. A pending read raises Disconnected. A connection that did not end
+        its exchange is aborted (nothing left to flush: an unread request body stays behind)."""
         if self.closed:
             return
         self.closed = True
-        if self._error is None and not self._complete:
+        self._busy = False
+        waiter = self._waiter
+        if self._error is None and (
+            not self._complete or (waiter is not None and not waiter.done())
+        ):
             self._error = Disconnected("The connection was closed.")
         self._wake()
         if self._transport is not None:
-            self._transport.close()
+            if self._complete:
+                self._transport.close()
+            else:
+                self._transport.abort()
         self._pool.forget(self)
 
     # ---------------------------------------------------------------- asyncio.Protocol
@@ -240,6 +271,8 @@ class Connection(asyncio.Protocol):
         if not self._busy or self._complete:  # bytes nobody asked for: never reuse this one
             self.close()
             return
+        self.received = True
+        fed = self._buffered
         try:
             self._parser.feed_data(data)
         except Exception as exc:
@@ -252,6 +285,15 @@ class Connection(asyncio.Protocol):
                     if isinstance(cause, UpstreamError)
                     else InvalidResponse("The upstream sent an invalid HTTP response.")
                 )
+            return
+        # httptools holds a header line until it ends: bound what it may hold (a head, chunk
+        # lines, trailers) by the bytes fed without any body bytes coming out of them.
+        if self._buffered == fed and not self._complete:
+            self._without_body += len(data)
+            if self._without_body > MAX_HEADER_BYTES:
+                self._fail(InvalidResponse("The upstream's response headers are too large."))
+        else:
+            self._without_body = 0
 
     def eof_received(self) -> None:
         return None  # close the transport: connection_lost follows
@@ -260,19 +302,13 @@ class Connection(asyncio.Protocol):
         if self.closed:
             return
         if self._busy and not self._complete and self._error is None:
-            if self._head_done and self._close_delimited:
+            if self._head_done and self._close_delimited and exc is None:
                 self._complete = True  # the body ended with the connection, as announced
             else:
                 self._error = Disconnected("The upstream closed the connection.")
         self.closed = True
         self._wake()
         self._pool.forget(self)
-
-    def pause_writing(self) -> None:  # a request larger than the socket's buffer: the
-        pass  # transport buffers it (the body is in memory already)
-
-    def resume_writing(self) -> None:
-        pass
 
     # ---------------------------------------------------------------- httptools callbacks
 
@@ -284,6 +320,8 @@ class Connection(asyncio.Protocol):
         self._header_count = 0
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        if self._head_done:  # a trailer field: not part of the answer's head
+            return
         self._header_bytes += len(name) + len(value)
         self._header_count += 1
         if self._header_bytes > MAX_HEADER_BYTES or self._header_count > MAX_HEADERS:
@@ -307,19 +345,29 @@ class Connection(asyncio.Protocol):
             self.content_length = int(length)  # llhttp accepted it: digits only
             if self._limit and self.content_length > self._limit:
                 raise ResponseTooLarge("The upstream response is too large.")
-        else:
-            self._close_delimited = "transfer-encoding" not in headers and status not in _NO_BODY
+        elif status not in _NO_BODY:
+            # No length: chunked, else the body runs to the end of the connection (llhttp
+            # reads any other transfer coding that way too).
+            coding = headers.get("transfer-encoding", "")
+            self._close_delimited = not coding.lower().rstrip(" \t").endswith("chunked")
         self._head_done = True
         if not self._limit:
             self._wake()
 
     def on_body(self, body: bytes) -> None:
-        self._chunks.append(body)
         self._buffered += len(body)
         if self._limit:
             if self._buffered > self._limit:
                 raise ResponseTooLarge("The upstream response is too large.")
+            if self._whole is not None:  # one buffer, not a bytes object per piece
+                self._whole += body
+            elif self._chunks:
+                self._whole = bytearray(self._chunks.pop())
+                self._whole += body
+            else:
+                self._chunks.append(body)
             return
+        self._chunks.append(body)
         if self._buffered > HIGH_WATER and not self._paused:
             self._paused = True
             self._transport.pause_reading()
@@ -347,13 +395,18 @@ class Connection(asyncio.Protocol):
 class Pool:
     """The worker's upstream connections (see the module docstring)."""
 
-    def __init__(self, limit: int, keepalive_s: float = 30.0) -> None:
+    def __init__(
+        self, limit: int, keepalive_s: float = 30.0, tls: ssl.SSLContext | None = None
+    ) -> None:
+        """`tls` verifies https origins; the default is the system's CAs with host name
+        checks (`ssl.create_default_context`), made at the first https connection."""
         self._limit = limit
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, int, bool], list[Connection]] = {}
         self._all: set[Connection] = set()
         self._waiters: deque[asyncio.Future[None]] = deque()
-        self._ssl: ssl.SSLContext | None = None
+        self._ssl = tls
+        self._addresses: dict[tuple[str, int], tuple[float, list[Any]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -373,27 +426,32 @@ class Pool:
         return None
 
     async def acquire(self, origin: Origin, connect_timeout_s: float) -> Connection:
-        """An idle connection to `origin`, else a new one once fewer than `limit` are open
-        (connecting within `connect_timeout_s`: TimeoutError past it, ConnectFailed on a
-        refusal or a name that does not resolve). The caller bounds the wait."""
+        """An idle connection to `origin`, else a new one once fewer than `limit` are open.
+        Waiting for room and connecting share `connect_timeout_s`: past it, ConnectFailed
+        (as for a refusal, a name that does not resolve or a TLS failure)."""
         key = origin.key()
         conn = self.idle_connection(key)
         if conn is not None:
             return conn
-        while len(self._all) >= self._limit:
-            if not self._evict_idle():
-                await self._wait_for_room()
-            conn = self.idle_connection(key)
-            if conn is not None:
-                return conn
-        if self.closed:
-            raise ConnectFailed("The upstream pool is closed.")
-        return await self._connect(origin, key, connect_timeout_s)
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                while len(self._all) >= self._limit:
+                    if not self._evict_idle():
+                        await self._wait_for_room()
+                    conn = self.idle_connection(key)
+                    if conn is not None:
+                        return conn
+                    if self.closed:
+                        break
+                if self.closed:
+                    raise ConnectFailed("The upstream pool is closed.")
+                return await self._connect(origin, key)
+        except TimeoutError:
+            raise ConnectFailed(
+                f"No connection to the upstream within {connect_timeout_s:g} s."
+            ) from None
 
-    async def _connect(
-        self, origin: Origin, key: tuple[str, int, bool], timeout_s: float
-    ) -> Connection:
-        loop = asyncio.get_running_loop()
+    async def _connect(self, origin: Origin, key: tuple[str, int, bool]) -> Connection:
         conn = Connection(self, key)
         self._all.add(conn)  # counts against the limit while it connects
         tls: Any = None
@@ -402,17 +460,7 @@ class Pool:
                 self._ssl = ssl.create_default_context()
             tls = self._ssl
         try:
-            async with asyncio.timeout(timeout_s):
-                await loop.create_connection(
-                    lambda: conn,
-                    origin.host,
-                    origin.port,
-                    ssl=tls,
-                    server_hostname=origin.host if tls else None,
-                )
-        except TimeoutError:
-            conn.close()
-            raise TimeoutError() from None
+            await self._open(conn, origin, tls)
         except (OSError, ssl.SSLError, UnicodeError) as exc:
             conn.close()
             raise ConnectFailed(f"Could not connect: {type(exc).__name__}") from None
@@ -420,6 +468,76 @@ class Pool:
             conn.close()
             raise
         return conn
+
+    async def _open(self, conn: Connection, origin: Origin, tls: Any) -> None:
+        """Connect to the first address that answers: each address gets `STAGGER_S` alone
+        before the next is tried alongside it (happy eyeballs, RFC 8305, simplified), so an
+        unreachable first address (broken IPv6) does not use up the connect timeout. Each
+        attempt has a placeholder protocol; the winner's transport is handed to `conn`."""
+        loop = asyncio.get_running_loop()
+        addresses = await self._resolve(origin.host, origin.port)
+        pending: set[asyncio.Future[Any]] = set()
+        failure: BaseException | None = None
+        try:
+            for index, (family, _, proto, _, address) in enumerate(addresses):
+                attempt = loop.create_connection(
+                    asyncio.Protocol,
+                    address[0],
+                    address[1],
+                    family=family,
+                    proto=proto,
+                    ssl=tls,
+                    server_hostname=origin.host if tls else None,
+                )
+                pending.add(asyncio.ensure_future(attempt))
+                last = index == len(addresses) - 1
+                while pending:
+                    finished, pending = await asyncio.wait(
+                        pending,
+                        timeout=None if last else STAGGER_S,
+                        return_when=asyncio.FIRST_COMPLETED,
+                    )
+                    if not finished:
+                        break  # the next address joins the race
+                    winner = None
+                    for task in finished:
+                        if task.exception() is not None:
+                            failure = task.exception()
+                        elif winner is None:
+                            winner = task.result()[0]
+                        else:
+                            task.result()[0].close()  # a later finisher of the same race
+                    if winner is not None:
+                        if conn.closed:  # the pool closed while this connected
+                            winner.close()
+                            raise ConnectFailed("The upstream pool is closed.")
+                        winner.set_protocol(conn)
+                        conn.connection_made(winner)
+                        return
+            raise failure or OSError("The upstream's name resolved to no address.")
+        finally:
+            for task in pending:
+                if task.done() and not task.cancelled() and task.exception() is None:
+                    task.result()[0].close()  # won as the caller gave up
+                else:
+                    task.cancel()  # a cancelled attempt closes the socket it was opening
+
+    async def _resolve(self, host: str, port: int) -> list[Any]:
+        """The host's addresses, IPv6 and IPv4 interleaved, kept `DNS_TTL_S`."""
+        now = time.monotonic()
+        found = self._addresses.get((host, port))
+        if found is not None and now - found[0] < DNS_TTL_S:
+            return found[1]
+        infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        six = [info for info in infos if info[0] == socket.AF_INET6]
+        four = [info for info in infos if info[0] != socket.AF_INET6]
+        ordered = [info for pair in itertools.zip_longest(six, four) for info in pair if info]
+        if not six or not four:
+            ordered = infos
+        if len(self._addresses) >= 256:
+            self._addresses.clear()
+        self._addresses[(host, port)] = (now, ordered)
+        return ordered
 
     def release(self, conn: Connection) -> None:
         if self.closed:

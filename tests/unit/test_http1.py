@@ -407,3 +407,253 @@ def test_a_deadline_ends_the_wait_with_timeout_error():
         server.close()
 
     run(main())
+
+
+def test_https_origins_are_verified(tmp_path):
+    import ssl
+    import subprocess
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run(
+        [
+            *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+            *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+            *("-addext", "subjectAltName=IP:127.0.0.1"),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    served = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    served.load_cert_chain(cert, key)
+    trusting = ssl.create_default_context(cafile=str(cert))
+
+    async def main() -> None:
+        upstream = Upstream(lambda n: OK)
+        server = await asyncio.start_server(upstream.handle, "127.0.0.1", 0, ssl=served)
+        origin = Origin(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        pool = Pool(2, tls=trusting)
+        assert (await exchange(pool, origin))[2] == b"{}"
+        assert (await exchange(pool, origin))[2] == b"{}"
+        assert upstream.connections == 1  # kept alive over TLS too
+        await pool.close()
+        system = Pool(2)  # the system's CAs do not know this certificate: refused
+        with pytest.raises(ConnectFailed):
+            await system.acquire(origin, 2.0)
+        await system.close()
+        server.close()
+
+    run(main())
+
+
+STREAM_HEAD = (
+    b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+)
+
+
+class FakeTransport:
+    def __init__(self) -> None:
+        self.paused = self.closed = False
+        self.written = b""
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def close(self) -> None:
+        self.closed = True
+
+    abort = close
+
+
+def test_a_stream_left_unread_and_paused_is_never_reused():
+    big = b"x" * (2 * HIGH_WATER)
+    whole = STREAM_HEAD + b"%x\r\n%s\r\n0\r\n\r\n" % (len(big), big)
+
+    async def main() -> None:
+        from edge.upstream.http1 import Connection
+
+        pool = Pool(2)
+        conn = Connection(pool, ("h", 80, False))
+        transport = FakeTransport()
+        conn.connection_made(transport)
+        pool._all.add(conn)
+        conn.send(b"POST /s HTTP/1.1\r\n\r\n", 0)
+        conn.data_received(whole)  # the end arrives in the same read as 128 KiB unread
+        assert conn._complete and transport.paused
+        conn.done()  # the stream closed unread: a paused socket must not serve again
+        assert conn.closed and transport.closed and pool.open_connections == 0
+        await pool.close()
+
+    run(main())
+
+
+def test_closing_a_connection_someone_reads_fails_the_read_and_never_pools_it():
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: STREAM_HEAD)
+        pool = Pool(2)
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"POST", "/s", {}, 0), 0)
+        await conn.wait(asyncio.get_running_loop().time() + 2.0)
+        reading = asyncio.ensure_future(conn.readany(5.0))
+        await asyncio.sleep(0.01)
+        conn._complete = conn._keep_alive = True  # as if the end arrived in the same pass
+        conn.done()  # somebody still waits in readany: closed, not pooled
+        with pytest.raises(Disconnected):
+            await reading
+        assert conn.closed and pool.idle_connection(origin.key()) is None
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+@pytest.mark.parametrize(
+    "endless",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Big: ",  # a header value that never ends
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n1\r\na\r\n0\r\nX-Trailer: ",
+    ],
+)
+def test_a_header_or_trailer_line_without_end_is_cut_off_at_the_bound(endless):
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: endless)
+        pool = Pool(2)
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"GET", "/x", {}, 0), 0 if b"chunked" in endless else 1000)
+        await until(lambda: bool(upstream.writers))
+        with pytest.raises(InvalidResponse):
+            for _ in range(64):  # 4 MiB at most; the bound is 64 KiB
+                upstream.writers[0].write(b"a" * 65536)
+                await upstream.writers[0].drain()
+                await asyncio.sleep(0)
+                if conn.closed:
+                    break
+            await conn.wait(asyncio.get_running_loop().time() + 2.0)
+            while await conn.readany(2.0):
+                pass
+        assert conn.closed
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_trailers_are_not_headers_and_tiny_chunks_make_one_body():
+    body = b"".join(b"1\r\n%c\r\n" % c for c in b"hello world" * 100)
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        + body
+        + b"0\r\nRetry-After: 999\r\n\r\n"
+    )
+
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: answer)
+        pool = Pool(2)
+        _, headers, got = await exchange(pool, origin)
+        assert got == b"hello world" * 100
+        assert "retry-after" not in headers
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_a_body_to_the_end_of_the_connection_cut_by_a_reset_is_an_error():
+    import socket
+    import struct
+
+    def answer(n: int) -> bytes:
+        return b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\npartial"
+
+    async def main() -> None:
+        upstream, origin, server = await serve(answer)
+        pool = Pool(2)
+        conn = await pool.acquire(origin, 2.0)
+        conn.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
+        waiting = asyncio.ensure_future(conn.wait(asyncio.get_running_loop().time() + 2.0))
+        await until(lambda: conn.received)
+        sock = upstream.writers[0].get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        upstream.writers[0].transport.abort()  # RST, not FIN
+        with pytest.raises(Disconnected):
+            await waiting
+        conn.done()
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_waiting_for_room_is_bounded_by_the_connect_timeout():
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: None)
+        pool = Pool(1)
+        held = await pool.acquire(origin, 2.0)
+        held.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(ConnectFailed):
+            await pool.acquire(origin, 0.2)
+        assert loop.time() - started < 1.5
+        held.close()
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_an_unreachable_first_address_does_not_use_up_the_connect_timeout():
+    import socket
+
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: OK)
+        pool = Pool(2)
+        black_hole = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("10.255.255.1", origin.port))
+        good = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", origin.port))
+
+        async def resolve(host: str, port: int) -> list:
+            return [black_hole, good]
+
+        pool._resolve = resolve  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        assert (await exchange(pool, origin))[0] == 200
+        assert loop.time() - started < 2.0  # the connect timeout given is 2 s
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_a_get_on_a_reused_connection_the_upstream_dropped_is_sent_again(monkeypatch):
+    from edge.config import Config
+    from edge.observability.context import RequestContext
+    from edge.upstream.client import Upstream as Client
+    from edge.upstream.outcome import UpstreamOutcome
+
+    async def main() -> None:
+        # the second request finds its (reused) connection closed without an answer
+        upstream, origin, server = await serve(lambda n: b"CLOSE" if n in (2, 5) else OK)
+        url = f"http://127.0.0.1:{origin.port}/v1"
+        client = Client(Config.from_env({"UPSTREAM_URL": url}))
+        await client.start()
+        ctx = RequestContext("rid", None)
+        first = await client.call("GET", "/models", None, ctx, UpstreamOutcome())
+        again = await client.call("GET", "/models", None, ctx, UpstreamOutcome())
+        assert (first.status, again.status, upstream.connections) == (200, 200, 2)
+        # a POST may have been acted on: never sent twice
+        await client.call("POST", "/chat/completions", b"{}", ctx, UpstreamOutcome())
+        outcome = UpstreamOutcome()
+        with pytest.raises(Exception) as refused:
+            await client.call("POST", "/chat/completions", b"{}", ctx, outcome)
+        assert getattr(refused.value, "status", None) == 502
+        assert outcome.error == "disconnect" and len(upstream.requests) == 5
+        await client.close()
+        server.close()
+
+    run(main())

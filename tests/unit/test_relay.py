@@ -37,6 +37,8 @@ class ScriptedResponse:
     def close(self) -> None:
         self.closed = True
 
+    abort = close
+
 
 def recorded() -> RequestContext:
     """A request context with an upstream outcome recorded, as the router leaves it."""
