@@ -1,8 +1,9 @@
 """The benchmark's floor: the least a Falcon ASGI forwarder can do under the same server.
 
-POST /v1/chat/completions is read and sent to FLOOR_UPSTREAM_URL + /chat/completions with the
-same kind of pooled aiohttp session as edge (one per worker, opened at lifespan startup); the
-status, body and content type come back as they are. No auth, limits, metrics or logs. Run by
+POST /v1/chat/completions is read and sent to FLOOR_UPSTREAM_URL + /chat/completions with a
+pooled aiohttp session (one per worker, opened at lifespan startup; edge used the same until
+it got its own leaner client); the status, body and content type come back as they are, and an
+event stream is relayed read by read. No auth, limits, metrics or logs. Run by
 bench/run.py as `gunicorn -c bench/floor_gunicorn.conf.py` (same worker class settings as edge).
 """
 
@@ -51,14 +52,28 @@ class Forward:
 
     async def on_post(self, req: Any, resp: Any) -> None:
         body = await req.stream.read()
-        async with self.session.post(self.url, data=body, headers=self.headers) as up:
+        up = await self.session.post(self.url, data=body, headers=self.headers)
+        resp.status = up.status
+        resp.content_type = up.headers.get("content-type", "application/json")
+        if resp.content_type.startswith("text/event-stream"):
+            resp.stream = relay(up)
+            return
+        try:
             resp.data = await up.read()
-            resp.status = up.status
-            resp.content_type = up.headers.get("content-type", "application/json")
+        finally:
+            up.release()
 
     async def on_get_ready(self, req: Any, resp: Any) -> None:
         resp.data = b'{"status":"ready"}'
         resp.content_type = "application/json"
+
+
+async def relay(up: aiohttp.ClientResponse) -> Any:
+    try:
+        async for chunk in up.content.iter_any():
+            yield chunk
+    finally:
+        up.release()
 
 
 def create_app() -> falcon.asgi.App:

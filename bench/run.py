@@ -142,8 +142,9 @@ def main(argv: list[str] | None = None) -> int:
         raise_fd_limit(2 * settings.idle_connections + 1024)
         out = args.out_dir.resolve()
         out.mkdir(parents=True, exist_ok=True)
-        for name in ("nginx.log", "floor.log", "edge.log", "edge-stream.log", "sse-upstream.log",
-                     "edge-ablation.log", "edge-redis.log", "redis.log"):  # fmt: skip
+        for name in ("nginx.log", "floor.log", "edge.log", "edge-stream.log", "floor-stream.log",
+                     "sse-upstream.log", "edge-ablation.log", "edge-redis.log",
+                     "redis.log"):  # fmt: skip
             (out / name).unlink(missing_ok=True)
         raw = measure(settings, out)
         rows = build_rows(settings, raw)

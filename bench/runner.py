@@ -641,21 +641,26 @@ def run_ablation(
 
 
 def run_stream_phase(settings: Settings, procs: Processes, out: Path) -> dict[str, Any] | None:
-    upstream_port, edge_port = free_port(), free_port()
+    upstream_port, floor_port, edge_port = free_port(), free_port(), free_port()
     log(f"streaming: tests/upstream_server.py :{upstream_port} ({settings.stream_chunks} chunks "
-        f"every {settings.stream_pace:g} s), edge :{edge_port}")  # fmt: skip
+        f"every {settings.stream_pace:g} s), floor :{floor_port}, edge :{edge_port}")  # fmt: skip
     upstream_proc, upstream_base = start_sse_upstream(
         procs, out, upstream_port, settings.stream_pace, settings.stream_chunks
     )
-    edge = start_edge(
-        procs, out, edge_port, upstream_base + "/v1", "benchedge-stream", "edge-stream.log"
-    )
+    floor = edge = None
     try:
+        floor = start_floor(procs, out, floor_port, upstream_base + "/v1", "floor-stream.log")
+        edge = start_edge(
+            procs, out, edge_port, upstream_base + "/v1", "benchedge-stream", "edge-stream.log"
+        )
         direct = stream_series(upstream_port, {}, settings.stream_requests)
+        floored = stream_series(floor_port, {}, settings.stream_requests)
         through = stream_series(
             edge_port, {"Authorization": f"Bearer {KEY}"}, settings.stream_requests
         )
     finally:
-        procs.stop(edge.proc)
+        for target in (edge, floor):
+            if target is not None:
+                procs.stop(target.proc)
         procs.stop(upstream_proc)
-    return {"direct": direct, "edge": through, "sent": settings.stream_chunks}
+    return {"direct": direct, "floor": floored, "edge": through, "sent": settings.stream_chunks}

@@ -257,13 +257,15 @@ http {{
     return target
 
 
-def start_floor(procs: Processes, out: Path, port: int, upstream: str) -> Target:
+def start_floor(
+    procs: Processes, out: Path, port: int, upstream: str, log_name: str = "floor.log"
+) -> Target:
     env = dict(os.environ)
     env.update(
         FLOOR_BIND=f"127.0.0.1:{port}", FLOOR_WORKERS=str(WORKERS), FLOOR_UPSTREAM_URL=upstream
     )
     argv = [GUNICORN, "-c", str(BENCH / "floor_gunicorn.conf.py")]
-    proc = procs.start("floor", argv, out / "floor.log", env)
+    proc = procs.start("floor", argv, out / log_name, env)
     target = Target("floor", proc, f"http://127.0.0.1:{port}", port)
     wait_ready(proc, target.base + "/health/ready", WORKERS)
     return target
