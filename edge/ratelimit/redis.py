@@ -292,7 +292,8 @@ class RedisRateLimiter:
 
 class Connections:
     """redis-py connections (hiredis parser) of the client's pool, used straight: a decision
-    takes an idle one, sends one packed command, reads one reply and puts it back.
+    takes an idle one, sends one command (packed by ``pack_command``), reads one reply and
+    puts it back.
 
     Measured against ``Redis.evalsha`` through redis-py's pool, this saves about 40 % of the
     CPU a decision costs in the worker (the pool's lock, per-checkout health probe, retry
@@ -319,7 +320,7 @@ class Connections:
             try:
                 if not conn.is_connected:
                     await conn.connect()
-                await conn.send_packed_command(conn.pack_command(*args), check_health=False)
+                await conn.send_packed_command(pack_command(*args), check_health=False)
                 reply = await conn.read_response()
             except ResponseError:
                 idle.append(conn)  # a complete error reply: the connection is in step
@@ -338,6 +339,16 @@ class Connections:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.disconnect(nowait=True)
+
+
+def pack_command(*args: str | int | bytes) -> bytes:
+    """One command in RESP, as redis-py's ``pack_command`` writes it (tests compare the two),
+    without its encoder's per-argument dispatch: that was a third of a decision's CPU."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        parts.append(b"$%d\r\n%b\r\n" % (len(data), data))
+    return b"".join(parts)
 
 
 def _number(value: float) -> str:
