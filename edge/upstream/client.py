@@ -174,19 +174,22 @@ class Upstream:
         deadline = loop.time() + seconds
         data = head + body if body else head
         for retry in (False, True):
-            conn = pool.idle_connection(origin.key())
+            # The retry goes to a new connection: the other idle ones are likely stale too.
+            conn = None if retry else pool.idle_connection(origin.key())
             if conn is None:
-                if self._connect_timeout_s < seconds:
-                    conn = await pool.acquire(origin, self._connect_timeout_s)
+                left = deadline - loop.time()
+                if self._connect_timeout_s < left:
+                    conn = await pool.acquire(origin, self._connect_timeout_s, retry)
                 else:  # the attempt's own deadline comes first: 504, as for the answer
                     async with asyncio.timeout_at(deadline):
-                        conn = await pool.acquire(origin, seconds + 1.0)
+                        conn = await pool.acquire(origin, left + 1.0, retry)
             try:
                 conn.send(data, limit)
                 await conn.wait(deadline)
             except Disconnected:
                 conn.close()
-                if retry or not (conn.reused and not conn.received and head[:4] == b"GET "):
+                stale = conn.reused and not conn.received and head[:4] == b"GET "
+                if retry or not stale or deadline - loop.time() < 0.001:
                     raise
                 continue
             except BaseException:

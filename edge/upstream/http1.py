@@ -16,14 +16,17 @@ unread. A connection goes back to the pool (`done`) only when its response was r
 the upstream allows keep-alive, its socket is not paused and nobody is still waiting on it;
 anything else (an error, a cancelled exchange, a stream closed early, bytes nobody asked for)
 closes it, aborting a connection whose exchange did not end. What httptools must hold before
-it can call back (a head, chunk lines, trailers) is bounded by `MAX_HEADER_BYTES` fed without
-body bytes; trailers never become headers.
+it can call back (a head, chunk lines, trailers) is bounded by `MAX_WITHOUT_BODY` bytes fed
+without body bytes, interim (1xx) answers by `MAX_INTERIM`; trailers never become headers.
 
 `Pool`: idle connections per origin (last in, first out), at most `limit` open in all; a
 request past the limit waits for one to close or come back, within the connect timeout, which
 bounds waiting and connecting together. Idle connections are closed after `keepalive_s`.
-Connecting resolves the host (kept `DNS_TTL_S`) and races its addresses `STAGGER_S` apart
-(happy eyeballs; uvloop's `create_connection` has no `happy_eyeballs_delay`). A reused
+Connecting resolves the host (one lookup at a time per host, kept `DNS_TTL_S`, dropped when
+every address failed) and races its addresses `STAGGER_S` apart, the families alternating from
+the resolver's first (happy eyeballs; uvloop's `create_connection` has no
+`happy_eyeballs_delay`). A connection the upstream closed as it was accepted is a failed
+attempt, and a request written to a closed transport fails as `Disconnected`. A reused
 connection that the upstream had closed fails as `Disconnected`; the caller (edge.upstream.
 client) sends a GET once more, never a POST (it may have been acted on): the router fails
 over instead.
@@ -51,7 +54,11 @@ MAX_HEADER_BYTES = 64 * 1024  # a response head's names and values, in all
 MAX_HEADERS = 128
 _NO_BODY = frozenset((204, 304))
 STAGGER_S = 0.25  # happy eyeballs: the head start each address gets before the next
-DNS_TTL_S = 300.0  # resolved addresses kept this long (aiohttp's ttl_dns_cache default)
+DNS_TTL_S = 300.0  # resolved addresses kept this long (the ttl_dns_cache edge gave aiohttp)
+# What httptools may hold fed without body bytes: a head's names and values (MAX_HEADER_BYTES)
+# with their colons, CRLFs and status line, and an interim (1xx) head before it.
+MAX_WITHOUT_BODY = 2 * MAX_HEADER_BYTES + MAX_HEADERS * 4 + 1024
+MAX_INTERIM = 8  # interim (1xx) answers before the real one
 
 
 class UpstreamError(Exception):
@@ -78,6 +85,19 @@ class ResponseTooLarge(UpstreamError):
 
 class _Unsolicited(Exception):
     """A second message began after the one asked for: stop parsing, close the connection."""
+
+
+class _Placeholder(asyncio.Protocol):
+    """A connection attempt's protocol until it wins the race: notes a connection the upstream
+    closed before `Connection` took it over."""
+
+    lost = False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def eof_received(self) -> None:
+        self.lost = True
 
 
 class Origin:
@@ -158,6 +178,7 @@ class Connection(asyncio.Protocol):
         self._without_body = 0  # bytes fed since the last body bytes (head, chunk lines, trailers)
         self._header_bytes = 0
         self._header_count = 0
+        self._interim = 0
         self._head_done = False
         self._complete = False
         self._keep_alive = False
@@ -169,10 +190,17 @@ class Connection(asyncio.Protocol):
 
     def send(self, data: bytes, limit: int) -> None:
         """Write a whole request; its response is collected up to `limit` bytes, or streamed
-        when `limit` is 0."""
+        when `limit` is 0. On a transport already closing, `wait` raises Disconnected."""
         self._reset(limit)
         self._busy = True
-        self._transport.write(data)
+        transport = self._transport
+        if transport is None or transport.is_closing():
+            self._fail(Disconnected("The upstream closed the connection."))
+            return
+        try:
+            transport.write(data)
+        except RuntimeError:  # uvloop: a handle closed under us
+            self._fail(Disconnected("The upstream closed the connection."))
 
     async def wait(self, deadline: float | None) -> None:
         """Until the whole message (collecting) or its head (streaming) is in, or `deadline`
@@ -290,7 +318,7 @@ class Connection(asyncio.Protocol):
         # lines, trailers) by the bytes fed without any body bytes coming out of them.
         if self._buffered == fed and not self._complete:
             self._without_body += len(data)
-            if self._without_body > MAX_HEADER_BYTES:
+            if self._without_body > MAX_WITHOUT_BODY:
                 self._fail(InvalidResponse("The upstream's response headers are too large."))
         else:
             self._without_body = 0
@@ -375,6 +403,9 @@ class Connection(asyncio.Protocol):
 
     def on_message_complete(self) -> None:
         if not self._head_done:  # the end of an interim (1xx) answer
+            self._interim += 1
+            if self._interim > MAX_INTERIM:
+                raise InvalidResponse("The upstream sent too many interim answers.")
             return
         self._complete = True
         self._wake()
@@ -407,6 +438,7 @@ class Pool:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._ssl = tls
         self._addresses: dict[tuple[str, int], tuple[float, list[Any]]] = {}
+        self._resolving: dict[tuple[str, int], asyncio.Future[list[Any]]] = {}
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -425,12 +457,14 @@ class Pool:
                 conn.close()
         return None
 
-    async def acquire(self, origin: Origin, connect_timeout_s: float) -> Connection:
-        """An idle connection to `origin`, else a new one once fewer than `limit` are open.
-        Waiting for room and connecting share `connect_timeout_s`: past it, ConnectFailed
-        (as for a refusal, a name that does not resolve or a TLS failure)."""
+    async def acquire(
+        self, origin: Origin, connect_timeout_s: float, fresh: bool = False
+    ) -> Connection:
+        """An idle connection to `origin` (unless `fresh`), else a new one once fewer than
+        `limit` are open. Waiting for room and connecting share `connect_timeout_s`: past it,
+        ConnectFailed (as for a refusal, a name that does not resolve or a TLS failure)."""
         key = origin.key()
-        conn = self.idle_connection(key)
+        conn = None if fresh else self.idle_connection(key)
         if conn is not None:
             return conn
         try:
@@ -438,7 +472,7 @@ class Pool:
                 while len(self._all) >= self._limit:
                     if not self._evict_idle():
                         await self._wait_for_room()
-                    conn = self.idle_connection(key)
+                    conn = None if fresh else self.idle_connection(key)
                     if conn is not None:
                         return conn
                     if self.closed:
@@ -481,7 +515,7 @@ class Pool:
         try:
             for index, (family, _, proto, _, address) in enumerate(addresses):
                 attempt = loop.create_connection(
-                    asyncio.Protocol,
+                    _Placeholder,
                     address[0],
                     address[1],
                     family=family,
@@ -503,10 +537,17 @@ class Pool:
                     for task in finished:
                         if task.exception() is not None:
                             failure = task.exception()
+                            continue
+                        transport, placeholder = task.result()
+                        if placeholder.lost or transport.is_closing():
+                            transport.close()  # accepted, then closed at once: a failure
+                            failure = ConnectionResetError("closed as it connected")
                         elif winner is None:
-                            winner = task.result()[0]
+                            winner = transport
                         else:
-                            task.result()[0].close()  # a later finisher of the same race
+                            transport.close()  # a later finisher of the same race
+                    if winner is None and not last:
+                        break  # a failure: the next address starts now, not after the stagger
                     if winner is not None:
                         if conn.closed:  # the pool closed while this connected
                             winner.close()
@@ -514,6 +555,7 @@ class Pool:
                         winner.set_protocol(conn)
                         conn.connection_made(winner)
                         return
+            self._addresses.pop((origin.host, origin.port), None)  # resolve afresh next time
             raise failure or OSError("The upstream's name resolved to no address.")
         finally:
             for task in pending:
@@ -523,21 +565,30 @@ class Pool:
                     task.cancel()  # a cancelled attempt closes the socket it was opening
 
     async def _resolve(self, host: str, port: int) -> list[Any]:
-        """The host's addresses, IPv6 and IPv4 interleaved, kept `DNS_TTL_S`."""
-        now = time.monotonic()
-        found = self._addresses.get((host, port))
-        if found is not None and now - found[0] < DNS_TTL_S:
+        """The host's addresses, kept `DNS_TTL_S`; one lookup at a time per host (a burst of
+        new connections waits for it rather than queueing its own). The families alternate,
+        starting with the one the system's resolver put first (RFC 8305 section 4)."""
+        key = (host, port)
+        found = self._addresses.get(key)
+        if found is not None and time.monotonic() - found[0] < DNS_TTL_S:
             return found[1]
+        pending = self._resolving.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._lookup(host, port))
+            self._resolving[key] = pending
+            pending.add_done_callback(lambda _: self._resolving.pop(key, None))
+        return await asyncio.shield(pending)
+
+    async def _lookup(self, host: str, port: int) -> list[Any]:
         infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        six = [info for info in infos if info[0] == socket.AF_INET6]
-        four = [info for info in infos if info[0] != socket.AF_INET6]
-        ordered = [info for pair in itertools.zip_longest(six, four) for info in pair if info]
-        if not six or not four:
-            ordered = infos
+        if infos:
+            first = [info for info in infos if info[0] == infos[0][0]]
+            other = [info for info in infos if info[0] != infos[0][0]]
+            infos = [i for pair in itertools.zip_longest(first, other) for i in pair if i]
         if len(self._addresses) >= 256:
             self._addresses.clear()
-        self._addresses[(host, port)] = (now, ordered)
-        return ordered
+        self._addresses[(host, port)] = (time.monotonic(), infos)
+        return infos
 
     def release(self, conn: Connection) -> None:
         if self.closed:

@@ -469,6 +469,9 @@ class FakeTransport:
 
     abort = close
 
+    def is_closing(self) -> bool:
+        return self.closed
+
 
 def test_a_stream_left_unread_and_paused_is_never_reused():
     big = b"x" * (2 * HIGH_WATER)
@@ -655,5 +658,71 @@ def test_a_get_on_a_reused_connection_the_upstream_dropped_is_sent_again(monkeyp
         assert outcome.error == "disconnect" and len(upstream.requests) == 5
         await client.close()
         server.close()
+
+    run(main())
+
+
+def test_an_upstream_that_accepts_and_closes_at_once_is_an_upstream_error():
+    """Under uvloop, as the workers run: the placeholder sees the close before the connection
+    is handed over, and the attempt fails as an upstream error (never a RuntimeError)."""
+    import uvloop
+
+    from edge.upstream.http1 import UpstreamError
+
+    async def main() -> None:
+        async def slam(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            writer.close()
+
+        server = await asyncio.start_server(slam, "127.0.0.1", 0)
+        origin = Origin(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+        pool = Pool(4)
+        for _ in range(20):
+            try:
+                async with asyncio.timeout(5):
+                    conn = await pool.acquire(origin, 2.0)
+                    await asyncio.sleep(0.005)  # a busy worker: the close lands first
+                    conn.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
+                    await conn.wait(asyncio.get_running_loop().time() + 2.0)
+            except UpstreamError:
+                pass
+            else:
+                raise AssertionError("answered by a server that only closes")
+        assert pool.open_connections == 0
+        await pool.close()
+        server.close()
+
+    uvloop.run(main())
+
+
+def test_one_lookup_per_host_for_a_burst_and_families_alternate_from_the_first():
+    import socket
+
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: OK)
+        loop = asyncio.get_running_loop()
+        lookups = []
+        real = loop.getaddrinfo
+
+        async def counted(*args, **kwargs):
+            lookups.append(args[0])
+            await asyncio.sleep(0.05)
+            return await real(*args, **kwargs)
+
+        loop.getaddrinfo = counted  # type: ignore[method-assign]
+        pool = Pool(50)
+        await asyncio.gather(*(pool.acquire(origin, 2.0) for _ in range(20)))
+        assert lookups == ["127.0.0.1"] and pool.open_connections == 20
+        await pool.close()
+        server.close()
+
+        v4 = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.1", 80))
+        v4b = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("192.0.2.2", 80))
+        v6 = (socket.AF_INET6, socket.SOCK_STREAM, 6, "", ("2001:db8::1", 80, 0, 0))
+
+        async def fixed(*args, **kwargs):
+            return [v4, v4b, v6]
+
+        loop.getaddrinfo = fixed  # type: ignore[method-assign]
+        assert await Pool(1)._resolve("example.test", 80) == [v4, v6, v4b]
 
     run(main())
