@@ -207,16 +207,21 @@ class Connection(asyncio.Protocol):
         (loop time) passes: TimeoutError. An upstream failure raises its UpstreamError."""
         ready = self._complete if self._limit else self._head_done
         if not ready and self._error is None:
-            waiter = self._waiter = self._loop.create_future()
-            timer = None if deadline is None else self._loop.call_at(deadline, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+            await self._woken(deadline)
         if self._error is not None:
             raise self._error
+
+    async def _woken(self, deadline: float | None) -> None:
+        """Until a parser callback, an error or a close wakes this connection, or `deadline`
+        (loop time) passes: TimeoutError."""
+        waiter = self._waiter = self._loop.create_future()
+        timer = None if deadline is None else self._loop.call_at(deadline, _expire, waiter)
+        try:
+            await waiter
+        finally:
+            self._waiter = None
+            if timer is not None:
+                timer.cancel()
 
     def body(self) -> bytes:
         if self._whole is not None:
@@ -226,19 +231,15 @@ class Connection(asyncio.Protocol):
     async def readany(self, timeout: float | None) -> bytes:
         """What arrived since the last read (waiting up to `timeout` for something); b"" at
         the end of the body."""
+        deadline = None
         while not self._chunks:
             if self._error is not None:
                 raise self._error
             if self._complete:
                 return b""
-            waiter = self._waiter = self._loop.create_future()
-            timer = None if timeout is None else self._loop.call_later(timeout, _expire, waiter)
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+            if deadline is None and timeout is not None:
+                deadline = self._loop.time() + timeout
+            await self._woken(deadline)
         chunks = self._chunks
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
