@@ -89,11 +89,14 @@ class _Unsolicited(Exception):
 
 class _Placeholder(asyncio.Protocol):
     """A connection attempt's protocol until it wins the race: notes a connection the upstream
-    closed before `Connection` took it over."""
+    closed, or spoke on unasked, before `Connection` took it over (a failed attempt)."""
 
     lost = False
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+
+    def data_received(self, data: bytes) -> None:
         self.lost = True
 
     def eof_received(self) -> None:
