@@ -343,7 +343,8 @@ class Connections:
 
 def pack_command(*args: str | int | bytes) -> bytes:
     """One command in RESP, as redis-py's ``pack_command`` writes it (tests compare the two),
-    without its encoder's per-argument dispatch: that was a third of a decision's CPU."""
+    without its encoder's per-argument dispatch: a third of a decision's time under cProfile,
+    about 10 of 60 µs of worker CPU measured."""
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
