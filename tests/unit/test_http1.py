@@ -633,7 +633,7 @@ def test_an_unreachable_first_address_does_not_use_up_the_connect_timeout():
     run(main())
 
 
-def test_a_get_on_a_reused_connection_the_upstream_dropped_is_sent_again(monkeypatch):
+def test_a_get_on_a_reused_connection_the_upstream_dropped_is_sent_again():
     from edge.config import Config
     from edge.observability.context import RequestContext
     from edge.upstream.client import Upstream as Client
