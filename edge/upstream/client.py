@@ -161,17 +161,16 @@ class Upstream:
         return headers
 
     async def _send(
-        self, origin: Origin, head: bytes, body: bytes | None, seconds: float, limit: int
+        self, origin: Origin, head: bytes, body: bytes | None, deadline: float, limit: int
     ) -> Connection:
         """A connection with the request written and its answer (whole, or the head of a
-        stream: `limit` 0) in, all within `seconds`: TimeoutError past them. Waiting for room
+        stream: `limit` 0) in by `deadline` (loop time): TimeoutError past it. Waiting for room
         in the pool and connecting are bounded by UPSTREAM_CONNECT_TIMEOUT_SECONDS too
         (ConnectFailed). A GET that finds its reused connection closed by the upstream before
         any answer is sent once more on another (as aiohttp did for idempotent methods)."""
         pool = self.pool
         assert pool is not None
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + seconds
         data = head + body if body else head
         for retry in (False, True):
             # The retry goes to a new connection: the other idle ones are likely stale too.
@@ -221,7 +220,8 @@ class Upstream:
         headers = self._headers(ctx, False, headers)
         head = request_head(origin, _METHODS[method], path, headers, size)
         try:
-            conn = await self._send(origin, head, body, seconds, MAX_RESPONSE_BYTES)
+            deadline = asyncio.get_running_loop().time() + seconds
+            conn = await self._send(origin, head, body, deadline, MAX_RESPONSE_BYTES)
             try:
                 if conn.status in REFUSED:
                     raise _refused(outcome, conn.status)
@@ -254,12 +254,18 @@ class Upstream:
         origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
         head = request_head(origin, b"POST", path, self._headers(ctx, True, headers), len(body))
         try:
-            conn = await self._send(origin, head, body, seconds, 0)
+            deadline = asyncio.get_running_loop().time() + seconds
+            conn = await self._send(origin, head, body, deadline, 0)
             content_type = conn.headers.get("content-type", "")
             if conn.status == 200 and content_type.startswith("text/event-stream"):
                 return StreamResponse(conn, self._timeout_s)
             try:
-                return await _answer(outcome, conn, started + seconds - time.perf_counter())
+                if conn.status in REFUSED:
+                    raise _refused(outcome, conn.status)
+                # Not a stream (an error, most often): the rest read whole, as `call` reads it.
+                conn.collect(MAX_RESPONSE_BYTES)
+                await conn.wait(deadline)
+                return _response(conn, conn.body())
             finally:
                 conn.done()
         except ResponseTooLarge:
@@ -268,24 +274,6 @@ class Upstream:
             raise _failure(outcome, exc, seconds) from None
         finally:
             outcome.waited_s += time.perf_counter() - started
-
-
-async def _answer(outcome: UpstreamOutcome, conn: Connection, left_s: float) -> UpstreamResponse:
-    """The rest of a streamed exchange's answer that is not a stream (an error, most often),
-    read within the attempt's time left and MAX_RESPONSE_BYTES; 401/403 refused (`_refused`)."""
-    if conn.status in REFUSED:
-        raise _refused(outcome, conn.status)
-    if conn.content_length is not None and conn.content_length > MAX_RESPONSE_BYTES:
-        raise ResponseTooLarge()
-    chunks = []
-    size = 0
-    async with asyncio.timeout(max(0.001, left_s)):
-        while chunk := await conn.readany(None):
-            size += len(chunk)
-            if size > MAX_RESPONSE_BYTES:
-                raise ResponseTooLarge()
-            chunks.append(chunk)
-    return _response(conn, b"".join(chunks))
 
 
 def _failure(

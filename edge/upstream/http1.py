@@ -226,6 +226,18 @@ class Connection(asyncio.Protocol):
             if timer is not None:
                 timer.cancel()
 
+    def collect(self, limit: int) -> None:
+        """Read the rest of a streamed exchange's answer whole (then `wait`, `body`), up to
+        `limit` bytes in all: ResponseTooLarge past it, as for an answer collected from the
+        start."""
+        if (self.content_length or 0) > limit or self._buffered > limit:
+            raise ResponseTooLarge("The upstream response is too large.")
+        self._limit = limit
+        if len(self._chunks) > 1:
+            self._whole = bytearray(b"".join(self._chunks))
+            self._chunks = []
+        self._resume()
+
     def body(self) -> bytes:
         if self._whole is not None:
             return bytes(self._whole)
@@ -247,9 +259,7 @@ class Connection(asyncio.Protocol):
         data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
         self._chunks = []
         self._buffered = 0
-        if self._paused and not self.closed:
-            self._paused = False
-            self._transport.resume_reading()
+        self._resume()
         return data
 
     @property
@@ -415,6 +425,12 @@ class Connection(asyncio.Protocol):
         self._wake()
 
     # ---------------------------------------------------------------- internals
+
+    def _resume(self) -> None:
+        """Read the socket again after the buffered bytes were taken."""
+        if self._paused and not self.closed:
+            self._paused = False
+            self._transport.resume_reading()
 
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:

@@ -726,3 +726,37 @@ def test_one_lookup_per_host_for_a_burst_and_families_alternate_from_the_first()
         assert await Pool(1)._resolve("example.test", 80) == [v4, v6, v4b]
 
     run(main())
+
+
+def test_the_rest_of_a_streamed_exchange_is_collected_whole_within_the_bound():
+    answer = b"HTTP/1.1 500 Oops\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n"
+
+    async def main() -> None:
+        upstream, origin, server = await serve(lambda n: answer)
+        pool = Pool(2)
+        for limit, rest in ((100, b"2\r\nde\r\n0\r\n\r\n"), (4, b"2\r\nde\r\n0\r\n\r\n")):
+            conn = await pool.acquire(origin, 2.0)
+            conn.send(request_head(origin, b"POST", "/s", {}, 0), 0)  # asked as a stream
+            await conn.wait(asyncio.get_running_loop().time() + 2.0)
+            await until(lambda c=conn: c._buffered == 3)
+            conn.collect(limit)
+            upstream.writers[-1].write(rest)
+            if limit == 4:
+                with pytest.raises(ResponseTooLarge):
+                    await conn.wait(asyncio.get_running_loop().time() + 2.0)
+                assert conn.closed
+            else:
+                await conn.wait(asyncio.get_running_loop().time() + 2.0)
+                assert (conn.status, conn.body()) == (500, b"abcde")
+            conn.done()
+        with pytest.raises(ResponseTooLarge):  # already past the bound when asked
+            conn = await pool.acquire(origin, 2.0)
+            conn.send(request_head(origin, b"POST", "/s", {}, 0), 0)
+            await conn.wait(asyncio.get_running_loop().time() + 2.0)
+            await until(lambda c=conn: c._buffered == 3)
+            conn.collect(2)
+        conn.close()
+        await pool.close()
+        server.close()
+
+    run(main())
