@@ -32,6 +32,12 @@ class Row:
     met: bool | None = None  # None: no target, or not measured
     marked: bool = False  # the target text carries its own marks (a target of two parts)
 
+    def judge(self, *parts: tuple[str, bool]) -> None:
+        """A target of several parts, each marked met or not; the row is met when all are."""
+        self.target = ", ".join(f"{text} {MARKS[ok]}" for text, ok in parts)
+        self.met = all(ok for _, ok in parts)
+        self.marked = True
+
     def cells(self) -> list[str]:
         mark = "" if self.marked else MARKS[self.met]
         target = f"{self.target} {mark}".strip() if self.target else ""
@@ -150,10 +156,7 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
         vs_floor = tp["edge"]["rps"] / tp["floor"]["rps"]
         vs_direct = tp["edge"]["rps"] / tp["direct"]["rps"]
         row.result = f"{vs_floor:.2f}× floor, {vs_direct:.2f}× direct"
-        ratio_ok, rate_ok = vs_floor >= 0.75, tp["edge"]["rps"] >= 5000
-        row.met = ratio_ok and rate_ok
-        row.target = f"≥ 0.75× floor {MARKS[ratio_ok]}, ≥ 5,000 req/s {MARKS[rate_ok]}"
-        row.marked = True
+        row.judge(("≥ 0.75× floor", vs_floor >= 0.75), ("≥ 5,000 req/s", tp["edge"]["rps"] >= 5000))
     else:
         row.result = "skipped"
         row.target = "≥ 0.75× floor, ≥ 5,000 req/s"
@@ -190,13 +193,10 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
             added = values["edge"] - values["direct"]
             floor_added = values["floor"] - values["direct"]
             row.result = f"{signed_ms(added, 3)} added (floor {signed_ms(floor_added, 3)})"
-            added_ok, over_ok = added <= limit, added - floor_added <= over
-            row.met = added_ok and over_ok
-            row.target = (
-                f"added ≤ {limit:g} ms {MARKS[added_ok]}, over floor's ≤ {over:g} ms "
-                f"{MARKS[over_ok]}"
+            row.judge(
+                (f"added ≤ {limit:g} ms", added <= limit),
+                (f"over floor's ≤ {over:g} ms", added - floor_added <= over),
             )
-            row.marked = True
         else:
             row.result = "skipped"
         rows.append(row)
@@ -230,10 +230,10 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
             row.floor = ms(ttfb["floor"], 2)
             floor_added = ttfb["floor"] - ttfb["direct"]
             row.result += f" (floor {signed_ms(floor_added, 2)})"
-            added_ok, over_ok = added <= 1.0, added - floor_added <= 0.5
-            row.met = added_ok and over_ok
-            row.target = f"added ≤ 1 ms {MARKS[added_ok]}, over floor's ≤ 0.5 ms {MARKS[over_ok]}"
-            row.marked = True
+            row.judge(
+                ("added ≤ 1 ms", added <= 1.0),
+                ("over floor's ≤ 0.5 ms", added - floor_added <= 0.5),
+            )
     else:
         row.result = "skipped" if "stream" not in settings.phases else "n/a"
     rows.append(row)
