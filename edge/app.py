@@ -20,14 +20,13 @@ from falcon.routing import map_http_methods
 from edge.auth import KeyStore
 from edge.config import Config
 from edge.endpoints.anthropic import Messages
-from edge.endpoints.anthropic import error_body as anthropic_error_body
 from edge.endpoints.body import validate_embeddings, validate_moderations, validate_responses
 from edge.endpoints.health import Health
 from edge.endpoints.metrics import MetricsResource, SwitchedOff
 from edge.endpoints.openai import Completions, Models
 from edge.endpoints.passthrough import ModelRetrieve, PassThrough
-from edge.endpoints.routes import ANTHROPIC_ROUTES, endpoint_table
-from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
+from edge.endpoints.routes import endpoint_table
+from edge.errors import OPENAI, ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.ratelimit.tokens import EMBEDDINGS, RESPONSES
 from edge.runtime import Runtime
@@ -196,13 +195,13 @@ def _model_labels(providers: Any) -> Callable[[str], str] | None:
 
 
 def _render(req: Any, resp: Any, error: ApiError) -> None:
-    """The error in the envelope of the route that matched: Anthropic's on /v1/messages,
-    OpenAI's everywhere else (a request that matched no route included)."""
+    """The error in the shape of the API the matched route speaks (edge.errors); OpenAI's for a
+    request that matched no route."""
     ctx = getattr(req.context, "edge", None)
-    anthropic = ctx is not None and ctx.route is not None and ctx.route.template in ANTHROPIC_ROUTES
+    shape = OPENAI if ctx is None or ctx.route is None else ctx.route.api
     resp.status = error.status
     resp.content_type = "application/json"
-    resp.data = anthropic_error_body(error) if anthropic else error.body()
+    resp.data = error.body(shape)
     resp.stream = None
     if error.headers:
         resp.set_headers(error.headers)

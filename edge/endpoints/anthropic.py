@@ -24,7 +24,7 @@ from edge.endpoints.exchange import (
     refund_on_error,
     reserve_tokens,
 )
-from edge.errors import ApiError
+from edge.errors import ANTHROPIC, ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import MESSAGES, Reservation
 from edge.upstream import mock
@@ -35,30 +35,9 @@ if TYPE_CHECKING:  # the handlers hold the worker's Runtime
 DEFAULT_VERSION = "2023-06-01"
 MAX_HEADER = 512
 
-# HTTP status → Anthropic error type (https://docs.anthropic.com/en/api/errors)
-_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
-
-
-def error_body(error: ApiError) -> bytes:
-    kind = _TYPES.get(error.status) or (
-        "invalid_request_error" if error.status < 500 else "api_error"
-    )
-    return orjson.dumps({"type": "error", "error": {"type": kind, "message": error.message}})
-
 
 class Messages:
     """POST /v1/messages."""
-
-    anthropic = True  # the error handler renders this route's errors in Anthropic's shape
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -105,7 +84,7 @@ class Messages:
             reservation,
             kind="anthropic",
             extra_headers=headers,
-            error_shape=error_body,
+            error_shape=ANTHROPIC,
         )
 
 

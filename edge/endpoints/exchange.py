@@ -14,11 +14,11 @@ from edge.endpoints.body import (
     parse_json_object,
     read_body,
 )
-from edge.errors import ApiError, BadGateway, GatewayTimeout, envelope
+from edge.errors import OPENAI, ApiError, BadGateway, envelope, stream_error_event
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt, Reservation
 from edge.server.disconnect import unless_client_leaves
-from edge.upstream.client import UpstreamResponse, openai_error_event, relay
+from edge.upstream.client import UpstreamResponse, relay
 from edge.upstream.router import Router
 from edge.upstream.stream import ResponseStream
 from edge.upstream.usage_events import watch_usage
@@ -129,14 +129,14 @@ async def forward(
     hide_usage: bool = False,
     kind: str = "openai",
     extra_headers: dict[str, str] | None = None,
-    error_shape: Callable[[ApiError], bytes] | None = None,
+    error_shape: str = OPENAI,
 ) -> None:
     """Route `body` to the model's providers (failover before the first byte) and answer.
 
-    `error_shape` renders an upstream error that had no JSON error body of its own, and the
-    error event that ends a stream broken mid-way, in another API's envelope (Anthropic's on
-    /v1/messages). A token `reservation` is settled on the answer's usage (a stream's usage
-    event; hidden from the client when `hide_usage`). A stream's end is reported to the
+    `error_shape` (edge.errors: OPENAI, ANTHROPIC) is the shape of an upstream error that had
+    no JSON error body of its own, and of the error event that ends a stream broken mid-way.
+    A token `reservation` is settled on the answer's usage (a stream's usage event; hidden
+    from the client when `hide_usage`). A stream's end is reported to the
     provider's breaker (`Router.stream_ended`).
     """
     result = await unless_client_leaves(
@@ -144,9 +144,9 @@ async def forward(
     )
     if isinstance(result, UpstreamResponse):
         send_upstream(resp, ctx, result)
-        if error_shape is not None and resp.data is not result.body:
+        if error_shape != OPENAI and resp.data is not result.body:
             error = ApiError(f"The upstream answered HTTP {result.status}.", status=resp.status)
-            resp.data = error_shape(error)
+            resp.data = error.body(error_shape)
         await settle_answer(reservation, ctx, result.status)
         return
     resp.content_type = SSE
@@ -154,7 +154,10 @@ async def forward(
     resp.set_header("x-accel-buffering", "no")
     outcome = ctx.upstream
     assert outcome is not None  # recorded by the router
-    error_event = openai_error_event if error_shape is None else _shaped_error_event(error_shape)
+
+    def error_event(kind: str, message: str) -> bytes:
+        return stream_error_event(kind, message, error_shape)
+
     provider = outcome.provider
 
     def ended(ok: bool) -> None:  # the provider's breaker gets the stream's verdict
@@ -167,17 +170,6 @@ async def forward(
     resp.stream = stream = ResponseStream(settled_stream(source, reservation, ctx, hide_usage))
     # A generator closed before it started runs no `finally`: release the upstream here too.
     stream.on_close.append(lambda _: result.resp.close())
-
-
-def _shaped_error_event(error_shape: Callable[[ApiError], bytes]) -> Callable[[str, str], bytes]:
-    """A stream's closing error event in `error_shape`'s envelope, as an `error` SSE event
-    (Anthropic's streams end that way; its SDK raises the error it carries)."""
-
-    def error_event(kind: str, message: str) -> bytes:
-        error = GatewayTimeout(message) if kind == "timeout" else BadGateway(message)
-        return b"event: error\ndata: " + error_shape(error) + b"\n\n"
-
-    return error_event
 
 
 def send_upstream(resp: Any, ctx: RequestContext, result: UpstreamResponse) -> None:

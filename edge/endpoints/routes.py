@@ -10,9 +10,10 @@ read that one object (the access log keeps the raw path, truncated, for forensic
 that matches no route has no Endpoint: it is answered 404 (after the key check, when auth is
 on), spends no rate-limit token and is counted as `unmatched`.
 
-`ROUTES` is the one table of templates and their kinds: `create_app` refuses a route missing
-from it, and the HTTP/1.1 protocol asks `kind_of_target` (the same table in Falcon's router)
-when it must tell a health check from other requests before the app runs.
+`ROUTES` is the one table of templates, their kinds and the API each speaks (which decides the
+shape of its errors, edge.errors): `create_app` refuses a route missing from it, and the
+HTTP/1.1 protocol asks `kind_of_target` (the same table in Falcon's router) when it must tell a
+health check from other requests before the app runs.
 """
 
 from __future__ import annotations
@@ -26,26 +27,27 @@ from typing import Any
 
 from edge.config import Config
 from edge.endpoints.body import validate_model_id
+from edge.errors import ANTHROPIC, OPENAI
 
-API = "api"  # the OpenAI endpoints: need a key, spend a rate-limit token
+API = "api"  # the /v1 endpoints: need a key, spend a rate-limit token
 HEALTH = "health"  # public unless AUTH_HEALTH_CHECK; never limited; exempt from the cap
 METRICS = "metrics"  # public unless AUTH_METRICS; never limited
 
-ROUTES: dict[str, str] = {
-    "/v1/chat/completions": API,
-    "/v1/completions": API,
-    "/v1/models": API,
-    "/v1/models/{model_id:path}": API,
-    "/v1/embeddings": API,
-    "/v1/responses": API,
-    "/v1/moderations": API,
-    "/v1/messages": API,
-    "/health": HEALTH,
-    "/health/live": HEALTH,
-    "/health/ready": HEALTH,
-    "/metrics": METRICS,
+# template → (kind, the API it speaks: OPENAI or ANTHROPIC, and so the shape of its errors)
+ROUTES: dict[str, tuple[str, str]] = {
+    "/v1/chat/completions": (API, OPENAI),
+    "/v1/completions": (API, OPENAI),
+    "/v1/models": (API, OPENAI),
+    "/v1/models/{model_id:path}": (API, OPENAI),
+    "/v1/embeddings": (API, OPENAI),
+    "/v1/responses": (API, OPENAI),
+    "/v1/moderations": (API, OPENAI),
+    "/v1/messages": (API, ANTHROPIC),
+    "/health": (HEALTH, OPENAI),
+    "/health/live": (HEALTH, OPENAI),
+    "/health/ready": (HEALTH, OPENAI),
+    "/metrics": (METRICS, OPENAI),
 }
-ANTHROPIC_ROUTES = frozenset({"/v1/messages"})  # errors in Anthropic's shape there
 
 
 def _check_model_id(params: dict[str, Any]) -> None:
@@ -66,6 +68,7 @@ class Endpoint:
 
     template: str  # the route template: the canonical spelling and the `route` label
     kind: str  # API, HEALTH or METRICS
+    api: str  # OPENAI or ANTHROPIC: the wire format it speaks, and so its error shape
     public: bool  # served without a key
     limited: bool  # spends a rate-limit token (on a method it serves: a 405 spends none)
     methods: frozenset[str] = frozenset()  # the methods its resource answers; empty: any
@@ -83,7 +86,7 @@ def endpoint_table(
     configured_public = frozenset(config.public_paths)
     found: dict[str, Endpoint] = {}
     for template in templates:
-        kind = ROUTES[template]  # a KeyError here: a new route must be given a kind in ROUTES
+        kind, api = ROUTES[template]  # a KeyError: a new route must be given a kind in ROUTES
         public = (
             not config.auth_enabled
             or template in configured_public
@@ -93,7 +96,7 @@ def endpoint_table(
         limited = kind == API and config.rate_limit_enabled
         served = methods.get(template, frozenset()) if methods else frozenset()
         check = PARAM_CHECKS.get(template)
-        found[template] = Endpoint(template, kind, public, limited, served, check)
+        found[template] = Endpoint(template, kind, api, public, limited, served, check)
     for path in sorted(configured_public - found.keys()):
         log.warning("PUBLIC_PATHS entry %s is not a route: it has no effect", path[:200])
     return found
@@ -112,7 +115,7 @@ def _router() -> object:
 def kind_of_path(path: str) -> str | None:
     """The kind of the route Falcon's router matches for a decoded path, else None."""
     found = _router().find(path)  # type: ignore[attr-defined]
-    return None if found is None else ROUTES[found[3]]
+    return None if found is None else ROUTES[found[3]][0]
 
 
 def kind_of_target(target: bytes) -> str | None:

@@ -59,13 +59,13 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 
 from edge.config import Config
 from edge.endpoints.routes import HEALTH, kind_of_target
-from edge.errors import OVERLOADED, envelope
+from edge.errors import protocol_refusal
 from edge.observability.context import new_request_id
 from edge.server.disconnect import BODY_READY, PROTOCOL_WATCHES, client_gone
 
-_OVERLOADED_BODY = envelope(
-    "The server is at its concurrency limit; retry shortly.", OVERLOADED, None, "overloaded"
-)
+_OVERLOADED_BODY = protocol_refusal(
+    503, "The server is at its concurrency limit; retry shortly."
+).body()
 
 
 LINGER_SECONDS = 5.0
@@ -455,7 +455,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if own_body and cycle.response_started:
             self.transport.close()  # its answer is under way: no status line can follow
             return
-        body = envelope(message, "invalid_request_error", None, _CODES.get(status))
+        body = protocol_refusal(status, message).body()
         phrase = http.HTTPStatus(status).phrase.encode()
         head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
         for name, value in self.server_state.default_headers:
@@ -717,11 +717,3 @@ class _Http10Cycle(_EdgeCycle):
                 self.on_response()
             return
         await super().send(message)
-
-
-_CODES = {
-    400: "bad_request",
-    408: "request_timeout",
-    414: "request_line_too_long",
-    431: "request_header_fields_too_large",
-}

@@ -19,7 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from edge.config import Config
-from edge.errors import UPSTREAM, BadGateway, GatewayTimeout, envelope
+from edge.errors import BadGateway, GatewayTimeout, stream_error_event
 from edge.observability.context import RequestContext
 from edge.server.disconnect import close_on_hang_up
 from edge.upstream.http1 import (
@@ -286,19 +286,13 @@ def _failure(
     return _unreachable(outcome, exc)
 
 
-def openai_error_event(kind: str, message: str) -> bytes:
-    """The SSE event that ends a broken OpenAI-style stream: the error envelope as data (the
-    openai SDK raises it as an APIError)."""
-    return b"data: " + envelope(message, UPSTREAM, None, f"upstream_{kind}") + b"\n\n"
-
-
 async def relay(
     resp: StreamResponse,
     outcome: UpstreamOutcome,
     receive: Callable[[], Awaitable[dict[str, Any]]] | None,
     on_chunk: Callable[[bytes], None] | None = None,
     first: bytes = b"",
-    error_event: ErrorEvent = openai_error_event,
+    error_event: ErrorEvent = stream_error_event,
     on_end: Callable[[bool], None] | None = None,
 ) -> AsyncIterator[bytes]:
     """Yield the upstream's SSE events as they complete; never buffer a whole stream.

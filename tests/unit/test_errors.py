@@ -41,3 +41,47 @@ def test_falcon_statuses_map_into_the_envelope():
     assert error.status == 411
     assert orjson.loads(error.body())["error"]["code"] == "length_required"
     assert errors.from_http_status(503, "Down").type == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("status", "kind"),
+    [(400, "invalid_request_error"), (401, "authentication_error"), (404, "not_found_error"),
+     (413, "request_too_large"), (429, "rate_limit_error"), (418, "invalid_request_error"),
+     (500, "api_error"), (503, "overloaded_error"), (504, "api_error")],
+)  # fmt: skip
+def test_the_anthropic_shape_maps_the_status_to_its_error_type(status, kind):
+    error = errors.ApiError("Something specific.", status=status, param="model", code="x")
+    assert orjson.loads(error.body(errors.ANTHROPIC)) == {
+        "type": "error",
+        "error": {"type": kind, "message": "Something specific."},
+    }
+    assert error.body() == error.body(errors.OPENAI)
+
+
+def test_stream_error_events_in_each_shape():
+    openai = errors.stream_error_event("timeout", "Stalled.")
+    assert openai.startswith(b"data: ") and openai.endswith(b"\n\n")
+    assert orjson.loads(openai[6:])["error"]["code"] == "upstream_timeout"
+    anthropic = errors.stream_error_event("disconnect", "Broken.", errors.ANTHROPIC)
+    event, data = anthropic.rstrip(b"\n").split(b"\n")
+    assert event == b"event: error"
+    assert orjson.loads(data[6:]) == {
+        "type": "error",
+        "error": {"type": "api_error", "message": "Broken."},
+    }
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "type_"),
+    [(400, "bad_request", "invalid_request_error"), (408, "request_timeout",
+     "invalid_request_error"), (413, "request_too_large", "invalid_request_error"),
+     (414, "request_line_too_long", "invalid_request_error"),
+     (431, "request_header_fields_too_large", "invalid_request_error"),
+     (503, "overloaded", "overloaded_error")],
+)  # fmt: skip
+def test_the_protocols_refusals_are_openai_envelopes(status, code, type_):
+    error = errors.protocol_refusal(status, "No.")
+    assert error.status == status
+    assert orjson.loads(error.body()) == {
+        "error": {"message": "No.", "type": type_, "param": None, "code": code}
+    }
