@@ -30,7 +30,7 @@ def _no_stale_test_tables():
     """After the run, remove rate-limit tables of test masters that are gone (a master killed
     outright cannot unlink its own); the product does the same per instance at start."""
     yield
-    from edge.ratelimit.shm import SHM_DIR, pid_alive
+    from edge.shm import SHM_DIR, pid_alive
 
     if not os.path.isdir(SHM_DIR):
         return

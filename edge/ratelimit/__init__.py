@@ -1,13 +1,7 @@
 """Per-identity token-bucket rate limiting shared by all worker processes."""
 
 from edge.ratelimit.base import LOCK_TIMEOUT, TABLE_FULL, Decision, RateLimiter, slot_digest
-from edge.ratelimit.shm import (
-    DEFAULT_LOCK_TIMEOUT_S,
-    SharedTable,
-    ShmRateLimiter,
-    remove_stale,
-    table_name,
-)
+from edge.ratelimit.shm import DEFAULT_LOCK_TIMEOUT_S, SharedTable, ShmRateLimiter
 from edge.ratelimit.table import Table, TableFormatError
 
 __all__ = [
@@ -20,7 +14,5 @@ __all__ = [
     "ShmRateLimiter",
     "Table",
     "TableFormatError",
-    "remove_stale",
     "slot_digest",
-    "table_name",
 ]

@@ -1,35 +1,18 @@
-"""The bucket table in POSIX shared memory, serialised by a lock the kernel releases on death.
+"""The rate-limit table in host-wide shared memory (edge.shm), and the limiter over it.
 
 Lifecycle: the gunicorn master calls ``SharedTable.create`` before forking (and may
 ``close()`` its own mapping straight away), each worker calls ``SharedTable.attach``
-after fork, and the master calls ``unlink()`` on exit.
-
-Why ``flock`` on a descriptor each worker opens itself: the lock belongs to the open
-file description, so the kernel drops it when the holder dies, SIGKILL and SIGABRT
-included (a POSIX semaphore has no owner and would stay taken forever). A descriptor
-inherited across fork shares its open file description with the parent, and then two
-processes could both "hold" the lock; that is why ``attach`` opens the object anew, and
-why a SharedTable refuses to lock in a process other than the one that opened it.
-``flock`` measured about half the cost of an OFD ``fcntl`` lock from Python.
+after fork, and the master calls ``unlink()`` on exit. The segment, its naming and its
+kernel-released lock are edge.shm's; the layout is edge.ratelimit.table's.
 
 The lock is only ever held for one synchronous ``Table.decide`` (a few µs), never across
-an ``await``. Taking it is bounded: non-blocking attempts, yielding the CPU between them,
-until ``lock_timeout_s`` has passed.
+an ``await``. Taking it is bounded: see ``Segment.acquire``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import logging
-import mmap
-import os
-import re
-import secrets
 import time
 from collections.abc import Callable
-
-import posix_ipc
 
 from edge.ratelimit.base import (
     ALLOW,
@@ -48,44 +31,19 @@ from edge.ratelimit.table import (
     format_buffer,
     size_for,
 )
+from edge.shm import Segment
 
 DEFAULT_LOCK_TIMEOUT_S = 0.05
 LOCK_COOLOFF_S = 1.0  # after a lock timeout, only non-blocking tries for this long
-SHM_DIR = "/dev/shm"
-_MODE = 0o600
-_LOCK = fcntl.LOCK_EX | fcntl.LOCK_NB
-_YIELD_ATTEMPTS = 32  # then back off with short sleeps: the holder may be descheduled
-_BACKOFF_S = 50e-6
 
 
-log = logging.getLogger("edge.ratelimit")
+class SharedTable(Segment):
+    """A process's own attachment to the rate-limit table: a Segment and the Table in it."""
 
-
-def table_name(prefix: str, pid: int, token: str | None = None) -> str:
-    """The shared-memory name for the table of the master with ``pid``: ``<prefix>.<pid>.<token>``.
-
-    The random token makes the name unpredictable, so another local user cannot plant an
-    object under it beforehand (in the sticky /dev/shm we could not remove theirs). The master
-    chooses it once and workers learn it from the settings they inherit.
-    """
-    return f"{prefix}.{pid}.{secrets.token_hex(8) if token is None else token}"
-
-
-class SharedTable:
-    """A process's own attachment to the shared table: descriptor, mapping and lock."""
-
-    __slots__ = ("_fd", "_mm", "_pid", "_shm", "name", "table")
-
-    def __init__(self, name: str, shm: posix_ipc.SharedMemory, mm: mmap.mmap, table: Table) -> None:
-        self.name = name
-        self.table = table
-        self._shm = shm
-        self._mm = mm
-        self._fd = shm.fd
-        self._pid = os.getpid()
+    __slots__ = ("table",)
 
     @classmethod
-    def create(
+    def create(  # type: ignore[override]
         cls,
         name: str,
         slots: int,
@@ -94,110 +52,38 @@ class SharedTable:
         uid: int | None = None,
         gid: int | None = None,
     ) -> SharedTable:
-        """Create and format the object (mode 0600), replacing a stale one of the same name.
-
-        An existing object of the same name is removed and replaced; one this user may not
-        remove (another user's) raises FileExistsError: choose another name (see
-        ``table_name``). ``uid``/``gid`` hand the object to the user the workers run as when
-        the master runs as root.
-        """
-        path = _posix_name(name)
-        size = size_for(slots)
-        try:
-            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
-        except posix_ipc.ExistentialError:
-            try:
-                _unlink(path)
-                shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
-            except (posix_ipc.PermissionsError, posix_ipc.ExistentialError):
-                raise FileExistsError(
-                    f"shared-memory name {name!r} is taken by an object this user cannot remove"
-                ) from None
-        mm = None
-        try:
-            os.fchmod(shm.fd, _MODE)  # exactly 0600 whatever the umask
-            if uid is not None or gid is not None:
-                os.fchown(shm.fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            mm = mmap.mmap(shm.fd, size)
-            format_buffer(mm, slots, probe_window)
-            return cls(path.lstrip("/"), shm, mm, Table(mm))
-        except BaseException:
-            if mm is not None:
-                mm.close()
-            shm.close_fd()
-            _unlink(path)
-            raise
+        """Create and format the table (see `Segment.create`)."""
+        created = super().create(
+            name, size_for(slots), lambda mm: format_buffer(mm, slots, probe_window), uid, gid
+        )
+        assert isinstance(created, SharedTable)
+        created.table = Table(created.mm)
+        return created
 
     @classmethod
-    def attach(cls, name: str) -> SharedTable:
+    def attach(cls, name: str, what: str = "rate-limit table") -> SharedTable:
         """Open the existing table with this process's own descriptor and map it."""
-        path = _posix_name(name)
+        attached = super().attach(name, what)
+        assert isinstance(attached, SharedTable)
         try:
-            shm = posix_ipc.SharedMemory(path)
-        except posix_ipc.ExistentialError as exc:
-            raise FileNotFoundError(
-                f"rate-limit table {name!r} does not exist (create it in the master)"
-            ) from exc
-        except posix_ipc.PermissionsError as exc:
-            raise PermissionError(f"no permission to open rate-limit table {name!r}") from exc
-        try:
-            if shm.size < HEADER_SIZE:
+            if attached.size < HEADER_SIZE:
                 raise TableFormatError(
-                    f"shared memory {name!r} ({shm.size} bytes) is not a rate-limit table"
+                    f"shared memory {name!r} ({attached.size} bytes) is not a rate-limit table"
                 )
-            mm = mmap.mmap(shm.fd, shm.size)
-            try:
-                return cls(path.lstrip("/"), shm, mm, Table(mm))
-            except BaseException:
-                mm.close()
-                raise
+            attached.table = Table(attached.mm)
         except BaseException:
-            shm.close_fd()
+            Segment.close(attached)
             raise
-
-    def acquire(self, timeout_s: float) -> bool:
-        """Take the lock, giving up after ``timeout_s``. Never blocks in the kernel."""
-        if os.getpid() != self._pid:
-            raise RuntimeError(
-                "SharedTable used in a forked child: call SharedTable.attach() in each worker"
-            )
-        try:
-            fcntl.flock(self._fd, _LOCK)
-            return True
-        except BlockingIOError:
-            return self._acquire_contended(timeout_s)
-
-    def _acquire_contended(self, timeout_s: float) -> bool:
-        deadline = time.monotonic() + timeout_s
-        attempts = 0
-        while True:
-            if attempts < _YIELD_ATTEMPTS:
-                os.sched_yield()
-            else:
-                time.sleep(_BACKOFF_S)
-            attempts += 1
-            try:
-                fcntl.flock(self._fd, _LOCK)
-                return True
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    return False
-
-    def release(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
+        return attached
 
     def close(self) -> None:
         """Drop this process's mapping and descriptor (releasing the lock if held)."""
-        if self._fd < 0:
+        if self.closed:
             return
-        self.table.close()
-        self._mm.close()
-        self._shm.close_fd()
-        self._fd = -1
-
-    def unlink(self) -> None:
-        """Remove the name (the master, on exit). Existing attachments stay valid."""
-        _unlink(_posix_name(self.name))
+        table = getattr(self, "table", None)
+        if table is not None:
+            table.close()  # the mmap cannot be closed while the table's view of it exists
+        super().close()
 
 
 class ShmRateLimiter:
@@ -267,52 +153,3 @@ class ShmRateLimiter:
 
     def close(self) -> None:
         self._shared.close()
-
-
-def remove_stale(prefix: str, shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink ``<prefix>.<pid>[.<token>]`` objects whose pid is not a live process; return
-    their names. One this user may not remove (another user's) is logged and left alone: it
-    cannot collide with our unpredictable names.
-
-    Assumes the masters share our pid namespace (true for one host under systemd).
-    """
-    pattern = re.compile(re.escape(prefix) + r"\.(\d+)(?:\.[0-9a-f]+)?")
-    removed = []
-    for entry in sorted(os.listdir(shm_dir)):
-        match = pattern.fullmatch(entry)
-        if match and not pid_alive(int(match[1])):
-            try:
-                _unlink("/" + entry)
-            except posix_ipc.PermissionsError:
-                log.warning(
-                    "a stale shared-memory object of this instance cannot be removed "
-                    "(another user's?); leaving it",
-                    extra={"object": entry},
-                )
-                continue
-            removed.append(entry)
-    return removed
-
-
-def pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False  # kill(0, ...) would address our process group
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True  # exists, owned by someone else
-    return True
-
-
-def _posix_name(name: str) -> str:
-    bare = name[1:] if name.startswith("/") else name
-    if not bare or "/" in bare or bare in (".", ".."):
-        raise ValueError(f"invalid shared-memory name {name!r}")
-    return "/" + bare
-
-
-def _unlink(path: str) -> None:
-    with contextlib.suppress(posix_ipc.ExistentialError):  # already gone: fine
-        posix_ipc.unlink_shared_memory(path)

@@ -18,7 +18,8 @@ so the layout does not depend on the platform::
                        (4 bytes padding)
 
 An identity lives in one slot within a window of ``probe_window`` consecutive slots
-starting at ``hash(digest) mod (slot_count - probe_window + 1)`` (windows never wrap).
+starting at ``hash(digest) mod (slot_count - probe_window + 1)`` (windows never wrap; the
+probing is edge.shm's ``Slots``, shared with the other host-wide tables).
 Lookup compares the digests of the whole window in one ``unpack_from``. A slot whose
 check value does not match its contents is *free*: that covers never-used (all zero)
 slots as well as slots torn by a process killed mid-write or otherwise scribbled on. A
@@ -44,6 +45,7 @@ from typing import Final
 
 from edge.ratelimit import bucket
 from edge.ratelimit.base import DIGEST_SIZE, Decision
+from edge.shm import Slots
 
 MAGIC: Final = b"EDGE-RL\x00"
 VERSION: Final = 1
@@ -93,7 +95,7 @@ def format_buffer(buf: object, slot_count: int, probe_window: int = DEFAULT_PROB
 class Table:
     """A formatted table over a writable buffer. Not thread- or process-safe by itself."""
 
-    __slots__ = ("_homes", "_mv", "_window", "probe_window", "slot_count")
+    __slots__ = ("_mv", "_slots", "probe_window", "slot_count")
 
     def __init__(self, buf: object) -> None:
         mv = memoryview(buf).cast("B")  # type: ignore[arg-type]
@@ -103,10 +105,7 @@ class Table:
             mv.release()
             raise
         self._mv = mv
-        self._homes = self.slot_count - self.probe_window + 1
-        self._window = struct.Struct(
-            f"<{f'{DIGEST_SIZE}s{SLOT_SIZE - DIGEST_SIZE}x' * self.probe_window}"
-        )
+        self._slots = Slots(HEADER_SIZE, self.slot_count, SLOT_SIZE, self.probe_window)
 
     def close(self) -> None:
         """Release the buffer (an mmap cannot be closed while a view of it exists)."""
@@ -123,7 +122,7 @@ class Table:
         if len(digest) != DIGEST_SIZE:
             raise ValueError(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
         mv = self._mv
-        offset = HEADER_SIZE + (int.from_bytes(digest, "little") % self._homes) * SLOT_SIZE
+        offset = self._slots.home(digest)
         stored, tokens, updated, _, check = _SLOT.unpack_from(mv, offset)
         if stored != digest:  # usually an entry sits in its home slot; else search the window
             offset = self._locate(digest, offset, now)
@@ -154,7 +153,7 @@ class Table:
         if len(digest) != DIGEST_SIZE:
             raise ValueError(f"digest must be {DIGEST_SIZE} bytes, got {len(digest)}")
         mv = self._mv
-        offset = HEADER_SIZE + (int.from_bytes(digest, "little") % self._homes) * SLOT_SIZE
+        offset = self._slots.home(digest)
         stored, tokens, updated, _, check = _SLOT.unpack_from(mv, offset)
         if stored != digest:
             offset = self._locate(digest, offset, now)
@@ -171,16 +170,14 @@ class Table:
 
     def _locate(self, digest: bytes, base: int, now: float) -> int:
         """Offset of ``digest``'s slot in the window at ``base``, else of one to claim, else -1."""
-        digests = self._window.unpack_from(self._mv, base)
-        if digest in digests:
-            return base + digests.index(digest) * SLOT_SIZE
-        return self._claim(base, now)
+        found = self._slots.find(self._mv, digest, base)
+        return found if found >= 0 else self._claim(base, now)
 
     def _claim(self, base: int, now: float) -> int:
         """Offset of a free slot in the window, else of the longest-idle one, else -1."""
         mv = self._mv
         victim, victim_full_at = -1, math.inf
-        for offset in range(base, base + self.probe_window * SLOT_SIZE, SLOT_SIZE):
+        for offset in self._slots.offsets(base):
             _, _, _, full_at, check = _SLOT.unpack_from(mv, offset)
             if zlib.crc32(mv[offset : offset + _SLOT_BODY_SIZE]) != check:
                 return offset  # never used, or torn: free

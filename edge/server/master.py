@@ -24,7 +24,7 @@ from typing import Any
 from edge.auth import KeyStore
 from edge.config import Config, ConfigError
 from edge.observability import metric_files
-from edge.ratelimit.shm import table_name
+from edge.shm import remove_stale, segment_name
 from edge.upstream.providers import load_for as load_providers
 
 log = logging.getLogger("edge.server")
@@ -45,10 +45,9 @@ class Settings:
 
 
 _current: Settings | None = None
-_master_table: Any = None  # the master's (closed) SharedTable, kept to unlink it on exit
+_segments: list[str] = []  # the shared-memory segments this master created, to unlink on exit
 _removable_dir: Path | None = None  # a metrics directory this master created or verified
 _master_pid: int | None = None  # the process whose exit cleans up (not a forked worker)
-_master_breakers: str | None = None  # the breaker table this master created
 
 
 def current() -> Settings:
@@ -85,13 +84,13 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         config=config,
         keys=keys,
         # Chosen once: a reload keeps the table (and so its name) the workers attach to.
-        table_name=_current.table_name if _current else table_name(table_prefix(config), pid),
+        table_name=_current.table_name if _current else segment_name(table_prefix(config), pid),
         metrics_dir=metrics_dir,
         owns_metrics_dir=owns,
         metrics_dir_source=source,
         providers=providers,
         breaker_table=(
-            _current.breaker_table if _current else table_name(breaker_prefix(config), pid)
+            _current.breaker_table if _current else segment_name(breaker_prefix(config), pid)
         ),
     )
     return _current
@@ -147,15 +146,11 @@ def _cleanup_at_exit() -> None:
 
 def _cleanup() -> None:
     """Unlink the tables and remove the metrics directory this master made; idempotent."""
-    global _master_table, _master_breakers, _removable_dir
-    if _master_table is not None:
-        _master_table.unlink()
-        _master_table = None
-    if _master_breakers is not None:
-        from edge.upstream.breaker import unlink
+    global _removable_dir
+    from edge.shm import unlink
 
-        unlink(_master_breakers)
-        _master_breakers = None
+    while _segments:
+        unlink(_segments.pop())
     if _removable_dir is not None:
         shutil.rmtree(_removable_dir, ignore_errors=True)
         _removable_dir = None
@@ -174,37 +169,20 @@ def on_starting(server: Any) -> None:
             flush=True,
         )
         raise SystemExit(2) from None
+    owner = _worker_owner(server)
     if config.rate_limit_enabled:  # also with the Redis backend: a HUP may switch to shm
-        from edge.ratelimit import SharedTable, remove_stale
+        from edge.ratelimit import SharedTable
 
-        global _current, _master_table
-        remove_stale(table_prefix(config))
-        # The master keeps only the name: workers attach with descriptors of their own. The
-        # name is unpredictable; should it still be taken by an object we may not remove,
-        # pick another (workers read the name from the settings after fork).
-        for attempt in range(3):
-            try:
-                _master_table = SharedTable.create(
-                    settings.table_name, config.rate_limit_slots, **_worker_owner(server)
-                )
-                break
-            except FileExistsError as exc:
-                log.warning("shared-memory name taken; choosing another", extra={"error": str(exc)})
-                if attempt == 2:
-                    print(f"llm-edge-proxy: rate-limit table: {exc}", file=sys.stderr, flush=True)
-                    raise SystemExit(2) from None
-                settings = _current = dataclasses.replace(
-                    settings, table_name=table_name(table_prefix(config), os.getpid())
-                )
-        _master_table.close()
-    from edge.ratelimit import remove_stale
+        def table(name: str) -> None:
+            SharedTable.create(name, config.rate_limit_slots, **owner).close()
+
+        _create_segment("table_name", table_prefix(config), table)
     from edge.upstream.breaker import SharedBreakers
 
-    global _master_breakers
-    remove_stale(breaker_prefix(config))
     # Created whatever the providers are now: a HUP may add a PROVIDERS_FILE later.
-    SharedBreakers.create(settings.breaker_table, **_worker_owner(server))
-    _master_breakers = settings.breaker_table
+    _create_segment(
+        "breaker_table", breaker_prefix(config), lambda name: SharedBreakers.create(name, **owner)
+    )
     if config.providers_file is not None:
         log.info(
             "routing to the providers of PROVIDERS_FILE",
@@ -229,6 +207,29 @@ def on_starting(server: Any) -> None:
         log.warning("AUTH_ENABLED=false: the gateway accepts requests without an API key")
     if not config.rate_limit_enabled:
         log.warning("RATE_LIMIT_ENABLED=false: requests are not rate limited")
+
+
+def _create_segment(field: str, prefix: str, create: Any) -> None:
+    """Create one of the master's shared-memory segments (edge.shm) under the name the settings
+    hold in `field`, after removing those a crashed master of this instance left. The master
+    keeps only the name: workers attach with descriptors of their own. The name is
+    unpredictable; should it still be taken by an object we may not remove, another is chosen
+    (workers read the name from the settings after fork)."""
+    global _current
+    remove_stale(prefix)
+    for attempt in range(3):
+        name = getattr(current(), field)
+        try:
+            create(name)
+        except FileExistsError as exc:
+            log.warning("shared-memory name taken; choosing another", extra={"error": str(exc)})
+            if attempt == 2:
+                print(f"llm-edge-proxy: shared memory: {exc}", file=sys.stderr, flush=True)
+                raise SystemExit(2) from None
+            _current = dataclasses.replace(current(), **{field: segment_name(prefix, os.getpid())})
+            continue
+        _segments.append(name)
+        return
 
 
 def _worker_owner(server: Any) -> dict[str, int]:

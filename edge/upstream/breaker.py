@@ -16,29 +16,24 @@ one breaker timeout, then its place is given to a new probe. A cooldown (from a 
 retry-after) is separate: it only moves forward, so a shorter retry-after never shortens a
 longer cooldown (LiteLLM #40130).
 
-`SharedBreakers` keeps one 64-byte slot per provider in a POSIX shared-memory object created by
-the gunicorn master beside the rate-limit table; each worker attaches after fork and locks with
-`flock` on its own descriptor (the kernel releases it when the holder dies), exactly as
-edge.ratelimit.shm does. Slots are keyed by a digest of the provider's name, so a HUP that adds
-providers finds the old ones' state where it was. The lock is held for one read-modify-write,
-never across an await. A slot whose state reads `closed` with no failures is not locked at all:
-the common case costs one unlocked read.
+`SharedBreakers` keeps one 64-byte slot per provider in a host-wide shared-memory segment
+(edge.shm: created by the gunicorn master beside the rate-limit table, attached by each worker
+after fork, locked with the kernel-released `flock`). Slots are keyed by a digest of the
+provider's name (edge.shm.Slots finds them), so a HUP that adds providers finds the old ones'
+state where it was. The lock is held for one read-modify-write, never across an await. A slot
+whose state reads `closed` with no failures is not locked at all: the common case costs one
+unlocked read.
 """
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
-import mmap
-import os
 import struct
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import posix_ipc
-
+from edge.shm import Segment, Slots
 from edge.upstream.providers import BreakerPolicy
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
@@ -142,8 +137,9 @@ _MAGIC = b"EDGEBRK1"
 _HEADER = struct.Struct("<8sI4x")
 HEADER_SIZE = 16
 DEFAULT_SLOTS = 256
-_LOCK = fcntl.LOCK_EX | fcntl.LOCK_NB
-_MODE = 0o600
+WINDOW = 16  # slots probed for a key (edge.shm.Slots)
+LOCK_TIMEOUT_S = 0.05
+_FREE = bytes(16)
 assert _SLOT.size <= SLOT_SIZE
 
 
@@ -181,14 +177,11 @@ class LocalBreakers:
 class SharedBreakers:
     """One process's attachment to the breaker table (see the module docstring)."""
 
-    def __init__(
-        self, shm: posix_ipc.SharedMemory, mm: mmap.mmap, clock: Callable[[], float]
-    ) -> None:
-        self._shm = shm
-        self._mm = mm
-        self._fd = shm.fd
-        self._pid = os.getpid()
-        self._slots = (len(mm) - HEADER_SIZE) // SLOT_SIZE
+    def __init__(self, segment: Segment, clock: Callable[[], float]) -> None:
+        self._segment = segment
+        self._mm = segment.mm
+        slots = _HEADER.unpack_from(self._mm, 0)[1]
+        self._slots = Slots(HEADER_SIZE, slots, SLOT_SIZE, min(WINDOW, slots))
         self._index: dict[str, int] = {}
         self.clock = clock
         self._local = LocalBreakers(clock)  # when the table is full (logged by the caller)
@@ -196,37 +189,21 @@ class SharedBreakers:
     @staticmethod
     def create(name: str, slots: int = DEFAULT_SLOTS, uid: int | None = None,
                gid: int | None = None) -> None:  # fmt: skip
-        """Create and format the object (mode 0600), replacing a stale one; the master."""
-        path = "/" + name.lstrip("/")
-        size = HEADER_SIZE + slots * SLOT_SIZE
-        try:
-            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
-        except posix_ipc.ExistentialError:
-            unlink(name)
-            shm = posix_ipc.SharedMemory(path, posix_ipc.O_CREX, _MODE, size)
-        try:
-            os.fchmod(shm.fd, _MODE)
-            if uid is not None or gid is not None:
-                os.fchown(shm.fd, -1 if uid is None else uid, -1 if gid is None else gid)
-            with mmap.mmap(shm.fd, size) as mm:
-                mm[:] = bytes(size)
-                _HEADER.pack_into(mm, 0, _MAGIC, slots)
-        finally:
-            shm.close_fd()
+        """Create and format the segment (mode 0600), replacing a stale one; the master."""
+
+        def fill(mm: object) -> None:
+            _HEADER.pack_into(mm, 0, _MAGIC, slots)  # type: ignore[arg-type]
+
+        Segment.create(name, HEADER_SIZE + slots * SLOT_SIZE, fill, uid, gid).close()
 
     @classmethod
     def attach(cls, name: str, clock: Callable[[], float] = time.monotonic) -> SharedBreakers:
-        shm = posix_ipc.SharedMemory("/" + name.lstrip("/"))
-        try:
-            mm = mmap.mmap(shm.fd, shm.size)
-        except BaseException:
-            shm.close_fd()
-            raise
+        segment = Segment.attach(name, "breaker table")
+        mm = segment.mm
         if len(mm) < HEADER_SIZE or _HEADER.unpack_from(mm, 0)[0] != _MAGIC:
-            mm.close()
-            shm.close_fd()
+            segment.close()
             raise ValueError(f"shared memory {name!r} is not a breaker table")
-        return cls(shm, mm, clock)
+        return cls(segment, clock)
 
     def _slot(self, name: str) -> int:
         """The slot offset for this provider, claiming a free slot the first time (locked)."""
@@ -234,24 +211,22 @@ class SharedBreakers:
         if index is not None:
             return index
         key = slot_key(name)
-        start = int.from_bytes(key[:4], "little") % self._slots
-        try:
-            self._lock()
-        except TimeoutError:
-            return -1  # not cached: a local breaker this once, the shared slot next time
-        try:
-            for probe in range(self._slots):
-                offset = HEADER_SIZE + ((start + probe) % self._slots) * SLOT_SIZE
-                held = self._mm[offset : offset + 16]
-                if held == key:
-                    break
-                if held == bytes(16):
-                    self._mm[offset : offset + 16] = key
-                    break
-            else:
-                offset = -1
-        finally:
-            self._unlock()
+        home = self._slots.home(key)
+        offset = self._slots.find(self._mm, key, home)
+        if offset < 0:
+            if not self._segment.acquire(LOCK_TIMEOUT_S):
+                return -1  # not cached: a local breaker this once, the shared slot next time
+            try:
+                offset = self._slots.find(self._mm, key, home)  # claimed meanwhile?
+                if offset < 0:
+                    offset = next(
+                        (at for at in self._slots.offsets(home) if self._mm[at : at + 16] == _FREE),
+                        -1,
+                    )
+                    if offset >= 0:
+                        self._mm[offset : offset + 16] = key
+            finally:
+                self._segment.release()
         self._index[name] = offset
         return offset
 
@@ -293,50 +268,24 @@ class SharedBreakers:
             offset = self._slot(name)
         if offset < 0:
             return self._local.hot(name)
-        return _HOT.unpack_from(self._mm, offset)
+        return _HOT.unpack_from(self._mm, offset)  # type: ignore[return-value]
 
     def update(self, name: str, change: Callable[[BreakerState, float], object]) -> object:
-        """Apply `change(state, now)` under the lock and store the result."""
+        """Apply `change(state, now)` under the lock and store the result. TimeoutError when
+        the lock cannot be had within LOCK_TIMEOUT_S (a holder stopped, not dead): a breaker
+        update may then be skipped, the event loop is never stalled."""
         offset = self._slot(name)
         if offset < 0:
             return self._local.update(name, change)
-        self._lock()
+        if not self._segment.acquire(LOCK_TIMEOUT_S):
+            raise TimeoutError("breaker table lock timeout")
         try:
             state = self._read(offset)
             result = change(state, self.clock())
             self._write(offset, self._mm[offset : offset + 16], state)
         finally:
-            self._unlock()
+            self._segment.release()
         return result
 
-    def _lock(self) -> None:
-        if os.getpid() != self._pid:
-            raise RuntimeError("SharedBreakers used in a forked child: attach in each worker")
-        deadline = None
-        while True:
-            try:
-                fcntl.flock(self._fd, _LOCK)
-                return
-            except BlockingIOError:
-                now = time.monotonic()
-                if deadline is None:
-                    deadline = now + 0.05
-                elif now >= deadline:
-                    # A holder stuck for 50 ms (stopped, not dead): take no lock rather than
-                    # stall the event loop; a breaker update may then race, never wedge.
-                    raise TimeoutError("breaker table lock timeout") from None
-                os.sched_yield()
-
-    def _unlock(self) -> None:
-        fcntl.flock(self._fd, fcntl.LOCK_UN)
-
     def close(self) -> None:
-        if self._fd >= 0:
-            self._mm.close()
-            self._shm.close_fd()
-            self._fd = -1
-
-
-def unlink(name: str) -> None:
-    with contextlib.suppress(posix_ipc.ExistentialError):
-        posix_ipc.unlink_shared_memory("/" + name.lstrip("/"))
+        self._segment.close()

@@ -7,6 +7,7 @@ import uuid
 
 import pytest
 
+from edge.shm import unlink
 from edge.upstream import breaker as cb
 from edge.upstream.providers import BreakerPolicy
 
@@ -111,7 +112,7 @@ def table_name():
     name = f"llm-edge-proxy.unit{os.getpid()}.breakers.{uuid.uuid4().hex[:8]}"
     cb.SharedBreakers.create(name, slots=8)
     yield name
-    cb.unlink(name)
+    unlink(name)
 
 
 @pytest.mark.parametrize(

@@ -22,10 +22,10 @@ from edge.ratelimit import (
     SharedTable,
     ShmRateLimiter,
     TableFormatError,
-    remove_stale,
-    table_name,
 )
 from edge.ratelimit.table import size_for
+from edge.shm import remove_stale
+from edge.shm import segment_name as table_name
 
 FORK = multiprocessing.get_context("fork")
 TINY_RPM = 1e-6  # refill is negligible for the length of a test

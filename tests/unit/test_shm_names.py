@@ -16,9 +16,11 @@ from pathlib import Path
 import posix_ipc
 import pytest
 
-from edge.ratelimit import SharedTable, remove_stale, table_name
-from edge.ratelimit import shm as shm_module
+from edge import shm as shm_module
+from edge.ratelimit import SharedTable
 from edge.server import master
+from edge.shm import remove_stale
+from edge.shm import segment_name as table_name
 
 SHM = Path("/dev/shm")
 
@@ -86,7 +88,7 @@ def test_master_starts_when_its_table_name_is_taken_by_an_unremovable_object(
     planted, monkeypatch, tmp_path
 ):
     monkeypatch.setattr(master, "_current", None)
-    monkeypatch.setattr(master, "_master_table", None)
+    monkeypatch.setattr(master, "_segments", [])
     env = {"AUTH_ENABLED": "false", "INSTANCE_NAME": f"test{uuid.uuid4().hex[:8]}"}
     env["PROMETHEUS_MULTIPROC_DIR"] = str(tmp_path / "metrics")
     settings = master.load(env)
@@ -117,7 +119,8 @@ def test_master_starts_when_its_table_name_is_taken_by_an_unremovable_object(
 
 REAL_OTHER_USER = """
 import sys
-from edge.ratelimit import SharedTable, remove_stale
+from edge.ratelimit import SharedTable
+from edge.shm import remove_stale
 try:
     SharedTable.create(sys.argv[1], slots=16)
 except FileExistsError as exc:
