@@ -115,7 +115,7 @@ def create_app(
     if config.enable_metrics:
         from edge.observability.metrics import Metrics
 
-        metrics = Metrics()
+        metrics = Metrics(config.prometheus_multiproc_dir)
     upstream = Upstream(config) if providers is not None else None
     runtime = Runtime(
         config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream

@@ -226,8 +226,14 @@ def readable_file(name: str, value: str) -> Path:
 
 
 def file_name(name: str, value: str) -> Path:
-    """A path, checked once resolved (see `_credential_file`)."""
+    """A path, checked where it is used (`_credential_file`, the metrics directory's checks)."""
     return Path(value)
+
+
+def first_path(name: str, value: str) -> Path:
+    """The first of a colon-separated list of paths (systemd sets several for several
+    directives)."""
+    return Path(value.split(":")[0])
 
 
 def redis_url(name: str, value: str) -> str:
@@ -439,19 +445,23 @@ SETTINGS: tuple[Setting, ...] = (
       "PEM private key for `TLS_CERT_FILE`"),
     S("HTTP2_ENABLED", "http2_enabled", boolean, "false",
       "Serve HTTP/2 over TLS (ALPN `h2`, HTTP/1.1 still offered); requires TLS"),
+    # Directories
+    S("PROMETHEUS_MULTIPROC_DIR", "prometheus_multiproc_dir", file_name, None,
+      "Where workers write metric files. Default: `$RUNTIME_DIRECTORY/metrics.<INSTANCE_NAME>` "
+      "under systemd, else a new private directory in the temp dir with an unpredictable name "
+      "(`tempfile.mkdtemp`, mode 0700). A directory the service did not just create must be a "
+      "real directory (not a symlink), owned by the service's user, and not writable by group "
+      "or others; otherwise the start stops with one line naming the problem",
+      shown="see meaning"),
+    S("RUNTIME_DIRECTORY", "runtime_directory", first_path, None,
+      "Set by systemd (`RuntimeDirectory=`), not by hand: the metrics directory goes there"),
+    S("CREDENTIALS_DIRECTORY", "credentials_directory", file_name, None,
+      "Set by systemd (`LoadCredential=`), not by hand: where the credentials "
+      "`upstream-api-key` and `api-keys.toml` are read from when `UPSTREAM_API_KEY_FILE` / "
+      "`API_KEYS_FILE` are unset, and where relative paths in them are taken"),
 )
 # fmt: on
 del S
-
-# Read by gunicorn.conf.py (edge.server.master), not by Config: listed in the README's table.
-PROMETHEUS_MULTIPROC_DIR_ROW = (
-    "| `PROMETHEUS_MULTIPROC_DIR` | see below | Where workers write metric files. Default: "
-    "`$RUNTIME_DIRECTORY/metrics.<INSTANCE_NAME>` under systemd, else a new private directory "
-    "in the temp dir "
-    "with an unpredictable name (`tempfile.mkdtemp`, mode 0700). A directory the service did not "
-    "just create must be a real directory (not a symlink), owned by the service's user, and not "
-    "writable by group or others; otherwise the start stops with one line naming the problem |"
-)
 
 
 @dataclass(frozen=True, slots=True)
@@ -514,6 +524,10 @@ class Config:
     tls_cert_file: Path | None
     tls_key_file: Path | None
     http2_enabled: bool
+    # Directories
+    prometheus_multiproc_dir: Path | None  # the master sets the one it chose (edge.server.master)
+    runtime_directory: Path | None
+    credentials_directory: Path | None
 
     @property
     def tls(self) -> bool:
@@ -538,7 +552,7 @@ class Config:
         # What one setting alone cannot say.
         if values["instance"] is None:
             values["instance"] = f"port{values['port']}"
-        credentials = (environ.get("CREDENTIALS_DIRECTORY") or "").strip() or None
+        credentials = values["credentials_directory"]
         values["api_keys_file"] = _credential_file(
             "API_KEYS_FILE", values["api_keys_file"], API_KEYS_CREDENTIAL, credentials
         )
@@ -587,18 +601,18 @@ class Config:
 
 
 def _credential_file(
-    name: str, path: Path | None, credential: str, directory: str | None
+    name: str, path: Path | None, credential: str, directory: Path | None
 ) -> Path | None:
     """The file `name` names, or the systemd credential `credential` when `name` is unset.
 
     With $CREDENTIALS_DIRECTORY set, a relative path in `name` is resolved there.
     """
     if path is None:
-        if directory is None or not (Path(directory) / credential).is_file():
+        if directory is None or not (directory / credential).is_file():
             return None
-        return Path(directory) / credential
+        return directory / credential
     if directory is not None and not path.is_absolute():
-        path = Path(directory) / path
+        path = directory / path
     return readable_file(name, str(path))
 
 
@@ -661,7 +675,6 @@ def markdown_table() -> str:
     """The README's configuration table, generated from SETTINGS."""
     rows = ["| Variable | Default | Meaning |", "|---|---|---|"]
     rows += [f"| `{s.variable}` | {s.default_text} | {s.meaning} |" for s in SETTINGS]
-    rows.append(PROMETHEUS_MULTIPROC_DIR_ROW)
     return "\n".join(rows) + "\n"
 
 

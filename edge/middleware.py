@@ -17,7 +17,6 @@ key is checked (when auth is on), and it is answered 404 having spent no token.
 
 from __future__ import annotations
 
-import math
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -29,7 +28,7 @@ from edge.endpoints.routes import UNMATCHED, Endpoint
 from edge.errors import RateLimited
 from edge.observability.context import RequestContext, request_id_var, sane_request_id, trace_id_var
 from edge.observability.logs import log_access
-from edge.ratelimit import Decision, RateLimiter
+from edge.ratelimit import Decision, RateLimiter, headers
 from edge.upstream.stream import ResponseStream
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
@@ -147,21 +146,19 @@ class EdgeMiddleware:
             # meaningful remaining/reset to report.
             if decision.allowed:
                 return
-            headers = {}
+            sent = {}
         else:
-            headers = rate_headers(decision)
+            sent = headers.admitted(decision, "requests")
         if not decision.allowed:
             if self._metrics is not None:
                 self._metrics.rate_limited.inc()
-            retry_ms = min(60_000, max(1, math.ceil(decision.retry_after * 1000)))
-            headers["retry-after"] = str(min(60, max(1, math.ceil(decision.retry_after))))
-            headers["retry-after-ms"] = str(retry_ms)
+            retry_ms = headers.retry_after(decision.retry_after, sent)
             raise RateLimited(
                 f"Rate limit reached for requests ({decision.limit} burst, {rpm:g} per minute). "
                 f"Try again in {retry_ms / 1000:.3g}s.",
-                headers=headers,
+                headers=sent,
             )
-        resp.set_headers(headers)
+        resp.set_headers(sent)
 
     # -------------------------------------------------------------- finishing
 
@@ -188,25 +185,3 @@ class EdgeMiddleware:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)
                 metrics.stream_duration.observe(total)
         log_access(ctx, req.method, path, status, total, overhead)
-
-
-def rate_headers(decision: Decision) -> dict[str, str]:
-    return {
-        "x-ratelimit-limit-requests": str(decision.limit),
-        "x-ratelimit-remaining-requests": str(decision.remaining),
-        "x-ratelimit-reset-requests": format_duration(decision.reset_after),
-    }
-
-
-def format_duration(seconds: float) -> str:
-    """OpenAI's style: `20ms`, `1s`, `6m0s`, `1h2m3s` (whole seconds rounded up from 1 s)."""
-    if seconds < 1:
-        return f"{max(0, math.ceil(seconds * 1000))}ms"
-    total = math.ceil(seconds)
-    hours, rest = divmod(total, 3600)
-    minutes, secs = divmod(rest, 60)
-    if hours:
-        return f"{hours}h{minutes}m{secs}s"
-    if minutes:
-        return f"{minutes}m{secs}s"
-    return f"{secs}s"

@@ -6,16 +6,12 @@ import asyncio
 import logging
 import os
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import falcon
 
 from edge.errors import ServiceUnavailable
 from edge.observability import metric_files
-
-if TYPE_CHECKING:  # the handlers hold the worker's Runtime
-    pass
-
 
 log = logging.getLogger("edge.resources")
 
@@ -32,8 +28,8 @@ class MetricsResource:
         self._metrics = metrics
 
     async def on_get(self, req: Any, resp: Any) -> None:
-        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if not path:
+        path = self._metrics.directory
+        if path is None:
             resp.data, resp.content_type = self._metrics.render()
             return
         try:

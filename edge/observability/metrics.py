@@ -166,9 +166,13 @@ class _RouteSlots:
 
 
 class Metrics:
-    """The metric families of one worker, with label children cached for the hot path."""
+    """The metric families of one worker, with label children cached for the hot path.
 
-    def __init__(self) -> None:
+    `directory` is the multiprocess directory (PROMETHEUS_MULTIPROC_DIR, chosen by the master)
+    that a scrape sums; None in a single process (tests, plain uvicorn)."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        self.directory = None if directory is None else os.fspath(directory)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
         # A private registry: several apps in one test process must not collide. In
@@ -404,11 +408,10 @@ class Metrics:
                 # Once per scrape, not per request: the public API (it writes the timestamp
                 # `mostrecent` needs; the fast-path slots write values only).
                 self.breaker_state.labels(provider).set(state)
-        path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
-        if not path:
+        if self.directory is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()
-        _non_empty_files_collector()(registry, path=path)
+        _non_empty_files_collector()(registry, path=self.directory)
         return generate_latest(registry), CONTENT_TYPE_LATEST
 
 

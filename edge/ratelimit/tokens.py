@@ -26,6 +26,7 @@ import math
 from typing import Any
 
 from edge.errors import BadRequest, RateLimited
+from edge.ratelimit import headers
 from edge.ratelimit.base import Decision
 
 _MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
@@ -208,10 +209,10 @@ class TokenLimiter:
             if decision.allowed:
                 return None
             raise refused(decision, tpm, estimate, {})
-        headers = token_headers(decision)
+        sent = headers.admitted(decision, "tokens")
         if not decision.allowed:
-            raise refused(decision, tpm, estimate, headers)
-        resp.set_headers(headers)
+            raise refused(decision, tpm, estimate, sent)
+        resp.set_headers(sent)
         return Reservation(limiter, identity, tpm, estimate)
 
 
@@ -222,20 +223,8 @@ def token_identity(ctx: Any) -> bytes:
     return ("tpm:addr:" + (ctx.client or "unknown")).encode()
 
 
-def token_headers(decision: Decision) -> dict[str, str]:
-    from edge.middleware import format_duration
-
-    return {
-        "x-ratelimit-limit-tokens": str(decision.limit),
-        "x-ratelimit-remaining-tokens": str(decision.remaining),
-        "x-ratelimit-reset-tokens": format_duration(decision.reset_after),
-    }
-
-
-def refused(decision: Decision, tpm: int, estimate: int, headers: dict[str, str]) -> RateLimited:
-    retry_ms = min(60_000, max(1, math.ceil(decision.retry_after * 1000)))
-    headers["retry-after"] = str(min(60, max(1, math.ceil(decision.retry_after))))
-    headers["retry-after-ms"] = str(retry_ms)
+def refused(decision: Decision, tpm: int, estimate: int, sent: dict[str, str]) -> RateLimited:
+    retry_ms = headers.retry_after(decision.retry_after, sent)
     if decision.failure is not None:
         message = "Rate limit reached for tokens: the limiter is unavailable. Try again shortly."
     else:
@@ -243,7 +232,7 @@ def refused(decision: Decision, tpm: int, estimate: int, headers: dict[str, str]
             f"Rate limit reached for tokens (limit {tpm} per minute, requested {estimate}, "
             f"remaining {decision.remaining}). Try again in {retry_ms / 1000:.3g}s."
         )
-    return RateLimited(message, headers=headers)
+    return RateLimited(message, headers=sent)
 
 
 def ask_for_usage(data: dict[str, Any]) -> bool:

@@ -80,6 +80,8 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
     config = dataclasses.replace(config, api_keys=())
     pid = os.getpid()
     metrics_dir, owns, source = _metrics_dir(environ, config)
+    # The workers (which inherit this Config) write and read the directory chosen here.
+    config = dataclasses.replace(config, prometheus_multiproc_dir=metrics_dir)
     _current = Settings(
         config=config,
         keys=keys,
@@ -106,19 +108,18 @@ def _metrics_dir(environ: MutableMapping[str, str], config: Config) -> tuple[Pat
     An operator's PROMETHEUS_MULTIPROC_DIR is honoured (and left in place on exit); else
     `$RUNTIME_DIRECTORY/metrics.<INSTANCE_NAME>` (systemd); else a new private directory with an
     unpredictable name (`tempfile.mkdtemp`, mode 0700). The last two are removed when the master
-    exits, a failed start included. Returns (path, removed on exit, what named it).
+    exits, a failed start included. Returns (path, removed on exit, what named it). The path is
+    written to `environ` (prometheus_client reads it there, once, when it is first imported).
     """
     global _removable_dir
     if _current is not None:  # a HUP reload keeps the directory and what it holds
         return _current.metrics_dir, _current.owns_metrics_dir, _current.metrics_dir_source
-    preset = environ.get("PROMETHEUS_MULTIPROC_DIR")
-    if preset:
-        path, owns, source = Path(preset), False, "PROMETHEUS_MULTIPROC_DIR"
-    elif environ.get("RUNTIME_DIRECTORY"):
-        runtime = environ["RUNTIME_DIRECTORY"].split(":")[0]
+    if config.prometheus_multiproc_dir is not None:
+        path, owns, source = config.prometheus_multiproc_dir, False, "PROMETHEUS_MULTIPROC_DIR"
+    elif config.runtime_directory is not None:
         # One per instance: two units sharing a RuntimeDirectory must not fold or wipe each
         # other's files.
-        path = Path(runtime) / f"metrics.{config.instance}"
+        path = config.runtime_directory / f"metrics.{config.instance}"
         owns, source = True, "RUNTIME_DIRECTORY"
     else:
         path = Path(tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.{config.instance}.", suffix=".metrics"))

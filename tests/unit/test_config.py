@@ -161,3 +161,18 @@ def test_env_example_shows_the_defaults():
 def test_whole_numbers_are_plain_ascii_digits(value):
     with pytest.raises(ConfigError):
         Config.from_env({"MAX_REQUEST_SIZE": value})
+
+
+def test_config_is_the_only_reader_of_the_environment():
+    """No module but edge/config.py reads an environment variable. The master hands os.environ
+    to Config.from_env and writes PROMETHEUS_MULTIPROC_DIR into it (prometheus_client reads it
+    there), nothing else."""
+    package = REPO / "edge"
+    for path in sorted(package.rglob("*.py")):
+        text = path.read_text()
+        if path.name == "config.py" and path.parent == package:
+            continue
+        reads = re.findall(r"getenv|environ(?:\.get|\[[^\]]*\](?!\s*=))", text)
+        assert not reads, f"{path.relative_to(REPO)} reads the environment: {reads}"
+        if path.name != "master.py":
+            assert not re.search(r"\benviron\b", text), path.relative_to(REPO)

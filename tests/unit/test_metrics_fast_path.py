@@ -68,7 +68,7 @@ def test_internals_the_fast_path_uses_are_there(multiprocess):
 def test_fast_writes_are_read_back_exactly_by_prometheus_client(multiprocess):
     from edge.observability.metrics import Metrics
 
-    metrics = Metrics()
+    metrics = Metrics(multiprocess)
     route = "/v1/chat/completions"
     for _ in range(3):
         metrics.in_flight.inc()
@@ -133,7 +133,7 @@ def test_fast_writes_are_read_back_exactly_by_prometheus_client(multiprocess):
 def test_a_forked_child_writes_to_its_own_files(multiprocess):
     from edge.observability.metrics import Metrics
 
-    metrics = Metrics()
+    metrics = Metrics(multiprocess)
     metrics.rate_limited.inc()
     child = os.fork()
     if child == 0:  # pragma: no cover - runs in the child
