@@ -24,10 +24,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from edge.config import Config
 from edge.observability.context import RequestContext
-from edge.upstream import breaker as cb
+from edge.routing import breaker as cb
+from edge.routing.providers import Providers, parse
+from edge.routing.router import Router
 from edge.upstream.client import UpstreamResponse
-from edge.upstream.providers import Providers, parse
-from edge.upstream.router import Router
 
 TARGET_ADDED_US = 20.0
 BODY = (

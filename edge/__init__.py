@@ -4,9 +4,9 @@ Architecture: the process model and one request's path, with the module that own
 
     systemd ─ gunicorn master ............ edge.server.master (gunicorn.conf.py's hooks): reads
       │                                    and validates the Config (edge.config), loads the keys
-      │                                    (edge.auth) and providers (edge.upstream.providers),
+      │                                    (edge.auth) and providers (edge.routing.providers),
       │                                    creates the shared-memory tables (edge.ratelimit.shm,
-      │                                    edge.upstream.breaker) and the metrics directory, folds
+      │                                    edge.routing.breaker) and the metrics directory, folds
       │                                    dead workers' metric files (edge.observability.
       │                                    metric_files), cleans up on exit
       ├─ worker ........................... edge.server.worker: uvicorn (or, for h2, gunicorn's
@@ -21,9 +21,9 @@ Architecture: the process model and one request's path, with the module that own
       → endpoint (edge.endpoints.openai, .passthrough, .anthropic, .health, .metrics); the
         forwarding ones share edge.endpoints.exchange (body rules: .body)
           → token reservation (edge.ratelimit.tokens)
-          → route to providers (edge.upstream.router, .breaker) → exchange (edge.upstream.client;
+          → route to providers (edge.routing.router, .breaker) → exchange (edge.upstream.client;
             SSE relayed as whole events: edge.upstream.sse) or the built-in mock (.mock); what
-            the exchange came to is one UpstreamOutcome (edge.upstream.outcome), which the router
+            the exchange came to is one UpstreamOutcome (edge.routing.outcome), which the router
             records on the request context once
       → response: metrics (edge.observability.metrics), one access line (.logs), both reading
         the recorded outcome

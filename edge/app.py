@@ -91,14 +91,14 @@ def create_app(
     `keys` is the KeyStore loaded by the gunicorn master (so a bad keys file stops the start,
     not a worker); when None it is loaded here. `limiter_factory` opens the rate limiter in
     the worker at startup (and it is closed at shutdown); without one, a process-local table
-    is used (tests, a single process). `providers` (edge.upstream.providers.Providers) are those
+    is used (tests, a single process). `providers` (edge.routing.providers.Providers) are those
     the master validated; when None they are loaded here from PROVIDERS_FILE or UPSTREAM_URL.
     `breakers_factory` attaches the host-wide breaker table at startup; without one, breakers
     are process-local. `clock` drives the process-local limiter (tests pass a fake one).
     """
-    from edge.upstream.breaker import LocalBreakers
-    from edge.upstream.providers import load_for
-    from edge.upstream.router import Router
+    from edge.routing.breaker import LocalBreakers
+    from edge.routing.providers import load_for
+    from edge.routing.router import Router
 
     if providers is None:
         providers = load_for(config)
@@ -184,7 +184,7 @@ def _model_labels(providers: Any) -> Callable[[str], str] | None:
     names of their own. None with UPSTREAM_URL: the upstream decides which names exist (usage
     comes only with its answers), and the first MAX_MODEL_LABELS per worker are kept."""
     if providers is None:
-        from edge.upstream.mock import MOCK_MODELS
+        from edge.routing.mock import MOCK_MODELS
 
         names = frozenset(MOCK_MODELS)
     elif providers.from_file:

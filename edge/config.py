@@ -491,7 +491,7 @@ class Config:
     upstream_api_key_file: Path | None
     upstream_connect_timeout_s: float
     upstream_pool_size: int
-    # Providers and model routing (edge.upstream.providers); overrides UPSTREAM_URL when set
+    # Providers and model routing (edge.routing.providers); overrides UPSTREAM_URL when set
     providers_file: Path | None
     # Authentication
     auth_enabled: bool

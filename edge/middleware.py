@@ -25,11 +25,11 @@ import falcon
 from edge.auth import KeyStore, presented_key, unauthorized
 from edge.config import Config
 from edge.endpoints.routes import UNMATCHED, Endpoint
+from edge.endpoints.stream import ResponseStream
 from edge.errors import RateLimited
 from edge.observability.context import RequestContext, request_id_var, sane_request_id, trace_id_var
 from edge.observability.logs import log_access
 from edge.ratelimit import Decision, RateLimiter, headers
-from edge.upstream.stream import ResponseStream
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
@@ -167,7 +167,7 @@ class EdgeMiddleware:
     ) -> None:
         now = time.perf_counter()
         total = now - ctx.start
-        upstream = ctx.upstream  # the recorded outcome (edge.upstream.outcome), if it went upstream
+        upstream = ctx.upstream  # the recorded outcome (edge.routing.outcome), if it went upstream
         overhead = total if upstream is None else max(0.0, total - upstream.waited_s)
         path = req.path
         metrics = self._metrics

@@ -23,7 +23,7 @@ class Runtime:
         self.tokens: Any = None  # edge.ratelimit.tokens.TokenLimiter when rate limiting is on
         self._limiter_factory = limiter_factory
         self.started = False
-        self.router: Any = None  # edge.upstream.router.Router; None: the built-in mock answers
+        self.router: Any = None  # edge.routing.router.Router; None: the built-in mock answers
         self.breakers_factory: Any = None  # attaches the host-wide breaker table after fork
 
     @property

@@ -27,7 +27,7 @@ from edge.endpoints.exchange import (
 from edge.errors import ANTHROPIC, ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import MESSAGES, Reservation
-from edge.upstream import mock
+from edge.routing import mock
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime

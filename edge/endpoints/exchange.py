@@ -14,14 +14,14 @@ from edge.endpoints.body import (
     parse_json_object,
     read_body,
 )
+from edge.endpoints.stream import ResponseStream
 from edge.errors import OPENAI, ApiError, BadGateway, envelope, stream_error_event
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt, Reservation
+from edge.routing.router import Router
 from edge.server.disconnect import unless_client_leaves
 from edge.upstream.client import UpstreamResponse, relay
-from edge.upstream.router import Router
-from edge.upstream.stream import ResponseStream
-from edge.upstream.usage_events import watch_usage
+from edge.usage import watch_usage
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime

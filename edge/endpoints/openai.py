@@ -10,12 +10,12 @@ from edge.endpoints.body import (
     validate_chat,
     validate_completion,
 )
+from edge.endpoints.stream import ResponseStream
 from edge.errors import ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import CHAT, COMPLETION, Reservation, ask_for_usage
+from edge.routing import mock
 from edge.server.disconnect import unless_client_leaves
-from edge.upstream import mock
-from edge.upstream.stream import ResponseStream
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime

@@ -24,9 +24,9 @@ from edge.endpoints.openai import model_object
 from edge.errors import ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt
+from edge.routing import mock
+from edge.routing.router import ModelNotFound
 from edge.server.disconnect import unless_client_leaves
-from edge.upstream import mock
-from edge.upstream.router import ModelNotFound
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime

@@ -1,7 +1,7 @@
 """Per-request context: request id, W3C trace context, timings, and what later stages learn.
 
 What the upstream exchange came to is not written here field by field: the router records the
-request's one `UpstreamOutcome` (edge.upstream.outcome) with `record_upstream`, and readers
+request's one `UpstreamOutcome` (edge.routing.outcome) with `record_upstream`, and readers
 (metrics, the access line) read `ctx.upstream`.
 
 The request id lives in a ContextVar as well as on the context object: uvicorn runs each
@@ -21,7 +21,7 @@ from hashlib import blake2b
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:  # recorded here, produced by the upstream layer
-    from edge.upstream.outcome import UpstreamOutcome
+    from edge.routing.outcome import UpstreamOutcome
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
 trace_id_var: ContextVar[str | None] = ContextVar("trace_id", default=None)
@@ -157,7 +157,7 @@ class RequestContext:
         self.tracestate: str | None = None
 
     def record_upstream(self, outcome: UpstreamOutcome) -> None:
-        """The one place a request learns its upstream outcome (edge.upstream.outcome).
+        """The one place a request learns its upstream outcome (edge.routing.outcome).
 
         Recorded once, when the router starts the exchange: the upstream layer goes on filling
         the same object (a stream's later reads too), so a request cut short by its client

@@ -126,7 +126,7 @@ def log_access(
     writer = _access
     if not writer.logger.isEnabledFor(logging.INFO):
         return
-    upstream = ctx.upstream  # the recorded outcome (edge.upstream.outcome), if it went upstream
+    upstream = ctx.upstream  # the recorded outcome (edge.routing.outcome), if it went upstream
     # The whole line in its final order (level, logger, message, the fields, timestamp), built
     # once.
     line = {

@@ -24,8 +24,8 @@ from typing import Any
 from edge.auth import KeyStore
 from edge.config import Config, ConfigError
 from edge.observability import metric_files
+from edge.routing.providers import load_for as load_providers
 from edge.shm import remove_stale, segment_name
-from edge.upstream.providers import load_for as load_providers
 
 log = logging.getLogger("edge.server")
 
@@ -40,7 +40,7 @@ class Settings:
     metrics_dir: Path
     owns_metrics_dir: bool
     metrics_dir_source: str = "PROMETHEUS_MULTIPROC_DIR"  # what named it, for error messages
-    providers: Any = None  # edge.upstream.providers.Providers, or None (the mock answers)
+    providers: Any = None  # edge.routing.providers.Providers, or None (the mock answers)
     breaker_table: str = ""
 
 
@@ -178,7 +178,7 @@ def on_starting(server: Any) -> None:
             SharedTable.create(name, config.rate_limit_slots, **owner).close()
 
         _create_segment("table_name", table_prefix(config), table)
-    from edge.upstream.breaker import SharedBreakers
+    from edge.routing.breaker import SharedBreakers
 
     # Created whatever the providers are now: a HUP may add a PROVIDERS_FILE later.
     _create_segment(

@@ -72,7 +72,7 @@ def worker_app() -> Any:
     breakers = settings.breaker_table
 
     def breakers_factory() -> Any:
-        from edge.upstream.breaker import SharedBreakers
+        from edge.routing.breaker import SharedBreakers
 
         return SharedBreakers.attach(breakers)
 

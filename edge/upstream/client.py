@@ -6,7 +6,7 @@ key, the request id and the trace context. The client's Authorization, x-api-key
 therefore cannot reach the upstream. Upstream URLs come from configuration only.
 
 What an exchange came to (the time spent waiting on the upstream, a failure's kind, a refused
-key's status) goes into the `UpstreamOutcome` the caller hands in (edge.upstream.outcome),
+key's status) goes into the `UpstreamOutcome` the caller hands in (edge.routing.outcome),
 never into the request context.
 """
 
@@ -21,6 +21,7 @@ from typing import Any
 from edge.config import Config
 from edge.errors import BadGateway, GatewayTimeout, stream_error_event
 from edge.observability.context import RequestContext
+from edge.routing.outcome import UpstreamOutcome
 from edge.server.disconnect import close_on_hang_up
 from edge.upstream.http1 import (
     Connection,
@@ -31,7 +32,6 @@ from edge.upstream.http1 import (
     UpstreamError,
     request_head,
 )
-from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.sse import EventSplitter, EventTooLarge
 
 log = logging.getLogger("edge.upstream")
@@ -95,7 +95,7 @@ class Upstream:
     """The worker's one connection pool, shared by every provider.
 
     `call` and `open_stream` go to the UPSTREAM_URL provider unless given a `provider`
-    (edge.upstream.providers.Provider) and, for a failover attempt, a shorter `timeout_s`.
+    (edge.routing.providers.Provider) and, for a failover attempt, a shorter `timeout_s`.
     `ctx` gives the headers (request id, trace context); what the exchange came to goes into
     `outcome`.
     """

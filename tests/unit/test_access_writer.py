@@ -12,7 +12,7 @@ import pytest
 
 from edge.observability import logs
 from edge.observability.context import RequestContext
-from edge.upstream.outcome import UpstreamOutcome
+from edge.routing.outcome import UpstreamOutcome
 
 
 def context(request_id: str) -> RequestContext:

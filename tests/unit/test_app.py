@@ -223,7 +223,7 @@ def test_bad_bodies(app_client, body, status, param):
 
 
 def test_unexpected_exception_is_500_without_internals(app_client, monkeypatch):
-    from edge.upstream import mock
+    from edge.routing import mock
 
     def explode(*args, **kwargs):
         raise RuntimeError("internal detail /secret/path")

@@ -7,9 +7,9 @@ import uuid
 
 import pytest
 
+from edge.routing import breaker as cb
+from edge.routing.providers import BreakerPolicy
 from edge.shm import unlink
-from edge.upstream import breaker as cb
-from edge.upstream.providers import BreakerPolicy
 
 POLICY = BreakerPolicy(failure_threshold=3, timeout_s=10.0, success_threshold=2, half_open_max=2)
 

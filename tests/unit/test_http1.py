@@ -636,8 +636,8 @@ def test_an_unreachable_first_address_does_not_use_up_the_connect_timeout():
 def test_a_get_on_a_reused_connection_the_upstream_dropped_is_sent_again():
     from edge.config import Config
     from edge.observability.context import RequestContext
+    from edge.routing.outcome import UpstreamOutcome
     from edge.upstream.client import Upstream as Client
-    from edge.upstream.outcome import UpstreamOutcome
 
     async def main() -> None:
         # the second request finds its (reused) connection closed without an answer

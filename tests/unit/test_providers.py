@@ -12,9 +12,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from edge.config import ConfigError
-from edge.upstream import providers as pv
-from edge.upstream.breaker import LocalBreakers
-from edge.upstream.router import Router, _rename_scan, backoff, rename_model, retry_after_s
+from edge.routing import providers as pv
+from edge.routing.breaker import LocalBreakers
+from edge.routing.router import Router, _rename_scan, backoff, rename_model, retry_after_s
 
 GOOD = """
 [providers.primary]
@@ -211,7 +211,7 @@ def test_ready_only_while_some_provider_can_serve_and_health_lists_breakers(tmp_
 
     from edge.app import create_app
     from edge.config import Config
-    from edge.upstream import breaker as cb
+    from edge.routing import breaker as cb
 
     load(tmp_path, GOOD)
     config = Config.from_env(

@@ -9,10 +9,10 @@ import json
 import pytest
 
 from edge.observability.context import RequestContext
+from edge.routing.outcome import UpstreamOutcome
 from edge.upstream import client as client_module
 from edge.upstream.client import relay
 from edge.upstream.http1 import Disconnected, InvalidResponse
-from edge.upstream.outcome import UpstreamOutcome
 from edge.upstream.sse import EventSplitter
 
 
@@ -129,7 +129,7 @@ def test_the_routers_first_read_goes_through_the_splitter_too():
 
 
 def test_a_relay_closed_before_it_started_is_released_by_its_stream():
-    from edge.upstream.stream import ResponseStream
+    from edge.endpoints.stream import ResponseStream
 
     resp = ScriptedResponse([event(0)])
     stream = ResponseStream(relay(resp, UpstreamOutcome(), None))  # type: ignore[arg-type]

@@ -8,11 +8,11 @@ import pytest
 
 from edge.errors import BadGateway
 from edge.observability.context import RequestContext
-from edge.upstream import breaker as cb
-from edge.upstream import router as router_module
+from edge.routing import breaker as cb
+from edge.routing import router as router_module
+from edge.routing.providers import parse
+from edge.routing.router import Router
 from edge.upstream.client import UpstreamResponse
-from edge.upstream.providers import parse
-from edge.upstream.router import Router
 
 OK = UpstreamResponse(200, b'{"ok":1}', "application/json", {})
 

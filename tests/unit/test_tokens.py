@@ -24,7 +24,7 @@ from edge.ratelimit.tokens import (
     estimate_tokens,
     used_tokens,
 )
-from edge.upstream.usage_events import usage_event, watch_usage
+from edge.usage import usage_event, watch_usage
 
 
 def test_estimate_is_prompt_bytes_over_four_plus_the_output_cap():

@@ -1,5 +1,5 @@
 """One owner per upstream outcome: the router records one UpstreamOutcome on the request, once,
-and the metrics and the access line read exactly what it recorded (edge.upstream.outcome)."""
+and the metrics and the access line read exactly what it recorded (edge.routing.outcome)."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ from edge.errors import BadGateway
 from edge.middleware import EdgeMiddleware
 from edge.observability import logs
 from edge.observability.context import RequestContext
-from edge.upstream import breaker as cb
-from edge.upstream import router as router_module
+from edge.routing import breaker as cb
+from edge.routing import router as router_module
+from edge.routing.outcome import UpstreamOutcome
+from edge.routing.providers import parse
+from edge.routing.router import Router
 from edge.upstream.client import UpstreamResponse
-from edge.upstream.outcome import UpstreamOutcome
-from edge.upstream.providers import parse
-from edge.upstream.router import Router
 
 OK = UpstreamResponse(200, b'{"ok":1}', "application/json", {})
 BAD = UpstreamResponse(502, b'{"error":{}}', "application/json", {})

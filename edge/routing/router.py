@@ -10,7 +10,7 @@ U(0.8, 1.2)), all within one deadline (SERVER_TIMEOUT_SECONDS). A 4xx other than
 client's answer. Nothing is retried once a byte has reached the client: `forward` returns
 before the relay starts.
 
-The router owns the request's `UpstreamOutcome` (edge.upstream.outcome): `forward` and `call`
+The router owns the request's `UpstreamOutcome` (edge.routing.outcome): `forward` and `call`
 create it, record it on the request context once, and fill in the provider, the attempts and
 the status of the answer they return; the client fills in its waiting time and failure kinds.
 """
@@ -29,11 +29,11 @@ import orjson
 
 from edge.errors import ApiError, BadGateway, GatewayTimeout, NotFound, ServiceUnavailable
 from edge.observability.context import RequestContext
-from edge.upstream import breaker as cb
+from edge.routing import breaker as cb
+from edge.routing.outcome import UpstreamOutcome
+from edge.routing.providers import Providers, Target
 from edge.upstream.client import StreamResponse, Upstream, UpstreamResponse, error_kind
 from edge.upstream.http1 import UpstreamError
-from edge.upstream.outcome import UpstreamOutcome
-from edge.upstream.providers import Providers, Target
 
 log = logging.getLogger("edge.router")
 

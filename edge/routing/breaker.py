@@ -33,8 +33,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from edge.routing.providers import BreakerPolicy
 from edge.shm import Segment, Slots
-from edge.upstream.providers import BreakerPolicy
 
 CLOSED, OPEN, HALF_OPEN = 0, 1, 2
 STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
