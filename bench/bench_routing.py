@@ -3,7 +3,7 @@
     python bench/bench_routing.py            # 100k requests per mode
     python bench/bench_routing.py --n 5000   # smoke run
 
-Both modes run the whole `Router.forward` of one request in an event loop, with an upstream
+Both modes run the whole `Router.exchange` of one request in an event loop, with an upstream
 stub that answers at once (so only the gateway's own work is timed): **single** is the
 UPSTREAM_URL case (one target, no breaker), **routing** is a PROVIDERS_FILE model with three
 weighted targets, one renaming the model, and host-wide breakers in a real shared-memory table.
@@ -25,11 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from edge.config import Config
 from edge.observability.context import RequestContext
 from edge.routing import breaker as cb
+from edge.routing.exchange import Call
 from edge.routing.providers import Providers, parse
 from edge.routing.router import Router
+from edge.shm import unlink
 from edge.upstream.client import UpstreamResponse
 
 TARGET_ADDED_US = 20.0
+MODEL = "gpt-4o-mini"
 BODY = (
     b'{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},'
     b'{"role":"user","content":"Say hello in five words, please, and nothing else."}],'
@@ -72,7 +75,7 @@ async def run(router: Router, n: int) -> list[int]:
     for i in range(n):
         started = clock()
         ctx = RequestContext("bench", None)
-        await router.forward(ctx, "POST", "/chat/completions", BODY, "gpt-4o-mini", False)
+        await router.exchange(ctx, Call("openai", "POST", "/chat/completions", BODY, None, MODEL))
         samples[i] = clock() - started
     return samples
 
@@ -107,11 +110,11 @@ def main(argv: list[str] | None = None) -> int:
             loop.close()
     finally:
         shared.close()
-        cb.unlink(name)
+        unlink(name)
     print(f"{args.n} requests per mode, pid {os.getpid()}")
     for label, ordered in results.items():
         p50, p99 = pct(ordered, 0.5), pct(ordered, 0.99)
-        print(f"{label:<8} Router.forward p50 {p50:6.2f} µs   p99 {p99:6.2f} µs")
+        print(f"{label:<8} Router.exchange p50 {p50:6.2f} µs   p99 {p99:6.2f} µs")
     added = pct(results["routing"], 0.5) - pct(results["single"], 0.5)
     added99 = pct(results["routing"], 0.99) - pct(results["single"], 0.99)
     verdict = "OK" if added <= TARGET_ADDED_US else "OVER TARGET"

@@ -335,7 +335,7 @@ def limiter_bench(quick: bool) -> dict | None:
 
 
 def routing_bench(quick: bool) -> dict | None:
-    """bench/bench_routing.py: µs per request of Router.forward, single upstream vs routing."""
+    """bench/bench_routing.py: µs per request of Router.exchange, single upstream vs routing."""
     script = BENCH / "bench_routing.py"
     argv = [PYTHON, str(script), *(["--n", "5000"] if quick else [])]
     try:

@@ -1,8 +1,7 @@
-"""`create_app(config)`: wires the Falcon ASGI app from one Config.
+"""`create_app(config)`: the Falcon ASGI app over one worker's Runtime (edge.runtime, where
+every object is built from the one Config), its route table and its error handlers.
 
-Per-worker resources (the upstream session, the shared rate-limit table, metric files) are
-opened at ASGI lifespan startup, i.e. in the worker after gunicorn forked it, and closed at
-shutdown. Nothing here reads the environment or does I/O at import time.
+Nothing here reads the environment or does I/O at import time.
 """
 
 from __future__ import annotations
@@ -29,9 +28,9 @@ from edge.endpoints.routes import endpoint_table
 from edge.errors import OPENAI, ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.ratelimit.tokens import EMBEDDINGS, RESPONSES
-from edge.runtime import Runtime
+from edge.routing.providers import Providers
+from edge.runtime import HostTables, Runtime
 from edge.server.disconnect import BODY_READY, EdgeRequest
-from edge.upstream.client import Upstream
 
 log = logging.getLogger("edge.app")
 _EVERYTHING = re.compile("")
@@ -81,60 +80,17 @@ def _head_first(receive: Any) -> Any:
 def create_app(
     config: Config,
     keys: KeyStore | None = None,
-    limiter_factory: Any = None,
-    providers: Any = None,
-    breakers_factory: Any = None,
+    providers: Providers | None = None,
+    tables: HostTables | None = None,
     clock: Callable[[], float] = time.monotonic,
 ) -> EdgeApp:
-    """The ASGI app for `config`.
-
-    `keys` is the KeyStore loaded by the gunicorn master (so a bad keys file stops the start,
-    not a worker); when None it is loaded here. `limiter_factory` opens the rate limiter in
-    the worker at startup (and it is closed at shutdown); without one, a process-local table
-    is used (tests, a single process). `providers` (edge.routing.providers.Providers) are those
-    the master validated; when None they are loaded here from PROVIDERS_FILE or UPSTREAM_URL.
-    `breakers_factory` attaches the host-wide breaker table at startup; without one, breakers
-    are process-local. `clock` drives the process-local limiter (tests pass a fake one).
-    """
-    from edge.routing.breaker import LocalBreakers
-    from edge.routing.providers import load_for
-    from edge.routing.router import Router
-
-    if providers is None:
-        providers = load_for(config)
-    if keys is None:
-        keys = KeyStore.load(config)
-    local_limiter = None
-    if config.rate_limit_enabled and limiter_factory is None:
-        from edge.ratelimit.local import LocalRateLimiter
-
-        local_limiter = LocalRateLimiter(
-            config.rate_limit_slots, failure_policy=config.rate_limit_failure_policy, clock=clock
-        )
-    metrics = None
-    if config.enable_metrics:
-        from edge.observability.metrics import Metrics
-
-        metrics = Metrics(config.prometheus_multiproc_dir)
-    upstream = Upstream(config) if providers is not None else None
-    runtime = Runtime(
-        config, metrics, limiter_factory if config.rate_limit_enabled else None, upstream
-    )
-    runtime.limiter = local_limiter
-    if config.rate_limit_enabled and (config.rate_limit_tpm > 0 or keys.any_token_limit()):
-        # Only where a token limit applies: otherwise every request would ask it for nothing.
-        from edge.ratelimit.tokens import TokenLimiter
-
-        runtime.tokens = TokenLimiter(config, runtime, metrics)
-    if providers is not None and upstream is not None:
-        runtime.router = Router(providers, upstream, LocalBreakers(), config.timeout_s, metrics)
-        runtime.breakers_factory = breakers_factory
-        if metrics is not None:
-            metrics.breaker_source = runtime.router.breaker_numbers
-    if metrics is not None:
-        metrics.model_label = _model_labels(providers)
-
+    """The ASGI app for `config`: the worker's objects (`Runtime.build`, which says what the
+    other arguments are) and the route table."""
+    runtime = Runtime.build(config, keys, providers, tables, clock)
     health = Health(runtime)
+    # With ENABLE_METRICS=false, /metrics stays a route that answers 404: the answer is then
+    # the same with or without a key, as for the other public routes.
+    metrics = runtime.metrics
     routes: list[tuple[str, Any, str | None]] = [
         ("/v1/chat/completions", Completions(runtime, chat=True), None),
         ("/v1/completions", Completions(runtime, chat=False), None),
@@ -151,19 +107,15 @@ def create_app(
         ("/health", health, None),
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),
+        ("/metrics", MetricsResource(metrics) if metrics is not None else SwitchedOff(), None),
     ]
-    # With ENABLE_METRICS=false, /metrics stays a route that answers 404: the answer is then
-    # the same with or without a key, as for the other public routes.
-    metrics_resource = MetricsResource(metrics) if metrics is not None else SwitchedOff()
-    routes.append(("/metrics", metrics_resource, None))
-
     # Every decision per endpoint (public, limited, the `route` label) is taken once, here,
     # on the template Falcon matches; see edge.endpoints.routes.
     answers = {
         path: frozenset(map_http_methods(resource, suffix)) for path, resource, suffix in routes
     }
     served = endpoint_table(config, answers, answers)
-    edge = EdgeMiddleware(config, served, keys, runtime, metrics)
+    edge = EdgeMiddleware(config, served, runtime)
 
     app = EdgeApp(request_type=EdgeRequest, middleware=[runtime, edge])
     app.req_options.strip_url_path_trailing_slash = False
@@ -176,22 +128,6 @@ def create_app(
     app.add_error_handler(ApiError, _api_error)
     app.runtime = runtime
     return app
-
-
-def _model_labels(providers: Any) -> Callable[[str], str] | None:
-    """The `model` label of the token metrics: a name this gateway serves (a PROVIDERS_FILE
-    entry, a mock model), anything else `other`, so clients cannot fill the label set with
-    names of their own. None with UPSTREAM_URL: the upstream decides which names exist (usage
-    comes only with its answers), and the first MAX_MODEL_LABELS per worker are kept."""
-    if providers is None:
-        from edge.routing.mock import MOCK_MODELS
-
-        names = frozenset(MOCK_MODELS)
-    elif providers.from_file:
-        names = frozenset(providers.model_names())
-    else:
-        return None
-    return lambda model: model if model in names else "other"
 
 
 def _render(req: Any, resp: Any, error: ApiError) -> None:

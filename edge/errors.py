@@ -93,6 +93,10 @@ class RequestTimeout(ApiError):
     code = "request_timeout"
 
 
+class ModelNotFound(NotFound):
+    code = "model_not_found"
+
+
 class MethodNotAllowed(ApiError):
     status = 405
     type = INVALID_REQUEST

@@ -22,13 +22,13 @@ from typing import TYPE_CHECKING, Any
 
 import falcon
 
-from edge.auth import KeyStore, presented_key, unauthorized
+from edge.auth import presented_key, unauthorized
 from edge.config import Config
 from edge.endpoints.routes import UNMATCHED, Endpoint
-from edge.endpoints.stream import ResponseStream
 from edge.errors import RateLimited
 from edge.observability.context import RequestContext, request_id_var, sane_request_id, trace_id_var
 from edge.observability.logs import log_access
+from edge.pipeline import ResponseStream
 from edge.ratelimit import Decision, RateLimiter, headers
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
@@ -38,23 +38,16 @@ if TYPE_CHECKING:  # the handlers hold the worker's Runtime
 class EdgeMiddleware:
     """Context, authentication and rate limiting, all decided on the matched endpoint."""
 
-    def __init__(
-        self,
-        config: Config,
-        endpoints: dict[str, Endpoint],
-        keys: KeyStore,
-        runtime: Runtime,
-        metrics: Any,
-    ) -> None:
+    def __init__(self, config: Config, endpoints: dict[str, Endpoint], runtime: Runtime) -> None:
         self._tracing = config.enable_tracing
         self._endpoints = endpoints
         self._auth = config.auth_enabled
-        self._keys = keys
+        self._keys = runtime.keys
         self._rpm = config.rate_limit_rpm
         self._burst = config.rate_limit_burst
         self._policy = config.rate_limit_failure_policy
-        self._runtime = runtime
-        self._metrics = metrics
+        self._limiter = runtime.limiter
+        self._metrics = runtime.metrics
 
     # -------------------------------------------------------------- the three steps
 
@@ -78,7 +71,7 @@ class EdgeMiddleware:
             endpoint.check(params)  # 400 for a parameter naming nothing: no token spent
         if endpoint.limited and (req.method in endpoint.methods or not endpoint.methods):
             identity, rpm, burst = self._bucket_of(ctx)
-            limiter: RateLimiter = self._runtime.limiter
+            limiter: RateLimiter = self._limiter
             if limiter.asynchronous:  # Redis: awaited; shm: a plain call, no coroutine
                 decision = await limiter.check_async(identity, rpm, burst)
             else:

@@ -1,30 +1,96 @@
-"""`Runtime`: what one worker holds open, shared by the middleware and the endpoints."""
+"""`Runtime`: what one worker holds, and `Runtime.build`, the one place it is all made.
+
+Everything a worker uses is built here from the one `Config` (and what the master validated:
+the keys, the providers, the names of the host-wide tables): the metrics, the rate limiter
+(shared memory, Redis, or process-local), the token limiter, the breakers, the router and its
+transport. The gunicorn worker builds it after the fork (edge.server.worker), so shared memory
+is attached with the worker's own descriptors; what needs the event loop (the upstream pool,
+the Redis connections) opens at ASGI lifespan startup and closes at shutdown.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
+from edge.auth import KeyStore
 from edge.config import Config
 from edge.observability.logs import flush_access_log
-from edge.ratelimit import RateLimiter
+from edge.routing.breaker import LocalBreakers, SharedBreakers
+from edge.routing.providers import Providers, load_for
+from edge.routing.router import Router
 from edge.upstream.client import Upstream
 
 
+class HostTables(NamedTuple):
+    """The names of the host-wide shared-memory tables the master created (edge.shm)."""
+
+    rate_limit: str
+    breakers: str
+
+
 class Runtime:
-    """What one worker holds open: the upstream session, the limiter, the metrics."""
+    """What one worker holds open, shared by the middleware and the endpoints."""
 
     def __init__(
-        self, config: Config, metrics: Any, limiter_factory: Any, upstream: Upstream | None
+        self,
+        config: Config,
+        keys: KeyStore,
+        router: Router,
+        metrics: Any = None,
+        limiter: Any = None,
+        tokens: Any = None,
+        owns_limiter: bool = False,
     ) -> None:
         self.config = config
-        self.metrics = metrics
-        self.upstream = upstream
-        self.limiter: RateLimiter | None = None
-        self.tokens: Any = None  # edge.ratelimit.tokens.TokenLimiter when rate limiting is on
-        self._limiter_factory = limiter_factory
+        self.keys = keys
+        self.router = router
+        self.upstream = router.upstream  # the transport's pool; None with the built-in mock only
+        self.metrics = metrics  # edge.observability.metrics.Metrics, unless ENABLE_METRICS=false
+        self.limiter = limiter  # edge.ratelimit backend, unless RATE_LIMIT_ENABLED=false
+        self.tokens = tokens  # edge.ratelimit.tokens.TokenLimiter where a token limit applies
+        self._owns_limiter = owns_limiter  # shared memory or Redis: closed at shutdown
         self.started = False
-        self.router: Any = None  # edge.routing.router.Router; None: the built-in mock answers
-        self.breakers_factory: Any = None  # attaches the host-wide breaker table after fork
+
+    @classmethod
+    def build(
+        cls,
+        config: Config,
+        keys: KeyStore | None = None,
+        providers: Providers | None = None,
+        tables: HostTables | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> Runtime:
+        """Every object of one worker. `keys` and `providers` are those the master validated
+        (loaded here when None: a test, a single process). `tables` names the host-wide
+        tables to attach; without them the rate limiter and the breakers are process-local,
+        the limiter's clock being `clock` (tests pass a fake one)."""
+        if keys is None:
+            keys = KeyStore.load(config)
+        if providers is None:
+            providers = load_for(config)
+        metrics = None
+        if config.enable_metrics:
+            from edge.observability.metrics import Metrics
+
+            metrics = Metrics(config.prometheus_multiproc_dir)
+        limiter, owns = _limiter(config, tables, clock)
+        tokens = None
+        if limiter is not None and (config.rate_limit_tpm > 0 or keys.any_token_limit()):
+            # Only where a token limit applies: otherwise every request would ask it for nothing.
+            from edge.ratelimit.tokens import TokenLimiter
+
+            tokens = TokenLimiter(config, limiter, metrics)
+        breakers: Any = (
+            LocalBreakers() if tables is None else SharedBreakers.attach(tables.breakers)
+        )
+        upstream = None if providers.mock else Upstream(config)
+        router = Router(providers, upstream, breakers, config.timeout_s, metrics)
+        if metrics is not None:
+            metrics.breaker_source = router.breaker_numbers
+            metrics.model_label = _model_labels(providers)
+        return cls(config, keys, router, metrics, limiter, tokens, owns)
 
     @property
     def ready(self) -> bool:
@@ -33,13 +99,9 @@ class Runtime:
         return self.upstream is None or self.upstream.ready
 
     async def process_startup(self, scope: Any, event: Any) -> None:
-        if self._limiter_factory is not None and self.limiter is None:
-            self.limiter = self._limiter_factory()
-            start = getattr(self.limiter, "start", None)
-            if start is not None:  # the Redis pool: opened here, in the worker, after fork
-                await start()
-        if self.breakers_factory is not None and self.router is not None:
-            self.router.breakers = self.breakers_factory()
+        start = getattr(self.limiter, "start", None)
+        if start is not None:  # the Redis pool: opened here, on the worker's loop
+            await start()
         if self.upstream is not None:
             await self.upstream.start()
         self.started = True
@@ -48,12 +110,62 @@ class Runtime:
         self.started = False
         if self.upstream is not None:
             await self.upstream.close()
-        if self.limiter is not None and self._limiter_factory is not None:
+        if self._owns_limiter and self.limiter is not None:
             aclose = getattr(self.limiter, "aclose", None)
             if aclose is not None:
                 await aclose()
             self.limiter.close()
             self.limiter = None
-        if self.breakers_factory is not None and self.router is not None:
-            self.router.breakers.close()
+        self.router.breakers.close()
         flush_access_log()  # uvicorn has drained the connections: every access line is out
+
+
+def _limiter(
+    config: Config, tables: HostTables | None, clock: Callable[[], float]
+) -> tuple[Any, bool]:
+    """(the rate limiter, whether it is shared and so closed at shutdown)."""
+    if not config.rate_limit_enabled:
+        return None, False
+    if config.rate_limit_backend == "redis":
+        from edge.ratelimit.redis import RedisRateLimiter, connect
+
+        url = config.redis_url
+        assert url is not None  # Config.from_env requires it with this backend
+        limiter = RedisRateLimiter(
+            lambda: connect(url, config.redis_password, config.rate_limit_redis_timeout_s),
+            prefix=config.redis_key_prefix,
+            timeout_s=config.rate_limit_redis_timeout_s,
+            failure_policy=config.rate_limit_failure_policy,
+        )
+        return limiter, True
+    if tables is not None:
+        from edge.ratelimit import SharedTable, ShmRateLimiter
+
+        shared = ShmRateLimiter(
+            SharedTable.attach(tables.rate_limit),
+            lock_timeout_s=config.rate_limit_lock_timeout_s,
+            failure_policy=config.rate_limit_failure_policy,
+        )
+        return shared, True
+    from edge.ratelimit.local import LocalRateLimiter
+
+    local = LocalRateLimiter(
+        config.rate_limit_slots, failure_policy=config.rate_limit_failure_policy, clock=clock
+    )
+    return local, False
+
+
+def _model_labels(providers: Providers) -> Callable[[str], str] | None:
+    """The `model` label of the token metrics: a name this gateway serves (a PROVIDERS_FILE
+    entry, a mock model), anything else `other`, so clients cannot fill the label set with
+    names of their own. None with UPSTREAM_URL: the upstream decides which names exist (usage
+    comes only with its answers), and the first MAX_MODEL_LABELS per worker are kept."""
+    if providers.mock:
+        from edge.routing.mock import MOCK_MODELS
+
+        names = frozenset(MOCK_MODELS)
+    elif providers.from_file:
+        names = frozenset(providers.model_names())
+    else:
+        return None
+    return lambda model: model if model in names else "other"

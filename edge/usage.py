@@ -1,23 +1,76 @@
-"""The usage chunk of an OpenAI stream, seen on whole SSE events.
+"""What an answer says it used: the token counts of a whole answer or of a stream's events.
 
-With `stream_options.include_usage`, the last data event before `[DONE]` is a chunk with
-`"choices": []` and the request's `usage`. The token limit needs that usage; when the gateway
-asked for it on the client's behalf, the client must not see the extra chunk (clients that did
-not ask can crash on its empty `choices`).
+`record` puts a `usage` object's counts on the request context, whichever API wrote it
+(OpenAI's prompt/completion_tokens, the Responses and Anthropic APIs' input/output_tokens);
+`watcher` finds them in a stream's events as they pass (they feed the token metrics, the access
+line and the token limit's settling).
 
-`usage_event(event)` is the per-event test, written for a splitter that hands over whole events
-(edge/upstream/sse.py when merged). `watch_usage` is a minimal splitter around a byte stream for
-use until then: it holds back only an incomplete trailing event, never a whole stream.
+The usage chunk of an OpenAI stream: with `stream_options.include_usage`, the last data event
+before `[DONE]` is a chunk with `"choices": []` and the request's `usage`. The token limit needs
+that usage; when the gateway asked for it on the client's behalf, the client must not see the
+extra chunk (clients that did not ask can crash on its empty `choices`). `usage_event(event)`
+is the per-event test; `watch_usage` settles on it and hides it, holding back only an incomplete
+trailing event, never a whole stream.
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
+if TYPE_CHECKING:
+    from edge.observability.context import RequestContext
+
 _MARK = b'"usage"'
+
+
+def record(ctx: RequestContext, usage: Any) -> None:
+    """Token counts from `usage` onto the request context. A count absent here keeps its
+    earlier value (Anthropic streams input tokens first and output tokens at the end)."""
+    if isinstance(usage, dict):
+        prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
+        completion = usage.get("completion_tokens", usage.get("output_tokens"))
+        if isinstance(prompt, int) and not isinstance(prompt, bool):
+            ctx.prompt_tokens = prompt
+        if isinstance(completion, int) and not isinstance(completion, bool):
+            ctx.completion_tokens = completion
+
+
+def watcher(ctx: RequestContext) -> Callable[[bytes], None]:
+    """A function that picks `usage` out of each block of a relayed stream.
+
+    Only blocks that mention usage are parsed, and only their `data:` line holding it. The
+    relay hands over whole events only (edge.upstream.sse), so a usage event is never split.
+    """
+
+    def on_block(block: bytes) -> None:
+        # Every data line that mentions usage (several events may share one read: Anthropic's
+        # message_start and message_delta, the Responses API's created and completed).
+        at = block.find(_MARK)
+        while at >= 0:
+            start = block.rfind(b"data:", 0, at)
+            end = block.find(b"\n", at)
+            end = end if end >= 0 else len(block)
+            if start >= 0:
+                _from_line(ctx, block[start + 5 : end])
+            at = block.find(_MARK, end)
+
+    return on_block
+
+
+def _from_line(ctx: RequestContext, line: bytes) -> None:
+    try:
+        event = orjson.loads(line)
+    except orjson.JSONDecodeError:
+        return
+    if isinstance(event, dict):
+        record(ctx, event.get("usage"))
+        for holder in ("response", "message"):  # Responses API, Anthropic message_start
+            inner = event.get(holder)
+            if isinstance(inner, dict):
+                record(ctx, inner.get("usage"))
 
 
 def usage_event(event: bytes) -> dict[str, Any] | None:

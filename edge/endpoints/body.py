@@ -8,14 +8,34 @@ client asked for a stream.
 from __future__ import annotations
 
 import zlib
-from typing import Any
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import orjson
 
 from edge.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
+if TYPE_CHECKING:
+    from edge.observability.context import RequestContext
+    from edge.runtime import Runtime
+
 MAX_MODEL_LENGTH = 256
 MAX_MESSAGES = 100_000
+
+
+async def read_request(
+    req: Any, runtime: Runtime, validate: Callable[[dict[str, Any]], tuple[str | None, bool]]
+) -> tuple[bytes, dict[str, Any], RequestContext]:
+    """A POST's JSON body, read within MAX_REQUEST_SIZE and validated; what it asks for (model,
+    stream) goes on the request context, and its size into the metrics."""
+    check_content_type(req.content_type)
+    body = await read_body(req, runtime.config.max_request_size)
+    data = parse_json_object(body)
+    ctx: RequestContext = req.context.edge
+    ctx.model, ctx.stream = validate(data)
+    if runtime.metrics is not None:
+        runtime.metrics.observe_request_size(ctx.route.template, len(body))
+    return body, data, ctx
 
 
 async def read_body(req: Any, limit: int) -> bytes:

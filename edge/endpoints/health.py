@@ -10,7 +10,7 @@ from edge.errors import ServiceUnavailable
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
-from edge.endpoints.exchange import JSON
+from edge.pipeline import JSON
 
 _HEALTHY = orjson.dumps({"status": "ok"})
 _ALIVE = orjson.dumps({"status": "alive"})
@@ -26,7 +26,7 @@ class Health:
     async def on_get(self, req: Any, resp: Any) -> None:
         self._ready_or_503()
         router = self._runtime.router
-        if router is not None and router.providers.from_file:
+        if router.providers.from_file:
             resp.data = orjson.dumps({"status": "ok", "providers": router.states()})
         else:
             resp.data = _HEALTHY
@@ -49,6 +49,5 @@ class Health:
     def _ready_or_503(self) -> None:
         if not self._runtime.ready:
             raise ServiceUnavailable("Not ready: the upstream session is not open.")
-        router = self._runtime.router
-        if router is not None and not router.can_serve():
+        if not self._runtime.router.can_serve():
             raise ServiceUnavailable("Not ready: no provider can serve any model.")

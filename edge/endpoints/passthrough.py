@@ -10,23 +10,13 @@ from urllib.parse import quote
 
 import orjson
 
-from edge.endpoints.exchange import (
-    JSON,
-    SSE,
-    answered_by_mock,
-    forward,
-    read_request,
-    refund_on_error,
-    reserve_tokens,
-    send_upstream,
-)
+from edge import pipeline
+from edge.endpoints.body import read_request
 from edge.endpoints.openai import model_object
-from edge.errors import ApiError
+from edge.errors import OPENAI
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt
-from edge.routing import mock
-from edge.routing.router import ModelNotFound
-from edge.server.disconnect import unless_client_leaves
+from edge.routing.exchange import Call
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
@@ -38,54 +28,23 @@ class PassThrough:
     """POST /v1/embeddings, /v1/responses and /v1/moderations."""
 
     def __init__(
-        self, runtime: Runtime, path: str, validate: Validator, tokens: Prompt | None
+        self, runtime: Runtime, path: str, validate: Validator, prompt: Prompt | None
     ) -> None:
         self._runtime = runtime
         self._path = path
         self._validate = validate
-        self._tokens = tokens  # where the prompt is, for TPM; None: no token limit (moderations)
+        self._prompt = prompt  # where the prompt is, for TPM; None: no token limit (moderations)
 
     async def on_post(self, req: Any, resp: Any) -> None:
         runtime = self._runtime
         body, data, ctx = await read_request(req, runtime, self._validate)
-        model, stream = ctx.model, ctx.stream
-        reservation = None
-        if self._tokens is not None:
-            reservation = await reserve_tokens(runtime, ctx, resp, data, self._tokens)
-        if reservation is not None:
-            body = orjson.dumps(data)  # as estimated: see reserve_tokens
-        try:
-            if runtime.router is None:
-                self._mock(resp, data, ctx)
-                await answered_by_mock(resp, reservation, ctx)
-                return
-            router, path = runtime.router, self._path
-            await forward(req, resp, ctx, router, path, body, model, stream, reservation)
-        except ApiError as exc:
-            await refund_on_error(reservation, exc)
-            raise
-
-    def _mock(self, resp: Any, data: dict[str, Any], ctx: RequestContext) -> None:
-        model = ctx.model or ""
-        resp.content_type = JSON
-        if self._path == "/embeddings":
-            resp.data, ctx.prompt_tokens = mock.embeddings(data, model)
-        elif self._path == "/moderations":
-            resp.data = mock.moderations(data, model, ctx.request_id)
-        elif ctx.stream:
-            ctx.prompt_tokens, ctx.completion_tokens = mock.response_usage(data)
-            resp.content_type = SSE
-            resp.set_header("cache-control", "no-cache")
-            resp.stream = mock.response_stream(data, model, ctx.request_id)
-        else:
-            resp.data, ctx.prompt_tokens, ctx.completion_tokens = mock.response(
-                data, model, ctx.request_id
-            )
+        call = Call(OPENAI, "POST", self._path, body, data, ctx.model, ctx.stream)
+        await pipeline.run(runtime, req, resp, call, self._prompt)
 
 
 class ModelRetrieve:
     """GET /v1/models/{model_id}: from the configuration with PROVIDERS_FILE (a "*" entry asks
-    its provider), else the upstream's answer, else the mock's list."""
+    its provider), else the upstream's answer (the built-in mock's without one)."""
 
     def __init__(self, runtime: Runtime) -> None:
         self._runtime = runtime
@@ -96,30 +55,11 @@ class ModelRetrieve:
         ctx: RequestContext = req.context.edge
         ctx.model = model_id
         router = self._runtime.router
-        if router is None:
-            body = mock.model(model_id)
-            if body is None:
-                raise _not_found(model_id)
-            resp.data, resp.content_type = body, JSON
-            return
         providers = router.providers
         if providers.from_file and model_id in providers.models:
-            resp.data, resp.content_type = orjson.dumps(model_object(model_id)), JSON
+            resp.data, resp.content_type = orjson.dumps(model_object(model_id)), pipeline.JSON
             return
-        targets = router.targets(model_id, "openai")  # 404 model_not_found if none
-        target = targets[0]
-        upstream_id = target.model or model_id
-        result = await unless_client_leaves(
-            req,
-            router.call(
-                ctx,
-                "GET",
-                "/models/" + quote(upstream_id, safe=""),
-                target.provider if providers.from_file else None,
-            ),
-        )
-        send_upstream(resp, ctx, result)
-
-
-def _not_found(model_id: str) -> ModelNotFound:
-    return ModelNotFound(f"The model '{model_id[:256]}' does not exist.", param="model")
+        target = router.targets(model_id, OPENAI)[0]  # 404 model_not_found if none
+        path = "/models/" + quote(target.model or model_id, safe="")
+        pinned = target.provider if providers.from_file else None
+        await pipeline.run(self._runtime, req, resp, Call(OPENAI, "GET", path, provider=pinned))

@@ -37,19 +37,23 @@ _COUNT_FIELDS = ("n", "best_of")  # completions generated per request
 
 
 class Prompt:
-    """Where an API's request holds its prompt, whether it generates output, and the field
-    that caps that output in this API (written into the request when the client set none)."""
+    """Where an API's request holds its prompt, whether it generates output, the field that
+    caps that output in this API (written into the request when the client set none), and
+    whether its streams report usage only when asked (`stream_options.include_usage`)."""
 
-    __slots__ = ("cap", "fields", "generates")
+    __slots__ = ("asks_usage", "cap", "fields", "generates")
 
-    def __init__(self, *fields: str, cap: str = "", generates: bool = True) -> None:
+    def __init__(
+        self, *fields: str, cap: str = "", generates: bool = True, asks_usage: bool = False
+    ) -> None:
         self.fields = fields
         self.cap = cap
         self.generates = generates
+        self.asks_usage = asks_usage
 
 
-CHAT = Prompt("messages", cap="max_completion_tokens")
-COMPLETION = Prompt("prompt", cap="max_tokens")
+CHAT = Prompt("messages", cap="max_completion_tokens", asks_usage=True)
+COMPLETION = Prompt("prompt", cap="max_tokens", asks_usage=True)
 RESPONSES = Prompt("input", "instructions", cap="max_output_tokens")
 MESSAGES = Prompt("messages", "system", cap="max_tokens")  # Anthropic's Messages API
 EMBEDDINGS = Prompt("input", generates=False)
@@ -161,13 +165,13 @@ def _prompt_size(value: Any) -> tuple[int, int]:
 
 
 class TokenLimiter:
-    """Reserve/settle against the runtime's limiter; one per app."""
+    """Reserve/settle against the worker's rate limiter (the request buckets' backend)."""
 
-    def __init__(self, config: Any, runtime: Any, metrics: Any) -> None:
+    def __init__(self, config: Any, limiter: Any, metrics: Any) -> None:
         self._default_tpm = config.rate_limit_tpm
         self._default_max = config.rate_limit_tpm_default_max_tokens
         self._policy = config.rate_limit_failure_policy
-        self._runtime = runtime
+        self._limiter = limiter
         self._metrics = metrics
 
     def limit_for(self, ctx: Any) -> int:
@@ -185,7 +189,7 @@ class TokenLimiter:
         and the failure policy admitted the request (nothing was taken, nothing to settle).
         """
         tpm = self.limit_for(ctx)
-        limiter = self._runtime.limiter
+        limiter = self._limiter
         if tpm <= 0 or limiter is None:
             return None
         hold_to_estimate(data, where, self._default_max)

@@ -1,5 +1,8 @@
 """The built-in deterministic mock provider, answering when no UPSTREAM_URL is configured.
 
+It is a provider behind the router like any other (`Providers.builtin_mock`, kind "mock"),
+answering every API in process (`MockTransport.exchange`): nothing goes upstream.
+
 Same request, same text: the reply is derived from the request alone, so tests and first-time
 users see stable output. Token counts are whitespace-separated words: rough, but filled in.
 `n` gives n identical choices (1..128, else 400); offered `tools` get a tool call when
@@ -10,12 +13,17 @@ parameters.
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote
 
 import orjson
 
-from edge.errors import BadRequest
+from edge.errors import BadRequest, ModelNotFound
+from edge.routing.exchange import Answer, Call, Events
+
+if TYPE_CHECKING:
+    from edge.observability.context import RequestContext
 
 MOCK_MODELS = ("mock-gpt", "gpt-4o-mini", "gpt-4o")
 _REPLY = "This is a mock response from llm-edge-proxy: no upstream is configured."
@@ -53,17 +61,15 @@ def _usage(prompt: int, completion: int) -> dict[str, int]:
     }
 
 
-def models() -> bytes:
+def models() -> dict[str, Any]:
     created = 1_700_000_000
-    return orjson.dumps(
-        {
-            "object": "list",
-            "data": [
-                {"id": name, "object": "model", "created": created, "owned_by": "llm-edge-proxy"}
-                for name in MOCK_MODELS
-            ],
-        }
-    )
+    return {
+        "object": "list",
+        "data": [
+            {"id": name, "object": "model", "created": created, "owned_by": "llm-edge-proxy"}
+            for name in MOCK_MODELS
+        ],
+    }
 
 
 MAX_N = 128  # the most choices the mock makes (OpenAI's own bound)
@@ -207,8 +213,8 @@ def _arguments(tool: dict[str, Any]) -> str:
     return orjson.dumps(args).decode()
 
 
-def chat(data: dict[str, Any], model: str, request_id: str) -> tuple[bytes, int, int]:
-    """(body, prompt_tokens, completion_tokens) of a chat.completion."""
+def chat(data: dict[str, Any], model: str, request_id: str) -> dict[str, Any]:
+    """A chat.completion."""
     plan = _Plan(data, chat_api=True)
     choices = []
     for index in range(plan.n):
@@ -224,38 +230,30 @@ def chat(data: dict[str, Any], model: str, request_id: str) -> tuple[bytes, int,
         choices.append(
             {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
         )
-    completion_tokens = plan.completion_tokens()
-    body = orjson.dumps(
-        {
-            "id": f"chatcmpl-{request_id}",
-            "object": "chat.completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": choices,
-            "usage": _usage(plan.prompt, completion_tokens),
-        }
-    )
-    return body, plan.prompt, completion_tokens
+    return {
+        "id": f"chatcmpl-{request_id}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": choices,
+        "usage": _usage(plan.prompt, plan.completion_tokens()),
+    }
 
 
-def completion(data: dict[str, Any], model: str, request_id: str) -> tuple[bytes, int, int]:
-    """(body, prompt_tokens, completion_tokens) of a text_completion."""
+def completion(data: dict[str, Any], model: str, request_id: str) -> dict[str, Any]:
+    """A text_completion."""
     plan = _Plan(data, chat_api=False)
-    completion_tokens = plan.completion_tokens()
-    body = orjson.dumps(
-        {
-            "id": f"cmpl-{request_id}",
-            "object": "text_completion",
-            "created": int(time.time()),
-            "model": model,
-            "choices": [
-                {"index": index, "text": plan.text, "logprobs": None, "finish_reason": "stop"}
-                for index in range(plan.n)
-            ],
-            "usage": _usage(plan.prompt, completion_tokens),
-        }
-    )
-    return body, plan.prompt, completion_tokens
+    return {
+        "id": f"cmpl-{request_id}",
+        "object": "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [
+            {"index": index, "text": plan.text, "logprobs": None, "finish_reason": "stop"}
+            for index in range(plan.n)
+        ],
+        "usage": _usage(plan.prompt, plan.completion_tokens()),
+    }
 
 
 def _sse(payload: dict[str, Any]) -> bytes:
@@ -264,7 +262,7 @@ def _sse(payload: dict[str, Any]) -> bytes:
 
 def stream(
     data: dict[str, Any], model: str, request_id: str, chat_api: bool
-) -> tuple[int, int, AsyncIterator[bytes]]:
+) -> tuple[int, int, AsyncGenerator[bytes, None]]:
     """(prompt tokens, completion tokens, the SSE events) of a streamed answer. Raises
     BadRequest for what the mock cannot answer, so before the stream starts.
 
@@ -282,7 +280,7 @@ def stream(
 
 async def _events(
     plan: _Plan, model: str, request_id: str, chat_api: bool, usage: bool
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     created = int(time.time())
     if chat_api:
         base = {
@@ -354,13 +352,16 @@ MAX_MOCK_DIMENSIONS = 8192
 MAX_MOCK_VALUES = 1 << 18
 
 
-def model(model_id: str) -> bytes | None:
+def model(model_id: str) -> dict[str, Any] | None:
     """One model object (GET /v1/models/{id}), or None when the mock does not serve it."""
     if model_id not in MOCK_MODELS:
         return None
-    return orjson.dumps(
-        {"id": model_id, "object": "model", "created": 1_700_000_000, "owned_by": "llm-edge-proxy"}
-    )
+    return {
+        "id": model_id,
+        "object": "model",
+        "created": 1_700_000_000,
+        "owned_by": "llm-edge-proxy",
+    }
 
 
 def _vector(text: str, dimensions: int) -> list[float]:
@@ -382,8 +383,8 @@ def _vector(text: str, dimensions: int) -> list[float]:
     return [v / norm for v in values]
 
 
-def embeddings(data: dict[str, Any], model_name: str) -> tuple[bytes, int]:
-    """(body, prompt_tokens) of an embeddings list, honouring encoding_format and dimensions."""
+def embeddings(data: dict[str, Any], model_name: str) -> dict[str, Any]:
+    """An embeddings list, honouring encoding_format and dimensions."""
     import array
     import base64
 
@@ -414,15 +415,12 @@ def embeddings(data: dict[str, Any], model_name: str) -> tuple[bytes, int]:
                 raise RuntimeError("float32 array expected")
             embedding = base64.b64encode(packed.tobytes()).decode("ascii")
         out.append({"object": "embedding", "index": index, "embedding": embedding})
-    body = orjson.dumps(
-        {
-            "object": "list",
-            "data": out,
-            "model": model_name,
-            "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
-        }
-    )
-    return body, tokens
+    return {
+        "object": "list",
+        "data": out,
+        "model": model_name,
+        "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
+    }
 
 
 _MODERATION_CATEGORIES = (
@@ -432,7 +430,7 @@ _MODERATION_CATEGORIES = (
 )  # fmt: skip
 
 
-def moderations(data: dict[str, Any], model_name: str, request_id: str) -> bytes:
+def moderations(data: dict[str, Any], model_name: str, request_id: str) -> dict[str, Any]:
     items = data.get("input")
     inputs = items if isinstance(items, list) else [items]
     result = {
@@ -441,9 +439,7 @@ def moderations(data: dict[str, Any], model_name: str, request_id: str) -> bytes
         "category_scores": dict.fromkeys(_MODERATION_CATEGORIES, 0.0),
         "category_applied_input_types": {name: ["text"] for name in _MODERATION_CATEGORIES},
     }
-    return orjson.dumps(
-        {"id": f"modr-{request_id}", "model": model_name, "results": [result for _ in inputs]}
-    )
+    return {"id": f"modr-{request_id}", "model": model_name, "results": [result for _ in inputs]}
 
 
 def _response_object(
@@ -502,21 +498,20 @@ def _response_text(data: dict[str, Any]) -> str:
     return _reply(_words(data.get("input")) + _words(data.get("instructions")))
 
 
-def response(data: dict[str, Any], model_name: str, request_id: str) -> tuple[bytes, int, int]:
-    """(body, input_tokens, output_tokens) of a Responses-API `response` object."""
-    obj = _response_object(data, model_name, request_id, "completed", _response_text(data))
-    usage = obj["usage"]
-    return orjson.dumps(obj), usage["input_tokens"], usage["output_tokens"]
+def response(data: dict[str, Any], model_name: str, request_id: str) -> dict[str, Any]:
+    """A Responses-API `response` object."""
+    return _response_object(data, model_name, request_id, "completed", _response_text(data))
 
 
-def response_usage(data: dict[str, Any]) -> tuple[int, int]:
+def response_usage(data: dict[str, Any]) -> dict[str, int]:
     text = _response_text(data)
-    return _words(data.get("input")) + _words(data.get("instructions")), len(text.split())
+    prompt = _words(data.get("input")) + _words(data.get("instructions"))
+    return {"input_tokens": prompt, "output_tokens": len(text.split())}
 
 
 async def response_stream(
     data: dict[str, Any], model_name: str, request_id: str
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """The Responses API's streamed events, in its order, ending with response.completed."""
     sequence = 0
 
@@ -545,3 +540,98 @@ async def response_stream(
     yield event("response.output_item.done", {"output_index": 0, "item": done})
     final = _response_object(data, model_name, request_id, "completed", text)
     yield event("response.completed", {"response": final})
+
+
+# ------------------------------------------------------------------ Anthropic's Messages API
+
+
+def message(data: dict[str, Any], model_name: str, request_id: str) -> dict[str, Any]:
+    """An Anthropic `message`."""
+    prompt = _words(data.get("messages")) + _words(data.get("system"))
+    text = _reply(prompt)
+    return {
+        "id": f"msg_{request_id}",
+        "type": "message",
+        "role": "assistant",
+        "model": model_name,
+        "content": [{"type": "text", "text": text}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt, "output_tokens": len(text.split())},
+    }
+
+
+async def message_stream(whole: dict[str, Any]) -> AsyncGenerator[bytes, None]:
+    """Anthropic's streamed events for the message `whole`, in its grammar."""
+
+    def event(kind: str, payload: dict[str, Any]) -> bytes:
+        return b"event: " + kind.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
+
+    usage = whole["usage"]
+    text = whole["content"][0]["text"]
+    start = {**whole, "content": [], "stop_reason": None,
+             "usage": {"input_tokens": usage["input_tokens"], "output_tokens": 0}}  # fmt: skip
+    yield event("message_start", {"type": "message_start", "message": start})
+    block = {"type": "text", "text": ""}
+    yield event("content_block_start", {"type": "content_block_start", "index": 0,
+                                        "content_block": block})  # fmt: skip
+    for index, word in enumerate(text.split(" ")):
+        delta = {"type": "text_delta", "text": word if index == 0 else " " + word}
+        yield event("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                            "delta": delta})  # fmt: skip
+    yield event("content_block_stop", {"type": "content_block_stop", "index": 0})
+    yield event("message_delta", {"type": "message_delta",
+                                  "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+                                  "usage": {"output_tokens": usage["output_tokens"]}})  # fmt: skip
+    yield event("message_stop", {"type": "message_stop"})
+
+
+# ------------------------------------------------------------------ the provider
+
+_JSON = "application/json"
+
+
+def _answer(obj: dict[str, Any], status: int = 200) -> Answer:
+    return Answer(status, orjson.dumps(obj), _JSON, {}, obj)
+
+
+class MockTransport:
+    """The mock as the router sees it: a call in, one exchange out, nothing upstream."""
+
+    async def exchange(self, ctx: RequestContext, call: Call) -> Answer | Events:
+        path, data, request_id = call.path, call.data or {}, ctx.request_id
+        model_name = call.model or ""
+        if call.method == "GET":
+            if path == "/models":
+                return _answer(models())
+            model_id = unquote(path.removeprefix("/models/"))
+            found = model(model_id)
+            if found is None:
+                missing = ModelNotFound(
+                    f"The model '{model_id[:256]}' does not exist.", param="model"
+                )
+                return _answer(orjson.loads(missing.body()), 404)
+            return _answer(found)
+        if path in ("/chat/completions", "/completions"):
+            chat_api = path == "/chat/completions"
+            if call.stream:
+                prompt, output, source = stream(data, model_name, request_id, chat_api)
+                usage = {"prompt_tokens": prompt, "completion_tokens": output}
+                return Events(source, usage=usage)
+            build = chat if chat_api else completion
+            return _answer(build(data, model_name, request_id))
+        if path == "/embeddings":
+            return _answer(embeddings(data, model_name))
+        if path == "/moderations":
+            return _answer(moderations(data, model_name, request_id))
+        if path == "/responses":
+            if call.stream:
+                source = response_stream(data, model_name, request_id)
+                return Events(source, usage=response_usage(data))
+            return _answer(response(data, model_name, request_id))
+        if path == "/messages":
+            whole = message(data, model_name, request_id)
+            if call.stream:
+                return Events(message_stream(whole), usage=whole["usage"])
+            return _answer(whole)
+        raise AssertionError(f"the mock has no answer for {path}")  # pragma: no cover

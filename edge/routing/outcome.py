@@ -1,22 +1,18 @@
-"""`UpstreamOutcome`: what one request's upstream exchange came to, with one owner.
+"""`UpstreamOutcome`: what one request's upstream exchange came to.
 
-The router creates one outcome per forwarded request (`Router.forward`, or `Router.call` for a
-single exchange without failover) and records it on the request context at once, in one place:
-`RequestContext.record_upstream`. From then on the request reads the upstream facts only
-through it, as `ctx.upstream` (edge.middleware's metrics, the access line of
-edge.observability.logs); the context has no upstream fields of its own to write.
+The router creates one outcome per routed request (`Router.exchange`) and records it on the
+request context at once, in one place: `RequestContext.record_upstream`. From then on the
+request reads the upstream facts only through it, as `ctx.upstream` (edge.middleware's
+metrics, the access line of edge.observability.logs); the context has no upstream fields of its
+own to write.
 
-The upstream layer fills the outcome it was handed, and nothing else:
+It is written through its methods only, by Layer 2 and the transport below it:
 
-- `Router` sets `provider` and `attempts` per attempt, clears `error` when an attempt starts,
-  and sets `status` from the answer it returns;
-- `Upstream.call` / `open_stream` (edge.upstream.client) add the time spent waiting on the
-  upstream to `waited_s` and name a failure in `error` (a refused key also sets `status`);
-- the router's first-event wait and `relay` (a stream's later reads and mid-stream failures)
-  do the same, since a stream keeps waiting on the upstream after the router returned.
-
-The one exception outside the upstream layer: the endpoint that parses a success answer
-(edge.endpoints.exchange.send_upstream) marks one that is not a JSON object `invalid`.
+- the router (edge.routing.router) starts each `attempt` at a provider and records the
+  `answered` status of the answer it passes on, or that the answer was `failed` (invalid);
+- the transport (edge.upstream.client: an exchange, a stream's later reads and mid-stream
+  failures) adds the time it `waited` on the upstream and names a failure (`failed`; a refused
+  key also sets the status).
 """
 
 from __future__ import annotations
@@ -33,3 +29,29 @@ class UpstreamOutcome:
         self.waited_s = 0.0  # time spent waiting on the upstream: not the gateway's overhead
         self.provider: str | None = None  # the configured provider that answered (or last tried)
         self.attempts = 0  # upstream attempts made (failover retries included)
+
+    def attempt(self, provider: str) -> None:
+        """An attempt at `provider` starts: the previous attempt's failure is no longer the
+        request's."""
+        self.attempts += 1
+        self.provider = provider
+        self.error = None
+
+    def answered(self, status: int, provider: str | None = None) -> None:
+        """The answer passed on has this status (an upstream error passed on included), from
+        `provider` when it is named here (an exchange without routing: no attempt counted)."""
+        self.status = status
+        self.error = None
+        if provider is not None:
+            self.provider = provider
+
+    def failed(self, kind: str, status: int | None = None) -> None:
+        """The exchange failed: `kind` names how (bounded: see `error`); `status` when the
+        upstream answered one that the gateway did not pass on (a refused key)."""
+        self.error = kind
+        if status is not None:
+            self.status = status
+
+    def waited(self, seconds: float) -> None:
+        """Time spent waiting on the upstream (counted out of the gateway's overhead)."""
+        self.waited_s += seconds

@@ -1,4 +1,5 @@
-"""Providers and model routes: PROVIDERS_FILE (TOML), or the one-provider UPSTREAM_URL case.
+"""Providers and model routes: PROVIDERS_FILE (TOML), the one-provider UPSTREAM_URL case, or
+neither: the built-in mock (edge.routing.mock) as the one provider of every model.
 
 Loaded and validated in the gunicorn master (and again on HUP: a file that no longer validates
 is refused and the running one stays). A problem raises ConfigError("PROVIDERS_FILE", ...)
@@ -23,7 +24,8 @@ from edge.config import (
 )
 
 VARIABLE = "PROVIDERS_FILE"
-KINDS = ("openai", "anthropic")
+KINDS = ("openai", "anthropic")  # the wire format a provider speaks (edge.errors OPENAI, ...)
+MOCK = "mock"  # the kind of the built-in mock: it speaks every API; never in a file
 STRATEGIES = ("weighted", "priority", "least-busy")
 WILDCARD = "*"
 MAX_PROVIDERS = 64
@@ -96,6 +98,23 @@ class Providers:
     def model_names(self) -> list[str]:
         return [name for name in self.models if name != WILDCARD]
 
+    @property
+    def default(self) -> Provider:
+        """The provider of an exchange no model routes (GET /v1/models without a file)."""
+        return next(iter(self.providers.values()))
+
+    @property
+    def mock(self) -> bool:
+        """Whether the built-in mock answers (no PROVIDERS_FILE, no UPSTREAM_URL)."""
+        return self.default.kind == MOCK
+
+    @classmethod
+    def builtin_mock(cls) -> Providers:
+        """No upstream configured: the built-in mock serves every model."""
+        provider = Provider(MOCK, "", kind=MOCK)
+        routing = Routing(fallback_enabled=False, max_retries=0, breakers_enabled=False)
+        return cls({MOCK: provider}, {WILDCARD: (Target(provider, None),)}, routing, False)
+
     @classmethod
     def single(cls, config: Config) -> Providers:
         """UPSTREAM_URL / UPSTREAM_API_KEY: one provider serving every model, no breaker."""
@@ -109,13 +128,13 @@ class Providers:
         )
 
 
-def load_for(config: Config) -> Providers | None:
-    """The providers of this config: the file, else UPSTREAM_URL, else None (the mock)."""
+def load_for(config: Config) -> Providers:
+    """The providers of this config: the file, else UPSTREAM_URL, else the built-in mock."""
     if config.providers_file is not None:
         return load_file(config.providers_file)
     if config.upstream_url is not None:
         return Providers.single(config)
-    return None
+    return Providers.builtin_mock()
 
 
 def load_file(path: Path) -> Providers:

@@ -1,18 +1,27 @@
 """Model routing and failover: which provider answers, and trying the next one when it fails.
 
-The endpoint validates the body and calls `Router.forward`. The router orders the model's
-targets by the strategy (weighted | priority | least-busy), skips providers whose host-wide
-breaker is open or that are cooling down after a retry-after (a cooling provider is still
-tried when nothing else is left), and tries targets until one answers. A failure is a connect
-error, a timeout before the answer (or, for a stream, before the first event), a 5xx or a 429;
-it is retried on another target after a jittered backoff (Bifrost's min(0.5 s·2^n, 5 s) times
+The request pipeline (edge.pipeline) hands the router a `Call` (edge.routing.exchange) and gets
+one exchange back: a whole answer, or `Events` that report their own verdict to the breaker
+when they end. Nothing above this module calls the transport or a breaker.
+
+The router orders the model's targets by the strategy (weighted | priority | least-busy), skips
+providers whose host-wide breaker is open or that are cooling down after a retry-after (a
+cooling provider is still tried when nothing else is left), and tries targets until one
+answers. A failure is a connect error, a timeout before the answer (or, for a stream, before
+the first event), a 5xx, a 429, or a success that is not a JSON object (`invalid`); it is
+retried on another target after a jittered backoff (Bifrost's min(0.5 s·2^n, 5 s) times
 U(0.8, 1.2)), all within one deadline (SERVER_TIMEOUT_SECONDS). A 4xx other than 429 is the
-client's answer. Nothing is retried once a byte has reached the client: `forward` returns
+client's answer. Nothing is retried once a byte has reached the client: `exchange` returns
 before the relay starts.
 
-The router owns the request's `UpstreamOutcome` (edge.routing.outcome): `forward` and `call`
-create it, record it on the request context once, and fill in the provider, the attempts and
-the status of the answer they return; the client fills in its waiting time and failure kinds.
+The built-in mock (edge.routing.mock) is a provider like the others as far as the endpoints
+know; nothing goes upstream for it, so it records no upstream outcome. The adapters that will
+translate between the client's API and a provider of another kind plug in at one place,
+`_attempt`, between choosing a target and calling the transport.
+
+The router owns the request's `UpstreamOutcome` (edge.routing.outcome): `exchange` creates it,
+records it on the request context once, and fills in the attempts and the status of the answer
+it returns; the transport fills in its waiting time and failure kinds.
 """
 
 from __future__ import annotations
@@ -27,12 +36,21 @@ from typing import Any
 
 import orjson
 
-from edge.errors import ApiError, BadGateway, GatewayTimeout, NotFound, ServiceUnavailable
+from edge.errors import (
+    ApiError,
+    BadGateway,
+    GatewayTimeout,
+    ModelNotFound,
+    ServiceUnavailable,
+    stream_error_event,
+)
 from edge.observability.context import RequestContext
 from edge.routing import breaker as cb
+from edge.routing.exchange import Call, Events
+from edge.routing.mock import MockTransport
 from edge.routing.outcome import UpstreamOutcome
-from edge.routing.providers import Providers, Target
-from edge.upstream.client import StreamResponse, Upstream, UpstreamResponse, error_kind
+from edge.routing.providers import MOCK, Providers, Target
+from edge.upstream.client import StreamResponse, Upstream, UpstreamResponse, error_kind, relay
 from edge.upstream.http1 import UpstreamError
 
 log = logging.getLogger("edge.router")
@@ -44,10 +62,6 @@ BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 5.0
 
 
-class ModelNotFound(NotFound):
-    code = "model_not_found"
-
-
 @dataclass(slots=True)
 class Opened:
     """A stream that answered with its first event: relay `first`, then the rest of `resp`."""
@@ -55,8 +69,6 @@ class Opened:
     resp: StreamResponse
     first: bytes
     status: int
-    probe: float | None = None  # the half-open place this attempt claimed (breaker.claimed)
-    probe_reported: bool = False  # that probe's success was reported at the first event
 
 
 def backoff(attempt: int, rng: random.Random | None = None) -> float:
@@ -160,13 +172,14 @@ class Router:
     def __init__(
         self,
         providers: Providers,
-        upstream: Upstream,
+        upstream: Upstream | None,
         breakers: Any,
         timeout_s: float,
         metrics: Any = None,
     ) -> None:
         self.providers = providers
-        self.upstream = upstream
+        self.upstream = upstream  # the transport; None when every provider is the mock
+        self.mock = MockTransport()
         self.breakers = breakers
         self._policy = providers.routing.breaker
         self._routing = providers.routing
@@ -177,10 +190,12 @@ class Router:
 
     # ---------------------------------------------------------------- choosing
 
-    def targets(self, model: str, kind: str) -> tuple[Target, ...]:
+    def targets(self, model: str, api: str) -> tuple[Target, ...]:
+        """The model's targets that speak the client's `api` (the mock speaks every one); 404
+        when none."""
         targets = self.providers.targets(model) or ()
-        if any(t.provider.kind != kind for t in targets):
-            targets = tuple(t for t in targets if t.provider.kind == kind)
+        if any(t.provider.kind not in (api, MOCK) for t in targets):
+            targets = tuple(t for t in targets if t.provider.kind in (api, MOCK))
         if not targets:
             raise ModelNotFound(
                 f"The model '{model}' does not exist or is not served here.", param="model"
@@ -237,14 +252,6 @@ class Router:
         except TimeoutError:
             return True, None
 
-    def stream_ended(self, name: str, ok: bool, probe: float | None = None) -> None:
-        """A stream from provider `name` ended: whole (`ok`), or failed after its first event
-        (a broken connection, a stall, a malformed event). The failure counts for its breaker
-        like one before the first byte; only the client's answer could not fail over any more.
-        A stream whose client hung up has no verdict and is not reported, nor is the success
-        of one whose first event already reported it (`Opened.probe_reported`)."""
-        self._report(name, ok, probe=probe)
-
     def _report(
         self, name: str, ok: bool, cooldown: float | None = None, probe: float | None = None
     ) -> None:
@@ -282,19 +289,14 @@ class Router:
 
     # ---------------------------------------------------------------- forwarding
 
-    async def forward(
-        self,
-        ctx: RequestContext,
-        method: str,
-        path: str,
-        body: bytes | None,
-        model: str | None,
-        stream: bool,
-        kind: str = "openai",
-        extra_headers: dict[str, str] | None = None,
-    ) -> UpstreamResponse | Opened:
-        """The first good answer (or the last bad one) from the model's targets."""
-        targets = self.targets(model or "", kind)
+    async def exchange(self, ctx: RequestContext, call: Call) -> UpstreamResponse | Events:
+        """The first good answer (or the last bad one) from the model's targets; a GET is one
+        exchange with one provider (`_one`)."""
+        if call.method == "GET":
+            return await self._one(ctx, call)
+        targets = self.targets(call.model or "", call.api)
+        if targets[0].provider.kind == MOCK:
+            return await self.mock.exchange(ctx, call)  # nothing goes upstream
         candidates = self.order(targets)
         outcome = UpstreamOutcome()
         ctx.record_upstream(outcome)
@@ -336,23 +338,12 @@ class Router:
                     break
                 tried.add(name)
                 attempts += 1
-                outcome.attempts = attempts
-                outcome.provider = name
+                outcome.attempt(name)
                 result, failure_now = await self._attempt(
-                    ctx,
-                    outcome,
-                    target,
-                    method,
-                    path,
-                    body,
-                    stream,
-                    remaining,
-                    extra_headers,
-                    probe,
+                    ctx, outcome, target, call, remaining, probe
                 )
                 if failure_now is None and result is not None and not _failed(result):
-                    outcome.error = None
-                    outcome.status = result.status
+                    outcome.answered(result.status)
                     return result
                 if failure_now is not None:
                     failure = failure_now
@@ -366,7 +357,7 @@ class Router:
             if attempts >= max_attempts or deadline <= clock():
                 break
         if last is not None:
-            outcome.status = last.status
+            outcome.answered(last.status)
             return last
         if failure is not None:
             raise failure
@@ -376,17 +367,20 @@ class Router:
             headers={"retry-after": "1"},
         )
 
-    async def call(
-        self, ctx: RequestContext, method: str, path: str, provider: Any = None
-    ) -> UpstreamResponse:
-        """One exchange with one provider (the UPSTREAM_URL one when None): no failover, no
-        breaker (GET /v1/models, and /v1/models/{id} asked of its provider)."""
+    async def _one(self, ctx: RequestContext, call: Call) -> UpstreamResponse | Events:
+        """One exchange with one provider (the pinned one, else the UPSTREAM_URL one): no
+        failover, no breaker (GET /v1/models, and /v1/models/{id} asked of its provider)."""
+        provider = call.provider or self.providers.default
+        if provider.kind == MOCK:
+            return await self.mock.exchange(ctx, call)
+        assert self.upstream is not None
         outcome = UpstreamOutcome()
         ctx.record_upstream(outcome)
-        result = await self.upstream.call(method, path, None, ctx, outcome, provider)
-        outcome.status = result.status
-        # Named once it answered, as before; attempts stay 0 (no routing took place).
-        outcome.provider = None if provider is None else provider.name
+        result = await self.upstream.call(call.method, call.path, None, ctx, outcome, provider)
+        # Named once it answered, and only when pinned; attempts stay 0 (no routing took place).
+        outcome.answered(result.status, None if call.provider is None else provider.name)
+        if 200 <= result.status < 300:
+            _judge(result, outcome)
         return result
 
     async def _attempt(
@@ -394,32 +388,34 @@ class Router:
         ctx: RequestContext,
         outcome: UpstreamOutcome,
         target: Target,
-        method: str,
-        path: str,
-        body: bytes | None,
-        stream: bool,
+        call: Call,
         remaining: float,
-        extra_headers: dict[str, str] | None,
         probe: float | None = None,
-    ) -> tuple[UpstreamResponse | Opened | None, ApiError | None]:
+    ) -> tuple[UpstreamResponse | Events | None, ApiError | None]:
         """One attempt at `target`; `probe` is the half-open place `_admit` claimed for it."""
         provider = target.provider
         name = provider.name
         timeout = remaining if provider.timeout_s is None else min(provider.timeout_s, remaining)
+        body = call.body
         if target.model is not None and body is not None:
             body = rename_model(body, target.model)
-        outcome.error = None
+        # Adapters (translating the call for a provider of another kind, and the answer back)
+        # plug in here: routing, failover and breakers stay the same for translated targets.
+        transport = self.upstream
+        assert transport is not None
         self.busy[name] = self.busy.get(name, 0) + 1
         started = time.perf_counter()
         try:
-            if stream:
+            if call.stream:
                 result: UpstreamResponse | Opened = await self._open(
-                    ctx, outcome, target, path, body or b"", timeout, extra_headers
+                    ctx, outcome, target, call.path, body or b"", timeout, call.headers
                 )
             else:
-                result = await self.upstream.call(
-                    method, path, body, ctx, outcome, provider, timeout, extra_headers
+                result = await transport.call(
+                    call.method, call.path, body, ctx, outcome, provider, timeout, call.headers
                 )
+            if isinstance(result, UpstreamResponse) and 200 <= result.status < 300:
+                _judge(result, outcome)  # a stream request answered whole is judged too
         except ApiError as exc:
             if outcome.error not in RETRYABLE_ERRORS:
                 self._release(target, probe)  # not the provider's failure: no verdict
@@ -433,15 +429,13 @@ class Router:
         finally:
             self.busy[name] -= 1
         if isinstance(result, Opened):
-            # A stream's verdict comes at its end (`stream_ended`), when it is known whether it
-            # broke; only a half-open probe's success is reported now, so the breaker can close
-            # without waiting out a long stream.
-            result.probe = probe
+            # A stream's verdict comes at its end, when it is known whether it broke; only a
+            # half-open probe's success is reported now, so the breaker can close without
+            # waiting out a long stream.
             if probe is not None:
                 self._report(name, True, probe=probe)
-                result.probe_reported = True
             self._observe(name, "2xx", time.perf_counter() - started)
-            return result, None
+            return self._events(result, outcome, call, name, probe), None
         status = result.status
         label = f"{status // 100}xx" if 100 <= status <= 599 else "error"
         self._observe(name, label, time.perf_counter() - started)
@@ -456,6 +450,26 @@ class Router:
             self._report(name, True, probe=probe)
         return result, None
 
+    def _events(
+        self, opened: Opened, outcome: UpstreamOutcome, call: Call, name: str, probe: float | None
+    ) -> Events:
+        """The opened stream's events, reporting how the stream ended to the provider's breaker:
+        broken after its first event (a reset, a stall, a malformed event) is a failure like one
+        before the first byte, though the client's stream can no longer fail over; whole, a
+        success (unless the first event already reported a probe's). A stream whose client hung
+        up has no verdict and is not reported."""
+
+        def ended(ok: bool) -> None:
+            if not (ok and probe is not None):
+                self._report(name, ok, probe=probe)
+
+        def error_event(kind: str, message: str) -> bytes:
+            return stream_error_event(kind, message, call.api)
+
+        resp = opened.resp
+        source = relay(resp, outcome, error_event, opened.first, call.on_event, ended)
+        return Events(source, resp.abort, resp.close)
+
     async def _open(
         self,
         ctx: RequestContext,
@@ -469,6 +483,7 @@ class Router:
         """Open a stream and wait (within `timeout`) for its first bytes, so that a provider
         that answers the head but never an event is still failed over."""
         started = time.monotonic()
+        assert self.upstream is not None
         opened = await self.upstream.open_stream(
             path, body, ctx, outcome, target.provider, timeout, extra_headers
         )
@@ -481,21 +496,21 @@ class Router:
                 first = await opened.readany()
         except TimeoutError:
             opened.close()
-            outcome.error = "timeout"
+            outcome.failed("timeout")
             raise GatewayTimeout("The upstream sent no event in time.") from None
         except UpstreamError as exc:
             opened.close()
             exc.__traceback__ = None
-            outcome.error = error_kind(exc)
+            outcome.failed(error_kind(exc))
             raise BadGateway("The upstream connection failed before the first event.") from None
         except BaseException:  # cancelled (the client hung up): end the upstream stream too
             opened.close()
             raise
         finally:
-            outcome.waited_s += time.perf_counter() - waited  # waiting on the upstream
+            outcome.waited(time.perf_counter() - waited)  # waiting on the upstream
         if not first:
             opened.close()
-            outcome.error = "invalid"
+            outcome.failed("invalid")
             raise BadGateway("The upstream closed the stream without an event.")
         return Opened(opened, first, opened.status)
 
@@ -562,5 +577,18 @@ def _weighted(targets: tuple[Target, ...]) -> list[Target]:
     return [targets[index], *targets[:index], *targets[index + 1 :]]
 
 
-def _failed(result: UpstreamResponse | Opened) -> bool:
+def _failed(result: UpstreamResponse | Events) -> bool:
     return isinstance(result, UpstreamResponse) and (result.status == 429 or result.status >= 500)
+
+
+def _judge(answer: UpstreamResponse, outcome: UpstreamOutcome) -> None:
+    """A success must be a JSON object (its `usage` feeds the token limits and metrics):
+    anything else is the provider's failure (502, `invalid`), failed over like one."""
+    try:
+        data = orjson.loads(answer.body)
+    except orjson.JSONDecodeError:
+        data = None
+    if not isinstance(data, dict):
+        outcome.failed("invalid", answer.status)
+        raise BadGateway("The upstream sent a response that is not a JSON object.")
+    answer.data = data

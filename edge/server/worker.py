@@ -51,48 +51,8 @@ class EdgeH2Worker(ASGIWorker):
 def worker_app() -> Any:
     """The ASGI app of one worker, built after fork from the master's settings."""
     from edge.app import create_app
+    from edge.runtime import HostTables
 
     settings = master.current()
-    config = settings.config
-    limiter_factory = None
-    if config.rate_limit_enabled and config.rate_limit_backend == "redis":
-        limiter_factory = redis_limiter_factory(config)
-    elif config.rate_limit_enabled:
-        name = settings.table_name
-
-        def limiter_factory() -> Any:
-            from edge.ratelimit import SharedTable, ShmRateLimiter
-
-            return ShmRateLimiter(
-                SharedTable.attach(name),
-                lock_timeout_s=config.rate_limit_lock_timeout_s,
-                failure_policy=config.rate_limit_failure_policy,
-            )
-
-    breakers = settings.breaker_table
-
-    def breakers_factory() -> Any:
-        from edge.routing.breaker import SharedBreakers
-
-        return SharedBreakers.attach(breakers)
-
-    return create_app(config, settings.keys, limiter_factory, settings.providers, breakers_factory)
-
-
-def redis_limiter_factory(config: Any) -> Any:
-    """Builds the Redis limiter in the worker at lifespan startup (its pool opens there)."""
-
-    def factory() -> Any:
-        from edge.ratelimit.redis import RedisRateLimiter, connect
-
-        assert config.redis_url is not None
-        return RedisRateLimiter(
-            lambda: connect(
-                config.redis_url, config.redis_password, config.rate_limit_redis_timeout_s
-            ),
-            prefix=config.redis_key_prefix,
-            timeout_s=config.rate_limit_redis_timeout_s,
-            failure_policy=config.rate_limit_failure_policy,
-        )
-
-    return factory
+    tables = HostTables(settings.table_name, settings.breaker_table)
+    return create_app(settings.config, settings.keys, settings.providers, tables)

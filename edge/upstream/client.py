@@ -1,9 +1,12 @@
-"""The upstream client: one connection pool per worker (edge.upstream.http1), JSON
-pass-through and SSE relay.
+"""The transport: one connection pool per worker (edge.upstream.http1), whole answers and
+SSE relay. It knows nothing of routing: the router (edge.routing.router) hands it a provider,
+a path, a body and the headers to add, and gets an answer or a stream back.
 
-Only headers built here go upstream (an allow-list, not a deny-list): the configured upstream
-key, the request id and the trace context. The client's Authorization, x-api-key and cookies
-therefore cannot reach the upstream. Upstream URLs come from configuration only.
+What goes upstream is an allow-list, not a deny-list: the provider's key (edge.routing.
+providers), the request id, the trace context, and only the headers the router passes on
+(`extra`: for /v1/messages the client's `anthropic-version` and `anthropic-beta`, checked by
+that endpoint). The client's Authorization, x-api-key and cookies therefore cannot reach the
+upstream. Upstream URLs come from configuration only.
 
 What an exchange came to (the time spent waiting on the upstream, a failure's kind, a refused
 key's status) goes into the `UpstreamOutcome` the caller hands in (edge.routing.outcome),
@@ -15,14 +18,12 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncGenerator, Callable
+from typing import TYPE_CHECKING, Any
 
 from edge.config import Config
-from edge.errors import BadGateway, GatewayTimeout, stream_error_event
+from edge.errors import BadGateway, GatewayTimeout
 from edge.observability.context import RequestContext
-from edge.routing.outcome import UpstreamOutcome
-from edge.server.disconnect import close_on_hang_up
 from edge.upstream.http1 import (
     Connection,
     Disconnected,
@@ -33,6 +34,9 @@ from edge.upstream.http1 import (
     request_head,
 )
 from edge.upstream.sse import EventSplitter, EventTooLarge
+
+if TYPE_CHECKING:  # filled here, owned by Layer 2
+    from edge.routing.outcome import UpstreamOutcome
 
 log = logging.getLogger("edge.upstream")
 
@@ -47,15 +51,24 @@ _METHODS = {"GET": b"GET", "POST": b"POST"}
 
 
 class UpstreamResponse:
-    """A complete (non-streamed) upstream answer."""
+    """A complete (non-streamed) upstream answer. `data` is its parsed JSON, once someone
+    parsed it (the router, to judge it; the mock, which built it)."""
 
-    __slots__ = ("body", "content_type", "headers", "status")
+    __slots__ = ("body", "content_type", "data", "headers", "status")
 
-    def __init__(self, status: int, body: bytes, content_type: str, headers: dict[str, str]):
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        headers: dict[str, str],
+        data: Any = None,
+    ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers
+        self.data = data
 
 
 class StreamResponse:
@@ -63,12 +76,13 @@ class StreamResponse:
     upstream timeout), `close` to end it (the connection goes back to the pool only when the
     stream was read to its end)."""
 
-    __slots__ = ("_conn", "_read_timeout_s", "status")
+    __slots__ = ("_conn", "_read_timeout_s", "aborted", "status")
 
     def __init__(self, conn: Connection, read_timeout_s: float) -> None:
-        self._conn = conn
+        self._conn: Connection | None = conn
         self._read_timeout_s = read_timeout_s
         self.status = conn.status
+        self.aborted = False  # the client hung up: how the stream ends is no provider's verdict
 
     async def readany(self) -> bytes:
         conn = self._conn
@@ -86,6 +100,7 @@ class StreamResponse:
     def abort(self) -> None:
         """End the stream now, never reusing its connection (a read waiting on it raises
         Disconnected): for a client hanging up while the relay may still be reading."""
+        self.aborted = True
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.close()
@@ -94,20 +109,16 @@ class StreamResponse:
 class Upstream:
     """The worker's one connection pool, shared by every provider.
 
-    `call` and `open_stream` go to the UPSTREAM_URL provider unless given a `provider`
-    (edge.routing.providers.Provider) and, for a failover attempt, a shorter `timeout_s`.
-    `ctx` gives the headers (request id, trace context); what the exchange came to goes into
-    `outcome`.
+    `call` and `open_stream` go to a `provider` (edge.routing.providers.Provider: its base URL
+    and key) within `timeout_s` (SERVER_TIMEOUT_SECONDS unless the router gives an attempt
+    less). `ctx` gives the headers (request id, trace context); what the exchange came to goes
+    into `outcome`.
     """
 
     def __init__(self, config: Config) -> None:
-        self._base = config.upstream_url or ""
         self._timeout_s = config.timeout_s
         self._connect_timeout_s = config.upstream_connect_timeout_s
         self._pool_size = config.upstream_pool_size
-        self._static_headers = {"content-type": "application/json", "accept-encoding": "identity"}
-        if config.upstream_api_key:
-            self._static_headers["authorization"] = f"Bearer {config.upstream_api_key}"
         # Each base URL's origin, and each provider's fixed headers (content type, identity
         # coding, its key), built once: providers are re-read on HUP only.
         self._origins: dict[str, Origin] = {}
@@ -118,16 +129,13 @@ class Upstream:
         self, provider: Any, timeout_s: float | None, extra: dict[str, str] | None
     ) -> tuple[Origin, dict[str, str], float]:
         """Origin, headers (a fresh dict: the caller adds to it) and timeout of one attempt."""
-        if provider is None:
-            base, fixed = self._base, self._static_headers
-        else:
-            base = provider.base_url
-            fixed = self._provider_headers.get(provider)
-            if fixed is None:
-                fixed = {"content-type": "application/json", "accept-encoding": "identity"}
-                fixed.update(provider.auth_headers())
-                if len(self._provider_headers) < 256:
-                    self._provider_headers[provider] = fixed
+        base = provider.base_url
+        fixed = self._provider_headers.get(provider)
+        if fixed is None:
+            fixed = {"content-type": "application/json", "accept-encoding": "identity"}
+            fixed.update(provider.auth_headers())
+            if len(self._provider_headers) < 256:
+                self._provider_headers[provider] = fixed
         origin = self._origins.get(base)
         if origin is None:
             origin = Origin(base)
@@ -148,9 +156,8 @@ class Upstream:
             await self.pool.close()
 
     def _headers(
-        self, ctx: RequestContext, stream: bool, headers: dict[str, str] | None = None
+        self, ctx: RequestContext, stream: bool, headers: dict[str, str]
     ) -> dict[str, str]:
-        headers = dict(self._static_headers) if headers is None else headers
         headers["x-request-id"] = ctx.request_id
         if ctx.traceparent_out:
             headers["traceparent"] = ctx.traceparent_out
@@ -167,7 +174,8 @@ class Upstream:
         stream: `limit` 0) in by `deadline` (loop time): TimeoutError past it. Waiting for room
         in the pool and connecting are bounded by UPSTREAM_CONNECT_TIMEOUT_SECONDS too
         (ConnectFailed). A GET that finds its reused connection closed by the upstream before
-        any answer is sent once more on another (as aiohttp did for idempotent methods)."""
+        any answer is sent once more on another (idempotent: it cannot have been acted on
+        twice)."""
         pool = self.pool
         assert pool is not None
         loop = asyncio.get_running_loop()
@@ -204,7 +212,7 @@ class Upstream:
         body: bytes | None,
         ctx: RequestContext,
         outcome: UpstreamOutcome,
-        provider: Any = None,
+        provider: Any,
         timeout_s: float | None = None,
         extra_headers: dict[str, str] | None = None,
     ) -> UpstreamResponse:
@@ -233,7 +241,7 @@ class Upstream:
         except (TimeoutError, UpstreamError) as exc:
             raise _failure(outcome, exc, seconds) from None
         finally:
-            outcome.waited_s += time.perf_counter() - started
+            outcome.waited(time.perf_counter() - started)
 
     async def open_stream(
         self,
@@ -241,7 +249,7 @@ class Upstream:
         body: bytes,
         ctx: RequestContext,
         outcome: UpstreamOutcome,
-        provider: Any = None,
+        provider: Any,
         timeout_s: float | None = None,
         extra_headers: dict[str, str] | None = None,
     ) -> StreamResponse | UpstreamResponse:
@@ -273,7 +281,7 @@ class Upstream:
         except (TimeoutError, UpstreamError) as exc:
             raise _failure(outcome, exc, seconds) from None
         finally:
-            outcome.waited_s += time.perf_counter() - started
+            outcome.waited(time.perf_counter() - started)
 
 
 def _failure(
@@ -289,40 +297,42 @@ def _failure(
 async def relay(
     resp: StreamResponse,
     outcome: UpstreamOutcome,
-    receive: Callable[[], Awaitable[dict[str, Any]]] | None,
-    on_chunk: Callable[[bytes], None] | None = None,
+    error_event: ErrorEvent,
     first: bytes = b"",
-    error_event: ErrorEvent = stream_error_event,
+    on_chunk: Callable[[bytes], None] | None = None,
     on_end: Callable[[bool], None] | None = None,
-) -> AsyncIterator[bytes]:
+) -> AsyncGenerator[bytes, None]:
     """Yield the upstream's SSE events as they complete; never buffer a whole stream.
 
     Each upstream read is cut at its last event boundary (edge.upstream.sse): the whole events
     it completed go out at once, as one block, byte for byte; an incomplete event waits for its
     end, bounded by MAX_EVENT_BYTES. So a client only ever sees whole events, and events that
-    arrived in separate reads are never merged. `on_chunk` sees each block as it goes out.
+    arrived in separate reads are never merged. `first` is what was read already (the router
+    waits for a stream's first bytes before it gives up failing over). `on_chunk` sees each
+    block as it goes out.
 
     Backpressure: the next upstream read happens only after the previous block was handed to
-    the server, whose send waits while the client's socket is full. A client disconnect
-    (watched through ASGI `receive`) closes the upstream response at once, so no orphaned
-    upstream work remains. An upstream failure mid-stream (a broken connection, a stall, an
-    end or an oversized event mid-event) drops the incomplete event and ends the stream with
-    an SSE error event (`error_event`: in the API's own shape), on an event boundary, instead
-    of a hang. `on_end` learns how the stream ended: True when whole, False on such a failure
-    (for the provider's breaker); a client hanging up is neither, and it is not called. The
-    time spent waiting on reads and a failure's kind go into the request's `outcome`.
+    the server, whose send waits while the client's socket is full. A client that hangs up
+    aborts the stream (`StreamResponse.abort`, called from the response side: edge.pipeline's
+    ResponseStream), which ends a pending read at once, so no orphaned upstream work remains.
+    An upstream failure
+    mid-stream (a broken connection, a stall, an end or an oversized event mid-event) drops the
+    incomplete event and ends the stream with an SSE error event (`error_event`: in the client
+    API's own shape), on an event boundary, instead of a hang. `on_end` learns how the stream
+    ended: True when whole, False on such a failure (for the provider's breaker); a client
+    hanging up is neither, and it is not called. The time spent waiting on reads and a
+    failure's kind go into the request's `outcome`.
     """
-    watcher = close_on_hang_up(receive, lambda: _close_for_hang_up(resp)) if receive else None
     splitter = EventSplitter()
     clock = time.perf_counter
     try:
         while True:
-            if first:  # bytes the router already read (to fail over a stream that sends none)
+            if first:
                 chunk, first = first, b""
             else:
                 started = clock()
                 chunk = await resp.readany()
-                outcome.waited_s += clock() - started  # waiting on the upstream: not our overhead
+                outcome.waited(clock() - started)  # waiting on the upstream: not our overhead
                 if not chunk:
                     break
             events = splitter.feed(chunk)
@@ -348,7 +358,7 @@ async def relay(
             )
     except (UpstreamError, TimeoutError) as exc:
         _forget_traceback(exc)
-        if watcher is None or not watcher.done():
+        if not resp.aborted:
             yield _stream_failed(
                 outcome,
                 error_event,
@@ -363,8 +373,6 @@ async def relay(
             outcome, error_event, on_end, "invalid", "EventTooLarge", splitter.pending, message
         )
     finally:
-        if watcher is not None:
-            watcher.cancel()
         resp.close()
 
 
@@ -378,7 +386,7 @@ def _stream_failed(
     message: str | None = None,
 ) -> bytes:
     """Record and log a stream that failed mid-way; the SSE error event that ends it."""
-    outcome.error = kind
+    outcome.failed(kind)
     if on_end is not None:
         on_end(False)
     log.warning(
@@ -392,10 +400,6 @@ def _stream_failed(
             else "The upstream connection failed mid-stream."
         )
     return error_event(kind, message)
-
-
-def _close_for_hang_up(resp: StreamResponse) -> None:
-    resp.abort()  # never back to the pool: the relay may be waiting in a read on it
 
 
 def _forget_traceback(exc: BaseException) -> None:
@@ -418,8 +422,7 @@ def _refused(outcome: UpstreamOutcome, status: int) -> BadGateway:
     into an AuthenticationError about the client's key). The upstream's body is neither passed
     on nor logged: providers quote part of the presented key in it.
     """
-    outcome.status = status
-    outcome.error = "auth"
+    outcome.failed("auth", status)
     log.error(
         "upstream refused the gateway's credentials (check UPSTREAM_API_KEY)",
         extra={"error_kind": "auth", "upstream_status": status},
@@ -432,7 +435,7 @@ def _refused(outcome: UpstreamOutcome, status: int) -> BadGateway:
 
 
 def _timeout(outcome: UpstreamOutcome, seconds: float) -> GatewayTimeout:
-    outcome.error = "timeout"
+    outcome.failed("timeout")
     log.warning("upstream timed out", extra={"error_kind": "timeout"})
     return GatewayTimeout(f"The upstream did not answer within {seconds:g} seconds.")
 
@@ -448,7 +451,8 @@ def error_kind(exc: BaseException) -> str:
 
 
 def _unreachable(outcome: UpstreamOutcome, exc: BaseException) -> BadGateway:
-    outcome.error = kind = error_kind(exc)
+    kind = error_kind(exc)
+    outcome.failed(kind)
     log.warning("upstream request failed", extra={"error_kind": kind, "error": type(exc).__name__})
     if kind == "connect":
         return BadGateway("The upstream could not be reached.")

@@ -637,23 +637,25 @@ def test_a_get_on_a_reused_connection_the_upstream_dropped_is_sent_again():
     from edge.config import Config
     from edge.observability.context import RequestContext
     from edge.routing.outcome import UpstreamOutcome
+    from edge.routing.providers import Providers
     from edge.upstream.client import Upstream as Client
 
     async def main() -> None:
         # the second request finds its (reused) connection closed without an answer
         upstream, origin, server = await serve(lambda n: b"CLOSE" if n in (2, 5) else OK)
-        url = f"http://127.0.0.1:{origin.port}/v1"
-        client = Client(Config.from_env({"UPSTREAM_URL": url}))
+        config = Config.from_env({"UPSTREAM_URL": f"http://127.0.0.1:{origin.port}/v1"})
+        provider = Providers.single(config).default
+        client = Client(config)
         await client.start()
         ctx = RequestContext("rid", None)
-        first = await client.call("GET", "/models", None, ctx, UpstreamOutcome())
-        again = await client.call("GET", "/models", None, ctx, UpstreamOutcome())
+        first = await client.call("GET", "/models", None, ctx, UpstreamOutcome(), provider)
+        again = await client.call("GET", "/models", None, ctx, UpstreamOutcome(), provider)
         assert (first.status, again.status, upstream.connections) == (200, 200, 2)
         # a POST may have been acted on: never sent twice
-        await client.call("POST", "/chat/completions", b"{}", ctx, UpstreamOutcome())
+        await client.call("POST", "/chat/completions", b"{}", ctx, UpstreamOutcome(), provider)
         outcome = UpstreamOutcome()
         with pytest.raises(Exception) as refused:
-            await client.call("POST", "/chat/completions", b"{}", ctx, outcome)
+            await client.call("POST", "/chat/completions", b"{}", ctx, outcome, provider)
         assert getattr(refused.value, "status", None) == 502
         assert outcome.error == "disconnect" and len(upstream.requests) == 5
         await client.close()

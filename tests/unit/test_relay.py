@@ -8,7 +8,9 @@ import json
 
 import pytest
 
+from edge.errors import stream_error_event
 from edge.observability.context import RequestContext
+from edge.routing.exchange import Events
 from edge.routing.outcome import UpstreamOutcome
 from edge.upstream import client as client_module
 from edge.upstream.client import relay
@@ -25,6 +27,7 @@ class ScriptedResponse:
         self._fail = fail
         self.read_count = 0
         self.closed = False
+        self.aborted = False
 
     async def readany(self) -> bytes:
         self.read_count += 1
@@ -57,8 +60,8 @@ def collect(reads: list[bytes], fail: BaseException | None = None):
         stream = relay(
             resp,  # type: ignore[arg-type]
             ctx.upstream,  # type: ignore[arg-type]
-            None,
-            seen.append,
+            stream_error_event,
+            on_chunk=seen.append,
             on_end=ends.append,
         )
         return [block async for block in stream]
@@ -119,7 +122,8 @@ def test_the_routers_first_read_goes_through_the_splitter_too():
     first = event(0) + b"data: {"
 
     async def run() -> list[bytes]:
-        return [block async for block in relay(resp, ctx.upstream, None, None, first)]  # type: ignore[arg-type]
+        source = relay(resp, ctx.upstream, stream_error_event, first)  # type: ignore[arg-type]
+        return [block async for block in source]
 
     blocks = asyncio.run(run())
     assert resp.closed
@@ -129,12 +133,12 @@ def test_the_routers_first_read_goes_through_the_splitter_too():
 
 
 def test_a_relay_closed_before_it_started_is_released_by_its_stream():
-    from edge.endpoints.stream import ResponseStream
+    from edge.pipeline import ResponseStream
 
     resp = ScriptedResponse([event(0)])
-    stream = ResponseStream(relay(resp, UpstreamOutcome(), None))  # type: ignore[arg-type]
-    stream.on_close.append(lambda _: resp.close())  # what forward() registers
-    asyncio.run(stream.close())
+    source = relay(resp, UpstreamOutcome(), stream_error_event)  # type: ignore[arg-type]
+    events = Events(source, resp.abort, resp.close)  # as the router builds them
+    asyncio.run(ResponseStream(aiter(events), events).close())
     assert resp.closed
 
 
@@ -151,7 +155,7 @@ def test_backpressure_no_read_ahead_of_the_consumer():
     outcome = UpstreamOutcome()
 
     async def run() -> None:
-        stream = relay(resp, outcome, None)  # type: ignore[arg-type]
+        stream = relay(resp, outcome, stream_error_event)  # type: ignore[arg-type]
         assert await anext(stream) == event(0)
         assert resp.read_count == 1  # nothing read beyond what was handed on
         assert await anext(stream) == event(1)

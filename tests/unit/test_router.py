@@ -10,11 +10,14 @@ from edge.errors import BadGateway
 from edge.observability.context import RequestContext
 from edge.routing import breaker as cb
 from edge.routing import router as router_module
+from edge.routing.exchange import Call
 from edge.routing.providers import parse
 from edge.routing.router import Router
 from edge.upstream.client import UpstreamResponse
+from edge.upstream.http1 import Disconnected
 
 OK = UpstreamResponse(200, b'{"ok":1}', "application/json", {})
+CALL = Call("openai", "POST", "/chat/completions", b'{"model":"m"}', None, "m")
 
 
 def answer(status: int, **headers: str) -> UpstreamResponse:
@@ -61,7 +64,9 @@ def _no_backoff(monkeypatch):
 
 def forward(router: Router, body: bytes = b'{"model":"m"}') -> tuple[object, RequestContext]:
     ctx = RequestContext("r", None)
-    result = asyncio.run(router.forward(ctx, "POST", "/chat/completions", body, "m", False))
+    result = asyncio.run(
+        router.exchange(ctx, Call("openai", "POST", "/chat/completions", body, None, "m"))
+    )
     return result, ctx
 
 
@@ -147,9 +152,7 @@ def test_a_probe_whose_client_hangs_up_gives_its_place_back():
 
     async def hang_up() -> None:
         ctx = RequestContext("r", None)
-        task = asyncio.ensure_future(
-            router.forward(ctx, "POST", "/chat/completions", b'{"model":"m"}', "m", False)
-        )
+        task = asyncio.ensure_future(router.exchange(ctx, CALL))
         for _ in range(10):
             await asyncio.sleep(0)
         assert router.breakers.peek("a").probes == 1  # the probe is in flight
@@ -174,16 +177,61 @@ def test_a_probe_answered_with_retry_after_gives_its_place_back():
     assert forward(router)[1].upstream.provider == "a"  # probed again once the cooldown is over
 
 
+class ScriptedStream:
+    """A live upstream stream (edge.upstream.client.StreamResponse): its reads, then a break
+    (`fail`) or the end."""
+
+    status = 200
+
+    def __init__(self, reads: list[bytes], fail: BaseException | None) -> None:
+        self._reads, self._fail = list(reads), fail
+        self.aborted = False
+
+    async def readany(self) -> bytes:
+        if self._reads:
+            return self._reads.pop(0)
+        if self._fail is not None:
+            raise self._fail
+        return b""
+
+    def close(self) -> None:
+        pass
+
+    def abort(self) -> None:
+        self.aborted = True
+
+
+def stream_through(router: Router, fail: BaseException | None) -> list[bytes]:
+    """One streamed request answered by a scripted stream: the blocks the client gets."""
+    from edge.upstream.http1 import Disconnected
+
+    async def opened(*args: object, **kwargs: object) -> ScriptedStream:
+        return ScriptedStream([b"data: 1\n\n", b"data: 2\n\n"], fail and Disconnected("cut"))
+
+    router.upstream.open_stream = opened  # type: ignore[attr-defined]
+    call = Call("openai", "POST", "/chat/completions", b'{"model":"m"}', None, "m", True)
+
+    async def run() -> list[bytes]:
+        events = await router.exchange(RequestContext("s", None), call)
+        try:
+            return [block async for block in events]  # type: ignore[union-attr]
+        finally:
+            await events.aclose()  # type: ignore[union-attr]
+
+    return asyncio.run(run())
+
+
 def test_a_stream_broken_after_its_first_event_counts_against_the_breaker():
     now = [0.0]
     script = Script(a=[OK], b=[OK], c=[OK])
     router = make(script, {"circuit_breaker": {"failure_threshold": 2, "timeout_seconds": 5}},
                   clock=lambda: now[0])  # fmt: skip
-    router.stream_ended("a", False)
-    router.stream_ended("a", True)  # a whole stream in between: failures are consecutive
-    router.stream_ended("a", False)
+    broken = stream_through(router, Disconnected("cut"))
+    assert broken[:2] == [b"data: 1\n\n", b"data: 2\n\n"] and b"upstream_disconnect" in broken[2]
+    stream_through(router, None)  # a whole stream in between: failures are consecutive
+    stream_through(router, Disconnected("cut"))
     assert router.breakers.peek("a").state == cb.CLOSED
-    router.stream_ended("a", False)
+    stream_through(router, Disconnected("cut"))
     assert router.breakers.peek("a").state == cb.OPEN
     assert forward(router)[1].upstream.provider == "b"
 
@@ -196,10 +244,8 @@ def test_a_request_that_claimed_no_probe_place_gives_none_back():
     router = make(script, HALF_OPEN_ONE, clock=lambda: now[0])
 
     async def scenario() -> None:
-        body = b'{"model":"m"}'
         old = asyncio.ensure_future(
-            router.forward(RequestContext("old", None), "POST", "/chat/completions", body, "m",
-                           False)
+            router.exchange(RequestContext("old", None), CALL)
         )  # fmt: skip
         for _ in range(10):
             await asyncio.sleep(0)
@@ -207,8 +253,7 @@ def test_a_request_that_claimed_no_probe_place_gives_none_back():
         assert router.breakers.peek("a").state == cb.OPEN  # other requests failed meanwhile
         now[0] = 5.0
         probe = asyncio.ensure_future(
-            router.forward(RequestContext("probe", None), "POST", "/chat/completions", body, "m",
-                           False)
+            router.exchange(RequestContext("probe", None), CALL)
         )  # fmt: skip
         for _ in range(10):
             await asyncio.sleep(0)

@@ -15,6 +15,7 @@ from edge.observability import logs
 from edge.observability.context import RequestContext
 from edge.routing import breaker as cb
 from edge.routing import router as router_module
+from edge.routing.exchange import Call
 from edge.routing.outcome import UpstreamOutcome
 from edge.routing.providers import parse
 from edge.routing.router import Router
@@ -116,7 +117,9 @@ def finish(ctx: RequestContext, status: int) -> FakeMetrics:
 
 def forward(router: Router, ctx: RequestContext) -> Any:
     body = b'{"model":"m"}'
-    return asyncio.run(router.forward(ctx, "POST", "/chat/completions", body, "m", False))
+    return asyncio.run(
+        router.exchange(ctx, Call("openai", "POST", "/chat/completions", body, None, "m"))
+    )
 
 
 def test_a_failover_sequence_is_recorded_once_and_read_as_recorded(recordings, access_lines):

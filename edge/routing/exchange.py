@@ -1,0 +1,77 @@
+"""What goes into Layer 2 and what comes out of it: a `Call`, and one exchange back.
+
+An exchange is either a whole answer (`Answer`, the transport's UpstreamResponse) or `Events`:
+a stream's whole SSE events, which report their verdict to the provider's breaker themselves
+when they end (the router wires that in), so nothing above Layer 2 ever calls a breaker.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from edge.upstream.client import UpstreamResponse as Answer
+
+__all__ = ["Answer", "Call", "Events", "Exchange"]
+
+
+@dataclass(slots=True)
+class Call:
+    """One request as Layer 2 sees it, once its endpoint has read and validated it."""
+
+    api: str  # the client's API (edge.errors OPENAI or ANTHROPIC): targets, error shapes
+    method: str  # "POST", or "GET" for one exchange without failover (the model list)
+    path: str  # the upstream path, e.g. "/chat/completions"
+    body: bytes | None = None  # forwarded byte for byte (a renaming target rewrites `model`)
+    data: dict[str, Any] | None = None  # the parsed body
+    model: str | None = None
+    stream: bool = False
+    headers: dict[str, str] | None = None  # client headers forwarded as they are (checked)
+    provider: Any = None  # a GET pinned to this provider (edge.routing.providers.Provider)
+    on_event: Callable[[bytes], None] | None = None  # sees each block of a stream's events
+
+
+class Events:
+    """An answer as a stream of whole SSE events, relayed as they come.
+
+    Iterate it; `aclose()` when done (it releases the upstream connection, also when iteration
+    never started); `abort()` when the client hung up (a pending read ends at once, and the
+    stream's end is then no verdict on the provider). `usage` is a usage the source knew
+    before its first event (the built-in mock); upstream streams report theirs in an event.
+    """
+
+    __slots__ = ("_abort", "_release", "_source", "headers", "status", "usage")
+
+    def __init__(
+        self,
+        source: AsyncGenerator[bytes, None],
+        abort: Callable[[], None] | None = None,
+        release: Callable[[], None] | None = None,
+        headers: dict[str, str] | None = None,
+        usage: dict[str, Any] | None = None,
+    ) -> None:
+        self._source = source
+        self._abort = abort
+        self._release = release
+        self.status = 200
+        self.headers = headers or {}
+        self.usage = usage
+
+    def __aiter__(self) -> AsyncGenerator[bytes, None]:
+        return self._source
+
+    async def aclose(self) -> None:
+        try:
+            await self._source.aclose()
+        finally:
+            # A generator closed before it started runs no `finally`: release here too.
+            if self._release is not None:
+                self._release()
+
+    def abort(self) -> None:
+        if self._abort is not None:
+            self._abort()
+
+
+Exchange = Answer | Events
