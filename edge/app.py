@@ -49,6 +49,7 @@ class EdgeApp(falcon.asgi.App):
     """
 
     __slots__ = ("runtime",)
+    runtime: Runtime
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Any:  # type: ignore[override]
         # Our HTTP/1.1 protocol marks a request whose whole body is already in (the common

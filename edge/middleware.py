@@ -121,7 +121,7 @@ class EdgeMiddleware:
         rpm, burst = self._rpm, self._burst
         entry = ctx.key
         if entry is not None:
-            identity = "key:" + ctx.identity
+            identity = "key:" + entry.identity
             if entry.rpm is not None:
                 rpm = entry.rpm
             if entry.burst is not None:

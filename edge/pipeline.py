@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -28,7 +28,7 @@ from edge.errors import UPSTREAM, ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage
 from edge.routing.exchange import Answer, Call, Events
-from edge.server.disconnect import close_on_hang_up, unless_client_leaves
+from edge.server.disconnect import Receive, close_on_hang_up, unless_client_leaves
 
 if TYPE_CHECKING:  # the pipeline runs on the worker's Runtime
     from edge.runtime import Runtime
@@ -187,7 +187,7 @@ class ResponseStream:
         self,
         source: AsyncIterator[bytes],
         events: Any = None,
-        receive: Callable[[], Awaitable[dict[str, Any]]] | None = None,
+        receive: Receive | None = None,
     ) -> None:
         """`events` (edge.routing.exchange.Events) is aborted when the client hangs up
         (watched on `receive`) and closed with the stream."""

@@ -33,7 +33,7 @@ async def read_request(
     data = parse_json_object(body)
     ctx: RequestContext = req.context.edge
     ctx.model, ctx.stream = validate(data)
-    if runtime.metrics is not None:
+    if runtime.metrics is not None and ctx.route is not None:
         runtime.metrics.observe_request_size(ctx.route.template, len(body))
     return body, data, ctx
 

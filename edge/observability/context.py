@@ -20,7 +20,9 @@ from contextvars import ContextVar
 from hashlib import blake2b
 from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:  # recorded here, produced by the upstream layer
+if TYPE_CHECKING:  # recorded here, produced by the layers that know them
+    from edge.auth import KeyEntry
+    from edge.endpoints.routes import Endpoint
     from edge.routing.outcome import UpstreamOutcome
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -143,9 +145,9 @@ class RequestContext:
         self.start = time.perf_counter()
         self.request_id = request_id
         self.client = client
-        self.route = None  # edge.endpoints.routes.Endpoint, once the request is routed
+        self.route: Endpoint | None = None  # once the request is routed
         self.identity: str | None = None
-        self.key = None  # edge.auth.KeyEntry of an authenticated request
+        self.key: KeyEntry | None = None  # the key of an authenticated request
         self.model: str | None = None
         self.stream = False
         self.upstream: UpstreamOutcome | None = None  # see record_upstream

@@ -266,7 +266,7 @@ class AccessWriter:
             __file__,
             0,
             "request",
-            None,
+            (),
             None,
             extra={"access": fields},
         )

@@ -283,7 +283,13 @@ class Metrics:
         # The fork check, once per process instead of once per increment: a child re-resolves
         # every slot into its own files (prometheus_client's own check runs in `_bind`).
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m._bind())
+
+        def rebind() -> None:
+            metrics = ref()
+            if metrics is not None:
+                metrics._bind()
+
+        os.register_at_fork(after_in_child=rebind)
 
     def _bind(self) -> None:
         """(Re)resolve the label-free slots; label children are resolved on first use."""

@@ -176,9 +176,11 @@ class RedisRateLimiter:
         if self._client is None:
             self._client = self._client_factory()
             self._connections = Connections(self._client.connection_pool)
+        connections = self._connections
+        assert connections is not None
         try:
             async with asyncio.timeout(warm_timeout_s):
-                await self._connections.call("SCRIPT", "LOAD", BUCKET_SCRIPT)
+                await connections.call("SCRIPT", "LOAD", BUCKET_SCRIPT)
         except Exception as exc:
             log.warning(
                 "Redis is not reachable at startup; the failure policy decides until it is",

@@ -41,6 +41,7 @@ class SharedTable(Segment):
     """A process's own attachment to the rate-limit table: a Segment and the Table in it."""
 
     __slots__ = ("table",)
+    table: Table
 
     @classmethod
     def create(  # type: ignore[override]

@@ -23,7 +23,7 @@ once rather than asked to retry forever.
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, TypeGuard
 
 from edge.errors import BadRequest, RateLimited
 from edge.ratelimit import headers
@@ -123,7 +123,8 @@ def estimate_tokens(data: dict[str, Any], where: Prompt, default_max: int) -> in
         if _whole(value):
             completion = value
             break
-    choices = max((data.get(name) for name in _COUNT_FIELDS if _whole(data.get(name))), default=1)
+    counts = [data.get(name) for name in _COUNT_FIELDS]
+    choices = max((count for count in counts if _whole(count)), default=1)
     return prompt + completion * max(1, choices)
 
 
@@ -139,7 +140,7 @@ def hold_to_estimate(data: dict[str, Any], where: Prompt, default_max: int) -> N
         data[where.cap] = default_max
 
 
-def _whole(value: Any) -> bool:
+def _whole(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 

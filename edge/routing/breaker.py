@@ -268,7 +268,7 @@ class SharedBreakers:
             offset = self._slot(name)
         if offset < 0:
             return self._local.hot(name)
-        return _HOT.unpack_from(self._mm, offset)  # type: ignore[return-value]
+        return _HOT.unpack_from(self._mm, offset)
 
     def update(self, name: str, change: Callable[[BreakerState, float], object]) -> object:
         """Apply `change(state, now)` under the lock and store the result. TimeoutError when

@@ -248,7 +248,7 @@ class Router:
         if state == cb.CLOSED and (last_resort or cooldown <= self.breakers.clock()):
             return True, None  # the common case: no lock
         try:
-            return self.breakers.update(name, change)  # type: ignore[return-value]
+            return self.breakers.update(name, change)
         except TimeoutError:
             return True, None
 

@@ -24,7 +24,7 @@ private).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, TypeVar
 
 import falcon.asgi
@@ -32,7 +32,7 @@ import falcon.asgi
 from edge.errors import ClientClosedRequest
 
 T = TypeVar("T")
-Receive = Callable[[], Awaitable[dict[str, Any]]]
+Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 
 CANCEL_ON_DISCONNECT = "edge.cancel_on_disconnect"  # the task to cancel on a hang-up
 CLIENT_GONE = "edge.client_gone"  # set once the client has hung up
@@ -52,7 +52,7 @@ class EdgeRequest(falcon.asgi.Request):
         return self._receive
 
 
-def client_gone(scope: dict[str, Any]) -> None:
+def client_gone(scope: Any) -> None:
     """The connection of `scope`'s request is gone: end whatever its handler awaits."""
     scope.pop(BODY_READY, None)
     task = scope.get(CANCEL_ON_DISCONNECT)

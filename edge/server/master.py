@@ -170,6 +170,7 @@ def on_starting(server: Any) -> None:
             flush=True,
         )
         raise SystemExit(2) from None
+    global _current
     owner = _worker_owner(server)
     if config.rate_limit_enabled:  # also with the Redis backend: a HUP may switch to shm
         from edge.ratelimit import SharedTable
@@ -177,13 +178,17 @@ def on_starting(server: Any) -> None:
         def table(name: str) -> None:
             SharedTable.create(name, config.rate_limit_slots, **owner).close()
 
-        _create_segment("table_name", table_prefix(config), table)
+        name = _create_segment(settings.table_name, table_prefix(config), table)
+        settings = _current = dataclasses.replace(settings, table_name=name)
     from edge.routing.breaker import SharedBreakers
 
     # Created whatever the providers are now: a HUP may add a PROVIDERS_FILE later.
-    _create_segment(
-        "breaker_table", breaker_prefix(config), lambda name: SharedBreakers.create(name, **owner)
+    name = _create_segment(
+        settings.breaker_table,
+        breaker_prefix(config),
+        lambda name: SharedBreakers.create(name, **owner),
     )
+    settings = _current = dataclasses.replace(settings, breaker_table=name)
     if config.providers_file is not None:
         log.info(
             "routing to the providers of PROVIDERS_FILE",
@@ -210,16 +215,14 @@ def on_starting(server: Any) -> None:
         log.warning("RATE_LIMIT_ENABLED=false: requests are not rate limited")
 
 
-def _create_segment(field: str, prefix: str, create: Any) -> None:
-    """Create one of the master's shared-memory segments (edge.shm) under the name the settings
-    hold in `field`, after removing those a crashed master of this instance left. The master
-    keeps only the name: workers attach with descriptors of their own. The name is
-    unpredictable; should it still be taken by an object we may not remove, another is chosen
-    (workers read the name from the settings after fork)."""
-    global _current
+def _create_segment(name: str, prefix: str, create: Any) -> str:
+    """Create one of the master's shared-memory segments (edge.shm) under `name`, after removing
+    those a crashed master of this instance left; return the name it has. The master keeps only
+    the name: workers attach with descriptors of their own. The name is unpredictable; should it
+    still be taken by an object we may not remove, another is chosen (workers read the name from
+    the settings after fork)."""
     remove_stale(prefix)
     for attempt in range(3):
-        name = getattr(current(), field)
         try:
             create(name)
         except FileExistsError as exc:
@@ -227,10 +230,11 @@ def _create_segment(field: str, prefix: str, create: Any) -> None:
             if attempt == 2:
                 print(f"llm-edge-proxy: shared memory: {exc}", file=sys.stderr, flush=True)
                 raise SystemExit(2) from None
-            _current = dataclasses.replace(current(), **{field: segment_name(prefix, os.getpid())})
+            name = segment_name(prefix, os.getpid())
             continue
         _segments.append(name)
-        return
+        break
+    return name
 
 
 def _worker_owner(server: Any) -> dict[str, int]:
