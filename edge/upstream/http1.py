@@ -370,7 +370,8 @@ class Connection(asyncio.Protocol):
             raise InvalidResponse("The upstream's response headers are too large.")
         key = name.decode("latin-1").lower()
         if key not in self.headers:  # the first of a repeated header, as aiohttp's [] gave
-            self.headers[key] = value.decode("latin-1")
+            # llhttp drops the whitespace before a value, not after it (RFC 9112 section 5)
+            self.headers[key] = value.decode("latin-1").rstrip(" \t")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
