@@ -319,8 +319,11 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except Exception as exc:
             cause = exc.__context__
-            if isinstance(cause, _Unsolicited):
-                self.close()  # the answer asked for is whole; this connection is not reused
+            if self._complete:
+                # The answer asked for is whole; what follows it (_Unsolicited, or bytes
+                # llhttp refuses after an answer that ends the connection) is not read, and
+                # this connection is not reused.
+                self.close()
             else:
                 self._fail(
                     cause
