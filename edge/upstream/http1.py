@@ -407,6 +407,8 @@ class Connection(asyncio.Protocol):
         if status < 200:  # 1xx: an interim answer; the real head follows
             if status == 101:
                 raise InvalidResponse("The upstream switched protocols.")
+            if status < 100:  # llhttp takes any three digits
+                raise InvalidResponse("The upstream sent an invalid status code.")
             return
         self.status = status
         self._keep_alive = parser.should_keep_alive()
