@@ -6,7 +6,9 @@ written to the socket and parsed by httptools; that was more than every edge fea
 (bench/instructions.py shows the rest). The gateway sends only GET and POST, with headers and
 URLs it built itself from validated configuration, and reads either a whole (bounded) body or
 a stream; that much HTTP/1.1 is small, and the parsing stays in a well-kept library: httptools
-(llhttp, strict), which the server side already uses.
+(llhttp, strict), which the server side already uses. The client's independent check is
+tests/unit/test_http1_h11.py: a differential test against h11 on generated answers, well-formed
+and broken, which must come out the same or be refused by this client.
 
 What a `Connection` does: one request at a time, written in one `write`; the response parsed
 as it arrives. Collecting a whole body (`send` with a limit, then `wait`) resolves one future
