@@ -6,7 +6,9 @@ written to the socket and parsed by httptools; that was more than every edge fea
 (bench/instructions.py shows the rest). The gateway sends only GET and POST, with headers and
 URLs it built itself from validated configuration, and reads either a whole (bounded) body or
 a stream; that much HTTP/1.1 is small, and the parsing stays in a well-kept library: httptools
-(llhttp, strict), which the server side already uses.
+(llhttp, strict), which the server side already uses. The client's independent check is
+tests/unit/test_http1_h11.py: a differential test against h11 on generated answers, well-formed
+and broken, which must come out the same or be refused by this client.
 
 What a `Connection` does: one request at a time, written in one `write`; the response parsed
 as it arrives. Collecting a whole body (`send` with a limit, then `wait`) resolves one future
@@ -18,6 +20,11 @@ anything else (an error, a cancelled exchange, a stream closed early, bytes nobo
 closes it, aborting a connection whose exchange did not end. What httptools must hold before
 it can call back (a head, chunk lines, trailers) is bounded by `MAX_WITHOUT_BODY` bytes fed
 without body bytes, interim (1xx) answers by `MAX_INTERIM`; trailers never become headers.
+The body's framing is llhttp's, and any answer it could be read two ways fails closed
+(InvalidResponse, a 502 for the client): Content-Length or Transfer-Encoding repeated, the two
+together, a transfer coding other than chunked or in HTTP/1.0, a framing field as a trailer.
+A body that ends with the connection is whole only when neither field was sent and the
+connection was closed, not reset; a chunked or Content-Length body cut short is Disconnected.
 
 `Pool`: idle connections per origin (last in, first out), at most `limit` open in all; a
 request past the limit waits for one to close or come back, within the connect timeout, which
@@ -53,6 +60,9 @@ HIGH_WATER = 64 * 1024  # a stream's unread bytes past which the socket is pause
 MAX_HEADER_BYTES = 64 * 1024  # a response head's names and values, in all
 MAX_HEADERS = 128
 _NO_BODY = frozenset((204, 304))
+# The fields that frame a body: one of each at most, never both, never as trailers.
+_FRAMING = frozenset(("content-length", "transfer-encoding"))
+_FRAMING_BYTES = frozenset((b"content-length", b"transfer-encoding"))
 STAGGER_S = 0.25  # happy eyeballs: the head start each address gets before the next
 DNS_TTL_S = 300.0  # resolved addresses kept this long (the ttl_dns_cache edge gave aiohttp)
 # What httptools may hold fed without body bytes: a head's names and values (MAX_HEADER_BYTES)
@@ -319,8 +329,11 @@ class Connection(asyncio.Protocol):
             self._parser.feed_data(data)
         except Exception as exc:
             cause = exc.__context__
-            if isinstance(cause, _Unsolicited):
-                self.close()  # the answer asked for is whole; this connection is not reused
+            if self._complete:
+                # The answer asked for is whole; what follows it (_Unsolicited, or bytes
+                # llhttp refuses after an answer that ends the connection) is not read, and
+                # this connection is not reused.
+                self.close()
             else:
                 self._fail(
                     cause
@@ -363,6 +376,8 @@ class Connection(asyncio.Protocol):
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if self._head_done:  # a trailer field: not part of the answer's head
+            if name.lower() in _FRAMING_BYTES:  # framing cannot come after the body
+                raise InvalidResponse("The upstream sent a framing field as a trailer.")
             return
         self._header_bytes += len(name) + len(value)
         self._header_count += 1
@@ -370,28 +385,47 @@ class Connection(asyncio.Protocol):
             raise InvalidResponse("The upstream's response headers are too large.")
         key = name.decode("latin-1").lower()
         if key not in self.headers:  # the first of a repeated header, as aiohttp's [] gave
-            self.headers[key] = value.decode("latin-1")
+            # llhttp drops the whitespace before a value, not after it (RFC 9112 section 5)
+            self.headers[key] = value.decode("latin-1").rstrip(" \t")
+        elif key in _FRAMING:
+            # A second Content-Length or Transfer-Encoding: the dict keeps the first, llhttp
+            # may go by the last (it does for Transfer-Encoding): fail closed.
+            raise InvalidResponse("The upstream's response framing is ambiguous.")
 
     def on_headers_complete(self) -> None:
         parser = self._parser
         status = parser.get_status_code()
+        headers = self.headers
+        coding = headers.get("transfer-encoding")
+        if coding is not None:
+            # Only chunked: the gateway offers no other transfer coding (it sends no TE) and
+            # could not decode one, which llhttp would read to the end of the connection.
+            # HTTP/1.0 has no Transfer-Encoding: "treat the message as if the framing is
+            # faulty" (RFC 9112 section 6.1).
+            if coding.lower() != "chunked" or parser.get_http_version() == "1.0":
+                raise InvalidResponse("The upstream's transfer coding is not chunked HTTP/1.1.")
+            if "content-length" in headers:  # llhttp refuses this too: not left to it alone
+                raise InvalidResponse("The upstream's response framing is ambiguous.")
         if status < 200:  # 1xx: an interim answer; the real head follows
             if status == 101:
                 raise InvalidResponse("The upstream switched protocols.")
+            if status < 100:  # llhttp takes any three digits
+                raise InvalidResponse("The upstream sent an invalid status code.")
             return
         self.status = status
         self._keep_alive = parser.should_keep_alive()
-        headers = self.headers
         length = headers.get("content-length")
         if length is not None:
             self.content_length = int(length)  # llhttp accepted it: digits only
             if self._limit and self.content_length > self._limit:
                 raise ResponseTooLarge("The upstream response is too large.")
-        elif status not in _NO_BODY:
-            # No length: chunked, else the body runs to the end of the connection (llhttp
-            # reads any other transfer coding that way too).
-            coding = headers.get("transfer-encoding", "")
-            self._close_delimited = not coding.lower().rstrip(" \t").endswith("chunked")
+        elif coding is None and status not in _NO_BODY:
+            # Neither: the body runs to the end of the connection. llhttp must read it so too:
+            # it keeps alive no connection whose message ends with it, so keep-alive here
+            # would mean that llhttp found a length the headers did not show.
+            if self._keep_alive:
+                raise InvalidResponse("The upstream's response framing is ambiguous.")
+            self._close_delimited = True
         self._head_done = True
         if not self._limit:
             self._wake()
