@@ -50,7 +50,7 @@ def _words(value: Any) -> int:
 
 
 def _reply(prompt_words: int) -> str:
-    return f"{_REPLY} Your prompt had {prompt_words} words."
+    return f"{_REPLY} Your prompt had {prompt_words} word{'' if prompt_words == 1 else 's'}."
 
 
 def _usage(prompt: int, completion: int) -> dict[str, int]:

@@ -40,6 +40,15 @@ class EdgeUvicornWorker(UvicornWorker):
         }
         super().__init__(*args, **kwargs)
 
+    def run(self) -> None:
+        # uvloop closes a listening socket's descriptor itself when its server closes, and then
+        # calls the socket object's close(): on gunicorn's wrapper (gunicorn.sock.BaseSocket)
+        # that second close fails with EBADF, logged at INFO as "Error while closing socket" by
+        # every worker on every reload and stop. uvicorn is handed the socket.socket objects
+        # the wrappers hold instead, whose close() after uvloop's closes nothing twice.
+        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
+        super().run()
+
 
 class EdgeH2Worker(ASGIWorker):
     """gunicorn's own ASGI worker, used when HTTP2_ENABLED=true: it negotiates h2 over TLS

@@ -64,7 +64,7 @@ _NO_BODY = frozenset((204, 304))
 _FRAMING = frozenset(("content-length", "transfer-encoding"))
 _FRAMING_BYTES = frozenset((b"content-length", b"transfer-encoding"))
 STAGGER_S = 0.25  # happy eyeballs: the head start each address gets before the next
-DNS_TTL_S = 300.0  # resolved addresses kept this long (the ttl_dns_cache edge gave aiohttp)
+DNS_TTL_S = 300.0  # resolved addresses kept this long
 # What httptools may hold fed without body bytes: a head's names and values (MAX_HEADER_BYTES)
 # with their colons, CRLFs and status line, and an interim (1xx) head before it.
 MAX_WITHOUT_BODY = 2 * MAX_HEADER_BYTES + MAX_HEADERS * 4 + 1024
@@ -384,7 +384,7 @@ class Connection(asyncio.Protocol):
         if self._header_bytes > MAX_HEADER_BYTES or self._header_count > MAX_HEADERS:
             raise InvalidResponse("The upstream's response headers are too large.")
         key = name.decode("latin-1").lower()
-        if key not in self.headers:  # the first of a repeated header, as aiohttp's [] gave
+        if key not in self.headers:  # the first of a repeated header is the one kept
             # llhttp drops the whitespace before a value, not after it (RFC 9112 section 5)
             self.headers[key] = value.decode("latin-1").rstrip(" \t")
         elif key in _FRAMING:
