@@ -46,7 +46,8 @@ class EdgeUvicornWorker(UvicornWorker):
         # that second close fails with EBADF, logged at INFO as "Error while closing socket" by
         # every worker on every reload and stop. uvicorn is handed the socket.socket objects
         # the wrappers hold instead, whose close() after uvloop's closes nothing twice.
-        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
+        sockets: list[Any] = self.sockets
+        self.sockets = [getattr(sock, "sock", sock) for sock in sockets]
         super().run()
 
 
