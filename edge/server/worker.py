@@ -24,6 +24,8 @@ from edge.server.protocol import EdgeLimits, protocol_class
 
 
 class EdgeUvicornWorker(UvicornWorker):
+    sockets: list[Any]  # gunicorn's listeners, set by the arbiter before the worker runs
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         config = master.current().config
         limits = EdgeLimits.from_config(config)
@@ -46,8 +48,7 @@ class EdgeUvicornWorker(UvicornWorker):
         # that second close fails with EBADF, logged at INFO as "Error while closing socket" by
         # every worker on every reload and stop. uvicorn is handed the socket.socket objects
         # the wrappers hold instead, whose close() after uvloop's closes nothing twice.
-        sockets: list[Any] = self.sockets
-        self.sockets = [getattr(sock, "sock", sock) for sock in sockets]
+        self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
         super().run()
 
 
