@@ -350,8 +350,8 @@ SETTINGS: tuple[Setting, ...] = (
     S("HTTP_SEND_TIMEOUT_SECONDS", "send_timeout_s", number(0.1, 86_400), "30",
       "Time a client may leave its socket full (accepting no response bytes); then the "
       "connection is dropped and its upstream request ends"),
-    S("MAX_CONCURRENT_REQUESTS", "max_concurrency", integer(1, 1_000_000), "1000",
-      "Requests in flight per worker; beyond → 503 with `Retry-After: 1`"),
+    S("MAX_CONCURRENT_REQUESTS", "max_concurrency", integer(1, 1_000_000), "4096",
+      "Requests in flight per worker (streams included); beyond → 503 with `Retry-After: 1`"),
     S("INSTANCE_NAME", "instance", instance, None,
       "Names this instance's shared-memory table and metrics directory; give each instance on "
       "a host its own", shown="`port<PORT>`"),
@@ -368,8 +368,14 @@ SETTINGS: tuple[Setting, ...] = (
       "(systemd `LoadCredential=`): that file (empty: no key)"),
     S("UPSTREAM_CONNECT_TIMEOUT_SECONDS", "upstream_connect_timeout_s", number(0.001, 3600), "5",
       "Connecting to the upstream, waiting for a free pooled connection included; exceeded → 502"),
-    S("UPSTREAM_POOL_SIZE", "upstream_pool_size", integer(1, 65_536), "256",
-      "Upstream connections per worker (keep-alive pool), shared by all providers"),
+    S("UPSTREAM_POOL_SIZE", "upstream_pool_size", integer(1, 65_536), "4096",
+      "Upstream connections per provider per worker (a stream holds one for its whole length); "
+      "a request to a provider whose connections are all in use fails over at once, or gets "
+      "503 with `Retry-After: 1`"),
+    S("UPSTREAM_BUFFER_BYTES", "upstream_buffer_bytes", integer(1 << 20, 1 << 40), "134217728",
+      "Bytes of whole (non-streamed) upstream answers one worker holds at once; an answer "
+      "past it is dropped with 503 and `Retry-After: 1` (each held answer costs about twice "
+      "its size in memory)"),
     S("PROVIDERS_FILE", "providers_file", readable_file, None,
       "TOML file of providers, models and routing (see [Providers and routing]"
       "(#providers-and-routing)); re-read on HUP, a file that no longer validates is refused "
@@ -426,8 +432,9 @@ SETTINGS: tuple[Setting, ...] = (
       "it"),
     S("RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS", "rate_limit_tpm_default_max_tokens",
       integer(1, 10**9), "1024",
-      "Output tokens assumed for the estimate when a request sets no "
-      "`max_tokens`/`max_completion_tokens`/`max_output_tokens`"),
+      "Output tokens reserved for a request that sets no output cap its API obeys (a "
+      "reservation, not a limit: the request is settled to the usage the upstream reports, "
+      "into debt if it used more)"),
     # Observability
     S("LOG_LEVEL", "log_level", choice(*LOG_LEVELS), "info",
       "`debug`, `info`, `warning`, `error`, `critical`"),
@@ -491,6 +498,7 @@ class Config:
     upstream_api_key_file: Path | None
     upstream_connect_timeout_s: float
     upstream_pool_size: int
+    upstream_buffer_bytes: int
     # Providers and model routing (edge.routing.providers); overrides UPSTREAM_URL when set
     providers_file: Path | None
     # Authentication

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -26,7 +26,7 @@ import orjson
 from edge import usage
 from edge.errors import UPSTREAM, ApiError
 from edge.observability.context import RequestContext
-from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage
+from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage, output_cap
 from edge.routing.exchange import Answer, Call, Events
 from edge.server.disconnect import Receive, close_on_hang_up, unless_client_leaves
 
@@ -40,37 +40,70 @@ SSE = "text/event-stream"
 async def run(
     runtime: Runtime, req: Any, resp: Any, call: Call, prompt: Prompt | None = None
 ) -> None:
-    """Answer `call` into `resp`. `prompt` says where the request's prompt is, for the token
-    limit; None: no token limit applies (moderations, the model list)."""
+    """Answer `call` into `resp`. `prompt` says where the request's prompt and output caps
+    are, for the token limit; None: no token limit applies (moderations, the model list)."""
     ctx: RequestContext = req.context.edge
     reservation = None
     hide_usage = False
-    if prompt is not None and runtime.tokens is not None and call.data is not None:
-        reservation = await runtime.tokens.reserve(ctx, resp, call.data, prompt)
+    if prompt is not None and call.data is not None:
+        call.output_cap = output_cap(call.data, prompt)
+        if runtime.tokens is not None:
+            size = len(call.body or b"")
+            reservation = await runtime.tokens.reserve(ctx, resp, size, call.data, prompt)
         if reservation is not None:
             hide_usage = call.stream and prompt.asks_usage and ask_for_usage(call.data)
-            # Forwarded as estimated: the default output cap written in when the client set
-            # none, and a key the client sent twice resolved the way the gateway parsed it, so
-            # the upstream cannot read a larger cap.
+            # Forwarded as parsed: a key the client sent twice is resolved the way the gateway
+            # read it, so the upstream cannot read a larger cap than was estimated.
             call.body = orjson.dumps(call.data)
+            call.charge = reservation.take_more
     if call.stream:
         call.on_event = usage.watcher(ctx)
     try:
         result = await unless_client_leaves(req, runtime.router.exchange(ctx, call))
-        if isinstance(result, Events):
-            _send_events(req, resp, ctx, result, reservation, hide_usage)
-        else:
-            _send_answer(resp, ctx, result, call.api)
-            await settle_answer(reservation, ctx, result.status)
-    except ApiError as exc:
-        await refund_on_error(reservation, exc)
+    except ApiError:
+        if reservation is not None:  # tokens back only for what provably did no work
+            await reservation.settle(_working(ctx, 0) * reservation.estimate)
         raise
+    if isinstance(result, Events):
+        _send_events(req, resp, ctx, result, reservation, hide_usage)
+        return
+    if not _send_answer(resp, ctx, result, call.api):
+        result.release()
+    if reservation is not None:
+        await reservation.settle(_used(reservation, ctx, 200 <= result.status < 300))
 
 
-def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> None:
+def _working(ctx: RequestContext, mock: int) -> int:
+    """Attempts the upstream may bill for this request (the built-in mock: `mock`)."""
+    outcome = ctx.upstream
+    return mock if outcome is None else outcome.working
+
+
+def _reported(ctx: RequestContext) -> int | None:
+    if ctx.prompt_tokens is None and ctx.completion_tokens is None:
+        return None
+    return (ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0)
+
+
+def _used(reservation: Reservation, ctx: RequestContext, answered: bool) -> int:
+    """What the request is settled to (edge.ratelimit.tokens): a success's reported usage
+    (else its estimate), plus an estimate for each other attempt the upstream may bill; an
+    error answer only those."""
+    estimate = reservation.estimate
+    if not answered:
+        return _working(ctx, 0) * estimate
+    reported = _reported(ctx)
+    return (estimate if reported is None else reported) + (_working(ctx, 1) - 1) * estimate
+
+
+def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> bool:
     """Pass a whole answer on: status, body, content type, retry headers. A success (judged a
     JSON object by the router) gives its usage to the request; an error passes through when it
-    is a JSON error, and is wrapped in the client API's error shape otherwise."""
+    is a JSON error, and is wrapped in the client API's error shape otherwise.
+
+    An answer over SEND_PIECE_BYTES is sent in pieces, each when the client took the last, so
+    it holds its share of the buffer budget until its last byte is out: True then (the stream
+    releases it), False when the caller may release it now."""
     status = answer.status
     body = answer.body
     data = answer.data
@@ -91,9 +124,23 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> 
         )
         body = error.body(shape)
         resp.content_type = JSON
-    resp.data = body
     for name, value in answer.headers.items():
         resp.set_header(name, value)
+    if len(body) <= SEND_PIECE_BYTES:
+        resp.data = body
+        return False
+    resp.content_length = len(body)
+    events = Events(_pieces(body), release=answer.release)
+    resp.stream = ResponseStream(aiter(events), events)
+    return True
+
+
+SEND_PIECE_BYTES = 1 << 20
+
+
+async def _pieces(body: bytes) -> AsyncGenerator[bytes, None]:
+    for start in range(0, len(body), SEND_PIECE_BYTES):
+        yield body[start : start + SEND_PIECE_BYTES]
 
 
 def _send_events(
@@ -115,48 +162,41 @@ def _send_events(
     resp.stream = ResponseStream(source, events, req.receive)
 
 
-async def refund_on_error(reservation: Reservation | None, exc: ApiError) -> None:
-    """Give the whole reservation back when the request ends in an error answer before any
-    generation (unknown model, every provider failing, a refused body); a client that hung up
-    (499) keeps it, as an abandoned stream does."""
-    if reservation is not None and exc.status != 499:
-        await reservation.settle(0)
-
-
-async def settle_answer(reservation: Reservation | None, ctx: RequestContext, status: int) -> None:
-    """Settle a token reservation on a complete answer: its usage when it is a success that
-    reports one, nothing at all when the upstream answered an error (nothing was generated)."""
-    if reservation is None:
-        return
-    if not 200 <= status < 300:
-        await reservation.settle(0)
-    elif ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
-        await reservation.settle((ctx.prompt_tokens or 0) + (ctx.completion_tokens or 0))
-
-
 def settled_stream(
     events: Events, reservation: Reservation | None, ctx: RequestContext, hide_usage: bool
 ) -> AsyncIterator[bytes]:
-    """The stream's events, settling the token reservation on the usage the stream reported.
-    A usage chunk requested for the gateway's sake (`hide_usage`) is removed on the way. A
-    stream that does not end (the client left, the upstream broke) keeps its reservation."""
-    source = aiter(events)
+    """The stream's events, the usage chunk requested for the gateway's sake (`hide_usage`)
+    removed, and the token reservation settled when the stream ends (`_settle_at_end`)."""
+    source: Any = aiter(events)
+    if hide_usage:
+        source = usage.hide_usage_event(source)
     if reservation is None:
         return source
-    if hide_usage:
-        return usage.watch_usage(source, reservation.settle_usage, True)
     return _settle_at_end(source, reservation, ctx)
 
 
 async def _settle_at_end(
     source: Any, reservation: Reservation, ctx: RequestContext
 ) -> AsyncIterator[bytes]:
+    """Relay `source`, then settle: a whole stream to its reported usage; one that did not end
+    whole (the client left, the upstream broke) keeps its reservation, or the usage it
+    reported so far when that is larger."""
+    whole = False
     try:
         async for block in source:
             yield block
-        await settle_answer(reservation, ctx, 200)  # the counts the usage watcher saw
+        whole = ctx.upstream is None or ctx.upstream.error is None
     finally:
-        await source.aclose()
+        try:
+            if whole:
+                used = _used(reservation, ctx, True)
+            else:
+                seen = _reported(ctx) or 0
+                estimate = reservation.estimate
+                used = max(estimate, seen) + (max(1, _working(ctx, 1)) - 1) * estimate
+            await reservation.settle(used)
+        finally:
+            await source.aclose()
 
 
 class ResponseStream:

@@ -9,13 +9,13 @@ The usage chunk of an OpenAI stream: with `stream_options.include_usage`, the la
 before `[DONE]` is a chunk with `"choices": []` and the request's `usage`. The token limit needs
 that usage; when the gateway asked for it on the client's behalf, the client must not see the
 extra chunk (clients that did not ask can crash on its empty `choices`). `usage_event(event)`
-is the per-event test; `watch_usage` settles on it and hides it, holding back only an incomplete
-trailing event, never a whole stream.
+is the per-event test; `hide_usage_event` drops it from a stream, holding back only an
+incomplete trailing event, never a whole stream.
 """
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -101,14 +101,10 @@ def _event_end(buffer: bytes, start: int) -> tuple[int, int]:
     return best, size
 
 
-async def watch_usage(
-    source: AsyncGenerator[bytes, None],
-    on_usage: Callable[[dict[str, Any]], Awaitable[None]],
-    hide: bool,
-) -> AsyncIterator[bytes]:
-    """Relay `source` as whole events, calling `on_usage` with a usage-only chunk's usage and,
-    when `hide`, dropping that event. Whatever is left at the end is passed on as it is.
-    Closing this generator closes `source` (the relay, which releases the upstream)."""
+async def hide_usage_event(source: AsyncIterator[bytes]) -> AsyncIterator[bytes]:
+    """Relay `source` as whole events, dropping the usage-only chunk (`usage_event`). Whatever
+    is left at the end is passed on as it is. Closing this generator closes `source` (the
+    relay, which releases the upstream)."""
     buffer = b""
     try:
         async for chunk in source:
@@ -121,16 +117,12 @@ async def watch_usage(
                     break
                 event = buffer[start : end + size]
                 start = end + size
-                usage = usage_event(event)
-                if usage is not None:
-                    await on_usage(usage)
-                    if hide:
-                        continue
-                out.append(event)
+                if usage_event(event) is None:
+                    out.append(event)
             buffer = buffer[start:]
             if out:
                 yield b"".join(out)
         if buffer:
             yield buffer
     finally:
-        await source.aclose()
+        await source.aclose()  # type: ignore[attr-defined]

@@ -152,6 +152,7 @@ def exposed() -> dict[str, tuple[str, set[str]]]:
         metrics.provider_attempt("default", "2xx", 0.01)
         metrics.provider_event("retries", "default")
         metrics.provider_event("failovers", "default")
+        metrics.provider_event("panics", "default")
         metrics.breaker_state.labels("default").set(0)
         result = client.simulate_get("/metrics")
     assert result.status_code == 200

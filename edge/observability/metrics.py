@@ -217,7 +217,9 @@ class Metrics:
             ["outcome"], namespace=ns, registry=registry,
         )  # fmt: skip
         self.upstream_errors = Counter(
-            "upstream_errors", "Upstream failures by kind (timeout, connect, 5xx, invalid).",
+            "upstream_errors",
+            "Upstream failures by kind (timeout, connect, disconnect, invalid, auth, 5xx; busy "
+            "and overloaded: the gateway's own connection and buffer limits).",
             ["kind"], namespace=ns, registry=registry,
         )  # fmt: skip
         self._upstream_duration_family = Histogram(
@@ -248,6 +250,12 @@ class Metrics:
         )  # fmt: skip
         self.provider_failovers = Counter(
             "provider_failovers", "Failed attempts at a provider that moved the request on.",
+            ["provider"], namespace=ns, registry=registry,
+        )  # fmt: skip
+        self.provider_panics = Counter(
+            "provider_panics",
+            "Attempts sent to a provider although its breakers were open: no target of the "
+            "model was available (panic routing).",
             ["provider"], namespace=ns, registry=registry,
         )  # fmt: skip
         self.provider_ttfb = Histogram(
@@ -395,7 +403,12 @@ class Metrics:
             slots[1].observe(ttfb_s)
 
     def provider_event(self, what: str, provider: str) -> None:
-        family = self.provider_retries if what == "retries" else self.provider_failovers
+        """`what`: retries, failovers or panics."""
+        family = {
+            "retries": self.provider_retries,
+            "failovers": self.provider_failovers,
+            "panics": self.provider_panics,
+        }[what]
         self._child(family, provider).inc()
 
     def auth_failure(self, reason: str) -> None:

@@ -18,12 +18,18 @@ Rather than storing a "last request" time and a counter, we store the token leve
 * a long idle period caps at ``burst``: an idle bucket holds no more than a full one;
 * a brand-new identity starts full, exactly like one that has been idle forever.
 
+A level may be negative: a debt. Token limits reserve an estimate and settle to the usage the
+provider reports (``adjust``); a request that used more than it reserved leaves the bucket
+below zero, and nothing is admitted until the refill has paid the debt back (a request bucket
+is only ever taken from, never below zero).
+
 Stored state comes from shared memory that a crashed or buggy process may have scribbled
-on, so it is never trusted. NaN, infinities, a negative level, or an ``updated`` that is
-ahead of ``now`` by more than ``CLOCK_SKEW_S`` make the bucket start again full. That
-costs at most one burst of extra admissions, and can never lock an identity out (a
-bogus far-future ``updated`` would otherwise stall refill until that time arrives). A
-level above ``burst`` (say, after burst was lowered by a config reload) is clamped.
+on, so it is never trusted. NaN, infinities, a debt beyond ``MAX_DEBT`` (more than any
+request could use), or an ``updated`` that is ahead of ``now`` by more than ``CLOCK_SKEW_S``
+make the bucket start again full. That costs at most one burst of extra admissions, and can
+never lock an identity out (a bogus far-future ``updated`` would otherwise stall refill until
+that time arrives). A level above ``burst`` (say, after burst was lowered by a config reload)
+is clamped.
 
 Small backward steps (within ``CLOCK_SKEW_S``) are treated as "no time has passed", not
 as corruption: a reset there would hand out a free burst whenever two processes race
@@ -41,6 +47,9 @@ CLOCK_SKEW_S: Final = 1.0
 
 MAX_WAIT_S: Final = 86_400.0
 """Upper bound on the waits we report; the HTTP layer caps Retry-After lower still."""
+
+MAX_DEBT: Final = 1e12
+"""A level below ``-MAX_DEBT`` is corrupt, not a debt: no request reports that much usage."""
 
 
 BucketOutcome = tuple[bool, float, float, float, float]
@@ -61,8 +70,8 @@ def level_at(
     ``as_of`` is ``now`` except on a small backward clock step, where it stays ``updated``
     so that storing it never manufactures refill time.
     """
-    if not (0.0 <= tokens < math.inf and -math.inf < updated < math.inf):
-        return burst, now  # NaN, inf or negative: corrupt, start full
+    if not (-MAX_DEBT <= tokens < math.inf and -math.inf < updated < math.inf):
+        return burst, now  # NaN, inf or an impossible debt: corrupt, start full
     elapsed = now - updated
     if elapsed < 0.0:
         if elapsed < -CLOCK_SKEW_S:
@@ -125,16 +134,16 @@ def adjust(
     """Return the state after giving back ``refund`` tokens (take more when negative).
 
     Used to correct a reservation once the real cost is known (token limits: reserve the
-    estimate, then settle on the reported usage). The level stays within ``[0, burst]``: an
-    overspend beyond what is left is forgiven rather than carried as debt, and a refund never
-    fills the bucket past full.
+    estimate, then settle on the reported usage). An overspend beyond what is left is carried
+    as a debt (a negative level, at most ``MAX_DEBT``) that the refill pays back; a refund
+    never fills the bucket past full.
     """
     if not (0.0 <= rate_per_s < math.inf and burst >= 1 and math.isfinite(refund)):
         raise ValueError(f"invalid adjustment: rate_per_s={rate_per_s!r} refund={refund!r}")
     level, as_of = level_at(tokens, updated, now, rate_per_s, burst)
     level += refund
-    if level < 0.0:
-        level = 0.0
+    if level < -MAX_DEBT:
+        level = -MAX_DEBT
     elif level > burst:
         level = float(burst)
     return level, as_of

@@ -56,7 +56,8 @@ MAX_WAIT_S: Final = 86_400.0
 
 # ARGV: rate_per_s, burst, cost, mode ("take" | "adjust"), [now, tests only].
 # "take": admit when cost tokens are there, and take them (nothing on refusal).
-# "adjust": give back `cost` tokens (take when negative), within [0, burst].
+# "adjust": give back `cost` tokens (take when negative): at most burst, below zero a debt
+# (edge.ratelimit.bucket).
 # Returns {allowed (0/1), remaining (floor), retry_after_s, reset_after_s} (floats as strings:
 # a Lua number in a reply is truncated to an integer).
 BUCKET_SCRIPT: Final = """
@@ -77,7 +78,7 @@ local state = redis.call('HMGET', KEYS[1], 't', 'u')
 local tokens = tonumber(state[1])
 local updated = tonumber(state[2])
 local level, as_of
-if tokens == nil or updated == nil or not (tokens >= 0 and tokens < huge)
+if tokens == nil or updated == nil or not (tokens >= -1e12 and tokens < huge)
     or not (updated > -huge and updated < huge) then
   level, as_of = burst, now
 else
@@ -99,7 +100,7 @@ local function until_level(target)
 end
 local allowed, retry = 1, 0
 if mode == 'adjust' then
-  level = math.max(0, math.min(burst, level + cost))
+  level = math.max(-1e12, math.min(burst, level + cost))  -- below zero: a debt
 elseif cost <= level then
   level = level - cost
 else
@@ -114,7 +115,7 @@ else
              'u', string.format('%.17g', as_of))
   redis.call('PEXPIRE', KEYS[1], math.min(math.ceil(reset * 1000) + 1, 315360000000))
 end
-return {allowed, math.floor(level), string.format('%.17g', math.min(retry, 86400)),
+return {allowed, math.max(0, math.floor(level)), string.format('%.17g', math.min(retry, 86400)),
         string.format('%.17g', math.min(reset, 86400))}
 """
 SCRIPT_SHA: Final = hashlib.sha1(BUCKET_SCRIPT.encode()).hexdigest()

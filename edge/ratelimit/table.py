@@ -139,7 +139,7 @@ class Table:
         else:  # capped: recompute, or a slow bucket would look idle (evictable) too early
             full_at = bucket.full_at(tokens, updated, rate_per_s, burst)
         self._write(offset, digest, tokens, updated, full_at)
-        return Decision(allowed, burst, int(tokens), retry_after, reset_after)
+        return Decision(allowed, burst, max(0, int(tokens)), retry_after, reset_after)
 
     def adjust(
         self, digest: bytes, now: float, rate_per_s: float, burst: int, refund: float

@@ -4,17 +4,36 @@ Theory of operation
 -------------------
 Each identity has a second token bucket beside its request bucket, holding up to ``tpm``
 tokens and refilling at ``tpm / 60`` per second, in the same backend (shared memory or Redis).
-A request is admitted only if its *estimate* fits: the prompt's size (bytes of its text / 4,
-about a token per four characters of English) plus the most it may generate
-(``max_completion_tokens``, ``max_tokens`` or ``max_output_tokens``, times ``n``; the
-configured RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS when none is set). The estimate is taken at once,
-so concurrent requests cannot overspend: counting only after the response is what lets five
+A request is admitted only if its *estimate* fits, and the estimate is taken at once, so
+concurrent requests cannot overspend: counting only after the response is what lets five
 concurrent requests spend 663 tokens under a 100 TPM limit (LiteLLM #18730).
 
-When the response reports its ``usage``, the difference is settled: unused tokens go back,
-an overspend is taken (down to an empty bucket, never into debt). No usage, no settlement:
-a stream the client abandons, or an upstream that failed mid-way, keeps its reservation. An
-upstream that answered with an error gives everything back (nothing was generated).
+The estimate covers everything a provider bills:
+
+- input: the whole request body's bytes / 4 (about a token per four characters of English):
+  every field counts, messages, system and instructions, tool results, tools and their JSON
+  schemas, ``response_format`` and ``text.format`` schemas, and fields no one has heard of yet,
+  since the body's length bounds the bytes of every string in it. Image and file parts are not
+  counted by their bytes or their URL but at a fixed, conservative amount per part
+  (``IMAGE_PART_TOKENS``, ``FILE_PART_TOKENS``: providers scale images down, and bill a file by
+  its pages); a prompt given as token ids counts one token per id;
+- output: per route, the largest of the cap fields that route's API obeys (chat:
+  ``max_completion_tokens`` and ``max_tokens``; completions and Anthropic's Messages:
+  ``max_tokens``; Responses: ``max_output_tokens``), times ``n`` (or ``best_of``); with none
+  present, RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS. A cap field of another API, which the upstream
+  ignores, counts for nothing. The gateway never adds, lowers or rewrites a cap: the default
+  is a reservation, not a limit on the answer.
+
+Settling, by the request pipeline (edge.pipeline), once the outcome is known:
+
+- to the usage the upstream reports, with no floor: a request that used more than it reserved
+  leaves the bucket in debt (edge.ratelimit.bucket), refused until the refill has paid it;
+- tokens go back only when the upstream provably did no work: every attempt failed to connect
+  before its request was sent, or was answered with an error status;
+- an attempt whose request was sent and that ended without an answer (a timeout, a reset, the
+  client hanging up, a stream cut short) keeps its reservation, or the usage seen so far when
+  that is larger; and when the router fails over after such an attempt, the next attempt may
+  be billed too, so it takes another estimate (``Reservation.take_more``, debt allowed).
 
 An estimate larger than the whole bucket could never be admitted, so it is refused with 400 at
 once rather than asked to retry forever.
@@ -29,55 +48,69 @@ from edge.errors import BadRequest, RateLimited
 from edge.ratelimit import headers
 from edge.ratelimit.base import Decision
 
-_MAX_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 BYTES_PER_TOKEN = 4
-
-
+IMAGE_PART_TOKENS = 2_000  # one image, whatever its size: providers bill about 1,600 at most
+FILE_PART_TOKENS = 25_000  # one file, document or audio part (about ten pages of a PDF)
+_IMAGE_TYPES = frozenset(("image_url", "input_image", "image"))
+_FILE_TYPES = frozenset(("file", "input_file", "document", "input_audio", "audio"))
+_CAP_FIELDS = ("max_completion_tokens", "max_tokens", "max_output_tokens")
 _COUNT_FIELDS = ("n", "best_of")  # completions generated per request
 
 
 class Prompt:
-    """Where an API's request holds its prompt, whether it generates output, the field that
-    caps that output in this API (written into the request when the client set none), and
-    whether its streams report usage only when asked (`stream_options.include_usage`)."""
+    """What one API's request holds for its token estimate: the fields that may hold prompt
+    content (images, files, token ids), the cap fields that API obeys (none: it generates
+    nothing), and whether its streams report usage only when asked
+    (`stream_options.include_usage`)."""
 
-    __slots__ = ("asks_usage", "cap", "fields", "generates")
+    __slots__ = ("asks_usage", "caps", "fields")
 
-    def __init__(
-        self, *fields: str, cap: str = "", generates: bool = True, asks_usage: bool = False
-    ) -> None:
+    def __init__(self, *fields: str, caps: tuple[str, ...] = (), asks_usage: bool = False) -> None:
         self.fields = fields
-        self.cap = cap
-        self.generates = generates
+        self.caps = caps
         self.asks_usage = asks_usage
 
+    @property
+    def generates(self) -> bool:
+        return bool(self.caps)
 
-CHAT = Prompt("messages", cap="max_completion_tokens", asks_usage=True)
-COMPLETION = Prompt("prompt", cap="max_tokens", asks_usage=True)
-RESPONSES = Prompt("input", "instructions", cap="max_output_tokens")
-MESSAGES = Prompt("messages", "system", cap="max_tokens")  # Anthropic's Messages API
-EMBEDDINGS = Prompt("input", generates=False)
+
+CHAT = Prompt("messages", caps=("max_completion_tokens", "max_tokens"), asks_usage=True)
+COMPLETION = Prompt("prompt", caps=("max_tokens",), asks_usage=True)
+RESPONSES = Prompt("input", "instructions", caps=("max_output_tokens",))
+MESSAGES = Prompt("messages", "system", caps=("max_tokens",))  # Anthropic's Messages API
+EMBEDDINGS = Prompt("input")
 
 
 class Reservation:
-    """Tokens taken for one request, to settle when its usage is known."""
+    """Tokens taken for one request: `estimate` for each attempt that may be billed, settled
+    once when its usage is known."""
 
-    __slots__ = ("estimate", "identity", "limiter", "settled", "tpm")
+    __slots__ = ("estimate", "identity", "limiter", "settled", "taken", "tpm")
 
     def __init__(self, limiter: Any, identity: bytes, tpm: int, estimate: int) -> None:
         self.limiter = limiter
         self.identity = identity
         self.tpm = tpm
         self.estimate = estimate
+        self.taken = estimate
         self.settled = False
 
+    async def take_more(self) -> None:
+        """Another attempt may be billed (the router fails over after one whose request was
+        sent and not answered): take another estimate, into debt if need be."""
+        self.taken += self.estimate
+        await self._adjust(-self.estimate)
+
     async def settle(self, used: int) -> None:
-        """Give back what the request did not use (take what it used beyond the estimate).
-        Awaited, so the next request of this identity sees the settled bucket."""
+        """Give back what the request did not use (take what it used beyond what was taken:
+        a debt). Awaited, so the next request of this identity sees the settled bucket."""
         if self.settled:
             return
         self.settled = True
-        refund = self.estimate - used
+        await self._adjust(self.taken - used)
+
+    async def _adjust(self, refund: int) -> None:
         if not refund:
             return
         limiter = self.limiter
@@ -85,11 +118,6 @@ class Reservation:
             await limiter.adjust_async(self.identity, float(self.tpm), self.tpm, float(refund))
         else:
             limiter.adjust(self.identity, float(self.tpm), self.tpm, float(refund))
-
-    async def settle_usage(self, usage: Any) -> None:
-        used = used_tokens(usage)
-        if used is not None:
-            await self.settle(used)
 
 
 def used_tokens(usage: Any) -> int | None:
@@ -111,62 +139,83 @@ def used_tokens(usage: Any) -> int | None:
     return count("total_tokens")
 
 
-def estimate_tokens(data: dict[str, Any], where: Prompt, default_max: int) -> int:
-    """Prompt size estimate + the most the request may generate (see `hold_to_estimate`)."""
-    text_bytes, prompt_tokens = _prompt_size([data.get(name) for name in where.fields])
-    prompt = prompt_tokens + math.ceil(text_bytes / BYTES_PER_TOKEN)
+def output_cap(data: dict[str, Any], where: Prompt) -> int | None:
+    """The largest of the cap fields `where`'s API obeys that the request sets, else None."""
+    caps = [data.get(name) for name in where.caps]
+    return max((cap for cap in caps if _whole(cap)), default=None)
+
+
+def estimate_tokens(body_size: int, data: dict[str, Any], where: Prompt, default_max: int) -> int:
+    """The most the request may be billed: its input (the body's `body_size` bytes / 4, image
+    and file parts at a fixed amount each) plus the most it may generate. See the module
+    docstring."""
+    media_bytes, media_tokens, token_ids = _media([data.get(name) for name in where.fields])
+    prompt = math.ceil(max(0, body_size - media_bytes) / BYTES_PER_TOKEN)
+    prompt += media_tokens + token_ids
     if not where.generates:
         return prompt
-    completion = default_max
-    for name in _MAX_FIELDS:
-        value = data.get(name)
-        if _whole(value):
-            completion = value
-            break
+    cap = output_cap(data, where)
+    completion = default_max if cap is None else cap
     counts = [data.get(name) for name in _COUNT_FIELDS]
     choices = max((count for count in counts if _whole(count)), default=1)
     return prompt + completion * max(1, choices)
 
 
-def hold_to_estimate(data: dict[str, Any], where: Prompt, default_max: int) -> None:
-    """Make the request the upstream sees match what was estimated: a cap or count field that
-    is not a whole number is 400 (an upstream may read "100000" or 1e5 where the estimate could
-    not), and a request without a cap gets the default one written in (the upstream would
-    otherwise generate as much as it likes, past what was reserved)."""
-    for name in (*_MAX_FIELDS, *_COUNT_FIELDS):
+def check_counts(data: dict[str, Any]) -> None:
+    """A cap or count field that is not a whole number is 400: an upstream may read "100000"
+    or 1e5 where the estimate could not."""
+    for name in (*_CAP_FIELDS, *_COUNT_FIELDS):
         if name in data and not _whole(data[name]):
             raise BadRequest(f"'{name}' must be a whole number >= 0.", param=name)
-    if where.generates and where.cap and not any(name in data for name in _MAX_FIELDS):
-        data[where.cap] = default_max
 
 
 def _whole(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
-def _prompt_size(value: Any) -> tuple[int, int]:
-    """(UTF-8 bytes of the text, tokens given as token ids) in messages or a prompt.
+def _media(value: Any) -> tuple[int, int, int]:
+    """(bytes of the strings inside image and file parts, the tokens those parts count for,
+    token ids) in the prompt fields.
 
     Iterative, so a prompt nested as deep as the JSON parser allows cannot exhaust the
-    recursion limit. Every string counts (roles, names, tool arguments cost tokens too).
+    recursion limit. A part is a JSON object whose "type" names an image or a file, in any of
+    the APIs' spellings (OpenAI chat and Responses, Anthropic).
     """
-    size = tokens = 0
+    media_bytes = media_tokens = token_ids = 0
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            kind = item.get("type")
+            if kind in _IMAGE_TYPES or kind in _FILE_TYPES:
+                media_tokens += IMAGE_PART_TOKENS if kind in _IMAGE_TYPES else FILE_PART_TOKENS
+                media_bytes += _string_bytes(item)
+            else:
+                pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool):
+            token_ids += 1  # a prompt given as token ids
+    return media_bytes, media_tokens, token_ids
+
+
+def _string_bytes(value: Any) -> int:
+    """UTF-8 bytes of every string in `value` (at most what they take in the body)."""
+    size = 0
     pending = [value]
     while pending:
         item = pending.pop()
         if isinstance(item, str):
             size += len(item.encode("utf-8", "surrogatepass"))
-        elif isinstance(item, list):
-            pending.extend(item)
         elif isinstance(item, dict):
             pending.extend(item.values())
-        elif isinstance(item, int) and not isinstance(item, bool):
-            tokens += 1  # a prompt given as token ids
-    return size, tokens
+        elif isinstance(item, list):
+            pending.extend(item)
+    return size
 
 
 class TokenLimiter:
-    """Reserve/settle against the worker's rate limiter (the request buckets' backend)."""
+    """Reserve against the worker's rate limiter (the request buckets' backend)."""
 
     def __init__(self, config: Any, limiter: Any, metrics: Any) -> None:
         self._default_tpm = config.rate_limit_tpm
@@ -182,7 +231,7 @@ class TokenLimiter:
         return self._default_tpm
 
     async def reserve(
-        self, ctx: Any, resp: Any, data: dict[str, Any], where: Prompt
+        self, ctx: Any, resp: Any, body_size: int, data: dict[str, Any], where: Prompt
     ) -> Reservation | None:
         """Take the estimate from the identity's token bucket, or raise 429 / 400.
 
@@ -193,14 +242,16 @@ class TokenLimiter:
         limiter = self._limiter
         if tpm <= 0 or limiter is None:
             return None
-        hold_to_estimate(data, where, self._default_max)
-        estimate = estimate_tokens(data, where, self._default_max)
+        check_counts(data)
+        estimate = estimate_tokens(body_size, data, where, self._default_max)
         if estimate > tpm:
             raise BadRequest(
-                f"This request may use up to {estimate} tokens (prompt estimate plus its "
-                f"maximum output), more than the token limit of {tpm} per minute allows. "
-                "Lower max_tokens or shorten the prompt.",
-                param="max_tokens",
+                f"This request may use up to {estimate} tokens (the estimate of its input plus "
+                f"its maximum output), more than the token limit of {tpm} per minute allows. "
+                "Lower its output cap or shorten it.",
+                param=next((cap for cap in where.caps if cap in data), where.caps[0])
+                if where.caps
+                else None,
                 code="tokens_exceed_limit",
             )
         identity = token_identity(ctx)
@@ -233,9 +284,13 @@ def refused(decision: Decision, tpm: int, estimate: int, sent: dict[str, str]) -
     if decision.failure is not None:
         message = "Rate limit reached for tokens: the limiter is unavailable. Try again shortly."
     else:
+        wait = decision.retry_after
+        when = (
+            f"{retry_ms / 1000:.3g}s" if wait <= 60 else f"{math.ceil(wait)}s (the key is in debt)"
+        )
         message = (
             f"Rate limit reached for tokens (limit {tpm} per minute, requested {estimate}, "
-            f"remaining {decision.remaining}). Try again in {retry_ms / 1000:.3g}s."
+            f"remaining {decision.remaining}). Try again in {when}."
         )
     return RateLimited(message, headers=sent)
 

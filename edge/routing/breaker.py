@@ -1,4 +1,4 @@
-"""Host-wide circuit breakers and cooldowns, one slot per provider in shared memory.
+"""Host-wide circuit breakers and cooldowns, in shared memory: one per provider, one per target.
 
 Theory of operation
 -------------------
@@ -16,10 +16,20 @@ one breaker timeout, then its place is given to a new probe. A cooldown (from a 
 retry-after) is separate: it only moves forward, so a shorter retry-after never shortens a
 longer cooldown (LiteLLM #40130).
 
-`SharedBreakers` keeps one 64-byte slot per provider in a host-wide shared-memory segment
+Panic (`panic_probe`): when every target of a model is open or cooling down, the router sends
+the model's requests to them anyway rather than refuse everyone (as Envoy's panic threshold
+does); each such request is a probe of the open breaker, outside `half_open_max`, so the first
+successes close it again.
+
+The router keeps two breakers a target (edge.routing.router): its provider's, for failures of
+the connection (refused, reset, TLS, a refused key), and the target's own (the provider and the
+upstream model), for failures of the answers (5xx, 429, timeouts, invalid answers), so one
+model's failures never close the provider to its other models.
+
+`SharedBreakers` keeps one 64-byte slot per breaker in a host-wide shared-memory segment
 (edge.shm: created by the gunicorn master beside the rate-limit table, attached by each worker
 after fork, locked with the kernel-released `flock`). Slots are keyed by a digest of the
-provider's name (edge.shm.Slots finds them), so a HUP that adds providers finds the old ones'
+breaker's name (edge.shm.Slots finds them), so a HUP that adds providers finds the old ones'
 state where it was. The lock is held for one read-modify-write, never across an await. A slot
 whose state reads `closed` with no failures is not locked at all: the common case costs one
 unlocked read.
@@ -116,6 +126,19 @@ def release(s: BreakerState, probe: float | None) -> None:
         s.probes -= 1
 
 
+def panic_probe(s: BreakerState, now: float) -> float | None:
+    """Claim a probe whatever the state allows (panic routing, see the module docstring): an
+    open breaker goes half-open at once. Returns the probe (what `claimed` checks), or None
+    when the breaker is closed (nothing to probe)."""
+    if s.state == CLOSED:
+        return None
+    if s.state == OPEN:
+        s.state, s.successes, s.probes = HALF_OPEN, 0, 0
+    s.probes += 1
+    s.probe_at = now
+    return s.opened_at
+
+
 def _open(s: BreakerState, now: float) -> None:
     s.state, s.opened_at, s.successes, s.probes = OPEN, now, 0, 0
 
@@ -136,7 +159,7 @@ SLOT_SIZE = 64
 _MAGIC = b"EDGEBRK1"
 _HEADER = struct.Struct("<8sI4x")
 HEADER_SIZE = 16
-DEFAULT_SLOTS = 256
+DEFAULT_SLOTS = 4096  # a provider's breaker and one per target (64 bytes each)
 WINDOW = 16  # slots probed for a key (edge.shm.Slots)
 LOCK_TIMEOUT_S = 0.05
 _FREE = bytes(16)

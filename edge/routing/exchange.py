@@ -7,7 +7,7 @@ when they end (the router wires that in), so nothing above Layer 2 ever calls a 
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,7 +29,11 @@ class Call:
     stream: bool = False
     headers: dict[str, str] | None = None  # client headers forwarded as they are (checked)
     provider: Any = None  # a GET pinned to this provider (edge.routing.providers.Provider)
+    output_cap: int | None = None  # the largest output cap the request sets (its API's own)
     on_event: Callable[[bytes], None] | None = None  # sees each block of a stream's events
+    # Takes another token estimate before an attempt the upstream may bill on top of an
+    # earlier one (edge.pipeline: a failover after a request that was sent and not answered).
+    charge: Callable[[], Awaitable[None]] | None = None
 
 
 class Events:

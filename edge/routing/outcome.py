@@ -12,7 +12,10 @@ It is written through its methods only, by Layer 2 and the transport below it:
   `answered` status of the answer it passes on, or that the answer was `failed` (invalid);
 - the transport (edge.upstream.client: an exchange, a stream's later reads and mid-stream
   failures) adds the time it `waited` on the upstream and names a failure (`failed`; a refused
-  key also sets the status).
+  key also sets the status); it says when an attempt's request was `sent` (from then on the
+  upstream may be working, and billing, for it) and when the upstream `declined` it with an
+  error status (it did no work). `working` counts the attempts that may have been billed: the
+  token limit keeps what they reserved (edge.pipeline).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 class UpstreamOutcome:
     """One request's upstream facts, as the metrics and the access line report them."""
 
-    __slots__ = ("attempts", "error", "provider", "status", "waited_s")
+    __slots__ = ("attempts", "error", "provider", "status", "waited_s", "working")
 
     def __init__(self) -> None:
         self.status: int | None = None  # the status of the answer passed on (or refused)
@@ -29,6 +32,7 @@ class UpstreamOutcome:
         self.waited_s = 0.0  # time spent waiting on the upstream: not the gateway's overhead
         self.provider: str | None = None  # the configured provider that answered (or last tried)
         self.attempts = 0  # upstream attempts made (failover retries included)
+        self.working = 0  # attempts whose request was sent and not declined: maybe billed
 
     def attempt(self, provider: str) -> None:
         """An attempt at `provider` starts: the previous attempt's failure is no longer the
@@ -51,6 +55,14 @@ class UpstreamOutcome:
         self.error = kind
         if status is not None:
             self.status = status
+
+    def sent(self) -> None:
+        """An attempt's request was written to the upstream."""
+        self.working += 1
+
+    def declined(self) -> None:
+        """The attempt's request was answered with an error status: no work was done for it."""
+        self.working -= 1
 
     def waited(self, seconds: float) -> None:
         """Time spent waiting on the upstream (counted out of the gateway's overhead)."""

@@ -63,6 +63,10 @@ class Target:
     provider: Provider
     model: str | None  # the upstream's name for the model; None: the client's, unchanged
     weight: int = 1
+    # The target's own breaker (edge.routing.breaker): the provider and the upstream model it
+    # names (the [[models]] entry's name when it renames nothing, "*" included), so it is
+    # bounded by configuration, never by the model names clients send.
+    breaker: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +117,8 @@ class Providers:
         """No upstream configured: the built-in mock serves every model."""
         provider = Provider(MOCK, "", kind=MOCK)
         routing = Routing(fallback_enabled=False, max_retries=0, breakers_enabled=False)
-        return cls({MOCK: provider}, {WILDCARD: (Target(provider, None),)}, routing, False)
+        target = Target(provider, None, 1, "mock/*")
+        return cls({MOCK: provider}, {WILDCARD: (target,)}, routing, False)
 
     @classmethod
     def single(cls, config: Config) -> Providers:
@@ -122,7 +127,7 @@ class Providers:
         provider = Provider("default", config.upstream_url, config.upstream_api_key)
         return cls(
             {"default": provider},
-            {WILDCARD: (Target(provider, None),)},
+            {WILDCARD: (Target(provider, None, 1, "default/*"),)},
             Routing(fallback_enabled=False, max_retries=0, breakers_enabled=False),
             from_file=False,
         )
@@ -197,7 +202,7 @@ def parse(document: dict[str, Any], base_dir: Path | None = None) -> Providers:
             raise _fail(f"{where}: 'name' must be a non-empty string (at most 256 characters)")
         if name in models:
             raise _fail(f"{where}: model {name!r} is listed twice")
-        models[name] = _targets(raw.get("targets"), f"{where} ({name})", providers)
+        models[name] = _targets(raw.get("targets"), f"{where} ({name})", providers, name)
     routing = _routing(_table(document.get("routing", {}), "[routing]"))
     return Providers(providers, models, routing)
 
@@ -246,7 +251,9 @@ def _provider(name: str, raw: dict[str, Any], base_dir: Path | None) -> Provider
     return Provider(name, base_url, key, timeout_s, kind)
 
 
-def _targets(raw: Any, where: str, providers: dict[str, Provider]) -> tuple[Target, ...]:
+def _targets(
+    raw: Any, where: str, providers: dict[str, Provider], entry: str
+) -> tuple[Target, ...]:
     if not isinstance(raw, list) or not raw:
         raise _fail(f"{where}: 'targets' must be a non-empty array")
     if len(raw) > MAX_TARGETS:
@@ -267,7 +274,7 @@ def _targets(raw: Any, where: str, providers: dict[str, Provider]) -> tuple[Targ
             raise _fail(f"{at}: 'model' must be a non-empty string")
         weight = _integer(item.get("weight", 1), f"{at} weight", 1, 1_000_000)
         kinds.add(provider.kind)
-        targets.append(Target(provider, model, weight))
+        targets.append(Target(provider, model, weight, f"{provider.name}/{model or entry}"))
     return tuple(targets)
 
 

@@ -55,9 +55,15 @@ from edge.upstream.http1 import UpstreamError
 
 log = logging.getLogger("edge.router")
 
-# "auth": the provider refused the gateway's key (401/403): not the client's answer, and
-# nothing has reached the client yet, so another provider may serve it.
-RETRYABLE_ERRORS = frozenset({"timeout", "connect", "disconnect", "invalid", "auth"})
+# What fails over to the next target. "auth": the provider refused the gateway's key
+# (401/403): not the client's answer, and nothing has reached the client yet, so another
+# provider may serve it. "busy": the provider's connections are all in use (nothing was sent).
+RETRYABLE_ERRORS = frozenset({"timeout", "connect", "disconnect", "invalid", "auth", "busy"})
+# A non-streamed request whose output cap is at most this, and that times out, counts against
+# its target's breaker; one that may generate more does not: how long it takes depends on the
+# request, and one key's long generations must not close a target to everyone.
+SMALL_OUTPUT_CAP = 256
+NORMAL, LAST_RESORT, PANIC = 0, 1, 2  # admission: as the breakers say; cooling too; anyway
 BACKOFF_BASE_S = 0.5
 BACKOFF_MAX_S = 5.0
 
@@ -187,6 +193,13 @@ class Router:
         self._timeout_s = timeout_s
         self._metrics = metrics
         self.busy: dict[str, int] = dict.fromkeys(providers.providers, 0)
+        # Each provider's targets' breakers, for the state a provider shows (/health, metrics).
+        self._targets_of: dict[str, list[str]] = {name: [] for name in providers.providers}
+        for targets in providers.models.values():
+            for target in targets:
+                keys = self._targets_of[target.provider.name]
+                if target.breaker not in keys:
+                    keys.append(target.breaker)
 
     # ---------------------------------------------------------------- choosing
 
@@ -203,7 +216,8 @@ class Router:
         return targets
 
     def order(self, targets: tuple[Target, ...]) -> list[Target]:
-        """The strategy's order; cooling-down and open providers moved to the end."""
+        """The strategy's order; targets that are cooling down or whose breakers are open moved
+        to the end."""
         strategy = self._routing.strategy
         if len(targets) == 1 or strategy == "priority":
             ordered = list(targets)
@@ -214,58 +228,80 @@ class Router:
             ordered = _weighted(targets)
         if not self._use_breakers:
             return ordered
-        breakers = self.breakers
-        now = breakers.clock()
+        now = self.breakers.clock()
         ready, later = [], []
         for target in ordered:
-            name = target.provider.name
-            state, _, cooldown = breakers.hot(name)
-            if cooldown > now:
-                later.append(target)
-            elif state == cb.CLOSED or cb.available(breakers.peek(name), self._policy, now):
+            if self._ready(target.provider.name, now) and self._ready(target.breaker, now):
                 ready.append(target)
             else:
                 later.append(target)
         return ready + later
 
-    def _admit(self, target: Target, last_resort: bool) -> tuple[bool, float | None]:
-        """Claim the right to send to this target: (admitted, probe). `probe` names the
-        half-open place claimed (the period's `opened_at`), else None; the attempt's verdict or
-        release carries it, so it can only ever count for, or give back, its own place."""
+    def _ready(self, name: str, now: float) -> bool:
+        state, _, cooldown = self.breakers.hot(name)
+        if cooldown > now:
+            return False
+        return state == cb.CLOSED or cb.available(self.breakers.peek(name), self._policy, now)
+
+    def _admit(self, target: Target, mode: int) -> tuple[float | None, float | None] | None:
+        """Claim the right to send to this target: None when refused, else the half-open probe
+        places claimed on its provider's breaker and on its own (see `_claim`); the attempt's
+        verdict or release carries them."""
         if not self._use_breakers:
-            return True, None
+            return None, None
+        provider = target.provider.name
+        admitted, provider_probe = self._claim(provider, mode)
+        if not admitted:
+            return None
+        admitted, target_probe = self._claim(target.breaker, mode)
+        if not admitted:
+            self._report(provider, None, provider_probe)
+            return None
+        return provider_probe, target_probe
+
+    def _claim(self, name: str, mode: int) -> tuple[bool, float | None]:
+        """(admitted, probe) on one breaker. `probe` names the half-open place claimed (the
+        period's `opened_at`), else None, so it can only ever count for, or give back, its own
+        place. NORMAL skips a cooling target, LAST_RESORT does not, PANIC claims a probe
+        whatever the state (breaker.panic_probe)."""
+        state, _, cooldown = self.breakers.hot(name)
+        if state == cb.CLOSED and (mode != NORMAL or cooldown <= self.breakers.clock()):
+            return True, None  # the common case: no lock
         policy = self._policy
 
         def change(state: cb.BreakerState, now: float) -> tuple[bool, float | None]:
-            if state.cooldown_until > now and not last_resort:
+            if mode == PANIC:
+                return True, cb.panic_probe(state, now)
+            if state.cooldown_until > now and mode == NORMAL:
                 return False, None
             if not cb.allow(state, policy, now):
                 return False, None
             return True, (state.opened_at if state.state == cb.HALF_OPEN else None)
 
-        name = target.provider.name
-        state, _, cooldown = self.breakers.hot(name)
-        if state == cb.CLOSED and (last_resort or cooldown <= self.breakers.clock()):
-            return True, None  # the common case: no lock
         try:
             return self.breakers.update(name, change)
         except TimeoutError:
             return True, None
 
     def _report(
-        self, name: str, ok: bool, cooldown: float | None = None, probe: float | None = None
+        self, name: str, ok: bool | None, probe: float | None = None, cooldown: float = 0.0
     ) -> None:
+        """A verdict on one breaker: a success, a failure, or none (`ok` None: the attempt's
+        place is given back); `cooldown` seconds from a retry-after (no verdict either)."""
         if not self._use_breakers:
             return
+        if ok is None and probe is None and not cooldown:
+            return  # no place claimed: nothing to give back
         policy = self._policy
         state, failures, _ = self.breakers.hot(name)
-        if ok and cooldown is None and state == cb.CLOSED and failures == 0:
+        if ok and probe is None and state == cb.CLOSED and failures == 0:
             return  # nothing to change: no lock
 
         def change(state: cb.BreakerState, now: float) -> None:
-            if cooldown is not None:
+            if cooldown:
                 cb.cool_down(state, now, cooldown)
-                cb.release(state, probe)  # a probe answered with retry-after: no verdict
+            if ok is None or cooldown:
+                cb.release(state, probe)  # no verdict: its place back
             elif ok:
                 cb.on_success(state, policy, now, cb.claimed(state, probe))
             else:
@@ -274,18 +310,19 @@ class Router:
         try:
             self.breakers.update(name, change)
         except TimeoutError:
-            log.warning("breaker update skipped: table lock timeout", extra={"provider": name})
+            log.warning("breaker update skipped: table lock timeout", extra={"breaker": name})
 
-    def _release(self, target: Target, probe: float | None) -> None:
-        """Give back the half-open place `probe` that `_admit` claimed, for an attempt that
-        ends without a verdict (see breaker.release). Nothing to do without one."""
-        if probe is None or not self._use_breakers:
-            return
-        name = target.provider.name
-        try:
-            self.breakers.update(name, lambda state, now: cb.release(state, probe))
-        except TimeoutError:
-            log.warning("breaker update skipped: table lock timeout", extra={"provider": name})
+    def _verdict(
+        self,
+        target: Target,
+        probes: tuple[float | None, float | None],
+        provider_ok: bool | None,
+        target_ok: bool | None,
+        cooldown: float = 0.0,
+    ) -> None:
+        """One attempt's verdict on its provider's breaker and on its target's."""
+        self._report(target.provider.name, provider_ok, probes[0])
+        self._report(target.breaker, target_ok, probes[1], cooldown)
 
     # ---------------------------------------------------------------- forwarding
 
@@ -305,10 +342,13 @@ class Router:
         clock = time.monotonic
         deadline = clock() + self._timeout_s
         attempts = 0
+        charged = 1  # the token reservation taken for the first attempt (edge.pipeline)
         last: UpstreamResponse | None = None
         failure: ApiError | None = None
         tried: set[str] = set()
-        for last_resort in (False, True):
+        for mode in (NORMAL, LAST_RESORT, PANIC):
+            if mode == PANIC and attempts:
+                break  # panic only when no target at all could be admitted
             for target in candidates:
                 if attempts >= max_attempts:
                     break
@@ -322,29 +362,42 @@ class Router:
                         break
                 # Admitted only once the deadline allows the attempt: a half-open probe place
                 # claimed here is then always used (and reported).
-                admitted, probe = self._admit(target, last_resort)
-                if not admitted:
+                probes = self._admit(target, mode)
+                if probes is None:
                     continue
-                if pause:
-                    self._count("retries", name)
-                    try:
+                if mode == PANIC:
+                    self._count("panics", name)
+                    log.warning(
+                        "no target of the model is available: routing to it anyway (panic)",
+                        extra={"provider": name},
+                    )
+                try:
+                    if pause:
+                        self._count("retries", name)
                         await asyncio.sleep(pause)
-                    except BaseException:  # the client hung up during the backoff
-                        self._release(target, probe)
-                        raise
+                    if call.charge is not None and outcome.working >= charged:
+                        # An earlier attempt's request was sent and not answered: the upstream
+                        # may bill it, and will bill this one too.
+                        await call.charge()
+                        charged += 1
+                except BaseException:  # the client hung up during the backoff
+                    self._verdict(target, probes, None, None)
+                    raise
                 remaining = deadline - clock()
                 if remaining <= 0:
-                    self._release(target, probe)
+                    self._verdict(target, probes, None, None)
                     break
                 tried.add(name)
                 attempts += 1
                 outcome.attempt(name)
                 result, failure_now = await self._attempt(
-                    ctx, outcome, target, call, remaining, probe
+                    ctx, outcome, target, call, remaining, probes
                 )
                 if failure_now is None and result is not None and not _failed(result):
                     outcome.answered(result.status)
                     return result
+                if last is not None:
+                    last.release()  # a better answer, or a failure, replaces it
                 if failure_now is not None:
                     failure = failure_now
                     last = None
@@ -362,7 +415,7 @@ class Router:
         if failure is not None:
             raise failure
         raise ServiceUnavailable(
-            "No provider is available for this model right now (circuit breakers open).",
+            "No provider could take this request in time.",
             code="no_provider_available",
             headers={"retry-after": "1"},
         )
@@ -390,9 +443,9 @@ class Router:
         target: Target,
         call: Call,
         remaining: float,
-        probe: float | None = None,
+        probes: tuple[float | None, float | None],
     ) -> tuple[UpstreamResponse | Events | None, ApiError | None]:
-        """One attempt at `target`; `probe` is the half-open place `_admit` claimed for it."""
+        """One attempt at `target`, with the probe places `_admit` claimed for it."""
         provider = target.provider
         name = provider.name
         timeout = remaining if provider.timeout_s is None else min(provider.timeout_s, remaining)
@@ -417,51 +470,52 @@ class Router:
             if isinstance(result, UpstreamResponse) and 200 <= result.status < 300:
                 _judge(result, outcome)  # a stream request answered whole is judged too
         except ApiError as exc:
-            if outcome.error not in RETRYABLE_ERRORS:
-                self._release(target, probe)  # not the provider's failure: no verdict
+            kind = outcome.error
+            if kind not in RETRYABLE_ERRORS:
+                self._verdict(target, probes, None, None)  # not the provider's failure
                 raise
-            self._report(name, False, probe=probe)
+            provider_ok, target_ok = _failure_verdict(kind, call)
+            self._verdict(target, probes, provider_ok, target_ok)
             self._observe(name, "error", None)
             return None, exc
         except BaseException:  # cancelled: the client hung up before the answer
-            self._release(target, probe)
+            self._verdict(target, probes, None, None)
             raise
         finally:
             self.busy[name] -= 1
         if isinstance(result, Opened):
-            # A stream's verdict comes at its end, when it is known whether it broke; only a
-            # half-open probe's success is reported now, so the breaker can close without
-            # waiting out a long stream.
-            if probe is not None:
-                self._report(name, True, probe=probe)
+            # The connection works; the target's verdict comes at the stream's end, when it is
+            # known whether it broke. Only a half-open probe's success is reported now, so the
+            # breaker can close without waiting out a long stream.
+            self._verdict(target, probes, True, True if probes[1] is not None else None)
             self._observe(name, "2xx", time.perf_counter() - started)
-            return self._events(result, outcome, call, name, probe), None
+            return self._events(result, outcome, call, target, probes[1] is not None), None
         status = result.status
         label = f"{status // 100}xx" if 100 <= status <= 599 else "error"
         self._observe(name, label, time.perf_counter() - started)
         if status == 429:
             wait = retry_after_s(result.headers)
-            self._report(name, False, wait, probe) if wait else self._report(
-                name, False, None, probe
-            )
+            self._verdict(target, probes, True, False if not wait else None, wait or 0.0)
         elif status >= 500:
-            self._report(name, False, probe=probe)
+            self._verdict(target, probes, True, False)
         else:
-            self._report(name, True, probe=probe)
+            self._verdict(target, probes, True, True)
         return result, None
 
     def _events(
-        self, opened: Opened, outcome: UpstreamOutcome, call: Call, name: str, probe: float | None
+        self, opened: Opened, outcome: UpstreamOutcome, call: Call, target: Target, probed: bool
     ) -> Events:
-        """The opened stream's events, reporting how the stream ended to the provider's breaker:
-        broken after its first event (a reset, a stall, a malformed event) is a failure like one
-        before the first byte, though the client's stream can no longer fail over; whole, a
-        success (unless the first event already reported a probe's). A stream whose client hung
-        up has no verdict and is not reported."""
+        """The opened stream's events, reporting how the stream ended to the target's breaker:
+        broken after its first event (a reset, a stall, a malformed event) is a failure like
+        one before the first byte, though the client's stream can no longer fail over; whole,
+        a success (unless the first event already reported a probe's). A stream whose client
+        hung up has no verdict and is not reported."""
 
         def ended(ok: bool) -> None:
-            if not (ok and probe is not None):
-                self._report(name, ok, probe=probe)
+            # The connection worked (its first event came): how the answer ended is the
+            # target's verdict, a reset mid-stream included.
+            if not (ok and probed):
+                self._report(target.breaker, ok)
 
         def error_event(kind: str, message: str) -> bytes:
             return stream_error_event(kind, message, call.api)
@@ -524,18 +578,46 @@ class Router:
 
     # ---------------------------------------------------------------- health
 
+    def _number(self, name: str, now: float) -> int:
+        """One breaker's state: 0 closed, 1 open, 2 half-open (open whose timeout is over:
+        the next request will probe it)."""
+        state = self.breakers.peek(name)
+        if state.state == cb.OPEN and cb.available(state, self._policy, now):
+            return cb.HALF_OPEN
+        return state.state
+
+    def _provider_number(self, name: str, now: float) -> int:
+        """A provider's state as /health and the gauge show it: its own breaker's when that
+        is not closed, else the best of its targets' (open only when all of them are)."""
+        own = self._number(name, now)
+        targets = self._targets_of.get(name) or []
+        if own != cb.CLOSED or not targets:
+            return own
+        numbers = {self._number(key, now) for key in targets}
+        for best in (cb.CLOSED, cb.HALF_OPEN, cb.OPEN):
+            if best in numbers:
+                return best
+        return cb.CLOSED  # pragma: no cover
+
     def states(self) -> dict[str, dict[str, Any]]:
-        """Each provider's breaker state and cooldown, for /health (no secrets)."""
+        """Each provider's breaker state and the longest cooldown of its targets, and the
+        targets whose own breaker is not closed, for /health (no secrets)."""
         out = {}
         now = self.breakers.clock() if self.breakers is not None else 0.0
         for name, provider in self.providers.providers.items():
             entry = provider.describe()
             if self._use_breakers:
-                state = self.breakers.peek(name)
-                entry["breaker"] = cb.STATE_NAMES.get(state.state, "unknown")
-                if state.state == cb.OPEN and cb.available(state, self._policy, now):
-                    entry["breaker"] = "half_open"  # the next request will probe it
-                entry["cooldown_seconds"] = round(max(0.0, state.cooldown_until - now), 3)
+                number = self._provider_number(name, now)
+                entry["breaker"] = cb.STATE_NAMES.get(number, "unknown")
+                keys = self._targets_of.get(name) or []
+                cooldowns = [self.breakers.peek(key).cooldown_until - now for key in keys]
+                entry["cooldown_seconds"] = round(max([0.0, *cooldowns]), 3)
+                degraded = {key: self._number(key, now) for key in keys}
+                entry["targets"] = {
+                    key.partition("/")[2]: cb.STATE_NAMES[value]
+                    for key, value in degraded.items()
+                    if value != cb.CLOSED
+                }
             else:
                 entry["breaker"] = "disabled"
             out[name] = entry
@@ -546,24 +628,14 @@ class Router:
         if not self._use_breakers:
             return {}
         now = self.breakers.clock()
-        out = {}
-        for name in self.providers.providers:
-            state = self.breakers.peek(name)
-            number = state.state
-            if number == cb.OPEN and cb.available(state, self._policy, now):
-                number = cb.HALF_OPEN
-            out[name] = number
-        return out
+        return {name: self._provider_number(name, now) for name in self.providers.providers}
 
     def can_serve(self) -> bool:
         """Ready unless no provider can take any request (all breakers open)."""
         if not self._use_breakers:
             return True
         now = self.breakers.clock()
-        return any(
-            cb.available(self.breakers.peek(name), self._policy, now)
-            for name in self.providers.providers
-        )
+        return any(self._provider_number(name, now) != cb.OPEN for name in self.providers.providers)
 
 
 def _weighted(targets: tuple[Target, ...]) -> list[Target]:
@@ -581,14 +653,74 @@ def _failed(result: UpstreamResponse | Events) -> bool:
     return isinstance(result, UpstreamResponse) and (result.status == 429 or result.status >= 500)
 
 
+def _failure_verdict(kind: str | None, call: Call) -> tuple[bool | None, bool | None]:
+    """(provider, target) verdicts of an attempt that failed with `kind`: the connection's
+    failures are the provider's, the answers' the target's; a timeout counts only when it does
+    not depend on the request (before a stream's first event, or with a small output cap);
+    a full pool is no one's."""
+    if kind in ("connect", "disconnect", "auth"):
+        return False, None
+    if kind == "timeout":
+        counts = call.stream or (
+            call.output_cap is not None and call.output_cap <= SMALL_OUTPUT_CAP
+        )
+        return None, (False if counts else None)
+    if kind == "invalid":
+        return True, False
+    return None, None
+
+
+PARSE_MAX_BYTES = 1 << 20  # a larger success is judged by its ends and its usage alone
+
+
 def _judge(answer: UpstreamResponse, outcome: UpstreamOutcome) -> None:
     """A success must be a JSON object (its `usage` feeds the token limits and metrics):
-    anything else is the provider's failure (502, `invalid`), failed over like one."""
-    try:
-        data = orjson.loads(answer.body)
-    except orjson.JSONDecodeError:
-        data = None
+    anything else is the provider's failure (502, `invalid`), failed over like one.
+
+    An answer over PARSE_MAX_BYTES (embeddings, mostly) is not parsed whole, which would cost
+    several times its size in memory: it must begin and end as an object, and its `usage` is
+    read from the object that follows the last `"usage"` key."""
+    body = answer.body
+    if len(body) <= PARSE_MAX_BYTES:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            data = None
+    else:
+        data = _usage_only(body)
     if not isinstance(data, dict):
         outcome.failed("invalid", answer.status)
         raise BadGateway("The upstream sent a response that is not a JSON object.")
     answer.data = data
+
+
+_USAGE_KEY = re.compile(rb'"usage"\s*:\s*')
+
+
+def _usage_only(body: bytes) -> dict[str, Any] | None:
+    """{"usage": …} of a large JSON object (see `_judge`), {} when it has none, None when the
+    body does not begin and end as an object."""
+    if body.lstrip()[:1] != b"{" or body.rstrip()[-1:] != b"}":
+        return None
+    at = body.rfind(b'"usage"')
+    if at < 0:
+        return {}
+    key = _USAGE_KEY.match(body, at)
+    if key is None:
+        return {}
+    start = key.end()
+    depth = 0
+    for end in range(start, min(len(body), start + 4096)):
+        char = body[end]
+        if char == 0x7B:  # {
+            depth += 1
+        elif char == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                try:
+                    return {"usage": orjson.loads(body[start : end + 1])}
+                except orjson.JSONDecodeError:
+                    return {}
+        elif depth == 0:
+            return {}  # not an object (null, say)
+    return {}

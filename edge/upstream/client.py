@@ -22,13 +22,16 @@ from collections.abc import AsyncGenerator, Callable
 from typing import TYPE_CHECKING, Any
 
 from edge.config import Config
-from edge.errors import BadGateway, GatewayTimeout
+from edge.errors import ApiError, BadGateway, GatewayTimeout, ServiceUnavailable
 from edge.observability.context import RequestContext
 from edge.upstream.http1 import (
+    Budget,
+    BufferFull,
     Connection,
     Disconnected,
     Origin,
     Pool,
+    PoolBusy,
     ResponseTooLarge,
     UpstreamError,
     request_head,
@@ -52,9 +55,11 @@ _METHODS = {"GET": b"GET", "POST": b"POST"}
 
 class UpstreamResponse:
     """A complete (non-streamed) upstream answer. `data` is its parsed JSON, once someone
-    parsed it (the router, to judge it; the mock, which built it)."""
+    parsed it (the router, to judge it; the mock, which built it). An answer read from the
+    upstream holds its size of the worker's buffer budget until it is released, at the latest
+    when it is dropped."""
 
-    __slots__ = ("body", "content_type", "data", "headers", "status")
+    __slots__ = ("_budget", "_held", "body", "content_type", "data", "headers", "status")
 
     def __init__(
         self,
@@ -63,12 +68,23 @@ class UpstreamResponse:
         content_type: str,
         headers: dict[str, str],
         data: Any = None,
+        budget: tuple[Budget, int] | None = None,
     ) -> None:
         self.status = status
         self.body = body
         self.content_type = content_type
         self.headers = headers
         self.data = data
+        self._budget: Budget | None = None if budget is None else budget[0]
+        self._held = 0 if budget is None else budget[1]
+
+    def release(self) -> None:
+        """Give the answer's bytes back to the worker's buffer budget (once)."""
+        if self._held and self._budget is not None:
+            self._budget.give(self._held)
+            self._held = 0
+
+    __del__ = release
 
 
 class StreamResponse:
@@ -107,7 +123,9 @@ class StreamResponse:
 
 
 class Upstream:
-    """The worker's one connection pool, shared by every provider.
+    """The worker's upstream connections: one pool per provider (edge.upstream.http1.Pool, at
+    most UPSTREAM_POOL_SIZE connections each, so one provider's streams cannot starve
+    another's), and one budget for the whole answers they hold (UPSTREAM_BUFFER_BYTES).
 
     `call` and `open_stream` go to a `provider` (edge.routing.providers.Provider: its base URL
     and key) within `timeout_s` (SERVER_TIMEOUT_SECONDS unless the router gives an attempt
@@ -119,41 +137,38 @@ class Upstream:
         self._timeout_s = config.timeout_s
         self._connect_timeout_s = config.upstream_connect_timeout_s
         self._pool_size = config.upstream_pool_size
-        # Each base URL's origin, and each provider's fixed headers (content type, identity
-        # coding, its key), built once: providers are re-read on HUP only.
-        self._origins: dict[str, Origin] = {}
-        self._provider_headers: dict[Any, dict[str, str]] = {}
-        self.pool: Pool | None = None
+        self.budget = Budget(config.upstream_buffer_bytes)
+        # Each provider's pool, origin and fixed headers (content type, identity coding, its
+        # key), made at its first request: providers are re-read on HUP only.
+        self._providers: dict[Any, tuple[Pool, Origin, dict[str, str]]] = {}
+        self._closed = True
 
     def _target(
         self, provider: Any, timeout_s: float | None, extra: dict[str, str] | None
-    ) -> tuple[Origin, dict[str, str], float]:
-        """Origin, headers (a fresh dict: the caller adds to it) and timeout of one attempt."""
-        base = provider.base_url
-        fixed = self._provider_headers.get(provider)
-        if fixed is None:
+    ) -> tuple[Pool, Origin, dict[str, str], float]:
+        """Pool, origin, headers (a fresh dict: the caller adds to it) and timeout of one
+        attempt."""
+        found = self._providers.get(provider)
+        if found is None:
             fixed = {"content-type": "application/json", "accept-encoding": "identity"}
             fixed.update(provider.auth_headers())
-            if len(self._provider_headers) < 256:
-                self._provider_headers[provider] = fixed
-        origin = self._origins.get(base)
-        if origin is None:
-            origin = Origin(base)
-            if len(self._origins) < 256:
-                self._origins[base] = origin
+            pool = Pool(self._pool_size, budget=self.budget)
+            found = self._providers[provider] = (pool, Origin(provider.base_url), fixed)
+        pool, origin, fixed = found
         headers = {**fixed, **extra} if extra else fixed.copy()
-        return origin, headers, self._timeout_s if timeout_s is None else timeout_s
+        return pool, origin, headers, self._timeout_s if timeout_s is None else timeout_s
 
     @property
     def ready(self) -> bool:
-        return self.pool is not None and not self.pool.closed
+        return not self._closed
 
     async def start(self) -> None:
-        self.pool = Pool(self._pool_size)
+        self._closed = False
 
     async def close(self) -> None:
-        if self.pool is not None:
-            await self.pool.close()
+        self._closed = True
+        for pool, _, _ in self._providers.values():
+            await pool.close()
 
     def _headers(
         self, ctx: RequestContext, stream: bool, headers: dict[str, str]
@@ -168,16 +183,24 @@ class Upstream:
         return headers
 
     async def _send(
-        self, origin: Origin, head: bytes, body: bytes | None, deadline: float, limit: int
+        self,
+        pool: Pool,
+        origin: Origin,
+        head: bytes,
+        body: bytes | None,
+        deadline: float,
+        limit: int,
+        outcome: UpstreamOutcome,
     ) -> Connection:
         """A connection with the request written and its answer (whole, or the head of a
-        stream: `limit` 0) in by `deadline` (loop time): TimeoutError past it. Waiting for room
-        in the pool and connecting are bounded by UPSTREAM_CONNECT_TIMEOUT_SECONDS too
-        (ConnectFailed). A GET that finds its reused connection closed by the upstream before
-        any answer is sent once more on another (idempotent: it cannot have been acted on
-        twice)."""
-        pool = self.pool
-        assert pool is not None
+        stream: `limit` 0) in by `deadline` (loop time): TimeoutError past it. Connecting is
+        bounded by UPSTREAM_CONNECT_TIMEOUT_SECONDS too (ConnectFailed); a full pool refuses
+        at once (PoolBusy). Once the request is written the outcome says so (the upstream may
+        work, and bill, from then on), and an error status says it did not. A GET that finds
+        its reused connection closed by the upstream before any answer is sent once more on
+        another (idempotent: it cannot have been acted on twice)."""
+        if self._closed:
+            raise PoolBusy("The upstream connections are closed (the worker is stopping).")
         loop = asyncio.get_running_loop()
         data = head + body if body else head
         for retry in (False, True):
@@ -192,7 +215,11 @@ class Upstream:
                         conn = await pool.acquire(origin, left + 1.0, retry)
             try:
                 conn.send(data, limit)
+                if not retry:
+                    outcome.sent()
                 await conn.wait(deadline)
+                if conn.status >= 400:
+                    outcome.declined()
             except Disconnected:
                 conn.close()
                 stale = conn.reused and not conn.received and head[:4] == b"GET "
@@ -223,17 +250,17 @@ class Upstream:
         (see `_refused`).
         """
         started = time.perf_counter()
-        origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
+        pool, origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
         size = len(body) if body else 0
         headers = self._headers(ctx, False, headers)
         head = request_head(origin, _METHODS[method], path, headers, size)
         try:
             deadline = asyncio.get_running_loop().time() + seconds
-            conn = await self._send(origin, head, body, deadline, MAX_RESPONSE_BYTES)
+            conn = await self._send(pool, origin, head, body, deadline, MAX_RESPONSE_BYTES, outcome)
             try:
                 if conn.status in REFUSED:
                     raise _refused(outcome, conn.status)
-                return _response(conn, conn.body())
+                return _response(conn, pool.budget)
             finally:
                 conn.done()
         except ResponseTooLarge:
@@ -259,11 +286,11 @@ class Upstream:
         the complete answer (an upstream error for a stream request is plain JSON).
         """
         started = time.perf_counter()
-        origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
+        pool, origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
         head = request_head(origin, b"POST", path, self._headers(ctx, True, headers), len(body))
         try:
             deadline = asyncio.get_running_loop().time() + seconds
-            conn = await self._send(origin, head, body, deadline, 0)
+            conn = await self._send(pool, origin, head, body, deadline, 0, outcome)
             content_type = conn.headers.get("content-type", "")
             if conn.status == 200 and content_type.startswith("text/event-stream"):
                 return StreamResponse(conn, self._timeout_s)
@@ -273,7 +300,7 @@ class Upstream:
                 # Not a stream (an error, most often): the rest read whole, as `call` reads it.
                 conn.collect(MAX_RESPONSE_BYTES)
                 await conn.wait(deadline)
-                return _response(conn, conn.body())
+                return _response(conn, pool.budget)
             finally:
                 conn.done()
         except ResponseTooLarge:
@@ -284,13 +311,22 @@ class Upstream:
             outcome.waited(time.perf_counter() - started)
 
 
-def _failure(
-    outcome: UpstreamOutcome, exc: Exception, seconds: float
-) -> BadGateway | GatewayTimeout:
-    """What a failed exchange becomes: 504 for a timeout, 502 for anything else."""
+def _failure(outcome: UpstreamOutcome, exc: Exception, seconds: float) -> ApiError:
+    """What a failed exchange becomes: 504 for a timeout, 503 when the gateway is at one of
+    its own limits (the provider's pool full, the buffer budget spent), 502 for anything
+    else."""
     _forget_traceback(exc)
     if isinstance(exc, TimeoutError):
         return _timeout(outcome, seconds)
+    if isinstance(exc, PoolBusy | BufferFull):
+        outcome.failed(exc.kind)
+        log.warning("upstream request refused here", extra={"error_kind": exc.kind})
+        return ServiceUnavailable(
+            "The gateway is at its limit of upstream connections or buffered answers; "
+            "retry shortly.",
+            code="gateway_busy",
+            headers={"retry-after": "1"},
+        )
     return _unreachable(outcome, exc)
 
 
@@ -407,12 +443,13 @@ def _forget_traceback(exc: BaseException) -> None:
     exc.__traceback__ = None
 
 
-def _response(conn: Connection, payload: bytes) -> UpstreamResponse:
+def _response(conn: Connection, budget: Budget) -> UpstreamResponse:
+    """The collected answer, holding its share of the buffer budget."""
     headers = conn.headers
     passed = {name: headers[name] for name in PASS_HEADERS if name in headers}
-    return UpstreamResponse(
-        conn.status, payload, headers.get("content-type", "application/json"), passed
-    )
+    content_type = headers.get("content-type", "application/json")
+    held = conn.hand_over()
+    return UpstreamResponse(conn.status, conn.body(), content_type, passed, None, (budget, held))
 
 
 def _refused(outcome: UpstreamOutcome, status: int) -> BadGateway:

@@ -26,32 +26,40 @@ together, a transfer coding other than chunked or in HTTP/1.0, a framing field a
 A body that ends with the connection is whole only when neither field was sent and the
 connection was closed, not reset; a chunked or Content-Length body cut short is Disconnected.
 
-`Pool`: idle connections per origin (last in, first out), at most `limit` open in all; a
-request past the limit waits for one to close or come back, within the connect timeout, which
-bounds waiting and connecting together. Idle connections are closed after `keepalive_s`.
+`Pool`: one provider's connections (edge.upstream.client keeps one pool per provider, so one
+provider's streams cannot take another's connections): idle ones per origin, last in, first
+out, at most `limit` open in all. A request past the limit is refused at once (`PoolBusy`):
+waiting for room would hold a client for nothing when the pool is full of long streams.
+Idle connections are closed after `keepalive_s`.
 Connecting resolves the host (one lookup at a time per host, kept `DNS_TTL_S`, dropped when
-every address failed) and races its addresses `STAGGER_S` apart, the families alternating from
-the resolver's first (happy eyeballs; uvloop's `create_connection` has no
-`happy_eyeballs_delay`). A connection the upstream closed as it was accepted is a failed
+every address failed) and races its addresses `STAGGER_S` apart (less when there are many, so
+that the last still starts within the connect timeout), the families alternating from the
+resolver's first (happy eyeballs; uvloop's `create_connection` has no
+`happy_eyeballs_delay`); an address that failed goes to the back of the order for
+`DNS_TTL_S`. A connection the upstream closed as it was accepted is a failed
 attempt, and a request written to a closed transport fails as `Disconnected`. A reused
 connection that the upstream had closed fails as `Disconnected`; the caller (edge.upstream.
 client) sends a GET once more, never a POST (it may have been acted on): the router fails
 over instead.
 
-Errors: `ConnectFailed` (could not connect), `Disconnected` (closed before the response was
-complete), `InvalidResponse` (not HTTP, or headers past the bounds), `ResponseTooLarge`, and
-the built-in `TimeoutError`. Each is a fresh object (no traceback shared between requests).
+`Budget`: the bytes of whole answers one worker holds at once (UPSTREAM_BUFFER_BYTES). A
+collected answer takes its bytes as they come (all of a Content-Length at its head), and gives
+them back when the answer is dropped; an answer that would pass the budget fails as
+`BufferFull`.
+
+Errors: `ConnectFailed` (could not connect), `PoolBusy` (the provider's pool is full: nothing
+was sent), `Disconnected` (closed before the response was complete), `InvalidResponse` (not
+HTTP, or headers past the bounds), `ResponseTooLarge`, `BufferFull`, and the built-in
+`TimeoutError`. Each is a fresh object (no traceback shared between requests).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
 import socket
 import ssl
 import time
-from collections import deque
 from typing import Any
 
 import httptools
@@ -81,6 +89,12 @@ class ConnectFailed(UpstreamError):
     kind = "connect"
 
 
+class PoolBusy(UpstreamError):
+    """The provider's pool holds its most connections: nothing was sent."""
+
+    kind = "busy"
+
+
 class Disconnected(UpstreamError):
     kind = "disconnect"
 
@@ -91,6 +105,34 @@ class InvalidResponse(UpstreamError):
 
 class ResponseTooLarge(UpstreamError):
     kind = "invalid"
+
+
+class BufferFull(UpstreamError):
+    """The worker holds UPSTREAM_BUFFER_BYTES of whole answers already: this one is dropped."""
+
+    kind = "overloaded"
+
+
+class Budget:
+    """The bytes of whole answers one worker may hold at once (see the module docstring)."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.held = 0
+
+    def take(self, size: int) -> bool:
+        if self.held + size > self.limit:
+            return False
+        self.held += size
+        return True
+
+    def give(self, size: int) -> None:
+        self.held -= size
+
+
+UNLIMITED = Budget(1 << 62)  # a pool made without a budget (tests)
 
 
 class _Unsolicited(Exception):
@@ -168,6 +210,7 @@ class Connection(asyncio.Protocol):
 
     def __init__(self, pool: Pool, key: tuple[str, int, bool]) -> None:
         self.key = key
+        self.held = 0  # bytes of the collected answer taken from the pool's budget
         self.closed = False
         self.idle_since = 0.0
         self.reused = False  # served an exchange before this one
@@ -242,6 +285,7 @@ class Connection(asyncio.Protocol):
         start."""
         if (self.content_length or 0) > limit or self._buffered > limit:
             raise ResponseTooLarge("The upstream response is too large.")
+        self._hold(max(self.content_length or 0, self._buffered) - self.held)
         self._limit = limit
         if len(self._chunks) > 1:
             self._whole = bytearray(b"".join(self._chunks))
@@ -252,6 +296,17 @@ class Connection(asyncio.Protocol):
         if self._whole is not None:
             return bytes(self._whole)
         return self._chunks[0] if self._chunks else b""
+
+    def hand_over(self) -> int:
+        """The budget bytes the collected answer holds, now the caller's to give back (with
+        the answer: edge.upstream.client.UpstreamResponse.release)."""
+        held, self.held = self.held, 0
+        return held
+
+    def _hold(self, size: int) -> None:
+        if not self._pool.budget.take(size):
+            raise BufferFull("The worker holds its most of buffered upstream answers.")
+        self.held += size
 
     async def readany(self, timeout: float | None) -> bytes:
         """What arrived since the last read (waiting up to `timeout` for something); b"" at
@@ -285,6 +340,7 @@ class Connection(asyncio.Protocol):
 
     def done(self) -> None:
         """The caller is finished with this exchange: back to the pool if it may be reused."""
+        self._give_back()
         if self.reusable:
             self._busy = False
             self._chunks = []
@@ -301,6 +357,7 @@ class Connection(asyncio.Protocol):
             return
         self.closed = True
         self._busy = False
+        self._give_back()
         waiter = self._waiter
         if self._error is None and (
             not self._complete or (waiter is not None and not waiter.done())
@@ -417,8 +474,10 @@ class Connection(asyncio.Protocol):
         length = headers.get("content-length")
         if length is not None:
             self.content_length = int(length)  # llhttp accepted it: digits only
-            if self._limit and self.content_length > self._limit:
-                raise ResponseTooLarge("The upstream response is too large.")
+            if self._limit:
+                if self.content_length > self._limit:
+                    raise ResponseTooLarge("The upstream response is too large.")
+                self._hold(self.content_length)  # all of it at once: the budget is known
         elif coding is None and status not in _NO_BODY:
             # Neither: the body runs to the end of the connection. llhttp must read it so too:
             # it keeps alive no connection whose message ends with it, so keep-alive here
@@ -435,6 +494,8 @@ class Connection(asyncio.Protocol):
         if self._limit:
             if self._buffered > self._limit:
                 raise ResponseTooLarge("The upstream response is too large.")
+            if self._buffered > self.held:
+                self._hold(self._buffered - self.held)
             if self._whole is not None:  # one buffer, not a bytes object per piece
                 self._whole += body
             elif self._chunks:
@@ -466,6 +527,11 @@ class Connection(asyncio.Protocol):
             self._paused = False
             self._transport.resume_reading()
 
+    def _give_back(self) -> None:
+        if self.held:
+            self._pool.budget.give(self.held)
+            self.held = 0
+
     def _fail(self, error: UpstreamError) -> None:
         if self._error is None:
             self._error = error
@@ -478,21 +544,27 @@ class Connection(asyncio.Protocol):
 
 
 class Pool:
-    """The worker's upstream connections (see the module docstring)."""
+    """One provider's upstream connections (see the module docstring)."""
 
     def __init__(
-        self, limit: int, keepalive_s: float = 30.0, tls: ssl.SSLContext | None = None
+        self,
+        limit: int,
+        keepalive_s: float = 30.0,
+        tls: ssl.SSLContext | None = None,
+        budget: Budget = UNLIMITED,
     ) -> None:
         """`tls` verifies https origins; the default is the system's CAs with host name
-        checks (`ssl.create_default_context`), made at the first https connection."""
+        checks (`ssl.create_default_context`), made at the first https connection. `budget`
+        bounds the bytes of whole answers held (shared by the worker's pools)."""
         self._limit = limit
         self._keepalive_s = keepalive_s
         self._idle: dict[tuple[str, int, bool], list[Connection]] = {}
         self._all: set[Connection] = set()
-        self._waiters: deque[asyncio.Future[None]] = deque()
         self._ssl = tls
+        self.budget = budget
         self._addresses: dict[tuple[str, int], tuple[float, list[Any]]] = {}
         self._resolving: dict[tuple[str, int], asyncio.Future[list[Any]]] = {}
+        self._failed: dict[Any, float] = {}  # address -> when it last failed to connect
         self._sweep: asyncio.TimerHandle | None = None
         self.closed = False
 
@@ -514,32 +586,29 @@ class Pool:
     async def acquire(
         self, origin: Origin, connect_timeout_s: float, fresh: bool = False
     ) -> Connection:
-        """An idle connection to `origin` (unless `fresh`), else a new one once fewer than
-        `limit` are open. Waiting for room and connecting share `connect_timeout_s`: past it,
-        ConnectFailed (as for a refusal, a name that does not resolve or a TLS failure)."""
+        """An idle connection to `origin` (unless `fresh`), else a new one while fewer than
+        `limit` are open (PoolBusy at once when not), connected within `connect_timeout_s`
+        (else ConnectFailed, as for a refusal, a name that does not resolve or a TLS
+        failure)."""
         key = origin.key()
         conn = None if fresh else self.idle_connection(key)
         if conn is not None:
             return conn
+        if self.closed:
+            raise ConnectFailed("The upstream pool is closed.")
+        if len(self._all) >= self._limit:
+            raise PoolBusy(f"All {self._limit} connections to the upstream are in use.")
         try:
             async with asyncio.timeout(connect_timeout_s):
-                while len(self._all) >= self._limit:
-                    if not self._evict_idle():
-                        await self._wait_for_room()
-                    conn = None if fresh else self.idle_connection(key)
-                    if conn is not None:
-                        return conn
-                    if self.closed:
-                        break
-                if self.closed:
-                    raise ConnectFailed("The upstream pool is closed.")
-                return await self._connect(origin, key)
+                return await self._connect(origin, key, connect_timeout_s)
         except TimeoutError:
             raise ConnectFailed(
                 f"No connection to the upstream within {connect_timeout_s:g} s."
             ) from None
 
-    async def _connect(self, origin: Origin, key: tuple[str, int, bool]) -> Connection:
+    async def _connect(
+        self, origin: Origin, key: tuple[str, int, bool], timeout_s: float
+    ) -> Connection:
         conn = Connection(self, key)
         self._all.add(conn)  # counts against the limit while it connects
         tls: Any = None
@@ -548,7 +617,7 @@ class Pool:
                 self._ssl = ssl.create_default_context()
             tls = self._ssl
         try:
-            await self._open(conn, origin, tls)
+            await self._open(conn, origin, tls, timeout_s)
         except (OSError, ssl.SSLError, UnicodeError) as exc:
             conn.close()
             raise ConnectFailed(f"Could not connect: {type(exc).__name__}") from None
@@ -557,13 +626,17 @@ class Pool:
             raise
         return conn
 
-    async def _open(self, conn: Connection, origin: Origin, tls: Any) -> None:
-        """Connect to the first address that answers: each address gets `STAGGER_S` alone
+    async def _open(self, conn: Connection, origin: Origin, tls: Any, timeout_s: float) -> None:
+        """Connect to the first address that answers: each address gets a head start alone
         before the next is tried alongside it (happy eyeballs, RFC 8305, simplified), so an
-        unreachable first address (broken IPv6) does not use up the connect timeout. Each
-        attempt has a placeholder protocol; the winner's transport is handed to `conn`."""
+        unreachable first address (broken IPv6) does not use up the connect timeout. The head
+        start is `STAGGER_S`, less when the addresses are so many that the last would otherwise
+        start after the timeout; addresses that failed lately go last. Each attempt has a
+        placeholder protocol; the winner's transport is handed to `conn`."""
         loop = asyncio.get_running_loop()
-        addresses = await self._resolve(origin.host, origin.port)
+        addresses = self._ordered(await self._resolve(origin.host, origin.port))
+        stagger = min(STAGGER_S, timeout_s / (len(addresses) + 1))
+        started: dict[asyncio.Future[Any], Any] = {}
         pending: set[asyncio.Future[Any]] = set()
         failure: BaseException | None = None
         try:
@@ -577,12 +650,14 @@ class Pool:
                     ssl=tls,
                     server_hostname=origin.host if tls else None,
                 )
-                pending.add(asyncio.ensure_future(attempt))
+                future = asyncio.ensure_future(attempt)
+                started[future] = address
+                pending.add(future)
                 last = index == len(addresses) - 1
                 while pending:
                     finished, pending = await asyncio.wait(
                         pending,
-                        timeout=None if last else STAGGER_S,
+                        timeout=None if last else stagger,
                         return_when=asyncio.FIRST_COMPLETED,
                     )
                     if not finished:
@@ -591,11 +666,13 @@ class Pool:
                     for task in finished:
                         if task.exception() is not None:
                             failure = task.exception()
+                            self._note_failed(started[task])
                             continue
                         transport, placeholder = task.result()
                         if placeholder.lost or transport.is_closing():
                             transport.close()  # accepted, then closed at once: a failure
                             failure = ConnectionResetError("closed as it connected")
+                            self._note_failed(started[task])
                         elif winner is None:
                             winner = transport
                         else:
@@ -603,6 +680,7 @@ class Pool:
                     if winner is None and not last:
                         break  # a failure: the next address starts now, not after the stagger
                     if winner is not None:
+                        self._failed.pop(winner.get_extra_info("peername"), None)
                         if conn.closed:  # the pool closed while this connected
                             winner.close()
                             raise ConnectFailed("The upstream pool is closed.")
@@ -617,6 +695,23 @@ class Pool:
                     task.result()[0].close()  # won as the caller gave up
                 else:
                     task.cancel()  # a cancelled attempt closes the socket it was opening
+
+    def _ordered(self, addresses: list[Any]) -> list[Any]:
+        """The resolver's order, with the addresses that failed to connect lately moved to the
+        back (those that failed longest ago first among them)."""
+        if not self._failed:
+            return addresses
+        since = time.monotonic() - DNS_TTL_S
+        failed = self._failed
+        good = [info for info in addresses if failed.get(info[4], 0.0) < since]
+        bad = [info for info in addresses if failed.get(info[4], 0.0) >= since]
+        bad.sort(key=lambda info: failed[info[4]])
+        return good + bad
+
+    def _note_failed(self, address: Any) -> None:
+        if len(self._failed) >= 1024:
+            self._failed.clear()
+        self._failed[address] = time.monotonic()
 
     async def _resolve(self, host: str, port: int) -> list[Any]:
         """The host's addresses, kept `DNS_TTL_S`; one lookup at a time per host (a burst of
@@ -650,18 +745,16 @@ class Pool:
             return
         conn.idle_since = time.monotonic()
         self._idle.setdefault(conn.key, []).append(conn)
-        self._wake_one()
         if self._sweep is None:
             self._sweep = asyncio.get_running_loop().call_later(self._keepalive_s, self._expire)
 
     def forget(self, conn: Connection) -> None:
-        """A connection closed: it no longer counts, and a waiter may connect."""
+        """A connection closed: it no longer counts."""
         if conn in self._all:
             self._all.discard(conn)
             idle = self._idle.get(conn.key)
             if idle and conn in idle:
                 idle.remove(conn)
-            self._wake_one()
 
     async def close(self) -> None:
         self.closed = True
@@ -671,43 +764,8 @@ class Pool:
         for conn in list(self._all):
             conn.close()
         self._idle.clear()
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
 
     # ---------------------------------------------------------------- internals
-
-    def _evict_idle(self) -> bool:
-        """Close the longest-idle connection (to any origin) to make room; False if none."""
-        oldest: Connection | None = None
-        for idle in self._idle.values():
-            if idle and (oldest is None or idle[0].idle_since < oldest.idle_since):
-                oldest = idle[0]
-        if oldest is None:
-            return False
-        oldest.close()
-        return True
-
-    async def _wait_for_room(self) -> None:
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                self._wake_one()  # the room it was given goes to the next in line
-            else:
-                with contextlib.suppress(ValueError):
-                    self._waiters.remove(waiter)
-            raise
-
-    def _wake_one(self) -> None:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
 
     def _expire(self) -> None:
         self._sweep = None

@@ -1,12 +1,15 @@
 """Token limits (TPM) against real gunicorn, on both backends (shared memory and Redis).
 
-* tpm = 300, six concurrent requests with max_tokens = 100: at most 3 admitted (the estimate
+* tpm = 300, six concurrent requests with max_tokens = 100: at most 2 admitted (the estimate
   is reserved before forwarding), the rest 429 naming tokens, with Retry-After.
 * After a non-streamed and a streamed response the bucket reflects the *real* usage (read
   through x-ratelimit-remaining-tokens of the next request), on the test upstream.
 * An estimate over the whole bucket: 400 at once.
 * Streams: the gateway asks the upstream for usage and hides that chunk from a client that
   did not ask for it; a client that asked still gets it.
+
+Each body is sent as bytes the test wrote, so it knows the estimate the gateway makes of it
+(edge.ratelimit.tokens.estimate_tokens: the rule itself is tested in tests/unit/test_tokens.py).
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ from pathlib import Path
 import httpx
 import pytest
 from support import Gunicorn, RedisServer, Upstream
+
+from edge.ratelimit.tokens import CHAT, EMBEDDINGS, RESPONSES, Prompt, estimate_tokens
 
 KEYS = {
     "concurrent": 300, "usage": 120, "big": 50, "stream": 1000, "other-apis": 120, "refund": 120,
@@ -66,7 +71,7 @@ def server(
         "RATE_LIMIT_BURST": "1000",
         "WORKERS": "2",
         "UPSTREAM_URL": upstream.url + "/v1",
-        "RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS": "50",
+        "RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS": str(DEFAULT_MAX),
     }
     redis = None
     if request.param == "redis":
@@ -86,14 +91,28 @@ def server(
             redis.stop()
 
 
-def chat(server: Gunicorn, name: str, **body: object) -> httpx.Response:
-    payload = {"model": "m", "messages": MESSAGES, **body}
+DEFAULT_MAX = 50  # RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS of these servers
+
+
+def body_of(**fields: object) -> bytes:
+    return json.dumps({"model": "m", "messages": MESSAGES, **fields}).encode()
+
+
+def estimate(body: bytes, where: Prompt = CHAT) -> int:
+    return estimate_tokens(len(body), json.loads(body), where, DEFAULT_MAX)
+
+
+def post(server: Gunicorn, name: str, body: bytes, path: str = "/chat/completions"):
     return httpx.post(
-        server.url + "/v1/chat/completions",
-        json=payload,
-        headers={"x-api-key": key_of(name)},
+        server.url + "/v1" + path,
+        content=body,
+        headers={"x-api-key": key_of(name), "content-type": "application/json"},
         timeout=20,
     )
+
+
+def chat(server: Gunicorn, name: str, **fields: object) -> httpx.Response:
+    return post(server, name, body_of(**fields))
 
 
 def events(response: httpx.Response) -> list[object]:
@@ -119,10 +138,11 @@ def test_concurrent_reservations_cannot_overspend(server: Gunicorn) -> None:
             )
 
     # All six are in flight together (the upstream takes 1 s): only reservations hold them.
+    each = estimate(body_of(model="slow", max_tokens=100))
     responses = asyncio.run(asyncio.wait_for(run(), 60))
     statuses = sorted(r.status_code for r in responses)
     admitted = statuses.count(200)
-    assert 1 <= admitted <= 3, statuses
+    assert 1 <= admitted <= 300 // each, statuses
     assert statuses.count(429) == 6 - admitted
     for response in responses:
         if response.status_code == 200:
@@ -138,22 +158,25 @@ def test_concurrent_reservations_cannot_overspend(server: Gunicorn) -> None:
 
 
 def test_bucket_is_settled_on_real_usage(server: Gunicorn, upstream: Upstream) -> None:
-    """Same estimate each time (E = 2 + 30 = 32; the upstream uses 12 non-streamed, 8
-    streamed). Between two requests the remaining tokens fall by what the first *used*, not
-    by E (give or take the refill, 2 tokens/s, and one for rounding)."""
+    """The upstream uses 12 tokens non-streamed, 8 streamed. Between two requests the
+    remaining tokens fall by what the first *used* plus the second's estimate minus the
+    first's (give or take the refill, 2 tokens/s, and one for rounding)."""
     rate = KEYS["usage"] / 60
-    first = chat(server, "usage", max_tokens=30)
+    first_body = body_of(max_tokens=30)
+    first = post(server, "usage", first_body)
     assert first.status_code == 200, first.text
     assert first.json()["usage"]["total_tokens"] == 12
     r1 = int(first.headers["x-ratelimit-remaining-tokens"])
     t1 = time.monotonic()
 
-    streamed = chat(server, "usage", model="fast-5", max_tokens=30, stream=True)
+    stream_body = body_of(model="fast-5", max_tokens=30, stream=True)
+    streamed = post(server, "usage", stream_body)
     t2 = time.monotonic()
     assert streamed.status_code == 200, streamed.text
     assert set(TOKEN_HEADERS) <= set(streamed.headers)
     drop = r1 - int(streamed.headers["x-ratelimit-remaining-tokens"])
-    assert 12 - (t2 - t1) * rate - 1 <= drop <= 12 + 1, drop
+    expected = 12 + estimate(stream_body) - estimate(first_body)
+    assert expected - (t2 - t1) * rate - 1 <= drop <= expected + 1, drop
     # The gateway asked the upstream for usage on the client's behalf and kept that chunk.
     seen = upstream.seen(streamed.headers["x-request-id"])
     assert seen["stream_options"] == {"include_usage": True}
@@ -161,64 +184,71 @@ def test_bucket_is_settled_on_real_usage(server: Gunicorn, upstream: Upstream) -
     assert len(chunks) == 5 and all(chunk["choices"] for chunk in chunks), chunks
     r2 = int(streamed.headers["x-ratelimit-remaining-tokens"])
 
-    after = chat(server, "usage", max_tokens=30)
+    after = post(server, "usage", first_body)
     t3 = time.monotonic()
     assert after.status_code == 200, after.text
     drop = r2 - int(after.headers["x-ratelimit-remaining-tokens"])
-    assert 8 - (t3 - t2) * rate - 1 <= drop <= 8 + 1, drop
+    expected = 8 + estimate(first_body) - estimate(stream_body)
+    assert expected - (t3 - t2) * rate - 1 <= drop <= expected + 1, drop
 
 
 def test_responses_and_embeddings_are_token_limited_too(server: Gunicorn) -> None:
-    """The Responses API (E = 1 + 30 = 31; the upstream uses 24, streamed or not) and
-    embeddings (E = 2, prompt only; the upstream reports 4) reserve and settle like chat."""
+    """The Responses API (the upstream uses 24, streamed or not) and embeddings (the upstream
+    reports 4) reserve and settle like chat."""
     rate = KEYS["other-apis"] / 60
-    headers = {"x-api-key": key_of("other-apis")}
 
-    def post(path: str, **body: object) -> tuple[int, float]:
-        response = httpx.post(server.url + path, json={"model": "m", **body}, headers=headers,
-                              timeout=20)  # fmt: skip
+    def send(path: str, where: Prompt, **fields: object) -> tuple[int, float, int]:
+        body = json.dumps({"model": "m", **fields}).encode()
+        response = post(server, "other-apis", body, path)
         assert response.status_code == 200, response.text
-        return int(response.headers["x-ratelimit-remaining-tokens"]), time.monotonic()
+        remaining = int(response.headers["x-ratelimit-remaining-tokens"])
+        return remaining, time.monotonic(), estimate(body, where)
 
-    r1, t1 = post("/v1/responses", input="hi", max_output_tokens=30)
-    r2, t2 = post("/v1/responses", input="hi", max_output_tokens=30, stream=True)
-    r3, t3 = post("/v1/responses", input="hi", max_output_tokens=30)
-    for before, after, elapsed in ((r1, r2, t2 - t1), (r2, r3, t3 - t2)):
-        assert 24 - elapsed * rate - 1 <= before - after <= 24 + 1, (before, after)
-    e1, t4 = post("/v1/embeddings", input="abcdefgh")
-    e2, t5 = post("/v1/embeddings", input="abcdefgh")
-    assert 4 - (t5 - t4) * rate - 1 <= e1 - e2 <= 4 + 1, (e1, e2)
+    r1, t1, e1 = send("/responses", RESPONSES, input="hi", max_output_tokens=30)
+    r2, t2, e2 = send("/responses", RESPONSES, input="hi", max_output_tokens=30, stream=True)
+    r3, t3, e3 = send("/responses", RESPONSES, input="hi", max_output_tokens=30)
+    for before, after, elapsed, expected in (
+        (r1, r2, t2 - t1, 24 + e2 - e1),
+        (r2, r3, t3 - t2, 24 + e3 - e2),
+    ):
+        assert expected - elapsed * rate - 1 <= before - after <= expected + 1, (before, after)
+    s1, t4, _ = send("/embeddings", EMBEDDINGS, input="abcdefgh")
+    s2, t5, _ = send("/embeddings", EMBEDDINGS, input="abcdefgh")
+    assert 4 - (t5 - t4) * rate - 1 <= s1 - s2 <= 4 + 1, (s1, s2)
     # Over the whole bucket: 400 at once, on these APIs too.
-    big = httpx.post(server.url + "/v1/responses", json={"model": "m", "input": "hi",
-                     "max_output_tokens": 51}, headers={"x-api-key": key_of("big")})  # fmt: skip
-    assert big.status_code == 400 and big.json()["error"]["code"] == "tokens_exceed_limit"
+    big = json.dumps({"model": "m", "input": "hi", "max_output_tokens": 51}).encode()
+    refused = post(server, "big", big, "/responses")
+    assert refused.status_code == 400 and refused.json()["error"]["code"] == "tokens_exceed_limit"
 
 
-def test_the_upstream_is_held_to_the_estimate_and_errors_refund(
+def test_no_cap_is_written_in_and_an_error_answer_refunds(
     server: Gunicorn, upstream: Upstream
 ) -> None:
-    """No cap from the client: the default cap (50 here) goes upstream, so the upstream cannot
-    generate past what was reserved. A cap that is not a whole number is 400. An upstream error
+    """No cap from the client: the default is reserved, not sent (the gateway never adds,
+    lowers or rewrites a cap). A cap that is not a whole number is 400. An upstream error
     answer (nothing generated) gives the whole reservation back."""
     rate = KEYS["refund"] / 60
     t1 = time.monotonic()  # r1 is read when `first` reserves: the refill window opens after t1
-    first = chat(server, "refund")
+    first_body = body_of()
+    first = post(server, "refund", first_body)
     assert first.status_code == 200, first.text
     sent = json.loads(upstream.seen(first.headers["x-request-id"])["body"])
-    assert sent["max_completion_tokens"] == 50
+    assert not {"max_tokens", "max_completion_tokens", "max_output_tokens"} & set(sent)
     for bad in ("100000", 1e5, -1):
         refused = chat(server, "refund", max_tokens=bad)
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "max_tokens"
     r1 = int(first.headers["x-ratelimit-remaining-tokens"])
     failed = chat(server, "refund", model="error-500", max_tokens=30)
     assert failed.status_code == 500
-    after = chat(server, "refund", max_tokens=30)
+    after_body = body_of(max_tokens=30)
+    after = post(server, "refund", after_body)
     t2 = time.monotonic()
     assert after.status_code == 200, after.text
-    # r1 -> after: the first request's settlement (52 reserved, 12 used: +40), nothing kept for
-    # the failed one, 32 reserved for this one; plus the refill meanwhile.
+    # r1 -> after: the first request's settlement (its estimate reserved, 12 used), nothing
+    # kept for the failed one, this one's estimate reserved; plus the refill meanwhile.
+    expected = estimate(after_body) - (estimate(first_body) - 12)
     drop = r1 - int(after.headers["x-ratelimit-remaining-tokens"])
-    assert 32 - 40 - (t2 - t1) * rate - 1 <= drop <= 32 - 40 + 1, drop
+    assert expected - (t2 - t1) * rate - 1 <= drop <= expected + 1, drop
 
 
 def test_estimate_over_the_whole_bucket_is_400(server: Gunicorn) -> None:
@@ -227,11 +257,10 @@ def test_estimate_over_the_whole_bucket_is_400(server: Gunicorn) -> None:
     error = response.json()["error"]
     assert error["param"] == "max_tokens" and "token limit" in error["message"]
     # Nothing was taken: a fitting request still gets the whole bucket.
-    fits = chat(server, "big", max_tokens=10)
+    body = body_of(max_tokens=10)
+    fits = post(server, "big", body)
     assert fits.status_code == 200
-    assert int(fits.headers["x-ratelimit-remaining-tokens"]) == 50 - (
-        2 + 10
-    )  # "user" + "hi": 6 bytes, 2 tokens
+    assert int(fits.headers["x-ratelimit-remaining-tokens"]) == 50 - estimate(body)
 
 
 def test_a_client_that_asked_for_usage_still_gets_it(server: Gunicorn) -> None:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from edge.ratelimit.bucket import CLOCK_SKEW_S, MAX_WAIT_S, decide, full_at
+from edge.ratelimit.bucket import CLOCK_SKEW_S, MAX_DEBT, MAX_WAIT_S, adjust, decide, full_at
 
 FRESH = math.nan  # what a never-used slot looks like to the bucket
 T0 = 1_000.0
@@ -107,7 +107,7 @@ def test_long_idle_caps_at_burst():
         (math.nan, T0),
         (math.inf, T0),
         (-math.inf, T0),
-        (-1.0, T0),
+        (-1e13, T0),  # a debt no request could run up
         (1e300, T0),
         (2.0, math.nan),
         (2.0, math.inf),
@@ -200,3 +200,15 @@ def test_admitted_cost_never_exceeds_burst_plus_refill(rpm, burst, trace):
         # Every prefix obeys the bound; the slack only absorbs float rounding.
         bound = burst + bucket.rate * (now - start)
         assert admitted <= bound + 1e-9 * max(1.0, bound)
+
+
+def test_a_debt_is_paid_back_by_the_refill_before_anything_is_admitted():
+    bucket = Bucket(rpm=60, burst=10)  # 1 token/s
+    assert bucket.take(T0, cost=10).allowed  # reserved 10, empty now
+    bucket.tokens, bucket.updated = adjust(bucket.tokens, bucket.updated, T0, 1.0, 10, -25)
+    assert bucket.tokens == pytest.approx(-25.0)  # used 35: a debt of 25
+    refused = bucket.take(T0, cost=1)
+    assert not refused.allowed and refused.retry_after_s == pytest.approx(26.0)
+    assert not bucket.take(T0 + 25.5, cost=1).allowed  # still paying back
+    assert bucket.take(T0 + 26.0, cost=1).allowed
+    assert adjust(0.0, T0, T0, 1.0, 10, -2 * MAX_DEBT)[0] == -MAX_DEBT  # bounded

@@ -1,6 +1,7 @@
 """edge.upstream.http1 against scripted upstreams on loopback sockets: keep-alive reuse and
 its limits, bodies of every framing, malformed and oversized answers, the pool's bound and
-waiters, idle expiry, stream backpressure and read timeouts, cancellation."""
+the buffer budget, idle expiry, stream backpressure and read timeouts, cancellation, the
+order addresses are tried in."""
 
 from __future__ import annotations
 
@@ -11,11 +12,14 @@ import pytest
 
 from edge.upstream.http1 import (
     HIGH_WATER,
+    Budget,
+    BufferFull,
     ConnectFailed,
     Disconnected,
     InvalidResponse,
     Origin,
     Pool,
+    PoolBusy,
     ResponseTooLarge,
     request_head,
 )
@@ -274,56 +278,63 @@ def test_idle_connections_are_closed_after_the_keepalive_time():
     run(main())
 
 
-def test_the_pool_bound_holds_and_waiters_get_the_room_in_turn():
+def test_a_full_pool_refuses_at_once_and_a_closed_connection_makes_room():
+    """One provider's pool: at its bound a request is refused at once (PoolBusy, nothing
+    sent), never queued behind connections that long streams may hold for minutes."""
+
     async def main() -> None:
-        release = asyncio.Event()
-        held: list[int] = []
-
-        def answer(n: int) -> bytes | None:
-            held.append(n)
-            return OK
-
-        upstream, origin, server = await serve(answer)
+        upstream, origin, server = await serve(lambda n: None)  # answers nothing: held
         pool = Pool(2)
-        peak = 0
-
-        async def one() -> None:
-            nonlocal peak
-            conn = await pool.acquire(origin, 2.0)
-            peak = max(peak, pool.open_connections)
+        held = [await pool.acquire(origin, 2.0) for _ in range(2)]
+        for conn in held:
             conn.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
-            await conn.wait(asyncio.get_running_loop().time() + 2.0)
-            await release.wait()
-            conn.done()
-
-        tasks = [asyncio.ensure_future(one()) for _ in range(6)]
-        await until(lambda: len(held) == 2)
-        await asyncio.sleep(0.05)
-        assert len(held) == 2  # the other four wait for room
-        # a waiter that gives up does not take the room with it
-        waiting = asyncio.ensure_future(pool.acquire(origin, 2.0))
-        await asyncio.sleep(0.01)
-        waiting.cancel()
-        release.set()
-        await asyncio.wait_for(asyncio.gather(*tasks), 3)
-        assert peak <= 2 and upstream.connections <= 2 and len(held) == 6
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        with pytest.raises(PoolBusy):
+            await pool.acquire(origin, 2.0)
+        assert loop.time() - started < 0.5  # at once, not after the connect timeout
+        assert pool.open_connections == 2 and upstream.connections == 2
+        held[0].close()
+        third = await pool.acquire(origin, 2.0)  # the room a closed connection left
+        assert pool.open_connections == 2
+        for conn in (held[1], third):
+            conn.close()
         await pool.close()
         server.close()
 
     run(main())
 
 
-def test_a_full_pool_makes_room_by_closing_an_idle_connection_to_another_origin():
+def test_the_buffer_budget_bounds_the_whole_answers_held_and_comes_back():
+    """Whole answers take their bytes from the worker's budget (a Content-Length at once,
+    a chunked body as it comes), and give them back with the answer; past the budget the
+    answer fails as BufferFull and holds nothing."""
+    big = b"x" * 3000
+    sized = b"HTTP/1.1 200 OK\r\nContent-Length: 3000\r\n\r\n" + big
+    chunked = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    chunked += b"".join(b"%x\r\n%s\r\n" % (500, big[:500]) for _ in range(6)) + b"0\r\n\r\n"
+
     async def main() -> None:
-        _, first, server_a = await serve(lambda n: OK)
-        _, second, server_b = await serve(lambda n: OK)
-        pool = Pool(1)
-        await exchange(pool, first)
-        await asyncio.wait_for(exchange(pool, second), 2)
-        assert pool.open_connections == 1
-        await pool.close()
-        server_a.close()
-        server_b.close()
+        for answer in (sized, chunked):
+            _, origin, server = await serve(lambda n, answer=answer: answer)
+            budget = Budget(5000)
+            pool = Pool(4, budget=budget)
+            conn = await pool.acquire(origin, 2.0)
+            conn.send(request_head(origin, b"GET", "/x", {}, 0), 1 << 20)
+            await conn.wait(asyncio.get_running_loop().time() + 2.0)
+            held = conn.hand_over()
+            assert held == 3000 and budget.held == 3000
+            conn.done()
+            assert budget.held == 3000  # handed over: the answer's to give back
+            second = await pool.acquire(origin, 2.0)
+            second.send(request_head(origin, b"GET", "/x", {}, 0), 1 << 20)
+            with pytest.raises(BufferFull):
+                await second.wait(asyncio.get_running_loop().time() + 2.0)
+            assert budget.held == 3000  # the refused answer holds nothing
+            budget.give(held)
+            assert budget.held == 0
+            await pool.close()
+            server.close()
 
     run(main())
 
@@ -592,24 +603,6 @@ def test_a_body_to_the_end_of_the_connection_cut_by_a_reset_is_an_error():
     run(main())
 
 
-def test_waiting_for_room_is_bounded_by_the_connect_timeout():
-    async def main() -> None:
-        _, origin, server = await serve(lambda n: None)
-        pool = Pool(1)
-        held = await pool.acquire(origin, 2.0)
-        held.send(request_head(origin, b"GET", "/x", {}, 0), 1000)
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        with pytest.raises(ConnectFailed):
-            await pool.acquire(origin, 0.2)
-        assert loop.time() - started < 1.5
-        held.close()
-        await pool.close()
-        server.close()
-
-    run(main())
-
-
 def test_an_unreachable_first_address_does_not_use_up_the_connect_timeout():
     import socket
 
@@ -627,6 +620,42 @@ def test_an_unreachable_first_address_does_not_use_up_the_connect_timeout():
         started = loop.time()
         assert (await exchange(pool, origin))[0] == 200
         assert loop.time() - started < 2.0  # the connect timeout given is 2 s
+        await pool.close()
+        server.close()
+
+    run(main())
+
+
+def test_many_dead_addresses_ahead_of_a_live_one_and_the_order_learns():
+    """The head start each address gets fits the connect timeout (so the live one, last of
+    25, still gets its turn), and the addresses that failed go last the next time."""
+    import socket
+
+    async def main() -> None:
+        _, origin, server = await serve(lambda n: OK)
+        pool = Pool(4)
+        dead = [
+            (socket.AF_INET, socket.SOCK_STREAM, 6, "", (f"10.255.255.{i}", origin.port))
+            for i in range(1, 25)
+        ]
+        good = (socket.AF_INET, socket.SOCK_STREAM, 6, "", ("127.0.0.1", origin.port))
+        looked_up = 0
+
+        async def resolve(host: str, port: int) -> list:
+            nonlocal looked_up
+            looked_up += 1
+            return [*dead, good]
+
+        pool._resolve = resolve  # type: ignore[method-assign]
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        conn = await pool.acquire(origin, 3.0)  # 25 addresses x 0.25 s would take 6 s
+        assert loop.time() - started < 3.0
+        conn.close()
+        started = loop.time()
+        conn = await pool.acquire(origin, 3.0)  # the dead ones that failed go last now
+        assert loop.time() - started < 1.0
+        conn.close()
         await pool.close()
         server.close()
 

@@ -206,14 +206,24 @@ def test_targets_filter_by_kind_and_unknown_model_is_404(tmp_path):
 
 def test_ready_only_while_some_provider_can_serve_and_health_lists_breakers(tmp_path):
     import asyncio
+    import socket
 
     import falcon.testing
 
     from edge.app import create_app
     from edge.config import Config
+    from edge.errors import BadGateway
+    from edge.observability.context import RequestContext
     from edge.routing import breaker as cb
+    from edge.routing.exchange import Call
 
-    load(tmp_path, GOOD)
+    with socket.socket() as sock:  # a port nothing listens on: every connection refused
+        sock.bind(("127.0.0.1", 0))
+        closed = f"http://127.0.0.1:{sock.getsockname()[1]}/v1"
+    text = GOOD.replace("http://10.0.0.5:8000/v1/", closed)
+    text = text.replace("https://api.example.com/v1", closed)
+    text = text.replace("https://api.anthropic.com/v1", closed)
+    load(tmp_path, text)
     config = Config.from_env(
         {"AUTH_ENABLED": "false", "PROVIDERS_FILE": str(tmp_path / "providers.toml")}
     )
@@ -234,10 +244,13 @@ def test_ready_only_while_some_provider_can_serve_and_health_lists_breakers(tmp_
             for _ in range(policy.failure_threshold):
                 router.breakers.update("claude", lambda s, t: cb.on_failure(s, policy, t))
             assert (await client.simulate_get("/health/ready")).status_code == 503
-            answer = await client.simulate_post(
-                "/v1/chat/completions", json={"model": "gpt-4o-mini", "messages": [{}]}
-            )
-            assert answer.status_code == 503
-            assert answer.json["error"]["code"] == "no_provider_available"
+            # Every target open: the request is sent anyway (panic routing), not refused; it
+            # fails here only because nothing listens.
+            call = Call("openai", "POST", "/chat/completions", b"{}", None, "gpt-4o-mini")
+            ctx = RequestContext("panic", None)
+            with pytest.raises(BadGateway):
+                await router.exchange(ctx, call)
+            assert ctx.upstream is not None and ctx.upstream.attempts == 2
+            assert ctx.upstream.error == "connect"
 
     asyncio.run(run())

@@ -1,4 +1,4 @@
-"""The failover loop of Router.forward against a scripted upstream stub (no network)."""
+"""The failover loop of Router.exchange against a scripted upstream stub (no network)."""
 
 from __future__ import annotations
 
@@ -171,8 +171,9 @@ def test_a_probe_answered_with_retry_after_gives_its_place_back():
     router, _ = half_open_router(now, answer(429, **{"retry-after": "2"}), OK)
     result, ctx = forward(router)
     assert result is OK and ctx.upstream.provider == "b"  # a asked for 2 s: b answered
-    state = router.breakers.peek("a")
-    assert state.probes == 0 and state.cooldown_until == pytest.approx(7.0)
+    assert router.breakers.peek("a").probes == 0  # the provider's probe place given back
+    # The cooldown is the target's (a rate limit is the model's), not the whole provider's.
+    assert router.breakers.peek("a/renamed").cooldown_until == pytest.approx(7.0)
     now[0] = 7.1
     assert forward(router)[1].upstream.provider == "a"  # probed again once the cooldown is over
 
@@ -230,9 +231,12 @@ def test_a_stream_broken_after_its_first_event_counts_against_the_breaker():
     assert broken[:2] == [b"data: 1\n\n", b"data: 2\n\n"] and b"upstream_disconnect" in broken[2]
     stream_through(router, None)  # a whole stream in between: failures are consecutive
     stream_through(router, Disconnected("cut"))
-    assert router.breakers.peek("a").state == cb.CLOSED
+    assert router.breakers.peek("a/renamed").state == cb.CLOSED
     stream_through(router, Disconnected("cut"))
-    assert router.breakers.peek("a").state == cb.OPEN
+    # The answers' failures: the target's breaker opens; the connection worked each time.
+    assert router.breakers.peek("a/renamed").state == cb.OPEN
+    assert router.breakers.peek("a").state == cb.CLOSED
+    assert router.states()["a"]["breaker"] == "open"  # its only target is open
     assert forward(router)[1].upstream.provider == "b"
 
 
