@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge import usage
-from edge.errors import UPSTREAM, ApiError
+from edge.errors import ANTHROPIC, UPSTREAM, ApiError
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage, output_cap
 from edge.routing.exchange import Answer, Call, Events
@@ -98,8 +98,8 @@ def _used(reservation: Reservation, ctx: RequestContext, answered: bool) -> int:
 
 def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> bool:
     """Pass a whole answer on: status, body, content type, retry headers. A success (judged a
-    JSON object by the router) gives its usage to the request; an error passes through when it
-    is a JSON error, and is wrapped in the client API's error shape otherwise.
+    JSON object by the router) gives its usage to the request; an error passes on only the
+    fields of its error envelope (`_error_envelope`).
 
     An answer over SEND_PIECE_BYTES is sent in pieces, each when the client took the last, so
     it holds its share of the buffer budget until its last byte is out: True then (the stream
@@ -116,13 +116,8 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> 
     if 200 <= status < 300:
         usage.record(ctx, data.get("usage"))
         resp.content_type = answer.content_type
-    elif isinstance(data, dict) and isinstance(data.get("error"), dict):
-        resp.content_type = answer.content_type
     else:
-        error = ApiError(
-            f"The upstream answered HTTP {status}.", status=resp.status, type_=UPSTREAM
-        )
-        body = error.body(shape)
+        body = _error_envelope(data, resp.status, shape)
         resp.content_type = JSON
     for name, value in answer.headers.items():
         resp.set_header(name, value)
@@ -136,6 +131,32 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> 
 
 
 SEND_PIECE_BYTES = 1 << 20
+MAX_ERROR_MESSAGE = 4096  # characters of an upstream error's message passed on
+
+
+def _error_envelope(data: Any, status: int, shape: str) -> bytes:
+    """An upstream error answer as the client sees it: the upstream's status and only the
+    fields of its error envelope, `message`, `type`, `param` and `code` (Anthropic's: `type`
+    and `message`), each a string (a number for `code`); anything else an upstream puts in an
+    error (internal host names, stack traces, request echoes) is dropped. An answer without an
+    envelope gets one saying the upstream's status."""
+    error = data.get("error") if isinstance(data, dict) else None
+    fields = error if isinstance(error, dict) else {}
+
+    def text(name: str) -> str | None:
+        value = fields.get(name)
+        return value[:MAX_ERROR_MESSAGE] if isinstance(value, str) else None
+
+    message = text("message") or f"The upstream answered HTTP {status}."
+    kind = text("type")
+    if shape == ANTHROPIC and kind:
+        return orjson.dumps({"type": "error", "error": {"type": kind, "message": message}})
+    code = fields.get("code")
+    if isinstance(code, int) and not isinstance(code, bool):
+        code = str(code)
+    passed = ApiError(message, status=status, param=text("param"), type_=kind or UPSTREAM)
+    passed.code = code if isinstance(code, str) else None
+    return passed.body(shape)
 
 
 async def _pieces(body: bytes) -> AsyncGenerator[bytes, None]:

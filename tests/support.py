@@ -210,6 +210,10 @@ class Upstream(Process):
         """Every /v1 request this upstream received: path, model, time."""
         return httpx.get(f"{self.url}/_log", timeout=5).json()
 
+    def bills(self) -> list[dict[str, Any]]:
+        """What the honest "bill" models billed: {at (epoch s), tokens, output} each."""
+        return httpx.get(f"{self.url}/_bills", timeout=5).json()
+
     def control(self, **fault: Any) -> None:
         """Inject a fault for all /v1 requests (status=500, or status=429 with retry_after)."""
         httpx.post(f"{self.url}/_control", json=fault, timeout=5).raise_for_status()

@@ -26,6 +26,13 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     paced                 SSE chunks every --pace seconds (also: model "paced-N" sends N chunks)
     long-stream           SSE chunks as fast as the client reads, for --long-chunks chunks
     fast-N                N SSE chunks without pause (quick streams for soak and leak runs)
+    bill, bill-slow       an honest provider's billing (chat, completions, responses): input
+                          tokens are the bytes of every string in the body (keys included) / 4
+                          plus 1,000 per image part; it generates the output cap the route's
+                          API obeys (at most 400, and 400 without one), times `n`, streamed
+                          one token an event when asked; "bill-slow" takes 10 ms a token.
+                          What it billed, and when, is at GET /_bills (a client that leaves is
+                          billed what was generated until it left; "done" once it stopped)
 
 More endpoints: /v1/embeddings (echoes encoding_format: base64 or float), /v1/responses
 (streamed and not), /v1/moderations, /v1/models/{id}, and Anthropic's /v1/messages (streamed
@@ -57,6 +64,9 @@ CANARY = "upstream-body-canary-7f3a"
 LOG: list[dict] = []
 CONTROL: dict = {}
 STATS = {"streams_started": 0, "streams_finished": 0, "streams_cancelled": 0}
+BILLS: list[dict] = []
+BILL_MAX_OUTPUT = 400
+IMAGE_TYPES = ("image_url", "input_image", "image")
 
 
 def _usage(prompt: int = 5, completion: int = 7) -> dict:
@@ -154,6 +164,88 @@ async def name_header(request: web.Request, handler):
     return response
 
 
+def _billed_input(data: object) -> int:
+    """What an honest provider bills as input: every string's bytes / 4, images 1,000 each."""
+    size = images = 0
+    pending = [data]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, str):
+            size += len(item.encode("utf-8", "surrogatepass"))
+        elif isinstance(item, dict):
+            if item.get("type") in IMAGE_TYPES:
+                images += 1
+                continue
+            size += sum(len(key.encode()) for key in item)
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+    return -(-size // 4) + 1000 * images
+
+
+async def _bill(request: web.Request, data: dict, api: str) -> web.StreamResponse:
+    """An honest provider's answer and bill (see the module docstring)."""
+    caps = {"chat": ("max_completion_tokens", "max_tokens"), "completions": ("max_tokens",),
+            "responses": ("max_output_tokens",)}[api]  # fmt: skip
+    cap = next((data[name] for name in caps if isinstance(data.get(name), int)), None)
+    each = BILL_MAX_OUTPUT if cap is None else min(cap, BILL_MAX_OUTPUT)
+    output = each * max(1, data.get("n") or 1)
+    prompt = _billed_input(data)
+    pace = 0.01 if data.get("model") == "bill-slow" else 0.0
+    bill = {"at": time.time(), "tokens": prompt, "output": 0, "done": False}
+    BILLS.append(bill)
+    usage = {"prompt_tokens": prompt, "completion_tokens": output,
+             "total_tokens": prompt + output}  # fmt: skip
+    if not data.get("stream"):
+        try:
+            if pace:
+                await asyncio.sleep(pace * output)
+        finally:  # a client that left mid-way is billed what was generated until then
+            generated = output if not pace else min(output, int((time.time() - bill["at"]) / pace))
+            bill["tokens"], bill["output"], bill["done"] = prompt + generated, generated, True
+        return web.json_response(
+            {
+                "id": "bill",
+                "object": "chat.completion",
+                "model": data.get("model"),
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "x " * each},
+                        "finish_reason": "length",
+                    }
+                ],
+                "usage": usage,
+            }
+        )
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    try:
+        for _ in range(output):
+            chunk = {"object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": {"content": "x "}}]}  # fmt: skip
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+            bill["tokens"] += 1
+            bill["output"] += 1
+            if pace:
+                await asyncio.sleep(pace)
+        options = data.get("stream_options") or {}
+        if options.get("include_usage"):
+            final = {"object": "chat.completion.chunk", "choices": [], "usage": usage}
+            await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except (ConnectionResetError, asyncio.CancelledError):
+        pass  # the client left: billed what was generated
+    finally:
+        bill["done"] = True
+    return response
+
+
+async def bills(request: web.Request) -> web.Response:
+    return web.json_response(BILLS)
+
+
 async def completions(request: web.Request) -> web.StreamResponse:
     chat = request.path.endswith("/chat/completions")
     raw = await request.read()
@@ -164,6 +256,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
     data = json.loads(raw)
     model = data.get("model", "")
     options = request.app["options"]
+    if model.startswith("bill"):
+        return await _bill(request, data, "chat" if chat else "completions")
     if model == "slow":
         await asyncio.sleep(options.slow)
     elif model == "hang":
@@ -330,6 +424,8 @@ async def responses(request: web.Request) -> web.StreamResponse:
     if fault is not None:
         return fault
     model = data.get("model", "")
+    if model.startswith("bill"):
+        return await _bill(request, data, "responses")
     text = f"Hello from {request.app['options'].name or 'the upstream'}."
     if not data.get("stream"):
         return web.json_response(_response_obj(model, "completed", text))
@@ -472,6 +568,7 @@ def main() -> None:
     app.router.add_get("/_seen/{request_id}", seen)
     app.router.add_get("/_stats", stats)
     app.router.add_get("/_health", health)
+    app.router.add_get("/_bills", bills)
     # A short shutdown: a test that leaves a stream or a `hang` handler running must not make
     # a stop wait out aiohttp's default 60 s for handlers to finish.
     web.run_app(
