@@ -26,7 +26,13 @@ from edge.auth import presented_key, unauthorized
 from edge.config import Config
 from edge.endpoints.routes import UNMATCHED, Endpoint
 from edge.errors import RateLimited
-from edge.observability.context import RequestContext, request_id_var, sane_request_id, trace_id_var
+from edge.observability.context import (
+    RequestContext,
+    request_id_var,
+    sane_client,
+    sane_request_id,
+    trace_id_var,
+)
 from edge.observability.logs import log_access
 from edge.pipeline import ResponseStream
 from edge.ratelimit import Decision, RateLimiter, headers
@@ -52,7 +58,9 @@ class EdgeMiddleware:
     # -------------------------------------------------------------- the three steps
 
     async def process_request(self, req: Any, resp: Any) -> None:
-        ctx = RequestContext(sane_request_id(req.get_header("x-request-id")), req.remote_addr)
+        ctx = RequestContext(
+            sane_request_id(req.get_header("x-request-id")), sane_client(req.remote_addr)
+        )
         req.context.edge = ctx
         request_id_var.set(ctx.request_id)
         ctx.set_trace(req.get_header("traceparent"), req.get_header("tracestate"), self._tracing)

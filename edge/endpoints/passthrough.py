@@ -63,3 +63,5 @@ class ModelRetrieve:
         path = "/models/" + quote(target.model or model_id, safe="")
         pinned = target.provider if providers.from_file else None
         await pipeline.run(self._runtime, req, resp, Call(OPENAI, "GET", path, provider=pinned))
+
+    on_head = on_get  # Falcon sends the head (with the GET's Content-Length) and no body

@@ -11,6 +11,7 @@ client, an error handler) carry that request's id and never another's.
 
 from __future__ import annotations
 
+import ipaddress
 import itertools
 import os
 import random
@@ -71,6 +72,32 @@ def new_request_id() -> str:
     digest = _id_hash.copy()
     digest.update(_next_id().to_bytes(8, "little"))
     return digest.hexdigest()
+
+
+_CLIENTS: dict[str, str | None] = {}  # client address as given -> as validated
+MAX_CLIENT_CACHE = 4096
+
+
+def sane_client(value: str | None) -> str | None:
+    """The client address if it is an IP address (what the socket gives, or what a trusted
+    proxy's X-Forwarded-For says, which uvicorn passes on unchecked), else None: a crafted
+    forwarded value never reaches the access line or a rate-limit bucket's identity.
+    Validations are kept (bounded): most requests come from addresses seen before."""
+    if value is None:
+        return None
+    found = _CLIENTS.get(value, False)
+    if found is not False:
+        return found  # type: ignore[return-value]
+    sane: str | None = None
+    if len(value) <= 64:  # the longest IPv6 text with a zone is well under this
+        try:
+            sane = str(ipaddress.ip_address(value))
+        except ValueError:
+            sane = None
+    if len(_CLIENTS) >= MAX_CLIENT_CACHE:
+        _CLIENTS.clear()
+    _CLIENTS[value] = sane
+    return sane
 
 
 def sane_request_id(value: str | None) -> str:

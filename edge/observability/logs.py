@@ -62,7 +62,7 @@ class JsonFormatter(OrjsonFormatter):
         line = {"level": record.levelname, "logger": record.name, "message": record.msg}
         line.update(fields)
         line["timestamp"] = datetime.fromtimestamp(record.created, tz=UTC).isoformat()
-        return orjson.dumps(line).decode()
+        return _escape_separators(orjson.dumps(line)).decode()
 
 
 class ContextFilter(logging.Filter):
@@ -182,7 +182,7 @@ class AccessWriter:
             self._through_logging(line)
             return
         line["timestamp"] = self._timestamp()
-        data = orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE)
+        data = _escape_separators(orjson.dumps(line, option=orjson.OPT_APPEND_NEWLINE))
         self._chunks.append(data)
         self._size += len(data)
         if self._size >= FLUSH_BYTES:
@@ -275,6 +275,18 @@ class AccessWriter:
     def after_fork(self) -> None:
         """A child starts with an empty buffer: the parent's lines are the parent's to write."""
         self._chunks, self._size, self._timer = [], 0, None
+
+
+_LS, _PS = "\u2028".encode(), "\u2029".encode()
+
+
+def _escape_separators(data: bytes) -> bytes:
+    """JSON allows U+2028 and U+2029 raw in strings, but JavaScript (and some log viewers)
+    take them as line breaks: escaped as `\\u2028` and `\\u2029`, like the other line breaks
+    (a path or a model name is client input)."""
+    if b"\xe2\x80" not in data:
+        return data
+    return data.replace(_LS, b"\\u2028").replace(_PS, b"\\u2029")
 
 
 def _effective_handlers(logger: logging.Logger) -> list[logging.Handler]:

@@ -767,7 +767,9 @@ def test_http10_non_streamed_response_keeps_content_length(edge):
     assert closed
 
 
-GET_ROUTES = ["/health", "/health/live", "/health/ready", "/metrics", "/v1/models"]
+GET_ROUTES = [
+    "/health", "/health/live", "/health/ready", "/metrics", "/v1/models", "/v1/models/gpt-4o-mini",
+]  # fmt: skip
 
 
 def fetch(server: Gunicorn, method: str, path: str, *extra: bytes) -> bytes:

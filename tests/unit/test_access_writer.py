@@ -112,3 +112,17 @@ def test_other_routing_goes_through_logging(caplog):
     assert len(record.access["path"]) == logs.MAX_LOGGED_PATH + 1  # cut, with an ellipsis
     line = json.loads(logs.JsonFormatter().format(record))
     assert line["status"] == 404 and line["logger"] == "edge.access"
+
+
+def test_line_and_paragraph_separators_are_escaped_like_other_line_breaks(pipe_logger):
+    read_fd, _ = pipe_logger
+    ctx = context("separators")
+    ctx.model = "gpt\u2028evil\u2029model"
+    logs.log_access(ctx, "POST", "/v1/\u2028chat\ncompletions", 200, 0.01, 0.001)
+    logs.flush_access_log()
+    (line,) = read_lines(read_fd)
+    assert b"\xe2\x80\xa8" not in line and b"\xe2\x80\xa9" not in line
+    assert b"\\u2028" in line and b"\\u2029" in line
+    record = json.loads(line)
+    assert record["model"] == "gpt\u2028evil\u2029model"  # the same text, once decoded
+    assert record["path"] == "/v1/\u2028chat\ncompletions"

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from edge.observability.context import RequestContext, sane_request_id
+from edge.observability.context import RequestContext, sane_client, sane_request_id
 
 TRACEPARENT = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
 SAFE_ID = re.compile(r"[A-Za-z0-9._:/+=-]{1,128}")
@@ -67,3 +67,28 @@ def test_a_valid_tracestate_is_forwarded(value, forwarded):
 def test_whatever_goes_upstream_is_printable_and_bounded(value):
     result = tracestate_out(value)
     assert result is None or PRINTABLE.fullmatch(result)
+
+
+@pytest.mark.parametrize(
+    ("given", "kept"),
+    [("10.0.0.7", "10.0.0.7"), ("::1", "::1"), ("2001:DB8::1", "2001:db8::1"),
+     ("fe80::1%eth0", "fe80::1%eth0"), (None, None)],
+)  # fmt: skip
+def test_a_client_address_is_kept_as_an_ip_address(given, kept):
+    assert sane_client(given) == kept
+
+
+@given(st.text(max_size=300))
+def test_anything_else_a_forwarding_header_says_is_no_client_address(value):
+    """uvicorn passes a trusted proxy's X-Forwarded-For on unchecked: only an IP address is
+    kept (for the access line and the per-address rate-limit buckets)."""
+    import ipaddress
+
+    try:
+        ipaddress.ip_address(value)
+        valid = len(value) <= 64
+    except ValueError:
+        valid = False
+    assert (sane_client(value) is not None) == valid
+    kept = sane_client(value)
+    assert kept is None or (kept.isascii() and kept.isprintable() and len(kept) <= 64)
