@@ -91,3 +91,18 @@ def test_quick_benchmark_prints_its_table_and_cleans_up(tmp_path: Path) -> None:
         with pytest.raises(ProcessLookupError):
             os.killpg(pid, 0)
     assert (out / "edge.log").stat().st_size > 0  # the access log went to a real file
+
+
+def test_bench_streams_holds_every_stream_it_opens() -> None:
+    """`bench/streams.py` on a few streams: every one gets its first event, and the per-stream
+    memory figure is printed."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "streams.py"), "--streams", "40", "--batch", "20"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "{'first event': 40}" in done.stdout
+    assert "KB per stream" in done.stdout

@@ -205,8 +205,8 @@ def _string_bytes(value: Any) -> int:
     pending = [value]
     while pending:
         item = pending.pop()
-        if isinstance(item, str):
-            size += len(item.encode("utf-8", "surrogatepass"))
+        if isinstance(item, str):  # an ASCII string's length is its bytes: no copy
+            size += len(item) if item.isascii() else len(item.encode("utf-8", "surrogatepass"))
         elif isinstance(item, dict):
             pending.extend(item.values())
         elif isinstance(item, list):

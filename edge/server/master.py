@@ -209,6 +209,7 @@ def on_starting(server: Any) -> None:
                 "policy": config.rate_limit_failure_policy,
             },
         )
+    _raise_file_limit(config)
     if not config.auth_enabled:
         log.warning("AUTH_ENABLED=false: the gateway accepts requests without an API key")
     if not config.rate_limit_enabled:
@@ -235,6 +236,26 @@ def _create_segment(name: str, prefix: str, create: Any) -> str:
         _segments.append(name)
         break
     return name
+
+
+def _raise_file_limit(config: Config) -> None:
+    """Raise the soft limit on open files to the hard one, for the master and the workers it
+    forks: each request in flight holds a client connection and, upstream, another (a shell's
+    soft limit is often 1024, under the 2 x MAX_CONCURRENT_REQUESTS a worker may need). Say so
+    when even the hard limit is below that (systemd: LimitNOFILE=)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    needed = 2 * config.max_concurrency + 64
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        log.warning(
+            "the open-file limit is below what MAX_CONCURRENT_REQUESTS needs: raise it "
+            "(systemd: LimitNOFILE=) or lower MAX_CONCURRENT_REQUESTS",
+            extra={"limit": soft, "needed": needed},
+        )
 
 
 def _worker_owner(server: Any) -> dict[str, int]:
