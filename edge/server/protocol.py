@@ -52,9 +52,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import httptools
-from uvicorn.protocols.http.httptools_impl import HEADER_RE as _HEADER_RE
-from uvicorn.protocols.http.httptools_impl import HEADER_VALUE_RE as _HEADER_VALUE_RE
-from uvicorn.protocols.http.httptools_impl import STATUS_LINE as _STATUS_LINE
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
 
 from edge.config import Config
@@ -314,7 +311,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         cycle = self.cycle
         if cycle is None:
             return
-        cycle.__class__ = _Http10Cycle if cycle.scope["http_version"] == "1.0" else _EdgeCycle
+        if cycle.scope["http_version"] == "1.0":
+            cycle.__class__ = _Http10Cycle
         if self._draining:
             cycle.keep_alive = False
 
@@ -326,6 +324,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
         if cycle.more_body and self._body.due is None:
             self._body.start()
+        self.transport.hold_next_write()  # the head, see _LingeringTransport
 
     def on_body(self, body: bytes) -> None:
         if self._upgrade_head is None:
@@ -571,19 +570,21 @@ class _LingeringTransport:
         self._transport = transport
         self._protocol = protocol
         self._held: bytes | None = None
-        self.write = transport.write  # the hot path, without __getattr__
+        self.write = transport.write  # switched by hold_next_write
 
     # A response's head and the start of its body go out in one send (one syscall, one TCP
-    # segment instead of two): the head is held until the next write, which the app makes in
-    # the same step for an answer it has whole, and is sent on its own at the loop's next
-    # iteration otherwise (a stream whose first chunk is not there yet, a HEAD answer).
+    # segment instead of two): the first write of a request's turn (its head, written by
+    # uvicorn's send) is held until the next write, which the app makes in the same step for
+    # an answer it has whole, and is sent on its own at the loop's next iteration otherwise (a
+    # stream whose first chunk is not there yet, a HEAD answer, a 100 Continue).
+    # speed: saves 1 of 3 socket writes a request (strace), ~5 µs kernel CPU (2026-12-07)
     def hold_next_write(self) -> None:
         self.write = self._hold
-        self._protocol.loop.call_soon(self._release)
 
     def _hold(self, data: bytes) -> None:
         self._held = data
         self.write = self._write_with_held
+        self._protocol.loop.call_soon(self._release)
 
     def _write_with_held(self, data: bytes) -> None:
         held, self._held = self._held, None
@@ -596,9 +597,11 @@ class _LingeringTransport:
         write(data)
 
     def _release(self) -> None:
-        self.write = self._transport.write
         held, self._held = self._held, None
-        if held is not None and not self._transport.is_closing():  # else the client is gone
+        if held is None:  # joined with the body already; a later turn's hold stays armed
+            return
+        self.write = self._transport.write
+        if not self._transport.is_closing():  # else the client is gone
             self._transport.write(held)
 
     def close(self) -> None:
@@ -615,75 +618,7 @@ class _LingeringTransport:
 _JOIN_MAX_BYTES = 64 * 1024
 
 
-class _Sent:
-    """An awaitable that is already done: what `_EdgeCycle.send` returns for a head it wrote."""
-
-    __slots__ = ()
-
-    def __await__(self) -> Any:
-        return iter(())
-
-
-_SENT = _Sent()
-
-
-class _EdgeCycle(RequestResponseCycle):
-    """uvicorn's request/response cycle, sending a response's head with its first body bytes
-    (see _LingeringTransport.hold_next_write), and writing the head without a coroutine."""
-
-    def send(self, message: Any) -> Any:  # type: ignore[override]  # an awaitable
-        if not self.response_started and message["type"] == "http.response.start":
-            if not (self.flow.write_paused or self.disconnected or self.access_log):
-                self._start_response(message)
-                return _SENT
-            self.transport.hold_next_write()
-        return RequestResponseCycle.send(self, message)
-
-    def _start_response(self, message: Any) -> None:
-        """What uvicorn's `send` does for `http.response.start` (0.54; tests/unit/test_protocol.py
-        holds the version), with the headers checked by one search over all the names and one
-        over all the values: the patterns are character classes, so a search over the joined
-        bytes finds exactly what one search per header would."""
-        self.response_started = True
-        self.waiting_for_100_continue = False
-        status_code = message["status"]
-        headers = self.default_headers + list(message.get("headers", []))
-        if _HEADER_RE.search(b"".join([name for name, _ in headers])):
-            raise RuntimeError("Invalid HTTP header name.")
-        if _HEADER_VALUE_RE.search(b"".join([value for _, value in headers])):
-            raise RuntimeError("Invalid HTTP header value.")
-        content = [_STATUS_LINE[status_code]]
-        has_connection_close = False
-        for name, value in headers:
-            name = name.lower()
-            if name == b"content-length" and self.chunked_encoding is None:
-                self.expected_content_length = int(value.decode())
-                self.chunked_encoding = False
-            elif name == b"transfer-encoding" and value.lower() == b"chunked":
-                self.expected_content_length = 0
-                self.chunked_encoding = True
-            elif name == b"connection":
-                connection = [token.lower().strip() for token in value.split(b",")]
-                if b"close" in connection:
-                    self.keep_alive = False
-                    has_connection_close = True
-            content.extend((name, b": ", value, b"\r\n"))
-        if not self.keep_alive and not has_connection_close:
-            content.append(b"connection: close\r\n")
-        if (
-            self.chunked_encoding is None
-            and self.scope["method"] != "HEAD"
-            and status_code not in (204, 304)
-        ):
-            self.chunked_encoding = True
-            content.append(b"transfer-encoding: chunked\r\n")
-        content.append(b"\r\n")
-        transport = self.transport
-        transport.hold_next_write()
-        transport.write(b"".join(content))
-
-
-class _Http10Cycle(_EdgeCycle):
+class _Http10Cycle(RequestResponseCycle):
     """uvicorn's request/response cycle for an HTTP/1.0 request: a response of unknown length
     is sent close-delimited (RFC 9112 6.3), as HTTP/1.0 has no chunked coding."""
 

@@ -9,7 +9,6 @@ they fail with a message saying what moved, rather than the edge silently losing
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import heapq
 import importlib.metadata
 import inspect
@@ -214,7 +213,7 @@ class Connection:
             lifespan="off",
             timeout_keep_alive=int(KEEPALIVE),
             log_level="warning",
-            access_log=False,  # as edge.server.worker runs it (its send takes a faster path)
+            access_log=False,  # as edge.server.worker runs it
             proxy_headers=False,
         )
         config.load()
@@ -943,10 +942,6 @@ def test_the_cycle_internals_are_where_the_subclass_expects_them():
     send = inspect.getsource(httptools_impl.RequestResponseCycle.send)
     assert "self.chunked_encoding is None" in send  # how chunked framing is chosen
     assert "self.transport.close()" in send  # how a close after a response happens
-    # _EdgeCycle._start_response repeats what this send does for a response's head: any
-    # change to it must be looked at (and the digest updated) before that copy is trusted.
-    digest = hashlib.sha256(send.encode()).hexdigest()[:16]
-    assert digest == "abdd8601b326a8da", "uvicorn's RequestResponseCycle.send changed"
 
 
 @pytest.mark.parametrize(
