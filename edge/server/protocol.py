@@ -201,7 +201,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             if self._head_bytes > self.limits.max_header_bytes:
                 self._refuse(431, "Request header block too large.")
         elif (
-            self._head.due is None
+            not self._head.running
             and self.timeout_keep_alive_task is None
             and (self.cycle is None or self.cycle.response_complete)
         ):
@@ -245,7 +245,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._header_size = 0
         self._has_host = False
-        if self._head.due is None and not self._answer_owed():
+        if not self._head.running and not self._answer_owed():
             self._head.start()
         # Else an earlier request's answer is still owed (a long stream, requests pipelined
         # behind it): reading is paused or the client waits for it, so this head's deadline
@@ -263,7 +263,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             # may just have armed its keep-alive timer) but a request, whose head deadline
             # starts now if it has not yet.
             self._unset_keepalive_if_required()
-            if self._head.due is None:
+            if not self._head.running:
                 self._head.start()
 
     def on_url(self, url: bytes) -> None:
@@ -296,7 +296,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if not self._has_host and (self.parser.get_http_version() == "1.1"):
             raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")  # a head's refusal
         self._head_started = False
-        self._head.due = None  # its timer, if still armed, finds nothing to do (_Deadline)
+        self._head.cancel()
         app = self.app
         # Health checks are exempt from the cap: a saturated worker is busy, not dead.
         if len(self.tasks) >= self.limits.max_concurrency and kind_of_target(self.url) != HEALTH:
@@ -322,7 +322,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         (uvicorn pauses reading), so a deadline started at its head could run out during the
         previous response and write a 408 into the middle of it."""
         super()._start_asgi_task(cycle, app)
-        if cycle.more_body and self._body.due is None:
+        if cycle.more_body and not self._body.running:
             self._body.start()
         self.transport.hold_next_write()  # the head, see _LingeringTransport
 
@@ -333,7 +333,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         if self._upgrade_head is not None:
             return  # the upgrade request is served from its second parse
-        self._body.due = None
+        self._body.cancel()
         super().on_message_complete()
         self.scope[BODY_READY] = True  # the app need not be handed the head alone first
 
@@ -514,50 +514,32 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             transport.close()
 
 
-# uvloop keeps time and timers in whole milliseconds: a timer may fire up to 1 ms before its
-# due time, and re-arming for the sub-millisecond rest would fire again at once, in a loop.
-# Within this of its due time a deadline counts as reached.
-_TIMER_GRAIN_S = 0.001
-
-
 class _Deadline:
-    """A deadline without a timer per request: `start()` sets the due time (loop time), and a
-    timer is armed only when none is pending; stopping (`due = None`) or moving the deadline
-    leaves the timer armed. When it fires it compares the time with the deadline then in force:
-    past it, `on_expiry` runs; before it, it waits again for what is left; with none, nothing.
-    A keep-alive connection serving requests back to back so costs a float store per deadline
-    and request instead of a call_later and a cancel, and every deadline still fires on time."""
+    """A deadline of the request under way: `start()` (re)arms its timer, `cancel()` stops it."""
 
-    __slots__ = ("_loop", "_on_expiry", "_seconds", "_timer", "due")
+    __slots__ = ("_loop", "_on_expiry", "_seconds", "_timer")
 
     def __init__(self, loop: Any, seconds: float, on_expiry: Any) -> None:
         self._loop = loop
         self._seconds = seconds
         self._on_expiry = on_expiry
         self._timer: asyncio.TimerHandle | None = None
-        self.due: float | None = None  # loop time; None: not running
+
+    @property
+    def running(self) -> bool:
+        return self._timer is not None
 
     def start(self) -> None:
-        self.due = due = self._loop.time() + self._seconds
-        if self._timer is None:
-            self._timer = self._loop.call_at(due, self._fired)
+        self.cancel()
+        self._timer = self._loop.call_later(self._seconds, self._expired)
 
     def cancel(self) -> None:
-        self.due = None
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
 
-    def _fired(self) -> None:
+    def _expired(self) -> None:
         self._timer = None
-        due = self.due
-        if due is None:
-            return
-        left = due - self._loop.time()
-        if left > _TIMER_GRAIN_S:  # a later request's deadline: wait for what is left
-            self._timer = self._loop.call_at(due, self._fired)
-            return
-        self.due = None
         self._on_expiry()
 
 
