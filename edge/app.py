@@ -31,7 +31,7 @@ from edge.errors import ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.ratelimit.tokens import EMBEDDINGS, RESPONSES
 from edge.runtime import Runtime
-from edge.server.disconnect import BODY_READY, EdgeRequest
+from edge.server.disconnect import EdgeRequest
 from edge.upstream.client import Upstream
 
 log = logging.getLogger("edge.app")
@@ -53,12 +53,10 @@ class EdgeApp(falcon.asgi.App):
     __slots__ = ("runtime",)
 
     def __call__(self, scope: Any, receive: Any, send: Any) -> Any:  # type: ignore[override]
-        # Our HTTP/1.1 protocol marks a request whose whole body is already in (the common
-        # case: a small body in the head's read): Falcon's first receive() returns it at once.
         # A plain function returning Falcon's coroutine: no coroutine frame of its own, which
         # every resumption of the request would pass through (the worker declares ASGI 3,
         # since uvicorn would otherwise take a non-async __call__ for ASGI 2).
-        if scope["type"] == "http" and not scope.get(BODY_READY):
+        if scope["type"] == "http":
             receive = _head_first(receive)
         return _FALCON_CALL(self, scope, receive, send)
 

@@ -58,7 +58,7 @@ from edge.config import Config
 from edge.endpoints.routes import HEALTH, kind_of_target
 from edge.errors import OVERLOADED, envelope
 from edge.observability.context import new_request_id
-from edge.server.disconnect import BODY_READY, PROTOCOL_WATCHES, client_gone
+from edge.server.disconnect import PROTOCOL_WATCHES, client_gone
 
 _OVERLOADED_BODY = envelope(
     "The server is at its concurrency limit; retry shortly.", OVERLOADED, None, "overloaded"
@@ -335,7 +335,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             return  # the upgrade request is served from its second parse
         self._body.cancel()
         super().on_message_complete()
-        self.scope[BODY_READY] = True  # the app need not be handed the head alone first
 
     def _head_without_upgrade(self) -> bytes | None:
         """The head just parsed, rebuilt without `Upgrade` and the `upgrade` token of

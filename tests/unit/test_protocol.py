@@ -570,26 +570,6 @@ def test_a_bad_head_behind_a_stream_is_not_answered_and_the_stream_finishes():
     run(test)
 
 
-def test_the_scope_says_when_the_whole_body_is_in():
-    """edge.app hands Falcon the head alone first only while the body is still on its way."""
-    from edge.server.disconnect import BODY_READY
-
-    async def test() -> None:
-        app = App()
-        conn = Connection(app)
-        await conn.send(post(CHAT))
-        assert app.scopes[-1].get(BODY_READY) is True
-        slow = App()
-        trickled = Connection(slow)
-        request = post(b"x" * 100)
-        await trickled.send(request[:-10])
-        assert BODY_READY not in trickled.protocol.scope
-        await trickled.send(request[-10:])
-        assert slow.scopes[-1].get(BODY_READY) is True and slow.bodies == [b"x" * 100]
-
-    run(test)
-
-
 def test_body_deadline_408_and_the_app_sees_a_disconnect():
     async def test() -> None:
         app = App()
