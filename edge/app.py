@@ -52,16 +52,10 @@ class EdgeApp(falcon.asgi.App):
 
     __slots__ = ("runtime",)
 
-    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:  # type: ignore[override]
-        # A plain function returning Falcon's coroutine: no coroutine frame of its own, which
-        # every resumption of the request would pass through (the worker declares ASGI 3,
-        # since uvicorn would otherwise take a non-async __call__ for ASGI 2).
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             receive = _head_first(receive)
-        return _FALCON_CALL(self, scope, receive, send)
-
-
-_FALCON_CALL = falcon.asgi.App.__call__
+        await super().__call__(scope, receive, send)
 
 
 def _head_first(receive: Any) -> Any:
