@@ -133,7 +133,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._header_size = 0
         self._head = _Deadline(self.loop, self.limits.header_timeout, self._head_timed_out)
         self._body = _Deadline(self.loop, self.limits.body_timeout, self._body_timed_out)
-        self._has_host = False
         self._send_timer: asyncio.TimerHandle | None = None
         self._refused = False
         self._draining = False
@@ -244,7 +243,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._header_size = 0
-        self._has_host = False
         if not self._head.running and not self._answer_owed():
             self._head.start()
         # Else an earlier request's answer is still owed (a long stream, requests pipelined
@@ -284,8 +282,6 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         if self._header_size > self.limits.max_header_bytes:
             raise _Refuse(431, "Request header block too large.")
         super().on_header(name, value)
-        if self.headers[-1][0] == b"host":  # as uvicorn stored it: lower-cased
-            self._has_host = True
 
     def on_headers_complete(self) -> None:
         if self.parser.should_upgrade():
@@ -293,8 +289,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             # is parsed again by _restart_without_upgrade once llhttp stops after it.
             self._upgrade_head = self._head_without_upgrade()
             return
-        if not self._has_host and (self.parser.get_http_version() == "1.1"):
-            raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")  # a head's refusal
+        # uvicorn stores the names lower-cased
+        if self.parser.get_http_version() == "1.1" and all(n != b"host" for n, _ in self.headers):
+            raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         self._head_started = False
         self._head.cancel()
         app = self.app
