@@ -30,7 +30,7 @@ from edge.middleware import EdgeMiddleware
 from edge.ratelimit.tokens import EMBEDDINGS, RESPONSES
 from edge.routing.providers import Providers
 from edge.runtime import HostTables, Runtime
-from edge.server.disconnect import BODY_READY, EdgeRequest
+from edge.server.disconnect import EdgeRequest
 
 log = logging.getLogger("edge.app")
 _EVERYTHING = re.compile("")
@@ -51,18 +51,10 @@ class EdgeApp(falcon.asgi.App):
     __slots__ = ("runtime",)
     runtime: Runtime
 
-    def __call__(self, scope: Any, receive: Any, send: Any) -> Any:  # type: ignore[override]
-        # Our HTTP/1.1 protocol marks a request whose whole body is already in (the common
-        # case: a small body in the head's read): Falcon's first receive() returns it at once.
-        # A plain function returning Falcon's coroutine: no coroutine frame of its own, which
-        # every resumption of the request would pass through (the worker declares ASGI 3,
-        # since uvicorn would otherwise take a non-async __call__ for ASGI 2).
-        if scope["type"] == "http" and not scope.get(BODY_READY):
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
             receive = _head_first(receive)
-        return _FALCON_CALL(self, scope, receive, send)
-
-
-_FALCON_CALL = falcon.asgi.App.__call__
+        await super().__call__(scope, receive, send)
 
 
 def _head_first(receive: Any) -> Any:

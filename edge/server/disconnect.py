@@ -37,9 +37,6 @@ Receive = Callable[[], Awaitable[Mapping[str, Any]]]
 CANCEL_ON_DISCONNECT = "edge.cancel_on_disconnect"  # the task to cancel on a hang-up
 CLIENT_GONE = "edge.client_gone"  # set once the client has hung up
 PROTOCOL_WATCHES = "edge.protocol_watches"  # our protocol calls client_gone itself
-# Set by our protocol once a request's whole body is in (unset again if the client goes away):
-# the app's first `receive()` then returns it at once (see edge.app.EdgeApp).
-BODY_READY = "edge.body_ready"
 
 
 class EdgeRequest(falcon.asgi.Request):
@@ -54,7 +51,6 @@ class EdgeRequest(falcon.asgi.Request):
 
 def client_gone(scope: Any) -> None:
     """The connection of `scope`'s request is gone: end whatever its handler awaits."""
-    scope.pop(BODY_READY, None)
     task = scope.get(CANCEL_ON_DISCONNECT)
     if task is not None:
         scope[CLIENT_GONE] = True

@@ -34,7 +34,6 @@ class EdgeUvicornWorker(UvicornWorker):
             "http": protocol_class(limits),
             "ws": "none",
             "lifespan": "on",
-            "interface": "asgi3",  # edge.app.EdgeApp.__call__ is not itself a coroutine
             "access_log": False,  # edge.access writes one JSON line per request instead
             "server_header": False,
             "date_header": True,
