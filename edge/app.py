@@ -51,7 +51,9 @@ class EdgeApp(falcon.asgi.App):
     __slots__ = ("runtime",)
     runtime: Runtime
 
-    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+    # falcon.asgi.App's own __call__ ignores the same override: its WSGI base class has
+    # another signature.
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # type: ignore[override]
         if scope["type"] == "http":
             receive = _head_first(receive)
         await super().__call__(scope, receive, send)

@@ -48,8 +48,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResponseCycle
@@ -147,7 +148,8 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         # Every close, ours and uvicorn's, goes through _close(): see _LingeringTransport.
-        super().connection_made(_LingeringTransport(transport, self))  # type: ignore[arg-type]
+        self._edge_transport = _LingeringTransport(transport, self)
+        super().connection_made(self._edge_transport)  # type: ignore[arg-type]
         self._head.start()  # the first request must arrive in time too
 
     def connection_lost(self, exc: Exception | None) -> None:
@@ -209,7 +211,9 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             # connection open for ever.
             self._head.start()
 
-    def eof_received(self) -> bool | None:
+    # asyncio's Protocol.eof_received may return True (keep the transport open: a linger);
+    # uvicorn's annotation says None, which its own never returns but this one does.
+    def eof_received(self) -> bool | None:  # type: ignore[override]
         if self._lingering is not None:
             self._lingering.set()  # the client has sent everything: the linger is over
             return True  # _linger closes the transport
@@ -300,7 +304,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             self.app = _overloaded
         # connection_lost tells the app (edge.server.disconnect), instead of a watcher task
         # speed: saves 6.5 % of a request's instructions (bench/instructions.py, 2026-12-07)
-        self.scope[PROTOCOL_WATCHES] = True
+        cast("dict[str, Any]", self.scope)[PROTOCOL_WATCHES] = True
         try:
             super().on_headers_complete()
         finally:
@@ -321,7 +325,7 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
         super()._start_asgi_task(cycle, app)
         if cycle.more_body and not self._body.running:
             self._body.start()
-        self.transport.hold_next_write()  # the head, see _LingeringTransport
+        self._edge_transport.hold_next_write()  # the head, see _LingeringTransport
 
     def on_body(self, body: bytes) -> None:
         if self._upgrade_head is None:
@@ -548,7 +552,7 @@ class _LingeringTransport:
         self._transport = transport
         self._protocol = protocol
         self._held: bytes | None = None
-        self.write = transport.write  # switched by hold_next_write
+        self.write: Callable[[bytes], None] = transport.write  # switched by hold_next_write
 
     # A response's head and the start of its body go out in one send (one syscall, one TCP
     # segment instead of two): the first write of a request's turn (its head, written by
