@@ -26,7 +26,7 @@ import orjson
 from edge import usage
 from edge.errors import ANTHROPIC, UPSTREAM, ApiError
 from edge.observability.context import RequestContext
-from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage, output_cap
+from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage
 from edge.routing.exchange import Answer, Call, Events
 from edge.server.disconnect import Receive, close_on_hang_up, unless_client_leaves
 
@@ -46,7 +46,7 @@ async def run(
     reservation = None
     hide_usage = False
     if prompt is not None and call.data is not None:
-        call.output_cap = output_cap(call.data, prompt)
+        call.prompt = prompt
         if runtime.tokens is not None:
             size = len(call.body or b"")
             reservation = await runtime.tokens.reserve(ctx, resp, size, call.data, prompt)

@@ -29,7 +29,7 @@ class Call:
     stream: bool = False
     headers: dict[str, str] | None = None  # client headers forwarded as they are (checked)
     provider: Any = None  # a GET pinned to this provider (edge.routing.providers.Provider)
-    output_cap: int | None = None  # the largest output cap the request sets (its API's own)
+    prompt: Any = None  # its token-limit fields (edge.ratelimit.tokens.Prompt), when it has any
     on_event: Callable[[bytes], None] | None = None  # sees each block of a stream's events
     # Takes another token estimate before an attempt the upstream may bill on top of an
     # earlier one (edge.pipeline: a failover after a request that was sent and not answered).

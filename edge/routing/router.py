@@ -45,6 +45,7 @@ from edge.errors import (
     stream_error_event,
 )
 from edge.observability.context import RequestContext
+from edge.ratelimit.tokens import output_cap
 from edge.routing import breaker as cb
 from edge.routing.exchange import Call, Events
 from edge.routing.mock import MockTransport
@@ -321,6 +322,8 @@ class Router:
         cooldown: float = 0.0,
     ) -> None:
         """One attempt's verdict on its provider's breaker and on its target's."""
+        if not self._use_breakers:
+            return
         self._report(target.provider.name, provider_ok, probes[0])
         self._report(target.breaker, target_ok, probes[1], cooldown)
 
@@ -661,16 +664,22 @@ def _failure_verdict(kind: str | None, call: Call) -> tuple[bool | None, bool | 
     if kind in ("connect", "disconnect", "auth"):
         return False, None
     if kind == "timeout":
-        counts = call.stream or (
-            call.output_cap is not None and call.output_cap <= SMALL_OUTPUT_CAP
-        )
-        return None, (False if counts else None)
+        return None, (False if call.stream or _small_output(call) else None)
     if kind == "invalid":
         return True, False
     return None, None
 
 
 PARSE_MAX_BYTES = 1 << 20  # a larger success is judged by its ends and its usage alone
+
+
+def _small_output(call: Call) -> bool:
+    """Whether the request caps its output at SMALL_OUTPUT_CAP tokens or fewer (in a field its
+    API obeys)."""
+    if call.prompt is None or call.data is None:
+        return False
+    cap = output_cap(call.data, call.prompt)
+    return cap is not None and cap <= SMALL_OUTPUT_CAP
 
 
 def _judge(answer: UpstreamResponse, outcome: UpstreamOutcome) -> None:

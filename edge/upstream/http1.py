@@ -114,19 +114,14 @@ class BufferFull(UpstreamError):
 
 
 class Budget:
-    """The bytes of whole answers one worker may hold at once (see the module docstring)."""
+    """The bytes of whole answers one worker may hold at once (see the module docstring);
+    `Connection._hold` takes from it, the answer holding them gives them back."""
 
     __slots__ = ("held", "limit")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.held = 0
-
-    def take(self, size: int) -> bool:
-        if self.held + size > self.limit:
-            return False
-        self.held += size
-        return True
 
     def give(self, size: int) -> None:
         self.held -= size
@@ -304,8 +299,10 @@ class Connection(asyncio.Protocol):
         return held
 
     def _hold(self, size: int) -> None:
-        if not self._pool.budget.take(size):
+        budget = self._pool.budget
+        if budget.held + size > budget.limit:
             raise BufferFull("The worker holds its most of buffered upstream answers.")
+        budget.held += size
         self.held += size
 
     async def readany(self, timeout: float | None) -> bytes:
@@ -340,7 +337,8 @@ class Connection(asyncio.Protocol):
 
     def done(self) -> None:
         """The caller is finished with this exchange: back to the pool if it may be reused."""
-        self._give_back()
+        if self.held:
+            self._give_back()
         if self.reusable:
             self._busy = False
             self._chunks = []
@@ -443,7 +441,8 @@ class Connection(asyncio.Protocol):
         key = name.decode("latin-1").lower()
         if key not in self.headers:  # the first of a repeated header is the one kept
             # llhttp drops the whitespace before a value, not after it (RFC 9112 section 5)
-            self.headers[key] = value.decode("latin-1").rstrip(" \t")
+            text = value.decode("latin-1")
+            self.headers[key] = text.rstrip(" \t") if text[-1:] in (" ", "\t") else text
         elif key in _FRAMING:
             # A second Content-Length or Transfer-Encoding: the dict keeps the first, llhttp
             # may go by the last (it does for Transfer-Encoding): fail closed.
