@@ -4,7 +4,7 @@ Two shapes, chosen by the endpoint the request matched (`Endpoint.api`, edge.end
 
 - OpenAI's envelope, `{"error": {"message", "type", "param", "code"}}`, on every route but one,
   on paths that match no route and on the HTTP protocol's own refusals (400, 408, 413, 414,
-  431, 503: `protocol_refusal`);
+  431, 503, 505: `protocol_refusal`);
 - Anthropic's, `{"type": "error", "error": {"type", "message"}}`, on `/v1/messages`, so the
   anthropic SDK raises the right exception.
 
@@ -160,6 +160,12 @@ class GatewayTimeout(ApiError):
     code = "upstream_timeout"
 
 
+class VersionNotSupported(ApiError):
+    status = 505
+    type = INVALID_REQUEST
+    code = "http_version_not_supported"
+
+
 class Overloaded(ApiError):
     """The worker is at MAX_CONCURRENT_REQUESTS (the HTTP protocol's refusal)."""
 
@@ -202,6 +208,7 @@ _REFUSALS: dict[int, type[ApiError]] = {
     414: RequestLineTooLong,
     431: HeaderFieldsTooLarge,
     503: Overloaded,
+    505: VersionNotSupported,
 }
 
 

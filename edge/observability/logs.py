@@ -155,6 +155,31 @@ def log_access(
     writer.write(line)
 
 
+def log_refusal(
+    request_id: str, method: str | None, path: str | None, status: int, client: str | None,
+    reason: str,
+) -> None:  # fmt: skip
+    """The access line of a request the HTTP protocol refused before the app saw it (400, 408,
+    414, 431, 503 at the concurrency cap, an h2c preface): what is known of it, and why."""
+    writer = _access
+    if not writer.logger.isEnabledFor(logging.INFO):
+        return
+    if path is not None and len(path) > MAX_LOGGED_PATH:
+        path = path[:MAX_LOGGED_PATH] + "…"
+    line = {
+        "level": "INFO",
+        "logger": ACCESS_LOGGER,
+        "message": "request",
+        "request_id": request_id,
+        "method": method,
+        "path": path,
+        "status": status,
+        "client": client,
+        "refused": reason,
+    }
+    writer.write(line)
+
+
 def flush_access_log() -> None:
     """Write out the buffered access lines now (lifespan shutdown, interpreter exit)."""
     _access.flush()

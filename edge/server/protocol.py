@@ -58,8 +58,14 @@ from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol, RequestResp
 from edge.config import Config
 from edge.endpoints.routes import HEALTH, kind_of_target
 from edge.errors import protocol_refusal
-from edge.observability.context import new_request_id
+from edge.observability.context import new_request_id, sane_client
+from edge.observability.logs import log_refusal
 from edge.server.disconnect import PROTOCOL_WATCHES, client_gone
+
+# HTTP/2 frames for an h2c preface (RFC 9113): an empty SETTINGS (the server's preface), and
+# GOAWAY's error code HTTP_1_1_REQUIRED.
+_H2_SETTINGS = b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+_HTTP_1_1_REQUIRED = 0xD
 
 _OVERLOADED_BODY = protocol_refusal(
     503, "The server is at its concurrency limit; retry shortly."
@@ -103,6 +109,12 @@ class _Refuse(Exception):
 
 
 async def _overloaded(scope: Any, receive: Any, send: Any) -> None:
+    request_id = new_request_id()
+    client = scope.get("client")
+    log_refusal(
+        request_id, scope.get("method"), scope.get("path"), 503,
+        sane_client(client[0] if client else None), "overloaded",
+    )  # fmt: skip
     await send(
         {
             "type": "http.response.start",
@@ -111,7 +123,7 @@ async def _overloaded(scope: Any, receive: Any, send: Any) -> None:
                 (b"content-type", b"application/json"),
                 (b"content-length", str(len(_OVERLOADED_BODY)).encode()),
                 (b"retry-after", b"1"),
-                (b"x-request-id", new_request_id().encode()),
+                (b"x-request-id", request_id.encode()),
             ],
         }
     )
@@ -191,7 +203,10 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
                 data = head + data[upgrade.args[0] :]
                 continue
             except httptools.HttpParserError:
-                self._refuse(400, "Invalid HTTP request received.")
+                if self.parser.get_method() == b"PRI":  # HTTP/2's preface: h2c prior knowledge
+                    self._refuse_h2c()
+                else:
+                    self._refuse(400, "Invalid HTTP request received.")
                 return
             break
         if self._head_started:
@@ -293,8 +308,11 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             # is parsed again by _restart_without_upgrade once llhttp stops after it.
             self._upgrade_head = self._head_without_upgrade()
             return
+        version = self.parser.get_http_version()
+        if version not in ("1.1", "1.0"):  # llhttp takes 0.9 (no version) and 2.0 too
+            raise _Refuse(505, f"HTTP/{version} is not served here: use HTTP/1.1.")
         # uvicorn stores the names lower-cased
-        if self.parser.get_http_version() == "1.1" and all(n != b"host" for n, _ in self.headers):
+        if version == "1.1" and all(n != b"host" for n, _ in self.headers):
             raise _Refuse(400, "HTTP/1.1 requests must carry a Host header.")
         self._head_started = False
         self._head.cancel()
@@ -457,14 +475,44 @@ class EdgeHttpToolsProtocol(HttpToolsProtocol):
             return
         body = protocol_refusal(status, message).body()
         phrase = http.HTTPStatus(status).phrase.encode()
+        request_id = self._log_refusal(status, message)
         head = [b"HTTP/1.1 %d %s\r\n" % (status, phrase)]
         for name, value in self.server_state.default_headers:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"content-type: application/json\r\n")
-        head.append(b"x-request-id: " + new_request_id().encode() + b"\r\n")
+        head.append(b"x-request-id: " + request_id.encode() + b"\r\n")
         head.append(b"content-length: %d\r\nconnection: close\r\n\r\n" % len(body))
         self.transport.write(b"".join(head) + body)
         self.transport.close()
+
+    def _refuse_h2c(self) -> None:
+        """A client that speaks HTTP/2 without TLS (`curl --http2-prior-knowledge`): HTTP/2 is
+        served over TLS only (HTTP2_ENABLED), so it gets HTTP/2's own refusal, which it can
+        read (an HTTP/1.1 status line would be garbage to it): the server's SETTINGS, then
+        GOAWAY with HTTP_1_1_REQUIRED and a reason (curl then retries over HTTP/1.1)."""
+        self._refused = True
+        self._cancel_timers()
+        self._log_refusal(505, "HTTP/2 without TLS (h2c prior knowledge)")
+        reason = b"HTTP/2 is served over TLS only here: use HTTP/1.1, or https with h2."
+        goaway = (0).to_bytes(4, "big") + _HTTP_1_1_REQUIRED.to_bytes(4, "big") + reason
+        frames = _H2_SETTINGS + len(goaway).to_bytes(3, "big") + b"\x07\x00\x00\x00\x00\x00"
+        self.transport.write(frames + goaway)
+        self.transport.close()
+
+    def _log_refusal(self, status: int, reason: str) -> str:
+        """The access line of a request refused here (see log_refusal); its request id."""
+        request_id = new_request_id()
+        try:
+            method: str | None = self.parser.get_method().decode("latin-1") or None
+        except Exception:  # not parsed as far as the method
+            method = None
+        url = getattr(self, "url", b"")  # uvicorn sets it when a message begins
+        path = url.decode("latin-1", "replace") if url else None
+        peer = self.client
+        log_refusal(
+            request_id, method, path, status, sane_client(peer[0] if peer else None), reason
+        )
+        return request_id
 
     # -------------------------------------------------------------- closing
 

@@ -991,3 +991,58 @@ def test_server_is_healthy_after_all_of_this(edge, capped):
         assert "Exception in ASGI application" not in log
         assert "unhandled error" not in log
         assert "Traceback" not in log
+
+
+# Requests the protocol refuses before the app sees them: a clear answer, and an access line.
+
+
+def access_lines(server: Gunicorn, request_id: str) -> list[dict]:
+    lines = []
+    for line in server.output().splitlines():
+        if request_id in line and '"edge.access"' in line:
+            lines.append(json.loads(line))
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("request_line", "version"),
+    [(b"GET /health\r\n\r\n", "0.9"), (b"GET /health HTTP/2.0\r\nHost: edge\r\n\r\n", "2.0")],
+)
+def test_http_versions_other_than_1_x_are_505_never_a_500(edge, request_line, version):
+    response, closed = exchange(edge, request_line)
+    assert closed and status_of(response) == 505, response[:300]
+    assert envelope(response)["code"] == "http_version_not_supported"
+    request_id = header(response, "x-request-id")
+    assert request_id
+    (line,) = wait_until(lambda: access_lines(edge, request_id), timeout=10)
+    assert line["status"] == 505 and f"HTTP/{version}" in line["refused"]
+    assert line["method"] == "GET" and line["path"] == "/health"
+    assert line["client"] == "127.0.0.1"
+
+
+def test_an_h2c_prior_knowledge_client_gets_http2s_own_refusal(edge):
+    """`curl --http2-prior-knowledge` on plain http: it reads HTTP/2 frames, so it gets the
+    server's SETTINGS and a GOAWAY saying HTTP_1_1_REQUIRED, not an HTTP/1.1 status line it
+    cannot read (an "empty reply" before); and the refusal is logged."""
+    before = edge.output().count('"refused":"HTTP/2 without TLS')
+    preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    response, closed = exchange(edge, preface)
+    assert closed
+    settings, goaway = response[:9], response[9:]
+    assert settings == b"\x00\x00\x00\x04\x00\x00\x00\x00\x00"
+    length, kind = int.from_bytes(goaway[:3], "big"), goaway[3]
+    assert kind == 0x07 and len(goaway) == 9 + length
+    assert int.from_bytes(goaway[13:17], "big") == 0x0D  # HTTP_1_1_REQUIRED
+    assert b"TLS" in goaway[17:]
+    wait_until(
+        lambda: edge.output().count('"refused":"HTTP/2 without TLS') == before + 1, timeout=10
+    )
+
+
+def test_a_refused_head_gets_an_access_line_with_the_reason(edge):
+    fields = b"".join(b"X-F%d: v\r\n" % i for i in range(MAX_HEADERS + 5))
+    response, _ = exchange(edge, b"GET /health HTTP/1.1\r\nHost: edge\r\n" + fields + b"\r\n")
+    assert status_of(response) == 431
+    request_id = header(response, "x-request-id")
+    (line,) = wait_until(lambda: access_lines(edge, request_id), timeout=10)
+    assert line["status"] == 431 and line["refused"] == "Too many request headers."

@@ -77,7 +77,8 @@ def test_stream_error_events_in_each_shape():
      "invalid_request_error"), (413, "request_too_large", "invalid_request_error"),
      (414, "request_line_too_long", "invalid_request_error"),
      (431, "request_header_fields_too_large", "invalid_request_error"),
-     (503, "overloaded", "overloaded_error")],
+     (503, "overloaded", "overloaded_error"),
+     (505, "http_version_not_supported", "invalid_request_error")],
 )  # fmt: skip
 def test_the_protocols_refusals_are_openai_envelopes(status, code, type_):
     error = errors.protocol_refusal(status, "No.")
