@@ -19,15 +19,22 @@ from falcon.routing import map_http_methods
 from edge.auth import KeyStore
 from edge.config import Config
 from edge.endpoints.anthropic import Messages
-from edge.endpoints.body import validate_embeddings, validate_moderations, validate_responses
+from edge.endpoints.body import (
+    validate_chat,
+    validate_completion,
+    validate_embeddings,
+    validate_moderations,
+    validate_responses,
+)
+from edge.endpoints.forward import Forward
 from edge.endpoints.health import Health
 from edge.endpoints.metrics import MetricsResource, SwitchedOff
-from edge.endpoints.openai import Completions, Models
-from edge.endpoints.passthrough import ModelRetrieve, PassThrough
+from edge.endpoints.openai import Models
+from edge.endpoints.passthrough import ModelRetrieve
 from edge.endpoints.routes import endpoint_table
 from edge.errors import OPENAI, ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
-from edge.ratelimit.tokens import EMBEDDINGS, RESPONSES
+from edge.ratelimit.tokens import CHAT, COMPLETION, EMBEDDINGS, RESPONSES
 from edge.routing.providers import Providers
 from edge.runtime import HostTables, Runtime
 from edge.server.disconnect import EdgeRequest
@@ -87,17 +94,17 @@ def create_app(
     # the same with or without a key, as for the other public routes.
     metrics = runtime.metrics
     routes: list[tuple[str, Any, str | None]] = [
-        ("/v1/chat/completions", Completions(runtime, chat=True), None),
-        ("/v1/completions", Completions(runtime, chat=False), None),
-        ("/v1/models", Models(runtime), None),
-        ("/v1/models/{model_id:path}", ModelRetrieve(runtime), None),
+        ("/v1/chat/completions", Forward(runtime, "/chat/completions", validate_chat, CHAT), None),
         (
-            "/v1/embeddings",
-            PassThrough(runtime, "/embeddings", validate_embeddings, EMBEDDINGS),
+            "/v1/completions",
+            Forward(runtime, "/completions", validate_completion, COMPLETION),
             None,
         ),
-        ("/v1/responses", PassThrough(runtime, "/responses", validate_responses, RESPONSES), None),
-        ("/v1/moderations", PassThrough(runtime, "/moderations", validate_moderations, None), None),
+        ("/v1/models", Models(runtime), None),
+        ("/v1/models/{model_id:path}", ModelRetrieve(runtime), None),
+        ("/v1/embeddings", Forward(runtime, "/embeddings", validate_embeddings, EMBEDDINGS), None),
+        ("/v1/responses", Forward(runtime, "/responses", validate_responses, RESPONSES), None),
+        ("/v1/moderations", Forward(runtime, "/moderations", validate_moderations, None), None),
         ("/v1/messages", Messages(runtime), None),
         ("/health", health, None),
         ("/health/live", health, "live"),

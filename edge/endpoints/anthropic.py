@@ -11,11 +11,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from edge import pipeline
-from edge.endpoints.body import read_request, validate_chat
+from edge.endpoints.body import validate_chat
+from edge.endpoints.forward import Forward
 from edge.errors import ANTHROPIC
 from edge.ratelimit.tokens import MESSAGES
-from edge.routing.exchange import Call
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
@@ -24,21 +23,20 @@ DEFAULT_VERSION = "2023-06-01"
 MAX_HEADER = 512
 
 
-class Messages:
+class Messages(Forward):
     """POST /v1/messages."""
 
-    def __init__(self, runtime: Runtime) -> None:
-        self._runtime = runtime
+    api = ANTHROPIC
 
-    async def on_post(self, req: Any, resp: Any) -> None:
-        runtime = self._runtime
-        body, data, ctx = await read_request(req, runtime, validate_chat)
+    def __init__(self, runtime: Runtime) -> None:
+        super().__init__(runtime, "/messages", validate_chat, MESSAGES)
+
+    def headers(self, req: Any) -> dict[str, str]:
         headers = {"anthropic-version": _header(req, "anthropic-version") or DEFAULT_VERSION}
         beta = _header(req, "anthropic-beta")
         if beta:
             headers["anthropic-beta"] = beta
-        call = Call(ANTHROPIC, "POST", "/messages", body, data, ctx.model, ctx.stream, headers)
-        await pipeline.run(runtime, req, resp, call, MESSAGES)
+        return headers
 
 
 def _header(req: Any, name: str) -> str | None:

@@ -1,4 +1,4 @@
-"""The OpenAI endpoints: chat and legacy completions, the model list."""
+"""GET /v1/models: the model list."""
 
 from __future__ import annotations
 
@@ -7,29 +7,11 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge import pipeline
-from edge.endpoints.body import read_request, validate_chat, validate_completion
 from edge.errors import OPENAI
-from edge.ratelimit.tokens import CHAT, COMPLETION
 from edge.routing.exchange import Call
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
-
-
-class Completions:
-    """POST /v1/chat/completions (chat=True) and POST /v1/completions (chat=False)."""
-
-    def __init__(self, runtime: Runtime, chat: bool) -> None:
-        self._runtime = runtime
-        self._path = "/chat/completions" if chat else "/completions"
-        self._validate = validate_chat if chat else validate_completion
-        self._prompt = CHAT if chat else COMPLETION
-
-    async def on_post(self, req: Any, resp: Any) -> None:
-        runtime = self._runtime
-        body, data, ctx = await read_request(req, runtime, self._validate)
-        call = Call(OPENAI, "POST", self._path, body, data, ctx.model, ctx.stream)
-        await pipeline.run(runtime, req, resp, call, self._prompt)
 
 
 class Models:

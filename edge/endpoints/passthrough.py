@@ -1,45 +1,20 @@
-"""More OpenAI endpoints, routed by model like chat: embeddings, responses, moderations, and
-GET /v1/models/{id}. Bodies pass byte for byte both ways (the SDK asks for base64 embeddings;
-re-serialising them would break it); only a renaming target rewrites the `model` field."""
+"""GET /v1/models/{id}: one model, from the configuration or asked of its provider."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import orjson
 
 from edge import pipeline
-from edge.endpoints.body import read_request
 from edge.endpoints.openai import model_object
 from edge.errors import OPENAI
 from edge.observability.context import RequestContext
-from edge.ratelimit.tokens import Prompt
 from edge.routing.exchange import Call
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
-
-Validator = Callable[[dict[str, Any]], tuple[str, bool]]
-
-
-class PassThrough:
-    """POST /v1/embeddings, /v1/responses and /v1/moderations."""
-
-    def __init__(
-        self, runtime: Runtime, path: str, validate: Validator, prompt: Prompt | None
-    ) -> None:
-        self._runtime = runtime
-        self._path = path
-        self._validate = validate
-        self._prompt = prompt  # where the prompt is, for TPM; None: no token limit (moderations)
-
-    async def on_post(self, req: Any, resp: Any) -> None:
-        runtime = self._runtime
-        body, data, ctx = await read_request(req, runtime, self._validate)
-        call = Call(OPENAI, "POST", self._path, body, data, ctx.model, ctx.stream)
-        await pipeline.run(runtime, req, resp, call, self._prompt)
 
 
 class ModelRetrieve:

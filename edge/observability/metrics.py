@@ -35,7 +35,7 @@ import platform
 import struct
 import weakref
 from bisect import bisect_left
-from typing import Any
+from typing import Any, Literal
 
 from edge import __version__
 
@@ -178,107 +178,117 @@ class Metrics:
         # A private registry: several apps in one test process must not collide. In
         # multiprocess mode the values live in files whatever registry holds the families.
         self.registry = registry = CollectorRegistry()
-        ns = "edge"
-        self.requests = Counter(
+
+        def counter(name: str, meaning: str, *labels: str) -> Any:
+            return Counter(name, meaning, labels, namespace="edge", registry=registry)
+
+        def histogram(
+            name: str, meaning: str, *labels: str, buckets: tuple[float, ...] = LATENCY_BUCKETS
+        ) -> Any:
+            return Histogram(
+                name, meaning, labels, namespace="edge", buckets=buckets, registry=registry
+            )
+
+        def gauge(
+            name: str,
+            meaning: str,
+            mode: Literal["livesum", "mostrecent", "max"],
+            *labels: str,
+        ) -> Any:
+            return Gauge(
+                name, meaning, labels, namespace="edge", multiprocess_mode=mode, registry=registry
+            )
+
+        self.requests = counter(
             "requests", "HTTP requests answered, by route template, method and status.",
-            ["route", "method", "status"], namespace=ns, registry=registry,
+            "route", "method", "status",
         )  # fmt: skip
-        self.duration = Histogram(
-            "request_duration_seconds", "Time from request head to last response byte.",
-            ["route"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.overhead = Histogram(
+        self.duration = histogram(
+            "request_duration_seconds", "Time from request head to last response byte.", "route"
+        )
+        self.overhead = histogram(
             "overhead_seconds", "The proxy's own time: total minus time waiting on the upstream.",
-            ["route"], namespace=ns, buckets=OVERHEAD_BUCKETS, registry=registry,
+            "route", buckets=OVERHEAD_BUCKETS,
         )  # fmt: skip
-        self.request_size = Histogram(
-            "request_size_bytes", "Request body sizes of proxied requests.",
-            ["route"], namespace=ns, buckets=SIZE_BUCKETS, registry=registry,
+        self.request_size = histogram(
+            "request_size_bytes", "Request body sizes of proxied requests.", "route",
+            buckets=SIZE_BUCKETS,
         )  # fmt: skip
-        self._in_flight_family = Gauge(
-            "requests_in_flight", "Requests being handled now, all workers.",
-            namespace=ns, multiprocess_mode="livesum", registry=registry,
-        )  # fmt: skip
-        self.auth_failures = Counter(
-            "auth_failures", "Requests refused by authentication, by reason.",
-            ["reason"], namespace=ns, registry=registry,
-        )  # fmt: skip
-        self._rate_limited_family = Counter(
-            "rate_limited", "Requests refused by the rate limiter.",
-            namespace=ns, registry=registry,
-        )  # fmt: skip
-        self.limiter_events = Counter(
+        self._in_flight_family = gauge(
+            "requests_in_flight", "Requests being handled now, all workers.", "livesum"
+        )
+        self.auth_failures = counter(
+            "auth_failures", "Requests refused by authentication, by reason.", "reason"
+        )
+        self._rate_limited_family = counter("rate_limited", "Requests refused by the rate limiter.")
+        self.limiter_events = counter(
             "rate_limiter_failures",
             "Limiter decisions taken by the failure policy (lock timeout, table full, redis_*).",
-            ["event", "policy"], namespace=ns, registry=registry,
+            "event", "policy",
         )  # fmt: skip
-        self.upstream_requests = Counter(
+        self.upstream_requests = counter(
             "upstream_requests", "Upstream exchanges by outcome (2xx, 4xx, 5xx, error).",
-            ["outcome"], namespace=ns, registry=registry,
+            "outcome",
         )  # fmt: skip
-        self.upstream_errors = Counter(
+        self.upstream_errors = counter(
             "upstream_errors",
             "Upstream failures by kind (timeout, connect, disconnect, invalid, auth, 5xx; busy "
             "and overloaded: the gateway's own connection and buffer limits).",
-            ["kind"], namespace=ns, registry=registry,
+            "kind",
         )  # fmt: skip
-        self._upstream_duration_family = Histogram(
-            "upstream_duration_seconds", "Time waiting on the upstream per exchange.",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self._ttft_family = Histogram(
-            "stream_time_to_first_token_seconds", "Time from request to the first streamed chunk.",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self._stream_duration_family = Histogram(
-            "stream_duration_seconds", "Time from request to the end of a streamed response.",
-            namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
-        )  # fmt: skip
-        self.tokens = Counter(
+        self._upstream_duration_family = histogram(
+            "upstream_duration_seconds", "Time waiting on the upstream per exchange."
+        )
+        self._ttft_family = histogram(
+            "stream_time_to_first_token_seconds", "Time from request to the first streamed chunk."
+        )
+        self._stream_duration_family = histogram(
+            "stream_duration_seconds", "Time from request to the end of a streamed response."
+        )
+        self.tokens = counter(
             "tokens", "Tokens reported in the upstream's usage, by model and kind.",
-            ["model", "kind"], namespace=ns, registry=registry,
+            "model", "kind",
         )  # fmt: skip
         # Per provider: label values are configured provider names only (PROVIDERS_FILE, or
         # "default" for UPSTREAM_URL), never anything a client sent.
-        self.provider_requests = Counter(
+        self.provider_requests = counter(
             "provider_requests", "Upstream attempts per provider by outcome.",
-            ["provider", "outcome"], namespace=ns, registry=registry,
+            "provider", "outcome",
         )  # fmt: skip
-        self.provider_retries = Counter(
+        self.provider_retries = counter(
             "provider_retries", "Retries sent to a provider after another attempt failed.",
-            ["provider"], namespace=ns, registry=registry,
+            "provider",
         )  # fmt: skip
-        self.provider_failovers = Counter(
+        self.provider_failovers = counter(
             "provider_failovers", "Failed attempts at a provider that moved the request on.",
-            ["provider"], namespace=ns, registry=registry,
+            "provider",
         )  # fmt: skip
-        self.provider_panics = Counter(
+        self.provider_panics = counter(
             "provider_panics",
             "Attempts sent to a provider although its breakers were open: no target of the "
             "model was available (panic routing).",
-            ["provider"], namespace=ns, registry=registry,
+            "provider",
         )  # fmt: skip
-        self.provider_ttfb = Histogram(
+        self.provider_ttfb = histogram(
             "provider_time_to_first_byte_seconds",
             "Time from sending to a provider to its answer (stream: its first event).",
-            ["provider"], namespace=ns, buckets=LATENCY_BUCKETS, registry=registry,
+            "provider",
         )  # fmt: skip
         # The breaker state is host-wide (shared memory), not per worker: the worker answering
         # a scrape writes every provider's current state just before rendering, and
         # "mostrecent" reports that newest write (a sum or max over workers' stale copies
         # would be wrong).
-        self.breaker_state = Gauge(
+        self.breaker_state = gauge(
             "provider_breaker_state", "Breaker per provider: 0 closed, 1 open, 2 half-open.",
-            ["provider"], namespace=ns, multiprocess_mode="mostrecent", registry=registry,
+            "mostrecent", "provider",
         )  # fmt: skip
         self.breaker_source: Any = None  # callable: {provider: state number}, set by the app
         # callable: the `model` label for a request's model, set by the app where the set of
         # served names is known (PROVIDERS_FILE, the mock); None: the first MAX_MODEL_LABELS
         self.model_label: Any = None
-        build = Gauge(
-            "build_info", "Build information (value is always 1).",
-            ["version", "python"], namespace=ns, multiprocess_mode="max", registry=registry,
-        )  # fmt: skip
+        build = gauge(
+            "build_info", "Build information (value is always 1).", "max", "version", "python"
+        )
         build.labels(__version__, platform.python_version()).set(1)
         self._children: dict[tuple[Any, ...], Any] = {}
         # Caches over `_children` for the hot path (cleared with it after a fork).
