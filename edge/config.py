@@ -354,7 +354,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Requests in flight per worker (streams included); beyond → 503 with `Retry-After: 1`"),
     S("INSTANCE_NAME", "instance", instance, None,
       "Names this instance's shared-memory table and metrics directory; give each instance on "
-      "a host its own", shown="`port<PORT>`"),
+      "a host its own (a master whose metrics directory another running master holds refuses "
+      "to start)", shown="`port<PORT>`"),
     # Upstream (unset: the built-in mock provider answers)
     S("UPSTREAM_URL", "upstream_url", parse_base_url, None,
       "OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`. Unset: the built-in mock "
