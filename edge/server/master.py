@@ -22,7 +22,7 @@ from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from edge.auth import KeyStore
+from edge.auth import MAX_NAMES_LOGGED, KeyStore
 from edge.config import Config, ConfigError
 from edge.observability import metric_files
 from edge.routing.providers import load_for as load_providers
@@ -81,6 +81,8 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
             return _current
         print(f"llm-edge-proxy: configuration error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if _current is not None:  # a reload (at start, on_starting logs: logging is set up there)
+        _log_keys(keys, _current.keys)
     # Only digests are kept past this point: drop the plaintext keys before any fork.
     config = dataclasses.replace(config, api_keys=())
     pid = os.getpid()
@@ -101,6 +103,24 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         ),
     )
     return _current
+
+
+def _log_keys(keys: KeyStore, previous: KeyStore | None) -> None:
+    """How many keys are in force and, on a reload, which identities it added, removed or
+    changed (a reload that drops keys is visible); then the keys' warnings. Never a key."""
+    extra: dict[str, Any] = {"keys": len(keys)}
+    message = "API keys loaded"
+    if previous is not None:
+        changes = keys.changes(previous)
+        added, removed, changed = (len(changes[kind]) for kind in ("added", "removed", "changed"))
+        message = f"API keys reloaded: {added} added, {removed} removed, {changed} changed"
+        for kind, names in changes.items():
+            extra[kind] = names[:MAX_NAMES_LOGGED] + (
+                ["…"] if len(names) > MAX_NAMES_LOGGED else []
+            )
+    log.info(message, extra=extra)
+    for warning in keys.warnings:
+        log.warning(warning)
 
 
 def breaker_prefix(config: Config) -> str:
@@ -214,6 +234,7 @@ def on_starting(server: Any) -> None:
                 "policy": config.rate_limit_failure_policy,
             },
         )
+    _log_keys(settings.keys, None)
     if not config.auth_enabled:
         log.warning("AUTH_ENABLED=false: the gateway accepts requests without an API key")
     if not config.rate_limit_enabled:
