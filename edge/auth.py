@@ -17,6 +17,12 @@ equality check is constant-time.
 Each key has an identity: its configured `name`, or `key-` plus a short id derived from its
 digest through a separate, personalised hash (so the id reveals nothing of the digest either).
 Logs, metrics and the rate limiter see only that identity.
+
+Reloads are visible: the master logs how many keys every load gave and, on a reload, which
+identities were added, removed or changed (`changes`); a keys file that changed while it was
+read, or does not end with a newline, is refused (edge.config.read_toml), so a file cut short
+by an edit in progress cannot silently drop keys. A keys file that group or others may read
+and that holds plaintext keys is reported in `warnings`, logged at start and on every reload.
 """
 
 from __future__ import annotations
@@ -24,15 +30,17 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe, load_toml
+from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe, read_toml
 from edge.errors import Unauthorized
 
 MAX_KEY_LENGTH = 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _FILE_FIELDS = frozenset({"name", "key", "sha256", "rpm", "burst", "tpm"})
+MAX_NAMES_LOGGED = 50  # identities listed per kind of change in a reload's log line
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,15 +62,34 @@ def short_id(digest: bytes) -> str:
 
 
 class KeyStore:
-    """Digest → KeyEntry. Holds no plaintext key."""
+    """Digest → KeyEntry. Holds no plaintext key. `warnings`: lines for the log about how the
+    keys are stored (never a key)."""
 
-    __slots__ = ("_entries",)
+    __slots__ = ("_entries", "warnings")
 
-    def __init__(self, entries: dict[bytes, KeyEntry]) -> None:
+    def __init__(self, entries: dict[bytes, KeyEntry], warnings: tuple[str, ...] = ()) -> None:
         self._entries = {digest: (digest, entry) for digest, entry in entries.items()}
+        self.warnings = warnings
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    def _by_identity(self) -> dict[str, set[tuple[bytes, KeyEntry]]]:
+        found: dict[str, set[tuple[bytes, KeyEntry]]] = {}
+        for digest, entry in self._entries.values():
+            found.setdefault(entry.identity, set()).add((digest, entry))
+        return found
+
+    def changes(self, previous: KeyStore) -> dict[str, list[str]]:
+        """What a reload from `previous` to this store changed, by identity (never a key):
+        `added` and `removed` identities, and `changed` ones (same identity, another key or
+        other limits)."""
+        old, new = previous._by_identity(), self._by_identity()
+        return {
+            "added": sorted(new.keys() - old.keys()),
+            "removed": sorted(old.keys() - new.keys()),
+            "changed": sorted(name for name in new.keys() & old.keys() if new[name] != old[name]),
+        }
 
     def any_token_limit(self) -> bool:
         """Whether some key has a token limit of its own (`tpm` in API_KEYS_FILE)."""
@@ -93,8 +120,14 @@ class KeyStore:
         for hexdigest in config.api_key_hashes:
             digest = bytes.fromhex(hexdigest)
             add("API_KEY_HASHES", digest, KeyEntry(short_id(digest)))
+        warnings: tuple[str, ...] = ()
         if config.api_keys_file is not None:
-            for digest, entry in _read_keys_file(config.api_keys_file):
+            # A systemd credential is readable by the service's user only, whatever its mode
+            # bits say (they may show the mask of the ACL systemd grants that user).
+            credentials = config.credentials_directory
+            credential = credentials is not None and config.api_keys_file.parent == credentials
+            from_file, warnings = _read_keys_file(config.api_keys_file, warn=not credential)
+            for digest, entry in from_file:
                 add("API_KEYS_FILE", digest, entry)
         if config.auth_enabled and not entries:
             raise ConfigError(
@@ -102,12 +135,16 @@ class KeyStore:
                 "authentication is on but no keys are configured: set API_KEYS, API_KEY_HASHES "
                 "or API_KEYS_FILE, or set AUTH_ENABLED=false to run open deliberately",
             )
-        return cls(entries)
+        return cls(entries, warnings)
 
 
-def _read_keys_file(path: Path) -> list[tuple[bytes, KeyEntry]]:
+def _read_keys_file(
+    path: Path, warn: bool = True
+) -> tuple[list[tuple[bytes, KeyEntry]], tuple[str, ...]]:
+    """The file's keys, and the warnings about it (see `_exposure_warning`) unless `warn` is
+    false."""
     variable = "API_KEYS_FILE"
-    document = load_toml(variable, path)
+    document, info = read_toml(variable, path)
     unknown = set(document) - {"keys"}
     if unknown:
         raise ConfigError(variable, f"unknown top-level table(s): {', '.join(sorted(unknown))}")
@@ -159,7 +196,26 @@ def _read_keys_file(path: Path) -> list[tuple[bytes, KeyEntry]]:
         ):
             raise ConfigError(variable, f"{where}: 'tpm' must be a whole number of at least 0")
         result.append((digest, KeyEntry(name, None if rpm is None else float(rpm), burst, tpm)))
-    return result
+    if not warn:
+        return result, ()
+    plaintext = sum(1 for item in items if "key" in item)
+    warning = _exposure_warning(path, stat.S_IMODE(info.st_mode), plaintext, len(items))
+    return result, (warning,) if warning else ()
+
+
+def _exposure_warning(path: Path, mode: int, plaintext: int, total: int) -> str | None:
+    """One line when a keys file others may read holds plaintext keys: naming the file, its
+    mode and how many entries are plaintext, never a key."""
+    if not plaintext or not mode & (stat.S_IRGRP | stat.S_IROTH):
+        return None
+    readers = [
+        who for bit, who in ((stat.S_IRGRP, "group"), (stat.S_IROTH, "others")) if mode & bit
+    ]
+    return (
+        f"API_KEYS_FILE {str(path)!r} is readable by {' and '.join(readers)} (mode {mode:04o}) "
+        f"and holds {plaintext} of its {total} keys in plaintext ('key ='): store their "
+        "SHA-256 digests ('sha256 =') instead, or let only the service's user read the file"
+    )
 
 
 def presented_key(x_api_key: str | None, authorization: str | None) -> str | None:

@@ -354,7 +354,8 @@ SETTINGS: tuple[Setting, ...] = (
       "Requests in flight per worker (streams included); beyond → 503 with `Retry-After: 1`"),
     S("INSTANCE_NAME", "instance", instance, None,
       "Names this instance's shared-memory table and metrics directory; give each instance on "
-      "a host its own", shown="`port<PORT>`"),
+      "a host its own (a master whose metrics directory another running master holds refuses "
+      "to start)", shown="`port<PORT>`"),
     # Upstream (unset: the built-in mock provider answers)
     S("UPSTREAM_URL", "upstream_url", parse_base_url, None,
       "OpenAI-compatible base URL, e.g. `https://api.openai.com/v1`. Unset: the built-in mock "
@@ -650,16 +651,53 @@ def read_key_file(name: str, path: Path, explicit: bool) -> str | None:
 
 
 def load_toml(variable: str, path: Path) -> dict[str, Any]:
-    """A TOML file a setting names (the keys file, the providers file), parsed; a file that
-    cannot be read or parsed is a ConfigError naming `variable` (the line and column, never
-    the value there)."""
+    """A TOML file a setting names (the keys file, the providers file), parsed; see
+    `read_toml`."""
+    return read_toml(variable, path)[0]
+
+
+def read_toml(variable: str, path: Path) -> tuple[dict[str, Any], os.stat_result]:
+    """A TOML file a setting names, parsed, and its status (from the descriptor it was read
+    through). A file that cannot be read or parsed is a ConfigError naming `variable` (the
+    line and column, never the value there).
+
+    A file caught in the middle of an edit is refused rather than half applied: such a file
+    is often still valid TOML, only shorter, and would silently drop keys or providers. So a
+    file whose size or modification time changed while it was read, or that does not end with
+    a newline (a complete file written by an editor or a tool does; one cut short by a write
+    in progress usually does not), is a ConfigError too. Replacing the file by renaming a new
+    one over it never shows a reader a partial file.
+    """
+    shown = repr(str(path))
     try:
         with path.open("rb") as handle:
-            return tomllib.load(handle)
+            before = os.fstat(handle.fileno())
+            data = handle.read()
+            after = os.fstat(handle.fileno())
     except OSError as exc:
-        raise ConfigError(variable, f"cannot read {str(path)!r}: {exc.strerror}") from None
+        raise ConfigError(variable, f"cannot read {shown}: {exc.strerror}") from None
+    if _version(before) != _version(after) or len(data) != after.st_size:
+        raise ConfigError(
+            variable,
+            f"{shown} changed while it was read (written in place?); nothing was taken from "
+            "it. Write the new file beside it and rename it over the old one",
+        )
+    if not data.endswith(b"\n"):
+        problem = "is empty" if not data else "does not end with a newline"
+        raise ConfigError(
+            variable,
+            f"{shown} {problem}, as a file cut short by a write in progress would; nothing "
+            "was taken from it. End it with a newline (a comment line, if it is meant to hold "
+            "nothing), and replace it by renaming a new file over it",
+        )
+    try:
+        return tomllib.loads(data.decode("utf-8")), after
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise ConfigError(variable, f"{str(path)!r} is not valid TOML: {exc}") from None
+        raise ConfigError(variable, f"{shown} is not valid TOML: {exc}") from None
+
+
+def _version(info: os.stat_result) -> tuple[int, int, int]:
+    return info.st_size, info.st_mtime_ns, info.st_ctime_ns
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

@@ -254,8 +254,24 @@ def _token_ids(value: Any) -> bool:
 
 
 def validate_responses(data: dict[str, Any]) -> tuple[str, bool]:
-    """(model, stream) of a Responses-API request."""
-    return _common(data)
+    """(model, stream) of a Responses-API request, or BadRequest naming `input`: it must be a
+    string, or a non-empty array (at most MAX_MESSAGES) of input items, each an object (a
+    message, an item reference, a tool call's output…) or a string. The items' contents are
+    the upstream's to judge."""
+    model, stream = _common(data)
+    value = data.get("input")
+    if isinstance(value, str):
+        return model, stream
+    if not isinstance(value, list) or not value:
+        raise BadRequest(
+            "'input' is required: a string, or a non-empty array of input items.", param="input"
+        )
+    if len(value) > MAX_MESSAGES:
+        raise BadRequest(f"'input' must have at most {MAX_MESSAGES} items.", param="input")
+    for index, item in enumerate(value):
+        if not isinstance(item, dict | str):
+            raise BadRequest(f"'input[{index}]' must be an object or a string.", param="input")
+    return model, stream
 
 
 DEFAULT_MODERATION_MODEL = "omni-moderation-latest"

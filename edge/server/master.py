@@ -15,21 +15,25 @@ import dataclasses
 import logging
 import os
 import shutil
+import stat
 import sys
 import tempfile
 from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Any
 
-from edge.auth import KeyStore
+from edge.auth import MAX_NAMES_LOGGED, KeyStore
 from edge.config import Config, ConfigError
 from edge.observability import metric_files
 from edge.routing.providers import load_for as load_providers
-from edge.shm import remove_stale, segment_name
+from edge.shm import pid_alive, remove_stale, segment_name
 
 log = logging.getLogger("edge.server")
 
 SHM_PREFIX = "llm-edge-proxy"
+# The master's own lock in the metrics directory (not metric_files.LOCK_NAME, which scrapes and
+# folds take): held for the master's whole life, so a second master cannot use the directory.
+MASTER_LOCK_NAME = ".master.lock"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,6 +52,7 @@ _current: Settings | None = None
 _segments: list[str] = []  # the shared-memory segments this master created, to unlink on exit
 _removable_dir: Path | None = None  # a metrics directory this master created or verified
 _master_pid: int | None = None  # the process whose exit cleans up (not a forked worker)
+_lock_fd: int | None = None  # the master's lock on the metrics directory, kept until it exits
 
 
 def current() -> Settings:
@@ -76,6 +81,8 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
             return _current
         print(f"llm-edge-proxy: configuration error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
+    if _current is not None:  # a reload (at start, on_starting logs: logging is set up there)
+        _log_keys(keys, _current.keys)
     # Only digests are kept past this point: drop the plaintext keys before any fork.
     config = dataclasses.replace(config, api_keys=())
     pid = os.getpid()
@@ -96,6 +103,24 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         ),
     )
     return _current
+
+
+def _log_keys(keys: KeyStore, previous: KeyStore | None) -> None:
+    """How many keys are in force and, on a reload, which identities it added, removed or
+    changed (a reload that drops keys is visible); then the keys' warnings. Never a key."""
+    extra: dict[str, Any] = {"keys": len(keys)}
+    message = "API keys loaded"
+    if previous is not None:
+        changes = keys.changes(previous)
+        added, removed, changed = (len(changes[kind]) for kind in ("added", "removed", "changed"))
+        message = f"API keys reloaded: {added} added, {removed} removed, {changed} changed"
+        for kind, names in changes.items():
+            extra[kind] = names[:MAX_NAMES_LOGGED] + (
+                ["…"] if len(names) > MAX_NAMES_LOGGED else []
+            )
+    log.info(message, extra=extra)
+    for warning in keys.warnings:
+        log.warning(warning)
 
 
 def breaker_prefix(config: Config) -> str:
@@ -210,6 +235,7 @@ def on_starting(server: Any) -> None:
             },
         )
     _raise_file_limit(config)
+    _log_keys(settings.keys, None)
     if not config.auth_enabled:
         log.warning("AUTH_ENABLED=false: the gateway accepts requests without an API key")
     if not config.rate_limit_enabled:
@@ -271,12 +297,15 @@ def _worker_owner(server: Any) -> dict[str, int]:
 def _prepare_metrics_dir(
     settings: Settings, uid: int | None = None, gid: int | None = None
 ) -> None:
-    """Create or check the directory, then empty it. A directory we did not just create must
-    be a real directory (not a symlink), owned by us or the workers' user, and writable by no
-    one else: otherwise a local user could have planted it, or links in it."""
+    """Create or check the directory, lock it, then empty it. A directory we did not just
+    create must be a real directory (not a symlink), owned by us or the workers' user, and
+    writable by no one else: otherwise a local user could have planted it, or links in it. The
+    lock comes before anything in the directory is touched: a directory another master uses
+    is refused without wiping its files, and is not removed at our exit either."""
     global _removable_dir
     path = settings.metrics_dir
-    if path != _removable_dir:  # not our fresh mkdtemp: create it if missing, then check
+    fresh = path == _removable_dir  # our own mkdtemp, created just now
+    if not fresh:  # create it if missing, then check
         try:
             path.mkdir(mode=0o700, parents=True)
         except FileExistsError:
@@ -285,11 +314,75 @@ def _prepare_metrics_dir(
             raise metric_files.MetricsDirError(f"cannot create {path}: {exc.strerror}") from None
         allowed = {os.geteuid(), os.geteuid() if uid is None else uid}
         metric_files.check_private_dir(path, allowed)
-        if settings.owns_metrics_dir:
-            _removable_dir = path
+    _lock_metrics_dir(settings)
+    if not fresh and settings.owns_metrics_dir:
+        _removable_dir = path
     if uid is not None or gid is not None:
         os.chown(path, -1 if uid is None else uid, -1 if gid is None else gid)
     metric_files.prepare(path, uid, gid)
+
+
+def _lock_metrics_dir(settings: Settings) -> None:
+    """Take the master's exclusive lock on its metrics directory, or refuse the start.
+
+    Two instances sharing the directory (the same INSTANCE_NAME under one RuntimeDirectory, or
+    the same PROMETHEUS_MULTIPROC_DIR) would wipe each other's live files at start and remove
+    the directory at stop. So the master holds a `flock` on MASTER_LOCK_NAME for its whole
+    life: the descriptor is kept in `_lock_fd` (a HUP reload keeps it; only `on_starting`
+    takes it) and closed only by the process ending. Forked workers inherit the descriptor and
+    so hold the lock as well: it is free once the master and all its workers are gone, after a
+    stop, a failed start or a SIGKILL alike, but not while workers of a killed master still run
+    (they still write to the directory). The file holds the master's pid, for the message; it
+    is never removed (a lock file unlinked while another process has it open locks nothing)."""
+    global _lock_fd
+    if _lock_fd is not None:
+        return
+    path = settings.metrics_dir
+    lock_path = path / MASTER_LOCK_NAME
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise metric_files.MetricsDirError(f"cannot open {lock_path}: {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise metric_files.MetricsDirError(f"{lock_path} is not a regular file")
+        try:
+            locked = metric_files.try_lock(fd, exclusive=True)
+        except OSError as exc:
+            raise metric_files.MetricsDirError(f"cannot lock {lock_path}: {exc.strerror}") from None
+        if not locked:
+            raise metric_files.MetricsDirError(_in_use(settings, fd))
+        os.fchmod(fd, 0o600)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except BaseException:
+        os.close(fd)
+        raise
+    _lock_fd = fd
+
+
+def _in_use(settings: Settings, fd: int) -> str:
+    """The refusal when another master holds the lock: the directory, our INSTANCE_NAME, the
+    holder's pid (read, never written: the file is the other instance's)."""
+    path, instance = settings.metrics_dir, settings.config.instance
+    try:
+        text = os.pread(fd, 32, 0).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError):
+        text = ""
+    pid = int(text) if text.isdigit() else None
+    if pid is None:
+        holder = "another master"
+    elif pid_alive(pid):
+        holder = f"another master (pid {pid})"
+    else:
+        holder = f"the workers of a master that was killed (pid {pid}; stop them)"
+    fix = "give each instance its own INSTANCE_NAME"
+    if settings.metrics_dir_source == "PROMETHEUS_MULTIPROC_DIR":
+        fix = "give each instance its own PROMETHEUS_MULTIPROC_DIR"
+    return (
+        f"{path} is in use by {holder}; refusing to start INSTANCE_NAME={instance} on it "
+        f"(one metrics directory per instance: {fix})"
+    )
 
 
 def child_exit(server: Any, worker: Any) -> None:

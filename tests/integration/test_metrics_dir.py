@@ -3,6 +3,7 @@ exit and after a failed start, and compacted when workers come and go (counts ex
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -154,6 +155,112 @@ def test_runtime_directory_metrics_is_created_private_and_removed(tmp_path):
     finally:
         assert server.stop() == 0
     assert not path.exists()
+
+
+def _second_start(env: dict[str, str]) -> str:
+    """Start another master with `env` (on a port of its own); it must refuse with exit code 2
+    and one line; return that line. Should it start instead, it and its workers (its own
+    session) are killed: a master killed alone would leave its uvicorn workers running."""
+    proc = subprocess.Popen(
+        [GUNICORN, "-c", "gunicorn.conf.py"], cwd=ROOT, text=True, start_new_session=True,
+        env=base_env(**{**env, "SERVER_ADDRESS": f"127.0.0.1:{free_port()}"}),
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    )  # fmt: skip
+    try:
+        _, stderr = proc.communicate(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        _, stderr = proc.communicate()
+    assert proc.returncode == 2, stderr
+    lines = [line for line in stderr.splitlines() if line.startswith("llm-edge-proxy:")]
+    assert len(lines) == 1, stderr
+    assert "Traceback" not in stderr
+    return lines[0]
+
+
+@pytest.mark.parametrize("source", ["PROMETHEUS_MULTIPROC_DIR", "RUNTIME_DIRECTORY"])
+def test_a_second_instance_on_the_same_directory_refuses_to_start(tmp_path, source):
+    """Two instances with the same INSTANCE_NAME (and so the same metrics directory): the
+    second refuses, naming the clash, and touches nothing; the first keeps its counts and its
+    directory, also across a reload, and starts again once stopped."""
+    instance = f"twin{free_port()}"
+    if source == "PROMETHEUS_MULTIPROC_DIR":
+        path = tmp_path / "metrics"
+        env = no_auth(INSTANCE_NAME=instance, PROMETHEUS_MULTIPROC_DIR=str(path))
+    else:
+        runtime = tmp_path / "runtime"
+        runtime.mkdir(mode=0o700)
+        path = runtime / f"metrics.{instance}"
+        env = no_auth(INSTANCE_NAME=instance, RUNTIME_DIRECTORY=str(runtime))
+    first = Gunicorn(**env)
+    try:
+        for _ in range(3):
+            assert httpx.get(first.url + "/health", timeout=5).status_code == 200
+        # The lock is the master's: a reload (new workers, old ones gone and folded) keeps it.
+        (old,) = first.worker_pids()
+        first.signal(signal.SIGHUP)
+        wait_until(lambda: not is_child(old, first.pid) and len(first.worker_pids()) == 1)
+        first.wait_ready()
+        for _ in range(2):
+            assert httpx.get(first.url + "/health", timeout=5).status_code == 200
+        files = sorted(p.name for p in path.iterdir())
+        assert f"counter_{first.worker_pids()[0]}.db" in files and ".master.lock" in files
+
+        line = _second_start(env)
+        assert str(path) in line and f"INSTANCE_NAME={instance}" in line, line
+        assert f"in use by another master (pid {first.pid})" in line, line
+        assert source in line, line
+
+        assert sorted(p.name for p in path.iterdir()) == files  # nothing wiped, nothing removed
+        assert stat.S_IMODE(os.stat(path / ".master.lock").st_mode) == 0o600
+        response = httpx.get(first.url + "/metrics", timeout=5)
+        assert response.status_code == 200
+        assert counter(response.text, "edge_requests_total", **HEALTH_200) == 5
+    finally:
+        assert first.stop() == 0
+    again = Gunicorn(**env)  # the lock is free once the master and its workers are gone
+    try:
+        assert httpx.get(again.url + "/metrics", timeout=5).status_code == 200
+    finally:
+        assert again.stop() == 0
+
+
+def _gone(pid: int) -> bool:
+    """Exited: no process, or a zombie (its descriptors, and so its locks, are released)."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rpartition(")")[2].split()
+    except OSError:
+        return True
+    return fields[0] in ("Z", "X")
+
+
+def test_a_sigkilled_master_frees_the_directory_once_its_workers_are_gone(tmp_path):
+    """The workers inherit the master's lock. uvicorn workers do not notice their master's
+    death, so after a SIGKILL of the master alone they keep serving and writing to the
+    directory, and a new master is refused (naming the dead master); once they are gone too
+    (systemd's KillMode=mixed kills them), the directory is free again."""
+    metrics = tmp_path / "metrics"
+    env = no_auth(INSTANCE_NAME=f"killed{free_port()}", PROMETHEUS_MULTIPROC_DIR=str(metrics))
+    first = Gunicorn(**env)
+    workers = first.worker_pids()
+    assert workers
+    try:
+        first.signal(signal.SIGKILL)
+        first.proc.wait(10)
+        line = _second_start(env)
+        assert f"the workers of a master that was killed (pid {first.pid}" in line, line
+    finally:
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        first.stop()
+    wait_until(lambda: all(_gone(pid) for pid in workers))
+    again = Gunicorn(**env)
+    try:
+        assert httpx.get(again.url + "/metrics", timeout=5).status_code == 200
+    finally:
+        assert again.stop() == 0
 
 
 class Scraper(threading.Thread):

@@ -6,9 +6,12 @@ import hashlib
 
 import falcon.testing
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from edge.app import create_app
 from edge.config import Config
+from edge.endpoints.body import validate_responses
 
 KEY = "sk-app-test-key"
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
@@ -26,6 +29,13 @@ def auth(key: str = KEY) -> dict[str, str]:
 @pytest.fixture
 def app_client():
     return client()
+
+
+@pytest.fixture(scope="module")
+def open_client():
+    """One app for a module's property tests (Hypothesis runs a test body many times): no
+    rate limit to run into."""
+    return client(RATE_LIMIT_ENABLED="false")
 
 
 def test_mock_chat_with_rate_headers_and_request_id(app_client):
@@ -138,6 +148,59 @@ def test_embeddings_input_of_the_wrong_shape_is_400(value):
     )
     assert result.status_code == 400, result.text
     assert result.json["error"]["param"] == "input"
+
+
+# ------------------------------------------------------------------ /v1/responses `input`
+
+_NOT_AN_ITEM = st.one_of(
+    st.none(), st.booleans(), st.integers(), st.floats(allow_nan=False, allow_infinity=False),
+    st.lists(st.text(max_size=3), max_size=2),
+)  # fmt: skip
+_ITEM = st.one_of(st.text(max_size=5), st.dictionaries(st.text(max_size=4), st.text(max_size=4)))
+
+
+@st.composite
+def _bad_input(draw: st.DrawFn) -> dict[str, object]:
+    """A Responses body whose `input` is missing, null, of the wrong type, an empty array, or
+    an array with one item that is neither an object nor a string (anywhere in it)."""
+    kind = draw(st.sampled_from(["missing", "scalar", "object", "empty", "bad item"]))
+    body: dict[str, object] = {"model": "m"}
+    if kind == "scalar":
+        body["input"] = draw(_NOT_AN_ITEM.filter(lambda v: not isinstance(v, list)))
+    elif kind == "object":
+        body["input"] = draw(st.dictionaries(st.text(max_size=4), st.text(max_size=4)))
+    elif kind == "empty":
+        body["input"] = []
+    elif kind == "bad item":
+        items = draw(st.lists(_ITEM, max_size=4))
+        items.insert(draw(st.integers(0, len(items))), draw(_NOT_AN_ITEM))
+        body["input"] = items
+    return body
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(body=_bad_input(), stream=st.booleans())
+def test_responses_input_of_the_wrong_shape_is_400_naming_input(open_client, body, stream):
+    body["stream"] = stream
+    result = open_client.simulate_post("/v1/responses", json=body, headers=auth())
+    assert result.status_code == 400, (body, result.text)
+    error = result.json["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    assert (error["param"], error["type"]) == ("input", "invalid_request_error"), error
+
+
+@settings(max_examples=100, deadline=None)
+@given(value=st.one_of(st.text(max_size=20), st.lists(_ITEM, min_size=1, max_size=5)))
+def test_responses_input_a_string_or_items_is_accepted(value):
+    assert validate_responses({"model": "m", "input": value}) == ("m", False)
+
+
+def test_responses_with_input_items_reach_the_mock(open_client):
+    items = ["plain text", {"role": "user", "content": [{"type": "input_text", "text": "hi"}]}]
+    result = open_client.simulate_post(
+        "/v1/responses", json={"model": "m", "input": items}, headers=auth()
+    )
+    assert result.status_code == 200, result.text
 
 
 def test_the_mock_keeps_embeddings_small():
