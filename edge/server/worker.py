@@ -14,6 +14,8 @@ EdgeHttpToolsProtocol.
 
 from __future__ import annotations
 
+import os
+import signal
 from typing import Any
 
 from gunicorn.workers.gasgi import ASGIWorker
@@ -49,6 +51,18 @@ class EdgeUvicornWorker(UvicornWorker):
         # the wrappers hold instead, whose close() after uvloop's closes nothing twice.
         self.sockets = [getattr(sock, "sock", sock) for sock in self.sockets]
         super().run()
+
+    async def callback_notify(self) -> None:
+        # uvicorn calls this every `timeout` seconds (half gunicorn's, 15 s) for the heartbeat.
+        # gunicorn's own workers leave when their master is gone; uvicorn's never look, so a
+        # master killed alone left its workers serving, holding the port and the metrics
+        # directory's lock, unseen by any master. Such a worker now drains and exits as on
+        # a TERM (uvicorn's own handler: requests in flight finish, within its grace).
+        if os.getppid() != self.ppid:
+            self.log.warning("worker %s: master %s is gone; exiting", self.pid, self.ppid)
+            os.kill(self.pid, signal.SIGTERM)
+            return
+        self.notify()
 
 
 class EdgeH2Worker(ASGIWorker):
