@@ -163,9 +163,11 @@ def estimate_tokens(body_size: int, data: dict[str, Any], where: Prompt, default
 
 def check_counts(data: dict[str, Any]) -> None:
     """A cap or count field that is not a whole number is 400: an upstream may read "100000"
-    or 1e5 where the estimate could not."""
+    or 1e5 where the estimate could not. `null` is the APIs' spelling of "not set" (the
+    estimate then takes the default cap, or one choice)."""
     for name in (*_CAP_FIELDS, *_COUNT_FIELDS):
-        if name in data and not _whole(data[name]):
+        value = data.get(name)
+        if value is not None and not _whole(value):
             raise BadRequest(f"'{name}' must be a whole number >= 0.", param=name)
 
 

@@ -163,10 +163,14 @@ def test_image_and_file_parts_count_a_fixed_amount_never_their_url_or_bytes():
 def test_cap_and_count_fields_must_be_whole_numbers_and_nothing_is_written_in():
     for name, value in [("max_tokens", "100000"), ("max_tokens", 1e5), ("max_tokens", -1),
                         ("max_completion_tokens", True), ("n", "2"), ("best_of", 2.0),
-                        ("max_output_tokens", None)]:  # fmt: skip
+                        ("max_output_tokens", -5), ("n", [])]:  # fmt: skip
         with pytest.raises(BadRequest) as caught:
             check_counts({name: value})
         assert caught.value.param == name
+    # null is "not set" in every API (LangChain and others send it): the default is reserved.
+    unset = {"messages": [], "max_tokens": None, "max_completion_tokens": None, "n": None}
+    check_counts(unset)
+    assert estimate(unset, CHAT, 1024) - estimate(unset, CHAT, 0) == 1024  # one choice
     data = {"messages": []}
     check_counts(data)
     estimate(data, CHAT)
