@@ -199,23 +199,30 @@ def settled_stream(
 async def _settle_at_end(
     source: Any, reservation: Reservation, ctx: RequestContext
 ) -> AsyncIterator[bytes]:
-    """Relay `source`, then settle: a whole stream to its reported usage; one that did not end
-    whole (the client left, the upstream broke) keeps its reservation, or the usage it
-    reported so far when that is larger."""
+    """Relay `source`, then settle: a whole stream to its reported usage. One that did not end
+    whole (the client left, the upstream broke), or reported none, keeps its reservation, or
+    what it is seen to have used when that is larger: the input reported (else estimated) and
+    at least an output token for each data line relayed (a client that hangs up just before
+    the usage event read all the generation it is billed for)."""
     whole = False
+    relayed = 0
     try:
         async for block in source:
+            relayed += block.count(b"data:")
             yield block
         whole = ctx.upstream is None or ctx.upstream.error is None
     finally:
         try:
-            if whole:
-                used = _used(reservation, ctx, True)
+            reported = _reported(ctx)
+            if whole and reported is not None:
+                first = reported
             else:
-                seen = _reported(ctx) or 0
-                estimate = reservation.estimate
-                used = max(estimate, seen) + (max(1, _working(ctx, 1)) - 1) * estimate
-            await reservation.settle(used)
+                seen = max(reservation.prompt, ctx.prompt_tokens or 0) + max(
+                    relayed, ctx.completion_tokens or 0
+                )
+                first = max(reservation.estimate, seen)
+            retried = max(1, _working(ctx, 1)) - 1
+            await reservation.settle(first + retried * reservation.estimate)
         finally:
             await source.aclose()
 

@@ -24,15 +24,23 @@ if TYPE_CHECKING:
     from edge.observability.context import RequestContext
 
 _MARK = b'"usage"'
+_CACHE_FIELDS = ("cache_creation_input_tokens", "cache_read_input_tokens")
 
 
 def record(ctx: RequestContext, usage: Any) -> None:
     """Token counts from `usage` onto the request context. A count absent here keeps its
-    earlier value (Anthropic streams input tokens first and output tokens at the end)."""
+    earlier value (Anthropic streams input tokens first and output tokens at the end). The
+    prompt count is every input token billed, read from a prompt cache included."""
     if isinstance(usage, dict):
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
         if isinstance(prompt, int) and not isinstance(prompt, bool):
+            # Anthropic's input_tokens leaves out the prompt cache's tokens, billed as input
+            # too (OpenAI's prompt_tokens and input_tokens include their cached tokens).
+            for name in _CACHE_FIELDS:
+                cached = usage.get(name)
+                if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0:
+                    prompt += cached
             ctx.prompt_tokens = prompt
         if isinstance(completion, int) and not isinstance(completion, bool):
             ctx.completion_tokens = completion

@@ -16,13 +16,15 @@ The estimate covers everything a provider bills:
   since the body's length bounds the bytes of every string in it. Image and file parts are not
   counted by their bytes or their URL but at a fixed, conservative amount per part
   (``IMAGE_PART_TOKENS``, ``FILE_PART_TOKENS``: providers scale images down, and bill a file by
-  its pages); a prompt given as token ids counts one token per id;
+  its pages), except a document whose source is plain text, counted by its bytes like any
+  text; a prompt given as token ids counts one token per id;
 - output: per route, the largest of the cap fields that route's API obeys (chat:
   ``max_completion_tokens`` and ``max_tokens``; completions and Anthropic's Messages:
-  ``max_tokens``; Responses: ``max_output_tokens``), times ``n`` (or ``best_of``); with none
-  present, RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS. A cap field of another API, which the upstream
-  ignores, counts for nothing. The gateway never adds, lowers or rewrites a cap: the default
-  is a reservation, not a limit on the answer.
+  ``max_tokens``; Responses: ``max_output_tokens``), times ``n`` (or ``best_of``), times the
+  number of prompts of a batched completion (``prompt`` as a list); with no cap present,
+  RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS. A cap field of another API, which the upstream ignores,
+  counts for nothing. The gateway never adds, lowers or rewrites a cap: the default is a
+  reservation, not a limit on the answer.
 
 Settling, by the request pipeline (edge.pipeline), once the outcome is known:
 
@@ -31,9 +33,14 @@ Settling, by the request pipeline (edge.pipeline), once the outcome is known:
 - tokens go back only when the upstream provably did no work: every attempt failed to connect
   before its request was sent, or was answered with an error status;
 - an attempt whose request was sent and that ended without an answer (a timeout, a reset, the
-  client hanging up, a stream cut short) keeps its reservation, or the usage seen so far when
-  that is larger; and when the router fails over after such an attempt, the next attempt may
-  be billed too, so it takes another estimate (``Reservation.take_more``, debt allowed).
+  client hanging up, a stream cut short) keeps its reservation, or what it is seen to have
+  used when that is larger: the usage reported so far, and for a stream at least one output
+  token for each data line relayed (a client that leaves just before the usage chunk is
+  settled to the generation it read); and when the router fails over after such an attempt,
+  the next attempt may be billed too, so it takes another estimate (``Reservation.take_more``,
+  debt allowed);
+- a request whose answer the gateway could never see, so never settle (the Responses API's
+  ``background: true``), is refused under a token limit.
 
 An estimate larger than the whole bucket could never be admitted, so it is refused with 400 at
 once rather than asked to retry forever.
@@ -63,12 +70,19 @@ class Prompt:
     nothing), and whether its streams report usage only when asked
     (`stream_options.include_usage`)."""
 
-    __slots__ = ("asks_usage", "caps", "fields")
+    __slots__ = ("asks_usage", "batch", "caps", "fields")
 
-    def __init__(self, *fields: str, caps: tuple[str, ...] = (), asks_usage: bool = False) -> None:
+    def __init__(
+        self,
+        *fields: str,
+        caps: tuple[str, ...] = (),
+        asks_usage: bool = False,
+        batch: str | None = None,
+    ) -> None:
         self.fields = fields
         self.caps = caps
         self.asks_usage = asks_usage
+        self.batch = batch  # a field that, as a list, asks for one generation per item
 
     @property
     def generates(self) -> bool:
@@ -76,23 +90,26 @@ class Prompt:
 
 
 CHAT = Prompt("messages", caps=("max_completion_tokens", "max_tokens"), asks_usage=True)
-COMPLETION = Prompt("prompt", caps=("max_tokens",), asks_usage=True)
+COMPLETION = Prompt("prompt", caps=("max_tokens",), asks_usage=True, batch="prompt")
 RESPONSES = Prompt("input", "instructions", caps=("max_output_tokens",))
 MESSAGES = Prompt("messages", "system", caps=("max_tokens",))  # Anthropic's Messages API
 EMBEDDINGS = Prompt("input")
 
 
 class Reservation:
-    """Tokens taken for one request: `estimate` for each attempt that may be billed, settled
-    once when its usage is known."""
+    """Tokens taken for one request: `estimate` for each attempt that may be billed (`prompt`
+    of it for the input), settled once when its usage is known."""
 
-    __slots__ = ("estimate", "identity", "limiter", "settled", "taken", "tpm")
+    __slots__ = ("estimate", "identity", "limiter", "prompt", "settled", "taken", "tpm")
 
-    def __init__(self, limiter: Any, identity: bytes, tpm: int, estimate: int) -> None:
+    def __init__(
+        self, limiter: Any, identity: bytes, tpm: int, estimate: int, prompt: int = 0
+    ) -> None:
         self.limiter = limiter
         self.identity = identity
         self.tpm = tpm
         self.estimate = estimate
+        self.prompt = prompt
         self.taken = estimate
         self.settled = False
 
@@ -120,25 +137,6 @@ class Reservation:
             limiter.adjust(self.identity, float(self.tpm), self.tpm, float(refund))
 
 
-def used_tokens(usage: Any) -> int | None:
-    """Tokens a response reports: prompt + completion (or input + output), else total."""
-    if not isinstance(usage, dict):
-        return None
-
-    def count(*names: str) -> int | None:
-        for name in names:
-            value = usage.get(name)
-            if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-                return value
-        return None
-
-    prompt = count("prompt_tokens", "input_tokens")
-    completion = count("completion_tokens", "output_tokens")
-    if prompt is not None and completion is not None:
-        return prompt + completion
-    return count("total_tokens")
-
-
 def output_cap(data: dict[str, Any], where: Prompt) -> int | None:
     """The largest of the cap fields `where`'s API obeys that the request sets, else None."""
     caps = [data.get(name) for name in where.caps]
@@ -146,19 +144,36 @@ def output_cap(data: dict[str, Any], where: Prompt) -> int | None:
 
 
 def estimate_tokens(body_size: int, data: dict[str, Any], where: Prompt, default_max: int) -> int:
-    """The most the request may be billed: its input (the body's `body_size` bytes / 4, image
-    and file parts at a fixed amount each) plus the most it may generate. See the module
-    docstring."""
+    """The most the request may be billed: its input plus the most it may generate. See the
+    module docstring."""
+    return estimate_input(body_size, data, where) + estimate_output(data, where, default_max)
+
+
+def estimate_input(body_size: int, data: dict[str, Any], where: Prompt) -> int:
+    """The input part: the body's `body_size` bytes / 4, image and file parts at a fixed
+    amount each, token ids one each."""
     media_bytes, media_tokens, token_ids = _media([data.get(name) for name in where.fields])
     prompt = math.ceil(max(0, body_size - media_bytes) / BYTES_PER_TOKEN)
-    prompt += media_tokens + token_ids
+    return prompt + media_tokens + token_ids
+
+
+def estimate_output(data: dict[str, Any], where: Prompt, default_max: int) -> int:
+    """The output part: the cap (else `default_max`) times the generations asked for."""
     if not where.generates:
-        return prompt
+        return 0
     cap = output_cap(data, where)
     completion = default_max if cap is None else cap
     counts = [data.get(name) for name in _COUNT_FIELDS]
     choices = max((count for count in counts if _whole(count)), default=1)
-    return prompt + completion * max(1, choices)
+    prompts = data.get(where.batch) if where.batch else None
+    batch = len(prompts) if isinstance(prompts, list) and _batched(prompts) else 1
+    return completion * max(1, choices) * max(1, batch)
+
+
+def _batched(prompts: list[Any]) -> bool:
+    """A completions `prompt` list is a batch (one generation per item) when its items are
+    strings or token-id lists; a list of ints is one prompt given as token ids."""
+    return bool(prompts) and not isinstance(prompts[0], int)
 
 
 def check_counts(data: dict[str, Any]) -> None:
@@ -189,7 +204,7 @@ def _media(value: Any) -> tuple[int, int, int]:
         item = pending.pop()
         if isinstance(item, dict):
             kind = item.get("type")
-            if kind in _IMAGE_TYPES or kind in _FILE_TYPES:
+            if (kind in _IMAGE_TYPES or kind in _FILE_TYPES) and not _text_source(item):
                 media_tokens += IMAGE_PART_TOKENS if kind in _IMAGE_TYPES else FILE_PART_TOKENS
                 media_bytes += _string_bytes(item)
             else:
@@ -199,6 +214,13 @@ def _media(value: Any) -> tuple[int, int, int]:
         elif isinstance(item, int) and not isinstance(item, bool):
             token_ids += 1  # a prompt given as token ids
     return media_bytes, media_tokens, token_ids
+
+
+def _text_source(part: dict[str, Any]) -> bool:
+    """An Anthropic document whose source is text (`text`, or `content` blocks): billed as
+    the text it holds, so counted by its bytes, not at the fixed amount of a file."""
+    source = part.get("source")
+    return isinstance(source, dict) and source.get("type") in ("text", "content")
 
 
 def _string_bytes(value: Any) -> int:
@@ -245,7 +267,14 @@ class TokenLimiter:
         if tpm <= 0 or limiter is None:
             return None
         check_counts(data)
-        estimate = estimate_tokens(body_size, data, where, self._default_max)
+        if data.get("background") is True:
+            raise BadRequest(
+                "'background' responses cannot be held to a token limit (the gateway never "
+                "sees their usage); send the request without it.",
+                param="background",
+            )
+        prompt = estimate_input(body_size, data, where)
+        estimate = prompt + estimate_output(data, where, self._default_max)
         if estimate > tpm:
             raise BadRequest(
                 f"This request may use up to {estimate} tokens (the estimate of its input plus "
@@ -271,7 +300,7 @@ class TokenLimiter:
         if not decision.allowed:
             raise refused(decision, tpm, estimate, sent)
         resp.set_headers(sent)
-        return Reservation(limiter, identity, tpm, estimate)
+        return Reservation(limiter, identity, tpm, estimate, prompt)
 
 
 def token_identity(ctx: Any) -> bytes:

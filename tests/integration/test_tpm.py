@@ -219,6 +219,10 @@ def test_responses_and_embeddings_are_token_limited_too(server: Gunicorn) -> Non
     big = json.dumps({"model": "m", "input": "hi", "max_output_tokens": 51}).encode()
     refused = post(server, "big", big, "/responses")
     assert refused.status_code == 400 and refused.json()["error"]["code"] == "tokens_exceed_limit"
+    # A background response is never seen again by the gateway: it could never be settled.
+    background = json.dumps({"model": "m", "input": "hi", "background": True}).encode()
+    refused = post(server, "big", background, "/responses")
+    assert refused.status_code == 400 and refused.json()["error"]["param"] == "background"
 
 
 def test_no_cap_is_written_in_and_an_error_answer_refunds(

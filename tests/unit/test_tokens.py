@@ -11,7 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from edge import usage
 from edge.errors import BadRequest
+from edge.observability.context import RequestContext
+from edge.pipeline import settled_stream
 from edge.ratelimit import bucket
 from edge.ratelimit.local import LocalRateLimiter
 from edge.ratelimit.tokens import (
@@ -28,7 +31,6 @@ from edge.ratelimit.tokens import (
     check_counts,
     estimate_tokens,
     output_cap,
-    used_tokens,
 )
 from edge.usage import hide_usage_event, usage_event
 
@@ -158,6 +160,23 @@ def test_image_and_file_parts_count_a_fixed_amount_never_their_url_or_bytes():
     document = {"type": "document", "source": {"type": "base64", "data": "B" * 400_000}}
     doc = {"messages": [{"role": "user", "content": [document]}]}
     assert FILE_PART_TOKENS <= estimate(doc, MESSAGES, 0) < FILE_PART_TOKENS + 100
+    # A document of plain text is billed as its text: counted by its bytes, however large.
+    words = "w " * 500_000
+    for source in (
+        {"type": "text", "media_type": "text/plain", "data": words},
+        {"type": "content", "content": [{"type": "text", "text": words}]},
+    ):
+        part = {"type": "document", "source": source}
+        text = {"messages": [{"role": "user", "content": [part]}]}
+        assert estimate(text, MESSAGES, 0) >= 1_000_000 / 4
+
+
+def test_a_batched_completion_reserves_an_output_for_every_prompt():
+    for prompts in (["a", "b", "c"], [[1, 2], [3], [4, 5]]):
+        data = {"prompt": prompts, "max_tokens": 100, "n": 2}
+        assert estimate(data, COMPLETION, 0) >= 3 * 2 * 100
+    ids = {"prompt": [1, 2, 3], "max_tokens": 100}  # one prompt given as token ids
+    assert estimate(ids, COMPLETION, 0) < 2 * 100
 
 
 def test_cap_and_count_fields_must_be_whole_numbers_and_nothing_is_written_in():
@@ -177,12 +196,15 @@ def test_cap_and_count_fields_must_be_whole_numbers_and_nothing_is_written_in():
     assert data == {"messages": []}  # the default is a reservation, not a cap sent upstream
 
 
-def test_used_tokens():
-    assert used_tokens({"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}) == 8
-    assert used_tokens({"input_tokens": 2, "output_tokens": 2}) == 4
-    assert used_tokens({"total_tokens": 9}) == 9
-    assert used_tokens({"prompt_tokens": True, "completion_tokens": 1}) is None
-    assert used_tokens(None) is None
+def test_anthropic_prompt_cache_tokens_count_as_input():
+    ctx = RequestContext("r", None)
+    usage.record(ctx, {"input_tokens": 5, "cache_creation_input_tokens": 180_000,
+                       "cache_read_input_tokens": 20, "output_tokens": 7})  # fmt: skip
+    assert (ctx.prompt_tokens, ctx.completion_tokens) == (180_025, 7)
+    ctx = RequestContext("r", None)  # OpenAI's prompt_tokens already include its cached tokens
+    usage.record(ctx, {"prompt_tokens": 50, "prompt_tokens_details": {"cached_tokens": 40},
+                       "completion_tokens": 1})  # fmt: skip
+    assert ctx.prompt_tokens == 50
 
 
 def test_ask_for_usage_keeps_other_options():
@@ -257,3 +279,40 @@ def test_the_usage_event_is_hidden_on_any_split(cuts: list[int]):
         return b"".join([c async for c in hide_usage_event(source())])
 
     assert asyncio.run(run()) == stream.replace(USAGE, b"")
+
+
+class _Stream:
+    """A relayed stream's events: `count` content chunks, nothing else (no usage)."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    async def __aiter__(self):
+        for _ in range(self.count):
+            yield b'data: {"choices":[{"index":0,"delta":{"content":"word"}}]}\n\n'
+
+
+@pytest.mark.parametrize("left_after", [None, 0, 50, 499])
+def test_a_stream_without_its_usage_is_settled_to_at_least_what_it_relayed(left_after):
+    """A client that hangs up just before the usage chunk (or a stream that never reports
+    one) is settled to its input plus a token a chunk relayed, when that is more than the
+    reservation: 500 chunks read under a reservation of 20 + 100 cost 520."""
+    now = [1000.0]
+    limiter = LocalRateLimiter(64, clock=lambda: now[0])
+    assert limiter.check(b"t", 6000.0, 6000, 120).allowed
+    reservation = Reservation(limiter, b"t", 6000, 120, prompt=20)
+    ctx = RequestContext("r", None)
+
+    async def client() -> None:
+        stream = settled_stream(_Stream(500), reservation, ctx, False)
+        if left_after is None:
+            async for _ in stream:
+                pass
+        else:
+            for _ in range(left_after):
+                await anext(stream)
+            await stream.aclose()
+
+    asyncio.run(client())
+    read = 500 if left_after is None else left_after
+    assert 6000 - limiter.check(b"t", 6000.0, 6000, 0).remaining == max(120, 20 + read)
