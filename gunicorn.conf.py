@@ -23,10 +23,19 @@ if _config.tls:
     keyfile = str(_config.tls_key_file)
 if _config.http2_enabled:
     http_protocols = "h2,h1"
-    limit_request_line = _config.max_request_line
-    limit_request_fields = _config.max_headers
-    limit_request_field_size = _config.max_header_bytes
-    worker_connections = _config.max_concurrency
+    # edge.server.h2 answers 414/431 at our limits; gunicorn's own (a stream reset, or for the
+    # HPACK list the whole connection closed, with no HTTP answer) stay as a backstop at twice
+    # them, the HPACK list at least at gunicorn's default (which its SETTINGS advertise anyway:
+    # gunicorn 27.0.1 sends its http2_* values, then h2's defaults, so clients keep the latter).
+    # For the same reason http2_max_concurrent_streams stays at its default of 100: a lower
+    # value would be enforced but not advertised, and compliant clients would lose their
+    # connection for exceeding it. The per-worker cap is edge.server.h2's 503.
+    limit_request_line = 2 * _config.max_request_line
+    limit_request_fields = 2 * _config.max_headers
+    limit_request_field_size = 2 * _config.max_header_bytes
+    http2_max_header_list_size = max(
+        65536, 2 * (_config.max_request_line + _config.max_header_bytes + 32 * _config.max_headers)
+    )
 wsgi_app = "edge.server.worker:worker_app()"
 proc_name = f"llm-edge-proxy.{_config.instance}"
 

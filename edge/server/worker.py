@@ -14,6 +14,7 @@ EdgeHttpToolsProtocol.
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 from typing import Any
@@ -22,6 +23,7 @@ from gunicorn.workers.gasgi import ASGIWorker
 from uvicorn_worker import UvicornWorker
 
 from edge.server import master
+from edge.server.h2 import guard
 from edge.server.protocol import EdgeLimits, protocol_class
 
 
@@ -67,9 +69,23 @@ class EdgeUvicornWorker(UvicornWorker):
 
 class EdgeH2Worker(ASGIWorker):
     """gunicorn's own ASGI worker, used when HTTP2_ENABLED=true: it negotiates h2 over TLS
-    (ALPN) and still serves HTTP/1.1. gunicorn applies its limit_request_* settings here
-    (mapped from ours in gunicorn.conf.py), and worker_connections caps connections; the head
-    and body deadlines of edge.server.protocol are uvicorn-specific and do not apply."""
+    (ALPN) and still serves HTTP/1.1. edge.server.protocol is not used; what gunicorn enforces
+    itself, and what `edge.server.h2.guard` adds around the app, is in edge.server.h2."""
+
+    asgi: Any  # the app, set by gunicorn's load_wsgi
+
+    def init_process(self) -> None:
+        # gunicorn bounds a body pause, a shut flow-control window and a full socket by its
+        # `timeout` (whole seconds), which the master also uses as the heartbeat deadline. Set
+        # here, after the fork, it is the send deadline of this worker only; the master keeps
+        # gunicorn.conf.py's. (This worker notifies the master every second whatever it is.)
+        config = master.current().config
+        self.cfg.set("timeout", max(1, math.ceil(config.send_timeout_s)))
+        super().init_process()
+
+    def load_wsgi(self) -> None:
+        super().load_wsgi()
+        self.asgi = guard(self.asgi, EdgeLimits.from_config(master.current().config))
 
 
 def worker_app() -> Any:
