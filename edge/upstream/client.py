@@ -249,11 +249,12 @@ class Upstream:
         the OpenAI envelope; upstream HTTP errors are returned as they came, except 401 and 403
         (see `_refused`).
         """
+        started = time.perf_counter()
         pool, origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
         size = len(body) if body else 0
         headers = self._headers(ctx, False, headers)
         head = request_head(origin, _METHODS[method], path, headers, size)
-        with _Failures(outcome, seconds):
+        try:
             deadline = asyncio.get_running_loop().time() + seconds
             conn = await self._send(pool, origin, head, body, deadline, MAX_RESPONSE_BYTES, outcome)
             try:
@@ -262,6 +263,10 @@ class Upstream:
                 return _response(conn, pool.budget)
             finally:
                 conn.done()
+        except (TimeoutError, UpstreamError) as exc:
+            raise _failure(outcome, exc, seconds) from None
+        finally:
+            outcome.waited(time.perf_counter() - started)
 
     async def open_stream(
         self,
@@ -278,9 +283,10 @@ class Upstream:
         Returns the live response when the upstream answered 200 with an event stream, else
         the complete answer (an upstream error for a stream request is plain JSON).
         """
+        started = time.perf_counter()
         pool, origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
         head = request_head(origin, b"POST", path, self._headers(ctx, True, headers), len(body))
-        with _Failures(outcome, seconds):
+        try:
             deadline = asyncio.get_running_loop().time() + seconds
             conn = await self._send(pool, origin, head, body, deadline, 0, outcome)
             content_type = conn.headers.get("content-type", "")
@@ -295,35 +301,19 @@ class Upstream:
                 return _response(conn, pool.budget)
             finally:
                 conn.done()
-
-
-class _Failures:
-    """Around one exchange: the time it waited on the upstream goes into the outcome, and a
-    failure becomes the client's error (`_failure`; an answer past MAX_RESPONSE_BYTES, 502)."""
-
-    __slots__ = ("_outcome", "_seconds", "_started")
-
-    def __init__(self, outcome: UpstreamOutcome, seconds: float) -> None:
-        self._outcome = outcome
-        self._seconds = seconds
-        self._started = time.perf_counter()
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, kind: Any, exc: BaseException | None, traceback: Any) -> None:
-        self._outcome.waited(time.perf_counter() - self._started)
-        if isinstance(exc, ResponseTooLarge):
-            raise BadGateway("The upstream response is too large.") from None
-        if isinstance(exc, TimeoutError | UpstreamError):
-            raise _failure(self._outcome, exc, self._seconds) from None
+        except (TimeoutError, UpstreamError) as exc:
+            raise _failure(outcome, exc, seconds) from None
+        finally:
+            outcome.waited(time.perf_counter() - started)
 
 
 def _failure(outcome: UpstreamOutcome, exc: Exception, seconds: float) -> ApiError:
     """What a failed exchange becomes: 504 for a timeout, 503 when the gateway is at one of
     its own limits (the provider's pool full, the buffer budget spent), 502 for anything
-    else."""
+    else (an answer past MAX_RESPONSE_BYTES included)."""
     _forget_traceback(exc)
+    if isinstance(exc, ResponseTooLarge):
+        return BadGateway("The upstream response is too large.")
     if isinstance(exc, TimeoutError):
         return _timeout(outcome, seconds)
     if isinstance(exc, PoolBusy | BufferFull):
