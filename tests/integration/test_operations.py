@@ -124,13 +124,17 @@ def test_bad_tls_settings_stop_the_start(certificate, env, variable):
     assert lines[0].startswith(f"llm-edge-proxy: configuration error: {variable}")
 
 
+# test_http2_rate_limit_429 empties this key's bucket, not KEY's, which the other h2 tests use.
+H2_LIMITED_KEY = "sk-ops-h2-limited-key"
+
+
 @pytest.fixture(scope="module")
 def h2_server(certificate, upstream):
     cert, key = certificate
     server = Gunicorn(
-        API_KEYS=KEY, TLS_CERT_FILE=cert, TLS_KEY_FILE=key, HTTP2_ENABLED="true",
-        UPSTREAM_URL=upstream.url + "/v1", MAX_REQUEST_SIZE="2048", RATE_LIMIT_BURST="40",
-        RATE_LIMIT_RPM="1",
+        API_KEYS=f"{KEY},{H2_LIMITED_KEY}", TLS_CERT_FILE=cert, TLS_KEY_FILE=key,
+        HTTP2_ENABLED="true", UPSTREAM_URL=upstream.url + "/v1", MAX_REQUEST_SIZE="2048",
+        RATE_LIMIT_BURST="40", RATE_LIMIT_RPM="1",
     )  # fmt: skip
     yield server
     server.stop()
@@ -194,12 +198,13 @@ def test_http2_hang_up_cancels_the_upstream_call(h2_server):
 
 
 def test_http2_rate_limit_429(h2_server):
+    auth = {"authorization": f"Bearer {H2_LIMITED_KEY}"}
     with httpx.Client(http2=True, verify=h2_server.verify, base_url=h2_server.url) as client:
         statuses = [
-            client.post("/v1/models", headers=AUTH).status_code for _ in range(3)
+            client.post("/v1/models", headers=auth).status_code for _ in range(3)
         ]  # a 405 spends no token: only methods the route serves do
         assert 405 in statuses
-        results = [client.get("/v1/models", headers=AUTH) for _ in range(45)]
+        results = [client.get("/v1/models", headers=auth) for _ in range(45)]
         limited = [r for r in results if r.status_code == 429]
         assert limited, [r.status_code for r in results]
         assert limited[0].json()["error"]["code"] == "rate_limit_exceeded"
