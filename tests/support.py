@@ -239,7 +239,11 @@ class Gunicorn(Process):
         self.port = free_port()
         env.setdefault("SERVER_ADDRESS", f"127.0.0.1:{self.port}")
         env.setdefault("INSTANCE_NAME", f"test{self.port}")
-        super().__init__([GUNICORN, "-c", "gunicorn.conf.py"], base_env(**env), "gunicorn")
+        full = base_env(**env)
+        super().__init__([GUNICORN, "-c", "gunicorn.conf.py"], full, "gunicorn")
+        # How many workers wait_ready() waits for (WORKERS unset or not a count: at least one).
+        configured = full.get("WORKERS", "")
+        self.workers = int(configured) if configured.isdigit() and int(configured) > 0 else 1
         self.tls_cert: str | None = env.get("TLS_CERT_FILE")
         scheme = "https" if self.tls_cert else "http"
         self.url = f"{scheme}://127.0.0.1:{self.port}"
@@ -256,9 +260,14 @@ class Gunicorn(Process):
         return trusting(self.tls_cert) if self.tls_cert else True
 
     def wait_ready(self, timeout: float = 30.0) -> None:
+        """Until /health/ready answers 200 and the master has its configured WORKERS children:
+        one worker answering does not mean the others are forked yet."""
+
         def ready() -> bool:
             if self.proc.poll() is not None:
                 raise AssertionError(f"gunicorn exited early:\n{self.output()}")
+            if len(self.worker_pids()) < self.workers:
+                return False
             url = self.url + "/health/ready"
             return httpx.get(url, timeout=1, verify=self.verify).status_code == 200
 

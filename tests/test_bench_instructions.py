@@ -2,6 +2,8 @@
 
 Counted by valgrind when it is installed (a positive instruction count per request), by CPU
 time otherwise. No figure is checked: a few dozen requests say nothing about the request path.
+The valgrind run takes minutes, so it is marked `instructions`: plain `pytest` deselects it
+(pyproject addopts) and `.ci/run` runs it in a step of its own (`pytest -m instructions`).
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
-@pytest.mark.parametrize("valgrind", [False, True], ids=["cpu-time", "instructions"])
+@pytest.mark.parametrize(
+    "valgrind",
+    [
+        pytest.param(False, id="cpu-time"),
+        pytest.param(True, id="instructions", marks=[pytest.mark.instructions, pytest.mark.slow]),
+    ],
+)
 def test_instruction_count_drivers_run_each_configuration(valgrind: bool) -> None:
     """`bench/instructions.py` drives the floor and edge in-process; counted by valgrind when
     it is installed (a positive count per request), by CPU time otherwise."""

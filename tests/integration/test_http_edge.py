@@ -430,6 +430,7 @@ def collect_until_closed(socks: list[socket.socket], deadline: float) -> dict[in
 
 def test_slowloris_does_not_hold_up_new_clients_and_is_cut_at_the_deadline(edge):
     partial_count, silent_count = 220, 5
+    started = time.monotonic()  # no connection's head deadline runs out before this + timeout
     with sockets(partial_count, edge) as partial, sockets(silent_count, edge) as silent:
         for sock in partial:
             sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
@@ -442,7 +443,11 @@ def test_slowloris_does_not_hold_up_new_clients_and_is_cut_at_the_deadline(edge)
             headers={"authorization": f"Bearer {KEY}", "content-type": "application/json"},
         )  # fmt: skip
         assert chat.status_code == 200
-        assert all(still_open(sock) for sock in partial + silent), "cut before the deadline"
+        # A connection closed by now was cut early only if no deadline can have passed yet:
+        # on a loaded machine the two requests above may outlast HEAD_TIMEOUT themselves.
+        cut = sum(not still_open(sock) for sock in partial + silent)
+        early = time.monotonic() - started < HEAD_TIMEOUT
+        assert not (cut and early), f"{cut} cut before the deadline"
 
         closed = collect_until_closed(partial + silent, opened + HEAD_TIMEOUT + SLACK)
         cut_at = time.monotonic() - opened

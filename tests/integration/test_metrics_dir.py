@@ -11,7 +11,6 @@ import stat
 import subprocess
 import tempfile
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -301,7 +300,6 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
     reloads, per_reload = 100, 3
     metrics = tmp_path / "metrics"
     server = Gunicorn(**no_auth(PROMETHEUS_MULTIPROC_DIR=str(metrics), LOG_LEVEL="warning"))
-    started = time.monotonic()
     sent = 0
     scraper = Scraper(server.url, lambda: sent)
     try:
@@ -337,7 +335,6 @@ def test_files_stay_bounded_and_counts_exact_over_many_reloads(tmp_path):
                 assert len(pids) == 1 and pids[0] != old, (old, pids)
                 send()
                 counts.append(len([p for p in metrics.iterdir() if p.name.endswith(".db")]))
-                assert time.monotonic() - started < 240, "reloads too slow on this machine"
             scraper.stop.set()
             scraper.join(15)
             text = client.get("/metrics").text

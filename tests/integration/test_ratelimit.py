@@ -7,8 +7,8 @@ Three module-scoped servers keep the start-ups few:
   B). Every test uses keys of its own from the keys file, so the tests do not share buckets.
 * ``dense``: policy ``deny`` and the smallest table (16 slots), for the table-full test and
   the fail-closed lock test.
-* ``second``: a second instance on the same host, for separate tables, stale-table cleanup and
-  a clean shutdown.
+* ``second``: a second instance on the same host, for separate tables and stale-table cleanup
+  (the clean-shutdown test starts and stops an instance of its own).
 
 Load is sent with a minimal raw HTTP/1.1 client on asyncio (one ``Connection: close``
 connection per request, so the kernel spreads them over all workers): httpx's async pool
@@ -77,6 +77,7 @@ PRIMARY_KEYS: dict[str, dict[str, float]] = {
     "load": {"burst": 100, "rpm": 0.001},
     "after-load": {"burst": 7},
     "shared": {"burst": 5},
+    "stopped": {"burst": 5},
     "hup": {},
 }
 DENSE_SLOTS = 16
@@ -479,6 +480,7 @@ def test_lock_holder_killed_allow_policy(primary, signame):
         assert max(waits) < LOCK_TIMEOUT_MS / 1000 + 2, waits
         assert sum(wait >= LOCK_TIMEOUT_MS / 1000 for wait in waits) <= WORKERS, waits
         held = failures(primary, "lock_timeout", "allow")
+        held_until = time.monotonic()
         assert held - timeouts == len(waits)
 
         kill_holder(holder, KILLS[signame])
@@ -486,6 +488,11 @@ def test_lock_holder_killed_allow_policy(primary, signame):
     # The very next request is a real decision, and the policy admissions took no token.
     assert response.status_code == 200
     assert assert_rate_headers(response.headers, burst) == burst - 1
+    # As in the deny case below: within LOCK_COOLOFF_S of its last timeout a worker tries the
+    # lock without waiting, so a concurrent blast could meet it held by a live worker and be
+    # admitted by the policy. Past it, every admission must be a real decision.
+    while time.monotonic() < held_until + LOCK_COOLOFF_S:
+        time.sleep(0.05)
     rest = blast(primary, name, 3 * burst)
     assert len(rest.decided_ok) == burst - 1, rest.statuses
     assert rest.policy_ok == []
@@ -665,24 +672,35 @@ def test_two_instances_have_separate_tables(primary, second):
     assert len(on_second.decided_ok) == 4, on_second.statuses
 
 
-def test_clean_shutdown_removes_table_and_metrics_dir(primary, second):
-    server = second.server
-    table = table_path(server, SECOND_INSTANCE)
-    # A private directory with an unpredictable name (tempfile.mkdtemp): find it by its prefix.
-    found = list(Path(tempfile.gettempdir()).glob(f"llm-edge-proxy.{SECOND_INSTANCE}.*.metrics"))
-    assert len(found) == 1, found
-    metrics_dir = found[0]
-    assert table.exists()
-    assert metrics_dir.is_dir()
-    assert stat.S_IMODE(metrics_dir.stat().st_mode) == 0o700
-    blast(primary, "shared", 6)  # empty that key's bucket on the primary (if not yet)
-    assert server.stop() == 0  # SIGTERM
+def test_clean_shutdown_removes_table_and_metrics_dir(primary, primary_keys):
+    # An instance of its own: stopping `second` would take it from the tests that use it later.
+    instance = f"rl-stopped-{uuid.uuid4().hex[:8]}"
+    server = Gunicorn(
+        WORKERS=str(WORKERS),
+        INSTANCE_NAME=instance,
+        API_KEYS_FILE=str(primary_keys),
+        RATE_LIMIT_BURST=str(BURST),
+        RATE_LIMIT_RPM="1",
+    )
+    try:
+        table = table_path(server, instance)
+        # A private directory with an unpredictable name (tempfile.mkdtemp): find it by prefix.
+        found = list(Path(tempfile.gettempdir()).glob(f"llm-edge-proxy.{instance}.*.metrics"))
+        assert len(found) == 1, found
+        metrics_dir = found[0]
+        assert table.exists()
+        assert metrics_dir.is_dir()
+        assert stat.S_IMODE(metrics_dir.stat().st_mode) == 0o700
+        blast(primary, "stopped", 6)  # empty that key's bucket on the primary
+        assert server.stop() == 0  # SIGTERM
+    finally:
+        server.stop()  # nothing left to do once stopped above
     assert not table.exists()
     assert not metrics_dir.exists()
 
     # The other instance's table is untouched, state included.
     assert table_path(primary, PRIMARY_INSTANCE).exists()
-    with client(primary, "shared") as http:
+    with client(primary, "stopped") as http:
         refused = http.post(CHAT_PATH, json=CHAT)
     assert_429(refused.status_code, refused.headers, refused.content)
     assert refused.headers["x-ratelimit-limit-requests"] == "5"

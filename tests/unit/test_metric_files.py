@@ -12,6 +12,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 import pytest
+from support import wait_until
 
 from edge.observability import metric_files
 from edge.observability.metric_files import MetricsDirError, check_private_dir, fold
@@ -161,7 +162,10 @@ def test_scrapes_during_folds_always_see_exact_totals(tmp_path):
         for n in range(1, 13):
             run_worker(tmp_path, n)
             expected.append(expected[-1] + n)
-            assert fold(tmp_path, live_pids=[]) is not None
+            # Without the lock within its 1 s, fold() changes nothing and returns None (the
+            # master folds those files at the next worker exit): on a loaded machine this
+            # tight scraper loop can keep it out that long, so fold again until one has it.
+            wait_until(lambda: fold(tmp_path, live_pids=[]) is not None, timeout=60)
     finally:
         stop.set()
         thread.join()
