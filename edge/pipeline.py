@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge import usage
-from edge.errors import ANTHROPIC, UPSTREAM, ApiError
+from edge.errors import ANTHROPIC, UPSTREAM, ApiError, BadRequest
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage
 from edge.routing.exchange import Answer, Call, Events
@@ -54,7 +54,7 @@ async def run(
             hide_usage = call.stream and prompt.asks_usage and ask_for_usage(call.data)
             # Forwarded as parsed: a key the client sent twice is resolved the way the gateway
             # read it, so the upstream cannot read a larger cap than was estimated.
-            call.body = orjson.dumps(call.data)
+            call.body = reserialise(call.data)
             call.charge = reservation.take_more
     if call.stream:
         call.on_event = usage.watcher(ctx)
@@ -71,6 +71,20 @@ async def run(
         result.release()
     if reservation is not None:
         await reservation.settle(_used(reservation, ctx, 200 <= result.status < 300))
+
+
+MAX_RESERIALISED_DEPTH = 254  # orjson.dumps's own limit (its loads takes 1024)
+
+
+def reserialise(data: dict[str, Any]) -> bytes:
+    """`data` as JSON bytes, or 400 for a body nested deeper than orjson writes."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # orjson: "Recursion limit reached"
+        raise BadRequest(
+            f"The request body is nested too deeply: at most {MAX_RESERIALISED_DEPTH} levels "
+            "when the gateway re-writes it (under a token limit)."
+        ) from None
 
 
 def _working(ctx: RequestContext, mock: int) -> int:

@@ -296,3 +296,24 @@ def test_unexpected_exception_is_500_without_internals(app_client, monkeypatch):
     assert result.status_code == 500
     assert "secret" not in result.text and "RuntimeError" not in result.text
     assert result.json["error"]["type"] == "server_error"
+
+
+@pytest.mark.parametrize("depth", [250, 300, 1000])
+def test_a_deeply_nested_body_under_a_token_limit_is_answered_not_a_500(depth):
+    """Under a token limit the body is re-serialised, and orjson writes at most 254 levels
+    (it reads 1024): deeper is 400 naming the limit, never a server error."""
+    limited = client(RATE_LIMIT_TPM="1000000")
+    body = (
+        '{"model": "m", "messages": [{"role": "user", "content": "hi"}], "x": '
+        + "[" * depth
+        + "]" * depth
+        + "}"
+    )
+    result = limited.simulate_post(
+        "/v1/chat/completions", body=body, headers={**auth(), "content-type": "application/json"}
+    )
+    if depth <= 250:
+        assert result.status_code == 200
+    else:
+        assert result.status_code == 400
+        assert "nested too deeply" in result.json["error"]["message"]
