@@ -465,7 +465,7 @@ def _response_object(
         "status": status,
         "error": None,
         "incomplete_details": None,
-        "instructions": data.get("instructions"),
+        "instructions": _text_or_none(data.get("instructions")),
         "max_output_tokens": data.get("max_output_tokens"),
         "model": model_name,
         "output": output,
@@ -635,3 +635,9 @@ class MockTransport:
                 return Events(message_stream(whole), usage=whole["usage"])
             return _answer(whole)
         raise AssertionError(f"the mock has no answer for {path}")  # pragma: no cover
+
+
+def _text_or_none(value: Any) -> str | None:
+    """A string the client sent, echoed; anything else is not (it may nest deeper than
+    orjson writes)."""
+    return value if isinstance(value, str) else None

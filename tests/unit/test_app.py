@@ -317,3 +317,29 @@ def test_a_deeply_nested_body_under_a_token_limit_is_answered_not_a_500(depth):
     else:
         assert result.status_code == 400
         assert "nested too deeply" in result.json["error"]["message"]
+
+
+DEEP = "[" * 300 + "]" * 300  # parsed (orjson reads 1024 levels), deeper than it writes (254)
+
+
+@pytest.mark.parametrize("stream", ["false", "true"])
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/v1/responses", '{"model": "m", "input": "hi", "instructions": %s'),
+        ("/v1/responses", '{"model": "m", "input": "hi", "metadata": %s'),
+        ("/v1/chat/completions", '{"model": "m", "messages": [{"role": "user", "content": %s}]'),
+        ("/v1/chat/completions", '{"model": "m", "messages": [{"role": "user"}], "tools": %s'),
+        ("/v1/completions", '{"model": "m", "prompt": "hi", "suffix": %s'),
+        ("/v1/messages", '{"model": "m", "max_tokens": 5, "messages": [], "system": %s'),
+    ],
+)
+def test_the_mock_answers_a_deeply_nested_field_without_a_500(open_client, path, body, stream):
+    """The built-in mock echoes only strings of a request, so a field nested deeper than
+    orjson writes never becomes a server error."""
+    text = body % DEEP + ', "stream": ' + stream + "}"
+    result = open_client.simulate_post(
+        path, body=text, headers={**auth(), "content-type": "application/json"}
+    )
+    assert result.status_code in (200, 400), result.text
+    assert "server_error" not in result.text
