@@ -1,9 +1,9 @@
 """HTTP/2 held to the HTTP/1.1 limits (HTTP2_ENABLED: gunicorn's worker plus edge.server.h2).
 
-Each test asserts what README.md's "TLS and HTTP/2" section says happens, with a real h2
-client: the `h2` library on a TLS socket where frames must be exactly as the test wants them (a
-head left unfinished, a body trickled or stalled, a flow-control window kept shut), httpx for
-ordinary requests, h2load for many streams.
+Each test asserts what README.md's limits and docs/architecture.md's "HTTP/2 through gunicorn's
+worker" section say happens, with a real h2 client: the `h2` library on a TLS socket where
+frames must be exactly as the test wants them (a head left unfinished, a body trickled or
+stalled, a flow-control window kept shut), httpx for ordinary requests, h2load for many streams.
 """
 
 from __future__ import annotations
