@@ -65,6 +65,7 @@ LOG: list[dict] = []
 CONTROL: dict = {}
 STATS = {"streams_started": 0, "streams_finished": 0, "streams_cancelled": 0}
 BILLS: list[dict] = []
+SERIAL = [0]
 BILL_MAX_OUTPUT = 400
 IMAGE_TYPES = ("image_url", "input_image", "image")
 
@@ -77,12 +78,20 @@ def _usage(prompt: int = 5, completion: int = 7) -> dict:
     }
 
 
+def _serial() -> str:
+    """A mark unique to each answer this upstream writes (the cache tests tell a replay from a
+    fresh answer by it)."""
+    SERIAL[0] += 1
+    return f"fp_{SERIAL[0]}"
+
+
 def _chat(model: str) -> dict:
     return {
         "id": "chatcmpl-upstream",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": _serial(),
         "choices": [
             {
                 "index": 0,

@@ -1,0 +1,359 @@
+"""The response cache end to end: real gunicorn (4 workers), a real upstream process that logs
+every request it receives (/_log), the official openai SDK, redis-server for the Redis tier.
+
+Every request goes out on a new connection (httpx.post), so a hit is the host's store shared by
+the workers, not one worker remembering."""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import os
+import signal
+import struct
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+from support import REDIS_SERVER, Gunicorn, RedisServer, Upstream, sdk_client, wait_until
+
+KEY = "sk-cache-test-key"
+OTHER = "sk-cache-other-key"
+HEADERS = {"authorization": f"Bearer {KEY}"}
+
+
+@pytest.fixture(scope="module")
+def upstream():
+    server = Upstream("--slow", "1", "--pace", "0.01", "--chunks", "5")
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="module")
+def gateway(upstream, tmp_path_factory):
+    server = Gunicorn(
+        API_KEYS=f"{KEY},{OTHER}",
+        UPSTREAM_URL=upstream.url + "/v1",
+        WORKERS="4",
+        CACHE_BACKEND="local",
+        CACHE_DIR=str(tmp_path_factory.mktemp("cache") / "store"),
+        RATE_LIMIT_ENABLED="false",
+    )
+    yield server
+    server.stop()
+
+
+def received(upstream: Upstream, model: str) -> int:
+    """How many requests for `model` the upstream received."""
+    return sum(1 for entry in upstream.log() if entry["model"] == model)
+
+
+def chat(server: Gunicorn, model: str, key: str = KEY, headers=None, **extra) -> httpx.Response:
+    body = {"model": model, "messages": [{"role": "user", "content": "hi"}], **extra}
+    return httpx.post(
+        server.url + "/v1/chat/completions",
+        json=body,
+        headers={"authorization": f"Bearer {key}", **(headers or {})},
+        timeout=20,
+    )
+
+
+def test_the_same_request_is_answered_once_upstream_with_the_same_bytes(gateway, upstream):
+    first = chat(gateway, "same-twice")
+    assert first.status_code == 200
+    assert first.headers["x-cache"] == "miss"
+    second = chat(gateway, "same-twice")
+    assert second.status_code == 200
+    assert second.headers["x-cache"] == "hit"
+    assert int(second.headers["age"]) >= 0
+    assert second.content == first.content
+    assert received(upstream, "same-twice") == 1
+    # Whitespace and key order are not the request: the canonical body is.
+    raw = b'{ "messages" : [ {"content": "hi", "role": "user"} ],\n "model": "same-twice" }'
+    third = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        content=raw,
+        headers={**HEADERS, "content-type": "application/json"},
+        timeout=20,
+    )
+    assert third.headers["x-cache"] == "hit" and third.content == first.content
+
+
+def test_another_key_or_another_field_is_a_miss(gateway, upstream):
+    assert chat(gateway, "scoped").headers["x-cache"] == "miss"
+    assert chat(gateway, "scoped", key=OTHER).headers["x-cache"] == "miss"
+    # A field no one has heard of is still part of the request.
+    assert chat(gateway, "scoped", some_new_parameter=1).headers["x-cache"] == "miss"
+    assert chat(gateway, "scoped", temperature=0.5).headers["x-cache"] == "miss"
+    assert chat(gateway, "scoped", stream=False).headers["x-cache"] == "miss"
+    assert received(upstream, "scoped") == 5
+    assert chat(gateway, "scoped", key=OTHER).headers["x-cache"] == "hit"
+    assert received(upstream, "scoped") == 5
+
+
+def test_a_stream_is_replayed_as_the_same_events_through_the_sdk(gateway, upstream):
+    client = sdk_client(gateway.url, KEY)
+
+    def text() -> tuple[str, list[str]]:
+        chunks = client.chat.completions.create(
+            model="streamed", messages=[{"role": "user", "content": "hi"}], stream=True
+        )
+        parts = [c.choices[0].delta.content or "" for c in chunks if c.choices]
+        return "".join(parts), parts
+
+    first, first_parts = text()
+    second, second_parts = text()
+    assert first and second == first and second_parts == first_parts
+    assert received(upstream, "streamed") == 1
+    raw = httpx.post(
+        gateway.url + "/v1/chat/completions",
+        json={"model": "streamed", "messages": [{"role": "user", "content": "hi"}], "stream": True},
+        headers=HEADERS,
+        timeout=20,
+    )
+    assert raw.headers["x-cache"] == "hit"
+    assert raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+
+
+def test_base64_embeddings_come_back_byte_for_byte(gateway, upstream):
+    client = sdk_client(gateway.url, KEY)
+    first = client.embeddings.create(model="embed-cached", input=["a", "b"])
+    second = client.embeddings.create(model="embed-cached", input=["a", "b"])
+    assert [d.embedding for d in first.data] == [d.embedding for d in second.data]
+    assert received(upstream, "embed-cached") == 1
+    raw = httpx.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": "embed-cached", "input": ["a"], "encoding_format": "base64"},
+        headers=HEADERS,
+        timeout=20,
+    )
+    again = httpx.post(
+        gateway.url + "/v1/embeddings",
+        json={"model": "embed-cached", "input": ["a"], "encoding_format": "base64"},
+        headers=HEADERS,
+        timeout=20,
+    )
+    assert again.headers["x-cache"] == "hit" and again.content == raw.content
+    vector = base64.b64decode(again.json()["data"][0]["embedding"])
+    assert struct.unpack(f"<{len(vector) // 4}f", vector)[0] == pytest.approx(0.125)
+
+
+def test_concurrent_identical_requests_reach_the_upstream_once(gateway, upstream):
+    """20 at once, spread over the 4 workers, for a model the upstream takes 1 s to answer."""
+    with concurrent.futures.ThreadPoolExecutor(20) as pool:
+        answers = list(pool.map(lambda _: chat(gateway, "slow"), range(20)))
+    assert [a.status_code for a in answers] == [200] * 20
+    assert received(upstream, "slow") == 1
+    assert len({a.content for a in answers}) == 1
+    assert sorted(a.headers["x-cache"] for a in answers).count("miss") == 1
+
+
+def test_errors_and_streams_cut_short_are_never_stored(gateway, upstream):
+    for _ in range(2):
+        assert chat(gateway, "error-500").status_code == 500
+    assert received(upstream, "error-500") == 2
+    for _ in range(2):
+        cut = chat(gateway, "cut-mid-event", stream=True)
+        assert cut.headers["x-cache"] == "miss"
+        assert "error" in cut.text  # the SSE error event the relay ends it with
+    assert received(upstream, "cut-mid-event") == 2
+
+
+def test_cache_control_no_cache_and_no_store(gateway, upstream):
+    first = chat(gateway, "controls")
+    fresh = chat(gateway, "controls", headers={"cache-control": "no-cache"})
+    assert fresh.headers["x-cache"] == "bypass"
+    assert fresh.content != first.content  # a new answer from the upstream
+    assert chat(gateway, "controls").content == fresh.content  # ... stored for the next
+    unstored = chat(gateway, "controls", headers={"cache-control": "no-store"})
+    assert unstored.headers["x-cache"] == "bypass"
+    assert unstored.content not in (first.content, fresh.content)
+    assert chat(gateway, "controls").content == fresh.content
+    assert received(upstream, "controls") == 3
+    old = chat(gateway, "controls", headers={"cache-control": "max-age=0"})
+    wait_until(lambda: int(chat(gateway, "controls").headers["age"]) >= 1, timeout=10)
+    assert (
+        chat(gateway, "controls", headers={"cache-control": "max-age=0"}).headers["x-cache"]
+        == "miss"
+        or old.headers["x-cache"] == "miss"
+    )
+
+
+def test_litellm_body_controls_are_honoured_and_never_forwarded(gateway, upstream):
+    first = chat(gateway, "body-controls", cache={"namespace": "team-a"})
+    assert first.headers["x-cache"] == "miss"
+    request_id = first.headers["x-request-id"]
+    assert "cache" not in orjson.loads(upstream.seen(request_id)["body"])
+    assert chat(gateway, "body-controls", cache={"namespace": "team-a"}).headers["x-cache"] == (
+        "hit"
+    )
+    assert chat(gateway, "body-controls", cache={"namespace": "team-b"}).headers["x-cache"] == (
+        "miss"
+    )
+    skipped = chat(gateway, "body-controls", cache={"namespace": "team-a", "no-cache": True})
+    assert skipped.headers["x-cache"] == "bypass"
+    assert "cache" not in orjson.loads(upstream.seen(skipped.headers["x-request-id"])["body"])
+    bad = chat(gateway, "body-controls", cache={"ttl": "soon"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "cache"
+    assert chat(gateway, "body-controls", cache="yes").status_code == 400
+
+
+def test_stateful_responses_requests_are_never_stored(gateway, upstream):
+    for body in (
+        {"model": "stateful", "input": "hi", "previous_response_id": "resp_1"},
+        {"model": "stateful", "input": "hi", "store": True},
+    ):
+        for _ in range(2):
+            answer = httpx.post(
+                gateway.url + "/v1/responses", json=body, headers=HEADERS, timeout=20
+            )
+            assert answer.headers["x-cache"] == "bypass"
+    assert received(upstream, "stateful") == 4
+
+
+def test_metrics_and_access_log_say_what_the_cache_did(gateway, upstream):
+    chat(gateway, "observed")
+    chat(gateway, "observed")
+    scrape = httpx.get(gateway.url + "/metrics", timeout=10).text
+    assert (
+        'edge_cache_lookups_total{result="hit",route="/v1/chat/completions",tier="local"}' in scrape
+    )
+    assert "edge_cache_store_entries " in scrape and "edge_cache_store_bytes " in scrape
+    assert 'edge_cache_saved_tokens_total{kind="completion",model="observed"}' in scrape
+
+    def logged() -> list[dict]:
+        lines = [line for line in gateway.output().splitlines() if '"observed"' in line]
+        return [orjson.loads(line) for line in lines if line.startswith("{")]
+
+    caches = wait_until(lambda: [line.get("cache") for line in logged()] or None)
+    wait_until(lambda: {"hit", "miss"} <= {line.get("cache") for line in logged()})
+    assert caches
+
+
+def test_an_entry_still_hits_after_a_reload(gateway, upstream):
+    first = chat(gateway, "after-hup")
+    old = set(gateway.worker_pids())
+    gateway.signal(signal.SIGHUP)
+    wait_until(lambda: not old & set(gateway.worker_pids()), timeout=30)
+    gateway.wait_ready()
+    second = chat(gateway, "after-hup")
+    assert second.headers["x-cache"] == "hit" and second.content == first.content
+    assert received(upstream, "after-hup") == 1
+
+
+def test_entries_expire_after_the_ttl(upstream, tmp_path):
+    server = Gunicorn(
+        API_KEYS=KEY,
+        UPSTREAM_URL=upstream.url + "/v1",
+        CACHE_BACKEND="local",
+        CACHE_TTL_SECONDS="1",
+        CACHE_DIR=str(tmp_path / "store"),
+    )
+    try:
+        assert chat(server, "ttl").headers["x-cache"] == "miss"
+        # Polled: a hit until a second has passed, then a miss (never a wall-clock assertion).
+        wait_until(lambda: chat(server, "ttl").headers["x-cache"] == "miss", timeout=15)
+        assert received(upstream, "ttl") == 2
+    finally:
+        server.stop()
+
+
+def _disk_usage(path: Path) -> int:
+    return sum(os.stat(p).st_blocks * 512 for p in path.rglob("*") if p.is_file())
+
+
+def test_the_store_stays_within_its_size_on_disk(upstream, tmp_path):
+    """Hundreds of large distinct answers (about 190 KB each) through a 4 MiB store."""
+    store = tmp_path / "store"
+    limit = 4 << 20
+    server = Gunicorn(
+        API_KEYS=KEY,
+        UPSTREAM_URL=upstream.url + "/v1",
+        CACHE_BACKEND="local",
+        CACHE_DIR=str(store),
+        CACHE_MAX_BYTES=str(limit),
+        CACHE_MAX_ENTRY_BYTES=str(512 << 10),
+        RATE_LIMIT_ENABLED="false",
+    )
+    try:
+        sizes = []
+        for index in range(300):
+            answer = httpx.post(
+                server.url + "/v1/embeddings",
+                json={"model": f"big-{index}", "input": ["x"], "dimensions": 12_000},
+                headers=HEADERS,
+                timeout=20,
+            )
+            assert answer.status_code == 200
+            sizes.append(len(answer.content))
+            assert _disk_usage(store) <= limit + (64 << 10)  # the data file, plus its lock file
+        assert min(sizes) > 100_000
+        again = httpx.post(
+            server.url + "/v1/embeddings",
+            json={"model": "big-299", "input": ["x"], "dimensions": 12_000},
+            headers=HEADERS,
+            timeout=20,
+        )
+        assert again.headers["x-cache"] == "hit"  # the newest entries stay
+        scrape = httpx.get(server.url + "/metrics", timeout=10).text
+        evicted = [line for line in scrape.splitlines() if line.startswith("edge_cache_evictions")]
+        assert evicted and float(evicted[0].split()[-1]) > 0
+    finally:
+        server.stop()
+
+
+def test_a_hit_costs_no_tokens_of_the_token_limit(upstream, tmp_path):
+    server = Gunicorn(
+        API_KEYS=KEY,
+        UPSTREAM_URL=upstream.url + "/v1",
+        CACHE_BACKEND="local",
+        CACHE_DIR=str(tmp_path / "store"),
+        RATE_LIMIT_TPM="1500",
+    )
+    try:
+        # Each distinct request reserves about 1,030 tokens (the default output cap of 1,024).
+        first = chat(server, "tokens")
+        assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+        for _ in range(3):
+            hit = chat(server, "tokens")
+            assert hit.status_code == 200 and hit.headers["x-cache"] == "hit"
+            assert "x-ratelimit-remaining-tokens" not in hit.headers
+        assert received(upstream, "tokens") == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.skipif(REDIS_SERVER is None, reason="redis-server is not installed")
+def test_redis_shares_entries_across_instances_and_its_absence_is_a_miss(upstream, tmp_path):
+    redis = RedisServer()
+    servers = []
+    try:
+        for name in ("one", "two"):
+            servers.append(
+                Gunicorn(
+                    API_KEYS=KEY,
+                    UPSTREAM_URL=upstream.url + "/v1",
+                    CACHE_BACKEND="redis",
+                    CACHE_DIR=str(tmp_path / name),
+                    REDIS_URL=redis.url,
+                    RATE_LIMIT_ENABLED="false",
+                )
+            )
+        one, two = servers
+        first = chat(one, "across-hosts")
+        assert first.headers["x-cache"] == "miss"
+        # The write to Redis does not delay the answer: poll until the other host sees it.
+        second = wait_until(
+            lambda: (r := chat(two, "across-hosts")).headers["x-cache"] == "hit" and r, timeout=10
+        )
+        assert second.content == first.content
+        redis.kill()
+        answered = chat(two, "redis-gone")
+        assert answered.status_code == 200 and answered.headers["x-cache"] == "miss"
+        assert chat(one, "redis-gone-2").status_code == 200
+    finally:
+        for server in servers:
+            server.stop()
+        redis.stop()
