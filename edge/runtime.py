@@ -77,7 +77,7 @@ class Runtime:
         if config.enable_metrics:
             from edge.observability.metrics import Metrics
 
-            metrics = Metrics(config.prometheus_multiproc_dir)
+            metrics = Metrics(config.prometheus_multiproc_dir, config.cache_backend != "off")
         limiter, owns = _limiter(config, tables, clock)
         tokens = None
         if limiter is not None and (config.rate_limit_tpm > 0 or keys.any_token_limit()):

@@ -288,10 +288,11 @@ class ResponseCache:
             await self._remote.start()
 
     async def aclose(self) -> None:
+        """Lifespan shutdown: Redis's writes in flight and connections. The store and the
+        flights table stay open until the process ends (a test client runs the lifespan
+        around every request; LMDB's committed writes are in the file, closed or not)."""
         if self._remote is not None:
             await self._remote.aclose()
-        self._store.close()
-        self._flights.close()
 
     def stats(self) -> tuple[int, int]:
         """(bytes, entries) of the host's local store."""

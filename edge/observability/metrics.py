@@ -171,7 +171,11 @@ class Metrics:
     `directory` is the multiprocess directory (PROMETHEUS_MULTIPROC_DIR, chosen by the master)
     that a scrape sums; None in a single process (tests, plain uvicorn)."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str] | None = None, cache: bool = False
+    ) -> None:
+        """`cache`: the response cache is on, and its families exist (a gauge's file appears
+        in the multiprocess directory as soon as the family does)."""
         self.directory = None if directory is None else os.fspath(directory)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -249,29 +253,30 @@ class Metrics:
             "tokens", "Tokens reported in the upstream's usage, by model and kind.",
             "model", "kind",
         )  # fmt: skip
-        # The response cache (edge.cache): a hit's tokens are counted here, not in `tokens`
-        # (which is what the upstream reported, and billed).
-        self.cache_saved_tokens = counter(
-            "cache_saved_tokens", "Tokens of answers served from the cache, by model and kind.",
-            "model", "kind",
-        )  # fmt: skip
-        self.cache_lookups = counter(
-            "cache_lookups",
-            "Cache lookups by route and result (hit, miss, bypass, coalesced, error) and the "
-            "tier of a hit (local, redis; none otherwise).",
-            "route", "result", "tier",
-        )  # fmt: skip
-        self.cache_evictions = counter(
-            "cache_evictions", "Entries evicted from the local store to stay within its size."
-        )
-        # Host-wide values (one store per host): written by the worker answering a scrape.
-        self.cache_store_bytes = gauge(
-            "cache_store_bytes", "Bytes of the entries in the host's local store.", "mostrecent"
-        )
-        self.cache_store_entries = gauge(
-            "cache_store_entries", "Entries in the host's local store.", "mostrecent"
-        )
         self.cache_source: Any = None  # callable: (bytes, entries) of the store, set by the app
+        if cache:
+            # The response cache (edge.cache): a hit's tokens are counted here, not in `tokens`
+            # (which is what the upstream reported, and billed).
+            self.cache_saved_tokens = counter(
+                "cache_saved_tokens", "Tokens of answers served from the cache, by model and kind.",
+                "model", "kind",
+            )  # fmt: skip
+            self.cache_lookups = counter(
+                "cache_lookups",
+                "Cache lookups by route and result (hit, miss, bypass, coalesced, error) and the "
+                "tier of a hit (local, redis; none otherwise).",
+                "route", "result", "tier",
+            )  # fmt: skip
+            self.cache_evictions = counter(
+                "cache_evictions", "Entries evicted from the local store to stay within its size."
+            )
+            # Host-wide values (one store per host): written by the worker answering a scrape.
+            self.cache_store_bytes = gauge(
+                "cache_store_bytes", "Bytes of the entries in the host's local store.", "mostrecent"
+            )
+            self.cache_store_entries = gauge(
+                "cache_store_entries", "Entries in the host's local store.", "mostrecent"
+            )
         # Per provider: label values are configured provider names only (PROVIDERS_FILE, or
         # "default" for UPSTREAM_URL), never anything a client sent.
         self.provider_requests = counter(
