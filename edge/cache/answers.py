@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 from edge.cache import entry as entries
 from edge.cache import key as keys
 from edge.cache.flights import FOLLOWER, LEADER
+from edge.routing.outcome import UpstreamOutcome
 
 if TYPE_CHECKING:
     from edge.config import Config
@@ -147,8 +148,13 @@ class ResponseCache:
         if role == LEADER:
             miss.token = token
         elif role == FOLLOWER:
+            started = time.perf_counter()
             found = await self._follow(key, controls.max_age_s)
             if found is not None:
+                # The wait was on the upstream, through the leader: not the gateway's overhead.
+                outcome = UpstreamOutcome()
+                outcome.waited(time.perf_counter() - started)
+                ctx.record_upstream(outcome)
                 return Lookup(COALESCED, key, found, "local")
         return miss
 
