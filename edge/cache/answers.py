@@ -36,9 +36,12 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
+
 from edge.cache import entry as entries
 from edge.cache import key as keys
 from edge.cache.flights import FOLLOWER, LEADER
+from edge.errors import GatewayTimeout
 from edge.routing.outcome import UpstreamOutcome
 
 if TYPE_CHECKING:
@@ -56,6 +59,8 @@ CACHED_PATHS = frozenset(
 HIT, MISS, BYPASS, COALESCED, ERROR = "hit", "miss", "bypass", "coalesced", "error"
 SSE = "text/event-stream"
 POLL_FIRST_S = 0.002
+FOLLOW_STREAM_S = 5.0  # the longest a stream follows a leader (nginx's proxy_cache_lock_timeout)
+MAX_TOKENS = (1 << 63) - 1
 POLL_MAX_S = 0.05
 # The SSE events after which a stream is whole: chat and completions, Anthropic's Messages,
 # the Responses API.
@@ -105,6 +110,7 @@ class ResponseCache:
         self._wait_s = config.timeout_s
         self.max_entry_bytes = config.cache_max_entry_bytes
         self._metrics = metrics
+        self._routes: dict[int, str] = {}  # id of a model's targets (kept by the providers)
         self._clock = clock
         self._evictions_seen = 0
 
@@ -112,6 +118,20 @@ class ResponseCache:
 
     def applies(self, call: Call) -> bool:
         return call.path in CACHED_PATHS and call.method == "POST"
+
+    def _route(self, call: Call) -> str:
+        """What besides the body decides the answer: the route, the headers passed upstream
+        (Anthropic's version and beta), and where the model is routed (a reload that sends it
+        to another provider or upstream model makes its answers another key's)."""
+        targets = self._providers.targets(call.model or "")
+        routed = self._routes.get(id(targets))
+        if routed is None:
+            where = [(t.provider.name, t.provider.kind, t.model) for t in targets or ()]
+            routed = self._routes[id(targets)] = orjson.dumps(where).decode()
+        route = f"{call.api} {call.path} {routed}"
+        if call.headers:
+            route += " " + orjson.dumps(call.headers, option=orjson.OPT_SORT_KEYS).decode()
+        return route
 
     async def lookup(self, ctx: RequestContext, call: Call, header: str | None) -> Lookup:
         """The request's lookup (module docstring). Takes the body's `cache` controls out of
@@ -130,12 +150,16 @@ class ResponseCache:
             return Lookup(BYPASS)
         if not (controls.lookup or controls.store):
             return Lookup(BYPASS)
-        scope = ("key:" + (ctx.identity or "") if ctx.key is not None else
-                 "addr:" + (ctx.client or "unknown")) if self._scoped else ""  # fmt: skip
-        key = keys.cache_key(scope, call.api + call.path, controls.namespace, data)
+        scope = ""
+        if self._scoped:  # the key itself (its digest), never a name another key may take
+            entry = ctx.key
+            scope = "addr:" + (ctx.client or "unknown") if entry is None else entry.digest.hex()
+        key = keys.cache_key(scope, self._route(call), controls.namespace, data)
         if key is None:
             return Lookup(BYPASS)
-        ttl = controls.ttl_s or (rule.ttl_s if rule is not None else None) or self._ttl_s
+        ttl = self._ttl_s if rule is None or rule.ttl_s is None else rule.ttl_s
+        if controls.ttl_s is not None:
+            ttl = min(ttl, controls.ttl_s)  # a client may shorten the operator's TTL, never extend
         if not controls.lookup:  # no-cache: a fresh answer, stored for the next
             return Lookup(BYPASS, key, store=True, ttl_s=ttl)
         found, tier, failed = await self._get(key, controls.max_age_s)
@@ -148,14 +172,22 @@ class ResponseCache:
         if role == LEADER:
             miss.token = token
         elif role == FOLLOWER:
-            started = time.perf_counter()
-            found = await self._follow(key, controls.max_age_s)
+            started = time.monotonic()
+            # A stream's leader stores it only once its own client has read all of it, which a
+            # slow reader can make last: its followers wait a short while only.
+            wait = min(self._wait_s, FOLLOW_STREAM_S) if call.stream else self._wait_s
+            found = await self._follow(key, controls.max_age_s, started + wait)
+            waited = time.monotonic() - started
             if found is not None:
                 # The wait was on the upstream, through the leader: not the gateway's overhead.
                 outcome = UpstreamOutcome()
-                outcome.waited(time.perf_counter() - started)
+                outcome.waited(waited)
                 ctx.record_upstream(outcome)
                 return Lookup(COALESCED, key, found, "local")
+            # Upstream itself, within what is left of the request's deadline.
+            if waited >= self._wait_s:
+                raise GatewayTimeout("The upstream did not answer an identical request in time.")
+            call.deadline = started + self._wait_s
         return miss
 
     async def _get(
@@ -198,9 +230,11 @@ class ResponseCache:
             return None
         return found
 
-    async def _follow(self, key: bytes, max_age_s: float | None) -> entries.Entry | None:
-        """Wait for the leader's answer (module docstring, 2.); None: go upstream."""
-        deadline = time.monotonic() + self._wait_s
+    async def _follow(
+        self, key: bytes, max_age_s: float | None, deadline: float
+    ) -> entries.Entry | None:
+        """Wait for the leader's answer until `deadline` (module docstring, 2.); None: go
+        upstream."""
         pause = POLL_FIRST_S
         flights = self._flights
         while time.monotonic() < deadline:
@@ -216,13 +250,19 @@ class ResponseCache:
     # ------------------------------------------------------------------ storing
 
     def store(self, lookup: Lookup, fresh: entries.Entry) -> None:
-        """Store a complete answer under the lookup's key (if the lookup allows it and it fits)."""
+        """Store a complete answer under the lookup's key (if the lookup allows it and it
+        fits). Never raises: an answer the entry format cannot hold (a content type that is not
+        printable ASCII, say) is answered all the same, and not stored."""
         if not lookup.store or lookup.key is None:
             return
         if entries.body_size(fresh) > self.max_entry_bytes:
             return
         fresh.expires = fresh.created + lookup.ttl_s
-        value = entries.encode(fresh)
+        try:
+            value = entries.encode(fresh)
+        except (ValueError, OverflowError):
+            log.warning("an answer the cache cannot hold was not stored")
+            return
         self._put_local(lookup.key, value)
         if self._remote is not None:
             self._remote.put(lookup.key, value, lookup.ttl_s)
@@ -280,8 +320,8 @@ class ResponseCache:
             content_type=content_type,
             stream=stream,
             blocks=blocks,
-            prompt_tokens=ctx.prompt_tokens or 0,
-            completion_tokens=ctx.completion_tokens or 0,
+            prompt_tokens=_count(ctx.prompt_tokens),
+            completion_tokens=_count(ctx.completion_tokens),
         )
 
     def age(self, found: entries.Entry) -> int:
@@ -303,6 +343,11 @@ class ResponseCache:
     def stats(self) -> tuple[int, int]:
         """(bytes, entries) of the host's local store."""
         return self._store.stats()
+
+
+def _count(tokens: int | None) -> int:
+    """A reported token count as stored: what an upstream reports is not to be trusted."""
+    return 0 if tokens is None else max(0, min(tokens, MAX_TOKENS))
 
 
 def terminal(block: bytes) -> bool:

@@ -10,6 +10,7 @@ import base64
 import concurrent.futures
 import os
 import signal
+import socket
 import struct
 from pathlib import Path
 
@@ -172,13 +173,15 @@ def test_cache_control_no_cache_and_no_store(gateway, upstream):
     assert unstored.content not in (first.content, fresh.content)
     assert chat(gateway, "controls").content == fresh.content
     assert received(upstream, "controls") == 3
-    old = chat(gateway, "controls", headers={"cache-control": "max-age=0"})
+    # max-age: an entry older than it is not served (it is fetched anew, and stored).
     wait_until(lambda: int(chat(gateway, "controls").headers["age"]) >= 1, timeout=10)
     assert (
-        chat(gateway, "controls", headers={"cache-control": "max-age=0"}).headers["x-cache"]
-        == "miss"
-        or old.headers["x-cache"] == "miss"
+        chat(gateway, "controls", headers={"cache-control": "max-age=3600"}).headers["x-cache"]
+        == "hit"
     )
+    refetched = chat(gateway, "controls", headers={"cache-control": "max-age=0"})
+    assert refetched.headers["x-cache"] == "miss"
+    assert received(upstream, "controls") == 4
 
 
 def test_litellm_body_controls_are_honoured_and_never_forwarded(gateway, upstream):
@@ -357,3 +360,137 @@ def test_redis_shares_entries_across_instances_and_its_absence_is_a_miss(upstrea
         for server in servers:
             server.stop()
         redis.stop()
+
+
+def test_the_scope_is_the_key_not_a_name_given_to_another_key(upstream, tmp_path):
+    """A keys file that gives a name to a new key (the old one revoked) does not hand the new
+    key the old key's answers."""
+    keys = tmp_path / "keys.toml"
+    keys.write_text('[[keys]]\nname = "customer-17"\nkey = "sk-old-customer"\n')
+    keys.chmod(0o600)
+    server = Gunicorn(
+        API_KEYS_FILE=str(keys),
+        UPSTREAM_URL=upstream.url + "/v1",
+        CACHE_BACKEND="local",
+        CACHE_DIR=str(tmp_path / "store"),
+    )
+    try:
+        private = [{"role": "user", "content": "my private question"}]
+        assert chat(server, "named", key="sk-old-customer", messages=private).status_code == 200
+        keys.write_text('[[keys]]\nname = "customer-17"\nkey = "sk-new-customer"\n')
+        old = set(server.worker_pids())
+        server.signal(signal.SIGHUP)
+        wait_until(lambda: not old & set(server.worker_pids()), timeout=30)
+        server.wait_ready()
+        assert chat(server, "named", key="sk-old-customer").status_code == 401
+        other = chat(server, "named", key="sk-new-customer", messages=private)
+        assert other.status_code == 200 and other.headers["x-cache"] == "miss"
+    finally:
+        server.stop()
+
+
+def test_anthropic_headers_and_the_routing_are_part_of_the_key(upstream, tmp_path):
+    """anthropic-version and anthropic-beta go upstream and change the answer: another key."""
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        f'[providers.claude]\nbase_url = "{upstream.url}/v1"\nkind = "anthropic"\n'
+        'api_key = "sk-provider"\n'
+        '[[models]]\nname = "claude-cached"\ntargets = [{ provider = "claude" }]\n'
+    )
+    server = Gunicorn(
+        API_KEYS=KEY,
+        PROVIDERS_FILE=str(path),
+        CACHE_BACKEND="local",
+        CACHE_DIR=str(tmp_path / "store"),
+    )
+    body = {
+        "model": "claude-cached",
+        "max_tokens": 16,
+        "messages": [{"role": "user", "content": "hi"}],
+    }
+
+    def post(**headers: str) -> httpx.Response:
+        return httpx.post(
+            server.url + "/v1/messages",
+            json=body,
+            headers={"x-api-key": KEY, **headers},
+            timeout=20,
+        )
+
+    try:
+        beta = {"anthropic-version": "2023-06-01", "anthropic-beta": "output-128k-2025-02-19"}
+        assert post(**beta).headers["x-cache"] == "miss"
+        assert post(**beta).headers["x-cache"] == "hit"
+        assert post(**{"anthropic-version": "2023-06-01"}).headers["x-cache"] == "miss"
+        assert post(**{"anthropic-version": "2099-01-01"}).headers["x-cache"] == "miss"
+        assert post().headers["x-cache"] == "hit"  # the default version: the same as 2023-06-01
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize(
+    ("model", "stream"),
+    [("long-content-type", False), ("negative-usage", False), ("negative-usage", True)],
+)
+def test_an_answer_the_cache_cannot_hold_is_answered_all_the_same(gateway, upstream, model, stream):
+    for _ in range(2):
+        answer = chat(gateway, model, stream=stream)
+        assert answer.status_code == 200
+        if stream:
+            assert answer.text.rstrip().endswith("data: [DONE]")
+    assert "Traceback" not in gateway.output()
+
+
+def test_a_client_ttl_never_outlives_the_operators(upstream, tmp_path):
+    server = Gunicorn(
+        API_KEYS=f"{KEY},{OTHER}",
+        UPSTREAM_URL=upstream.url + "/v1",
+        CACHE_BACKEND="local",
+        CACHE_SCOPE="shared",
+        CACHE_TTL_SECONDS="1",
+        CACHE_DIR=str(tmp_path / "store"),
+    )
+    try:
+        pinned = chat(server, "pinned", key=OTHER, cache={"ttl": 365 * 86400})
+        assert pinned.headers["x-cache"] == "miss"
+        # The operator's second, not the client's year: polled until it is a miss again.
+        wait_until(lambda: chat(server, "pinned").headers["x-cache"] == "miss", timeout=15)
+    finally:
+        server.stop()
+
+
+def test_a_slow_reading_leader_of_a_stream_does_not_hold_its_followers(upstream, tmp_path):
+    """A client that reads its stream a few bytes at a time keeps leading it; an identical
+    stream from another key follows only FOLLOW_STREAM_S, then goes upstream itself (its first
+    byte comes while the leader's stream is still going)."""
+    server = Gunicorn(
+        API_KEYS=f"{KEY},{OTHER}",
+        UPSTREAM_URL=upstream.url + "/v1",
+        CACHE_BACKEND="local",
+        CACHE_SCOPE="shared",
+        CACHE_DIR=str(tmp_path / "store"),
+        RATE_LIMIT_ENABLED="false",
+    )
+    body = orjson.dumps(
+        {"model": "long-stream", "stream": True, "messages": [{"role": "user", "content": "p"}]}
+    )
+    attacker = socket.create_connection(("127.0.0.1", server.port))
+    attacker.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    try:
+        attacker.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"authorization: Bearer {OTHER}\r\ncontent-length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        assert b"x-cache: miss" in attacker.recv(512)
+        headers = {"authorization": f"Bearer {KEY}", "content-type": "application/json"}
+        with httpx.stream(
+            "POST", server.url + "/v1/chat/completions", content=body, headers=headers, timeout=30
+        ) as victim:
+            assert victim.headers["x-cache"] == "miss"
+            assert next(victim.iter_raw())
+            attacker.recv(64)  # still leading, still reading
+        assert received(upstream, "long-stream") == 2
+    finally:
+        attacker.close()
+        server.stop()
