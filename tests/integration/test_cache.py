@@ -494,3 +494,42 @@ def test_a_slow_reading_leader_of_a_stream_does_not_hold_its_followers(upstream,
     finally:
         attacker.close()
         server.stop()
+
+
+def test_models_can_turn_the_cache_off_or_set_their_ttl(upstream, tmp_path):
+    path = tmp_path / "providers.toml"
+    path.write_text(
+        f'[providers.up]\nbase_url = "{upstream.url}/v1"\n'
+        '[[models]]\nname = "uncached"\ncache = false\ntargets = [{ provider = "up" }]\n'
+        '[[models]]\nname = "short-lived"\ncache_ttl_seconds = 1\ntargets = [{ provider = "up" }]\n'
+        '[[models]]\nname = "*"\ntargets = [{ provider = "up" }]\n'
+    )
+    server = Gunicorn(
+        API_KEYS=KEY,
+        PROVIDERS_FILE=str(path),
+        CACHE_BACKEND="local",
+        CACHE_DIR=str(tmp_path / "store"),
+    )
+    try:
+        for _ in range(2):
+            assert chat(server, "uncached").headers["x-cache"] == "bypass"
+        assert received(upstream, "uncached") == 2
+        assert chat(server, "short-lived").headers["x-cache"] == "miss"
+        wait_until(lambda: chat(server, "short-lived").headers["x-cache"] == "miss", timeout=15)
+        assert chat(server, "any-other").headers["x-cache"] == "miss"
+        assert chat(server, "any-other").headers["x-cache"] == "hit"  # CACHE_TTL_SECONDS: an hour
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_responses_api_is_cached(gateway, upstream, stream):
+    body = {"model": f"responses-{stream}", "input": "hi", "store": False, "stream": stream}
+
+    def post() -> httpx.Response:
+        return httpx.post(gateway.url + "/v1/responses", json=body, headers=HEADERS, timeout=20)
+
+    first, second = post(), post()
+    assert first.status_code == 200 and first.headers["x-cache"] == "miss"
+    assert second.headers["x-cache"] == "hit" and second.content == first.content
+    assert received(upstream, f"responses-{stream}") == 1
