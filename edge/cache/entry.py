@@ -16,16 +16,17 @@ hit.
     magic "EDGC", format version (u8)
     created f64, expires f64, status u16, flags u8 (bit 0: stream),
     prompt tokens u64, completion tokens u64, block count u32, content-type length u8
-    content type (ASCII, at most 255 bytes)
+    content type (printable ASCII, 0x20-0x7E, at most 255 bytes)
     per block: length u32, bytes
 
 `decode` reads it back and returns None for anything it cannot vouch for: another magic or
 version, a truncated or over-long buffer, a length that claims more than what remains, unknown
-flag bits, a non-ASCII content type, a non-finite time, a non-streamed entry without exactly
-one block. Every length is checked against the bytes that remain before anything is sliced or
-allocated, so a corrupt or hostile value costs at most one pass over its own bytes and never
-raises. There is no checksum: a flipped bit inside a block's bytes still decodes (the stores
-are trusted to return what they were given).
+flag bits, a content type with a byte outside printable ASCII (0x20-0x7E: a stored value may
+come from Redis, and a CR or LF there would end up inside the response's Content-Type header), a
+non-finite time, a non-streamed entry without exactly one block. Every length is checked against
+the bytes that remain before anything is sliced or allocated, so a corrupt or hostile value
+costs at most one pass over its own bytes and never raises. There is no checksum: a flipped bit
+inside a block's bytes still decodes (the stores are trusted to return what they were given).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ _HEADER = struct.Struct("<4sBddHBQQIB")
 _LENGTH = struct.Struct("<I")
 _PREFIX: Final = MAGIC + bytes([VERSION])
 _U64: Final = 2**64 - 1
+_PRINTABLE: Final = bytes(range(0x20, 0x7F))  # what a content type may hold: no control bytes
 
 
 @dataclass(slots=True)
@@ -53,7 +55,7 @@ class Entry:
     created: float  # wall-clock seconds (time.time()) when stored; Age is computed from it
     expires: float  # wall-clock seconds after which it must not be served
     status: int  # HTTP status
-    content_type: str  # e.g. "application/json", "text/event-stream"; ASCII, <= 255 bytes
+    content_type: str  # e.g. "application/json", "text/event-stream"; printable ASCII, <= 255
     stream: bool  # True: `blocks` are whole SSE blocks in order; False: the body in blocks[0]
     blocks: list[bytes]
     prompt_tokens: int  # usage the answer reported (0 when none): saved by a hit
@@ -67,8 +69,8 @@ def body_size(entry: Entry) -> int:
 
 def encode(entry: Entry) -> bytes:
     """The entry's bytes. ValueError for an entry `decode` would not give back (a field out of
-    its range, a non-finite time, a non-ASCII or over-long content type, a non-streamed entry
-    without exactly one block)."""
+    its range, a non-finite time, a content type over-long or not printable ASCII, a
+    non-streamed entry without exactly one block)."""
     if not (math.isfinite(entry.created) and math.isfinite(entry.expires)):
         raise ValueError("created and expires must be finite")
     if not 0 <= entry.status <= 0xFFFF:
@@ -76,6 +78,8 @@ def encode(entry: Entry) -> bytes:
     if not (0 <= entry.prompt_tokens <= _U64 and 0 <= entry.completion_tokens <= _U64):
         raise ValueError("token counts must be in 0..2**64-1")
     content_type = entry.content_type.encode("ascii")  # UnicodeEncodeError is a ValueError
+    if content_type.translate(None, _PRINTABLE):
+        raise ValueError("content type not printable ASCII (0x20-0x7E)")
     if len(content_type) > MAX_CONTENT_TYPE:
         raise ValueError(f"content type longer than {MAX_CONTENT_TYPE} bytes")
     blocks = entry.blocks
@@ -131,7 +135,7 @@ def _decode(view: memoryview) -> Entry | None:
     if offset > size or count * _LENGTH.size > size - offset or (not stream and count != 1):
         return None
     raw_type = bytes(view[_HEADER.size : offset])
-    if not raw_type.isascii():
+    if raw_type.translate(None, _PRINTABLE):  # a byte left over is not printable ASCII
         return None
     blocks = []
     unpack_length = _LENGTH.unpack_from

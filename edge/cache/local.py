@@ -20,6 +20,23 @@ counter is read and written inside each write transaction, and LMDB lets one wri
 run across all processes, so the order is consistent host-wide; replacing or deleting an entry
 removes its old index record through the sequence number its value carries.
 
+Sizes: LMDB keeps in the data file the largest map any process has committed with (it never
+lowers it), and every process must map at least the pages committed. Processes sharing the store
+with different ``max_bytes`` (a reload that changed it, while the old workers still run; two
+instances on one directory) end up on the largest: each maps the larger of its own map and the
+recorded one (at least the data file's size), read at open and again when a transaction finds
+that another process grew the store past its map (MapResizedError), with one info line each time
+it adopts a larger one. Until then a process evicts by its own map. No process writes past its
+map, so the data file stays below the largest ``max_bytes`` among the processes that have
+written the store since it was created: an instance with a smaller one exceeds its own bound by
+at most that. So a reload that raises ``max_bytes`` takes effect at once, and one that lowers it
+only at the next start. `prepare` checks at start: a store recorded (or grown) larger than the
+master's map is removed, with one warning, when no process has it open (the operator lowered
+``max_bytes``); when one has, `prepare` raises OSError instead, as removing it would split the
+store (the processes attached keep using its unlinked files, neither shared any more nor
+freed). So of two instances on one directory with different ``max_bytes``, the smaller one's
+master refuses to start once the larger one has written.
+
 Room: LMDB is copy-on-write. Pages a transaction frees can only be reused two commits later
 (the last committed snapshot stays intact) and only once no reader still sees them, and a
 value larger than half a page needs contiguous overflow pages. So a put does not wait for
@@ -49,19 +66,28 @@ commits and, LMDB documents, leaves the file intact only where the filesystem pr
 order of writes; otherwise the store may be damaged, and `prepare` at the next start finds it.
 
 Damage: the store is removed and started empty, with one warning on the ``edge.cache`` logger
-naming the directory and the reason, when LMDB refuses to open it or fails the first reads;
-when the data file is shorter than its own pages say (a truncated file would fault the process
-on access) or longer than the map (``max_bytes`` was lowered); when the format record is
-missing or another version's. `prepare` also walks the whole index against the entries, and,
-when no process has the store open, first runs py-lmdb's offline verifier over the data file
-(``lmdb.verify``: every page checked without handing the file to the engine; it finds what
-opening cannot, such as a free list naming live pages, which later writes would overwrite
+naming the directory and the reason, when LMDB refuses to open it or fails the first reads; when
+the data file is shorter than its own pages say (a truncated file would fault the process on
+access); when the format record is missing or another version's. `prepare` also removes a store
+larger than its map that no process has open (see Sizes), walks the whole index against the
+entries, and, when no process has the store open, first runs py-lmdb's offline verifier over the
+data file (``lmdb.verify``: every page checked without handing the file to the engine; it finds
+what opening cannot, such as a free list naming live pages, which later writes would overwrite
 silently). Each process holds a shared `flock` of the data file while it has the store open,
 which is how `prepare` knows. Wiping happens under an exclusive `flock` of the directory, which
 normal opens hold shared, so two processes never wipe or create the store at once; processes
 still attached to a removed store keep using its unlinked files until they close them. Values
-carry no checksum here: a flipped bit inside a value is returned as stored. An LMDB error
-while in use (an I/O error, a corrupt page) raises `StoreError`; lack of room never does.
+carry no checksum here: a flipped bit inside a value is returned as stored. An LMDB error while
+in use (an I/O error, a corrupt page) raises `StoreError`; lack of room never does.
+
+Truncating or overwriting ``data.mdb`` while the service runs is damage no check can catch in
+time: it is mapped, so a process that touches a page past a truncated end dies of SIGBUS, and
+overwritten pages reach LMDB as they are (a `StoreError` at best, a crash at worst). This is
+inherent to mmap. gunicorn replaces the workers that die, and their open finds a truncated
+store (or overwritten meta pages) and wipes it; damage deeper inside the file waits for
+`prepare`'s walk and verifier at the next start. So the directory must be the service's own
+(systemd's ``CacheDirectory=``), never a shared temporary directory that tmpfiles or another
+cleaner prunes.
 """
 
 from __future__ import annotations
@@ -151,9 +177,11 @@ class LocalStore:
     def open(cls, path: str, max_bytes: int) -> LocalStore:
         """Open (creating) the store in directory `path`, in this process (a worker, after
         fork). A corrupt or unreadable store is removed and started empty, with one warning
-        naming the path and the reason. OSError when the directory is unsafe (a symbolic
-        link, not a directory, another user's, writable by group or others) or even a fresh
-        store cannot be made; ValueError when `max_bytes` is below `MIN_BYTES`."""
+        naming the path and the reason; a store larger than `max_bytes` is used at its size
+        (see Sizes in the module docstring), with one info line. OSError when the directory
+        is unsafe (a symbolic link, not a directory, another user's, writable by group or
+        others) or even a fresh store cannot be made; ValueError when `max_bytes` is below
+        `MIN_BYTES`."""
         return cls._open(_clean(path), max_bytes, owners=(os.geteuid(),), thorough=False)
 
     @classmethod
@@ -168,9 +196,8 @@ class LocalStore:
                 return cls(path, *_attach(path, map_size, thorough))
         with _locked(path, fcntl.LOCK_EX):
             try:  # another process may have replaced it in between
-                if thorough:
-                    _verify_at_rest(path)
-                return cls(path, *_attach(path, map_size, thorough))
+                in_use = thorough and _verify_at_rest(path)
+                return cls(path, *_attach(path, map_size, thorough, in_use))
             except _Unusable as exc:
                 reason = str(exc)
             for name in (DATA_FILE, LOCK_FILE):
@@ -241,7 +268,8 @@ class LocalStore:
             return total, txn.stat(self._entries)["entries"]
 
     def disk_bytes(self) -> int:
-        """Bytes the data file takes now (it never shrinks, and stays below `map_size`)."""
+        """Bytes the data file takes now (it never shrinks, and stays below the largest map of
+        the processes writing it: this one's `map_size` unless another's is larger)."""
         return os.stat(os.path.join(self.path, DATA_FILE)).st_size
 
     def close(self) -> None:
@@ -323,10 +351,12 @@ class LocalStore:
         try:
             return self._env.begin(write=write, buffers=True)
         except lmdb.MapResizedError:
-            # Another process opened the store with a larger max_bytes (a reload that raised
-            # it) and its data now reaches past our map: adopt its size, as LMDB requires.
+            # Another process opened the store with a larger max_bytes and its data now
+            # reaches past our map: adopt the map the store records, as LMDB requires (its
+            # writer's, which committed it with the data, so at least the pages it holds).
             self._env.set_mapsize(0)
             self._set_bounds()
+            _adopted(self.path, self.map_size)
             return self._env.begin(write=write, buffers=True)
 
     def _set_bounds(self) -> None:
@@ -355,9 +385,12 @@ class LocalStore:
 def prepare(path: str, max_bytes: int, uid: int | None = None, gid: int | None = None) -> None:
     """In the gunicorn master before the fork: make the directory `path` (mode 0700), or refuse
     one that is a symbolic link, not a directory, owned by another user than this one or
-    `uid`, or writable by group or others (OSError); check the store, wiping it if corrupt
-    (one warning); close it again. `uid`/`gid` hand the directory and its files to the user
-    the workers run as, for a master running as root."""
+    `uid`, or writable by group or others (OSError); check the store, wiping it if corrupt, or
+    larger than `max_bytes` while no process has it open (one warning); close it again.
+    OSError, the store left as it is, when it is larger than `max_bytes` and another process
+    has it open (an instance with a larger max_bytes shares the directory: see Sizes in the
+    module docstring). `uid`/`gid` hand the directory and its files to the user the workers
+    run as, for a master running as root."""
     path = _clean(path)
     map_size_for(max_bytes)  # ValueError before anything is made
     owners = (os.geteuid(),) if uid is None else (os.geteuid(), uid)
@@ -379,10 +412,11 @@ def map_size_for(max_bytes: int) -> int:
 
 
 def _attach(
-    path: str, map_size: int, thorough: bool
+    path: str, map_size: int, thorough: bool, in_use: bool = False
 ) -> tuple[lmdb.Environment, tuple[lmdb._Database, lmdb._Database, lmdb._Database], int]:
     """Open the environment, check it and take the shared lock of its data file (the
-    descriptor is returned); _Unusable when the store must be removed."""
+    descriptor is returned); _Unusable when the store must be removed. `in_use`: another
+    process has it open (known only to a thorough open, see `_verify_at_rest`)."""
     try:
         env = lmdb.open(
             path,
@@ -407,7 +441,7 @@ def _attach(
             ) from None
         raise _Unusable(_describe(exc)) from None
     try:
-        dbs = _check_env(env, path, map_size, thorough)
+        dbs = _check_env(env, path, map_size, thorough, in_use)
         holder = os.open(os.path.join(path, DATA_FILE), os.O_RDONLY | os.O_CLOEXEC)
         try:
             fcntl.flock(holder, fcntl.LOCK_SH)  # never waits: prepare's lock excludes ours
@@ -424,7 +458,7 @@ def _attach(
 
 
 def _check_env(
-    env: lmdb.Environment, path: str, map_size: int, thorough: bool
+    env: lmdb.Environment, path: str, map_size: int, thorough: bool, in_use: bool
 ) -> tuple[lmdb._Database, lmdb._Database, lmdb._Database]:
     info = env.info()
     psize = env.stat()["psize"]
@@ -433,10 +467,25 @@ def _check_env(
         size = os.stat(os.path.join(path, DATA_FILE)).st_size
     except OSError as exc:
         raise _Unusable(f"data file: {exc.strerror}") from None
-    if info["map_size"] > map_size or size > map_size:
-        raise _Unusable(f"the store takes {max(size, info['map_size'])} bytes, over {map_size}")
     if size < needed:
         raise _Unusable(f"data file truncated: {size} bytes, its pages need {needed}")
+    # The map the store records: the largest any process committed with, at least its pages
+    # (a damaged meta page is taken at its word here: prepare finds it over its map at start).
+    env.set_mapsize(0)
+    store_size = max(env.info()["map_size"], -(-size // psize) * psize)
+    if store_size <= map_size:
+        env.set_mapsize(map_size)
+    elif not thorough:  # a worker: another instance's larger map is the store's now
+        env.set_mapsize(store_size)
+        _adopted(path, store_size)
+    elif in_use:
+        raise OSError(
+            f"{path} is in use by another instance whose CACHE_MAX_BYTES is larger (the store "
+            f"is sized for {store_size} bytes, over {map_size}): give each instance its own "
+            "CACHE_DIR, or the same CACHE_MAX_BYTES"
+        )
+    else:
+        raise _Unusable(f"the store is sized for {store_size} bytes, over {map_size}")
     env.reader_check()
     with env.begin(write=True) as txn:
         entries = env.open_db(b"entries", txn=txn)
@@ -485,21 +534,23 @@ def _walk(
             raise _Unusable("the counters do not match the entries")
 
 
-def _verify_at_rest(path: str) -> None:
+def _verify_at_rest(path: str) -> bool:
     """py-lmdb's offline verifier over the data file, when no process has the store open
     (none holds the data file's shared lock): a pure-Python walk of every page that never
     hands the file to the engine. It finds what opening cannot, such as a free list naming
     live pages, which a later write would overwrite silently. Skipped while the store is in
-    use: the file is then changing under it, and its users opened it already."""
+    use: the file is then changing under it, and its users opened it already. True when it
+    is in use (the caller holds the directory's exclusive lock: no process opens it meanwhile,
+    though one may close it)."""
     try:
         fd = os.open(os.path.join(path, DATA_FILE), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
-        return  # a new store
+        return False  # a new store
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            return
+            return True
         try:
             problems = lmdb_verify.verify(path)
         except (lmdb_verify.VerifyError, OSError) as exc:
@@ -507,8 +558,16 @@ def _verify_at_rest(path: str) -> None:
         if problems:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise _Unusable(f"verify: {problems[0]}{more}")
+        return False
     finally:
         os.close(fd)
+
+
+def _adopted(path: str, map_size: int) -> None:
+    log.info(
+        "local cache store sized by a process with a larger max_bytes: using its size",
+        extra={"directory": path, "map_size": map_size},
+    )
 
 
 def _vet_directory(path: str, owners: tuple[int, ...]) -> None:

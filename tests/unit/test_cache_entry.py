@@ -15,7 +15,10 @@ HEADER = struct.Struct("<4sBddHBQQIB")  # the layout the module docstring docume
 
 times = st.floats(allow_nan=False, allow_infinity=False)
 tokens = st.integers(min_value=0, max_value=2**64 - 1)
-content_types = st.text(st.characters(min_codepoint=0, max_codepoint=127), max_size=255)
+PRINTABLE = st.characters(min_codepoint=0x20, max_codepoint=0x7E)
+content_types = st.text(PRINTABLE, max_size=255)
+# A byte no content type may hold: a control byte (CR and LF among them), DEL, or non-ASCII.
+unprintable_bytes = st.integers(min_value=0, max_value=255).filter(lambda b: not 0x20 <= b <= 0x7E)
 
 
 @st.composite
@@ -97,6 +100,11 @@ def test_a_non_streamed_entry_has_its_body_in_one_block():
         {"completion_tokens": 2**64},
         {"content_type": "text/plain; charset=é"},
         {"content_type": "x" * 256},
+        {"content_type": "text/event-stream\r\nX-Injected: 1"},
+        {"content_type": "text/plain\n"},
+        {"content_type": "text/plain\x00"},
+        {"content_type": "text/plain\x7f"},
+        {"content_type": "text/plain\tcharset=utf-8"},
     ],
 )
 def test_encode_refuses_what_decode_would_not_give_back(changes):
@@ -104,11 +112,15 @@ def test_encode_refuses_what_decode_would_not_give_back(changes):
         encode(sample(**changes))
 
 
+def printable(content_type: str) -> bool:
+    return all(0x20 <= ord(c) <= 0x7E for c in content_type)
+
+
 @settings(max_examples=500)
 @given(st.binary(max_size=400))
 def test_random_bytes_never_raise(data):
     result = decode(data)
-    assert result is None or isinstance(result, Entry)
+    assert result is None or (isinstance(result, Entry) and printable(result.content_type))
 
 
 @settings(max_examples=500)
@@ -116,7 +128,24 @@ def test_random_bytes_never_raise(data):
 def test_bytes_behind_a_valid_prefix_never_raise(tail):
     """Random bytes mostly fail the magic; these pass it and reach the length checks."""
     result = decode(b"EDGC\x01" + tail)
-    assert result is None or isinstance(result, Entry)
+    assert result is None or (isinstance(result, Entry) and printable(result.content_type))
+
+
+@settings(max_examples=300)
+@given(entries(), st.data())
+def test_a_content_type_with_an_unprintable_byte_is_refused(entry, data):
+    """A value from Redis is not trusted: a CR or LF in the content type would become part of
+    the response's header block. decode refuses it, and encode never writes it."""
+    raw = bytearray(data.draw(st.binary(min_size=1, max_size=255)))
+    index = data.draw(st.integers(min_value=0, max_value=len(raw) - 1))
+    raw[index] = data.draw(unprintable_bytes)
+    entry.content_type = "x" * len(raw)
+    encoded = bytearray(encode(entry))
+    encoded[HEADER.size : HEADER.size + len(raw)] = raw
+    assert decode(bytes(encoded)) is None
+    entry.content_type = raw.decode("latin-1")
+    with pytest.raises(ValueError):
+        encode(entry)
 
 
 @given(entries(), st.data())
@@ -138,7 +167,7 @@ def test_a_corrupted_byte_never_raises(entry, data):
     original = encoded[index]
     encoded[index] = data.draw(st.integers(min_value=0, max_value=255).filter(original.__ne__))
     result = decode(bytes(encoded))
-    assert result is None or isinstance(result, Entry)
+    assert result is None or (isinstance(result, Entry) and printable(result.content_type))
 
 
 def test_every_single_byte_corruption_of_a_sample_never_raises():
@@ -148,7 +177,7 @@ def test_every_single_byte_corruption_of_a_sample_never_raises():
             corrupt = bytearray(encoded)
             corrupt[index] = value
             result = decode(bytes(corrupt))
-            assert result is None or isinstance(result, Entry)
+            assert result is None or (isinstance(result, Entry) and printable(result.content_type))
 
 
 def test_trailing_bytes_are_refused():
@@ -182,6 +211,21 @@ def test_unknown_flags_and_non_ascii_content_types_are_refused():
     encoded = bytearray(encode(sample()))
     encoded[HEADER.size] = 0xC3
     assert decode(bytes(encoded)) is None
+
+
+@pytest.mark.parametrize("byte", [0x00, 0x09, 0x0A, 0x0D, 0x1F, 0x7F])
+def test_control_bytes_in_the_content_type_are_refused(byte):
+    """Every printable byte passes (the sample's 17 are replaced one by one), no control byte
+    does: CR and LF would split the response's headers."""
+    for index in range(17):
+        encoded = bytearray(encode(sample()))
+        encoded[HEADER.size + index] = byte
+        assert decode(bytes(encoded)) is None
+    for printable_byte in range(0x20, 0x7F):
+        encoded = bytearray(encode(sample()))
+        encoded[HEADER.size + 16] = printable_byte
+        found = decode(bytes(encoded))
+        assert found is not None and found.content_type[-1] == chr(printable_byte)
 
 
 def test_non_finite_times_are_refused():

@@ -11,6 +11,7 @@ import stat
 import struct
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import lmdb
 import pytest
@@ -271,12 +272,6 @@ def foreign(path: str) -> None:
         txn.put(b"someone else's", b"data")
 
 
-def larger_than_max_bytes(path: str) -> None:
-    for name in (DATA_FILE, LOCK_FILE):
-        os.unlink(os.path.join(path, name))
-    fill(path, max_bytes=16 * MiB, count=60, size=100_000)  # 6 MB, opened below at 4 MiB
-
-
 @pytest.mark.parametrize(
     ("damage", "reason"),
     [
@@ -286,7 +281,6 @@ def larger_than_max_bytes(path: str) -> None:
         (other_format, "another format"),
         (lmdb_1_0_file, "MDB_INVALID"),
         (foreign, "no format record"),
-        (larger_than_max_bytes, "over 4194304"),
     ],
 )
 def test_an_unusable_store_is_removed_with_one_warning(path, caplog, damage, reason):
@@ -560,3 +554,165 @@ def test_a_store_grown_by_another_process_is_adopted(path):
     assert store.put(key(2), b"more")
     assert store.get(key(1)) == b"small"
     store.close()
+
+
+# --- instances with different max_bytes on one directory (see Sizes in the module docstring) ---
+
+
+def inode(path: str) -> int:
+    return os.stat(os.path.join(path, DATA_FILE)).st_ino
+
+
+def infos(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
+    return [r for r in caplog.records if r.name == "edge.cache" and r.levelno == logging.INFO]
+
+
+@pytest.mark.parametrize("count", [60, 1])  # 6 MB of data; or little, the 16 MiB map recorded
+def test_a_worker_uses_a_store_larger_than_its_max_bytes(path, caplog, count):
+    fill(path, max_bytes=16 * MiB, count=count, size=100_000)
+    before = inode(path)
+    caplog.set_level(logging.INFO, logger="edge.cache")
+    store = LocalStore.open(path, 4 * MiB)
+    assert warnings(caplog) == []
+    (record,) = infos(caplog)
+    assert record.__dict__["directory"] == path
+    assert store.map_size == record.__dict__["map_size"] == 16 * MiB
+    assert store.stats() == (count * 100_000, count)
+    assert store.get(key(count - 1)) == value(count - 1, 100_000)
+    assert store.put(key(1000), b"more")
+    store.close()
+    assert inode(path) == before
+
+
+@pytest.mark.parametrize("count", [60, 1])
+def test_prepare_wipes_a_larger_store_no_process_has_open(path, caplog, count):
+    """The operator lowered max_bytes: the store is started again at the new size."""
+    fill(path, max_bytes=16 * MiB, count=count, size=100_000)
+    caplog.set_level(logging.INFO, logger="edge.cache")
+    prepare(path, 4 * MiB)
+    (record,) = warnings(caplog)
+    assert record.__dict__["reason"] == "the store is sized for 16777216 bytes, over 4194304"
+    store = LocalStore.open(path, 4 * MiB)
+    assert store.stats() == (0, 0)
+    assert store.map_size == 4 * MiB
+    store.close()
+    assert len(warnings(caplog)) == 1 and infos(caplog) == []
+
+
+class Kept(logging.Handler):
+    """The edge.cache records of a child process, sent back to the test on request."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.INFO)
+        self.records: list[tuple[str, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelname, record.getMessage()))
+
+
+def instance_worker(path: str, max_bytes: int, conn) -> None:
+    """A worker of an instance with its own max_bytes: opens the store in a process of its own
+    (spawned: nothing inherited) and does what the test asks until told to close."""
+    kept = Kept()
+    logger = logging.getLogger("edge.cache")
+    logger.setLevel(logging.INFO)
+    logger.addHandler(kept)
+    store = LocalStore.open(path, max_bytes)
+    conn.send("open")
+    data = os.path.join(path, DATA_FILE)
+    while True:
+        command, *args = conn.recv()
+        if command == "fill":  # puts, and the largest size of the data file seen meanwhile
+            start, count, size = args
+            ok, largest = True, 0
+            for i in range(start, start + count):
+                ok = store.put(key(i), value(i, size)) and ok
+                largest = max(largest, os.stat(data).st_size)
+            conn.send((ok, largest))
+        elif command == "get":
+            conn.send(store.get(key(args[0])))
+        elif command == "state":  # this process's map, the file it has open, its log lines
+            conn.send((store.map_size, os.fstat(store._holder).st_ino, kept.records))
+        else:
+            store.close()
+            conn.send("closed")
+            return
+
+
+class Worker:
+    def __init__(self, path: str, max_bytes: int) -> None:
+        self.conn, child = SPAWN.Pipe()
+        self.proc = SPAWN.Process(target=instance_worker, args=(path, max_bytes, child))
+        self.proc.start()
+        assert self.conn.poll(WAIT_S) and self.conn.recv() == "open"
+
+    def ask(self, *command: object) -> Any:
+        self.conn.send(command)
+        assert self.conn.poll(WAIT_S), f"no answer to {command}"
+        return self.conn.recv()
+
+    def close(self) -> None:
+        assert self.ask("close") == "closed"
+        self.proc.join(WAIT_S)
+        assert self.proc.exitcode == 0
+
+
+def test_a_smaller_instance_neither_splits_nor_outgrows_the_store(path, caplog):
+    """Two instances on one directory, 2 MiB and 8 MiB, each a master's prepare and workers of
+    its own: one store for both, within the larger bound, never removed while in use."""
+    small, large = 2 * MiB, 8 * MiB
+    caplog.set_level(logging.INFO, logger="edge.cache")
+    prepare(path, small)
+    first_small = Worker(path, small)
+    prepare(path, large)  # the store is not larger than this master's map: kept
+    assert caplog.records == []
+    store = inode(path)
+    first_large = Worker(path, large)
+    try:
+        ok, largest = first_large.ask("fill", 100, 30, 200_000)  # 6 MB: past the 2 MiB map
+        assert ok and small < largest <= large
+        # The small instance's worker adopts the larger map when it meets the grown store...
+        assert first_small.ask("get", 129) == value(129, 200_000)
+        map_size, held, records = first_small.ask("state")
+        assert map_size == large and held == store
+        assert [level for level, _ in records] == ["INFO"]
+        # ... and its own writes keep the data file within the larger bound, not past it.
+        ok, largest = first_small.ask("fill", 200, 60, 200_000)
+        assert ok and largest <= large
+        assert disk_usage(path) <= large + LOCK_OVERHEAD
+        assert first_large.ask("get", 259) == value(259, 200_000)  # still one store
+        # A worker of the small instance that restarts opens it at the larger size.
+        second_small = Worker(path, small)
+        try:
+            map_size, held, records = second_small.ask("state")
+            assert map_size == large and held == store
+            assert [level for level, _ in records] == ["INFO"]
+            assert second_small.ask("get", 259) == value(259, 200_000)
+        finally:
+            second_small.close()
+        # The small instance's master, restarted while the large one runs, refuses to start.
+        with pytest.raises(OSError) as refused:
+            prepare(path, small)
+        message = str(refused.value)
+        assert message == (
+            f"{path} is in use by another instance whose CACHE_MAX_BYTES is larger (the store "
+            f"is sized for {large} bytes, over {small}): give each instance its own CACHE_DIR, "
+            "or the same CACHE_MAX_BYTES"
+        )
+        assert "\n" not in message
+        assert warnings(caplog) == [] and inode(path) == store
+        for worker in (first_small, first_large):
+            assert worker.ask("state")[1] == store
+        prepare(path, large)  # the large one's master may restart: the store is its size
+        assert warnings(caplog) == [] and inode(path) == store
+    finally:
+        first_small.close()
+        first_large.close()
+    assert os.stat(os.path.join(path, DATA_FILE)).st_size <= large
+    # No process has it open: the small master takes it for a lowered max_bytes.
+    prepare(path, small)
+    (record,) = warnings(caplog)
+    assert "over 2097152" in record.__dict__["reason"]
+    fresh = LocalStore.open(path, small)
+    assert fresh.stats() == (0, 0) and fresh.map_size == small
+    fresh.close()
