@@ -79,6 +79,7 @@ class Lookup:
     store: bool = False  # whether a fresh answer may be stored
     ttl_s: float = 0.0
     token: int = 0  # this request's leadership in the flights table (0: none)
+    stored: bool = False  # its answer was handed to the store
 
     @property
     def header(self) -> str:
@@ -113,6 +114,8 @@ class ResponseCache:
         self._routes: dict[int, str] = {}  # id of a model's targets (kept by the providers)
         self._clock = clock
         self._evictions_seen = 0
+        self._writes: list[tuple[bytes, bytes]] = []  # for the local store, this loop turn
+        self._releases: list[tuple[bytes, int]] = []  # leaderships ending after those writes
 
     # ------------------------------------------------------------------ lookup
 
@@ -264,15 +267,29 @@ class ResponseCache:
             log.warning("an answer the cache cannot hold was not stored")
             return
         self._put_local(lookup.key, value)
+        lookup.stored = True
         if self._remote is not None:
             self._remote.put(lookup.key, value, lookup.ttl_s)
 
     def _put_local(self, key: bytes, value: bytes) -> None:
+        """Queue a write to the local store: the writes of one turn of the event loop go in
+        one LMDB write transaction (`_flush`, called soon), as a transaction costs most of a
+        write and all workers queue for LMDB's one writer."""
+        self._writes.append((key, value))
+        if len(self._writes) == 1:
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write the queued answers, then end the leaderships that waited for them."""
+        writes, self._writes = self._writes, []
+        releases, self._releases = self._releases, []
         store = self._store
         try:
-            store.put(key, value)
+            store.put_many(writes)
         except Exception:
             log.exception("cache store write failed")
+        for key, token in releases:
+            self._flights.release(key, token)
         evicted = store.evictions - self._evictions_seen
         if evicted:
             self._evictions_seen = store.evictions
@@ -305,9 +322,14 @@ class ResponseCache:
         return recorded
 
     def done(self, lookup: Lookup) -> None:
-        """End the lookup's leadership (followers then read the store, or go upstream)."""
+        """End the lookup's leadership (followers then read the store, or go upstream): once
+        its answer is written, when it stored one."""
         token, lookup.token = lookup.token, 0
-        if token and lookup.key is not None:
+        if not token or lookup.key is None:
+            return
+        if lookup.stored and self._writes:
+            self._releases.append((lookup.key, token))  # after the queued write (`_flush`)
+        else:
             self._flights.release(lookup.key, token)
 
     def new_entry(
