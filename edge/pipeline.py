@@ -141,7 +141,7 @@ def reserialise(data: dict[str, Any]) -> bytes:
     except TypeError:  # orjson: "Recursion limit reached"
         raise BadRequest(
             f"The request body is nested too deeply: at most {MAX_RESERIALISED_DEPTH} levels "
-            "when the gateway re-writes it (under a token limit)."
+            "when the gateway re-writes it (under a token limit, or to take out cache controls)."
         ) from None
 
 
