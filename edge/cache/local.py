@@ -42,23 +42,47 @@ Room: LMDB is copy-on-write. Pages a transaction frees can only be reused two co
 value larger than half a page needs contiguous overflow pages. So a put does not wait for
 MDB_MAP_FULL: in its own write transaction it first evicts the oldest entries while the pages
 the databases hold, plus the pages the value needs, would pass `HIGH_WATER` of the map, which
-leaves the rest for freshly freed pages, readers' snapshots and fragmentation. When the put
-still meets MDB_MAP_FULL it is aborted; a transaction of its own evicts the oldest entries
-holding at least the value's pages, 4 times as many at each further attempt (so a value of
-`max_value`, a quarter of the map, has emptied the store by the second), a second one commits
-so that those pages become reusable, and the put is tried again, at most `ATTEMPTS` times. A
-value that then still does not fit, or exceeds `max_value`, is not stored: `put` returns
-False. A put may wait for other processes' write transactions (LMDB's robust process-shared
-mutex: a writer killed mid-transaction releases it), and runs at most 3 * `ATTEMPTS` - 2
-short write transactions of its own.
+leaves the rest for freshly freed pages, readers' snapshots and fragmentation. (It counts the
+databases' pages only when the store's highest page, an upper bound of them that LMDB keeps,
+says they might pass: a store below its budget is not asked.) When the put still meets
+MDB_MAP_FULL it is aborted, and what happens next depends on why:
 
-A read transaction held open for long (a process stopped in the middle of a get) pins every
-page freed after it began: once the free pages run out, each put evicts a growing share of the
-entries and still returns False, until that reader ends.
+- A reader pins pages: some read transaction, in any process, still sees a snapshot older
+  than the last commit (LMDB's reader table says so, after clearing dead processes' slots).
+  The pages freed since it began, and any that an eviction would free now, cannot be reused
+  until it ends, so evicting would lose entries for nothing: the put gives up at once and
+  returns False, and the store keeps every entry. (The entries the aborted transaction
+  evicted stay too.)
+- Otherwise (the free pages are too few, or too scattered for the value's run): a
+  transaction of its own evicts the oldest entries holding at least the value's pages,
+  and a second one commits so that those pages become reusable, and the put is tried again;
+  at the next failure the same, with 4 times as many pages, unless a reader pins pages by
+  then; at most `ATTEMPTS` tries.
+
+So beyond what `HIGH_WATER` asks, one put evicts at most 5 times its pages (its value's and
+`_TREE_PAGES`), and nothing while pages are pinned; a value of `max_value`, a quarter of the
+map, may empty the store. A value that then still does not fit, or exceeds `max_value`, is
+not stored: `put` returns False. A put may wait for other processes' write transactions
+(LMDB's robust process-shared mutex: a writer killed mid-transaction releases it), and runs
+at most 3 * `ATTEMPTS` - 2 short write transactions of its own.
+
+Under load some read is nearly always running somewhere, mostly a short one; a reader
+descheduled on a busy host, or a process stopped in the middle of a get, pins pages for
+longer. Once the free pages run out meanwhile, puts return False and evict nothing until it
+ends: the cache stops taking new answers for that while, rather than emptying itself.
 
 Reads take no lock: a get is one short read transaction (a reader slot this process keeps for
 reuse) that copies the value out. Stale reader slots of dead processes would keep pages from
 being reused; each open and each failed put clears them (``mdb_reader_check``).
+
+Not ``writemap``: with a writable map a commit writes no pages (a put costs about 7 µs less
+of its 18, measured), but LMDB then sets the data file's size to the map size of the process
+that opens it (or changes its map), so a process with a smaller ``max_bytes`` (a master
+preparing after a reload that lowered it, see Sizes) would cut the file under a writer with a
+larger map: a SIGBUS, or pages it wrote zeroed; it would extend a truncated file with zeros
+before the check below sees it; a full filesystem would kill a writer with SIGBUS on a hole of
+the sparse file instead of failing the put; and LMDB forbids mixing processes with and without
+it, which a reload from the previous version would do.
 
 Durability: ``sync=False, metasync=False``: commits are not flushed to disk. A process that
 dies loses nothing (the kernel holds its writes). A power cut or kernel crash may undo the last
@@ -99,7 +123,7 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Final
 
 import lmdb
@@ -110,7 +134,7 @@ FORMAT: Final = b"llm-edge-proxy local cache store, format 1"
 MIN_BYTES: Final = 1 << 20
 MAX_VALUE: Final = 64 << 20  # and at most a quarter of the store, see `LocalStore.max_value`
 HIGH_WATER: Final = 0.85  # share of the map's pages the databases may hold after a put
-ATTEMPTS: Final = 4
+ATTEMPTS: Final = 3
 MAX_READERS: Final = 1024  # simultaneous read transactions host-wide (workers x threads)
 DATA_FILE: Final = "data.mdb"
 LOCK_FILE: Final = "lock.mdb"
@@ -215,9 +239,12 @@ class LocalStore:
     def get(self, key: bytes) -> bytes | None:
         """A copy of the value stored under `key`, else None. Takes no lock."""
         self._check(key)
-        with self._failures("get"), self._begin(write=False) as txn:
-            raw = txn.get(key, db=self._entries)
-            return None if raw is None else bytes(raw[_SEQ.size :])
+        try:  # not `_failures`: a generator context manager costs as much as the read
+            with self._begin(write=False) as txn:
+                raw = txn.get(key, db=self._entries)
+                return None if raw is None else bytes(raw[_SEQ.size :])
+        except lmdb.Error as exc:
+            raise _failed("get", exc) from exc
 
     def put(self, key: bytes, value: bytes) -> bool:
         """Store `value` under `key`, replacing, evicting the oldest entries as needed. False
@@ -227,23 +254,24 @@ class LocalStore:
         if len(value) > self.max_value:
             return False
         need = _pages(len(value), self._psize) + _TREE_PAGES
-        with self._failures("put"):
+        try:
             for attempt in range(ATTEMPTS):
                 try:
                     with self._begin(write=True) as txn:
-                        evicted = self._evict(txn, lambda live: live + need > self._budget)
+                        evicted = 0
+                        # The pages in use are at most the store's highest page: while that
+                        # leaves room, the databases' page counts need not be asked.
+                        if self._env.info()["last_pgno"] + 1 + need > self._budget:
+                            evicted = self._evict(txn, self._budget - need)
                         self._insert(txn, key, value)
                     self.evictions += evicted
                     return True
                 except (lmdb.MapFullError, lmdb.TxnFullError):
                     pass  # aborted: nothing of it is stored
-                if attempt == ATTEMPTS - 1:
+                if attempt == ATTEMPTS - 1 or not self._make_room(need * _EVICT_GROWTH**attempt):
                     break
-                try:
-                    if not self._make_room(need * _EVICT_GROWTH**attempt):
-                        break
-                except (lmdb.MapFullError, lmdb.TxnFullError):
-                    break  # not even room to evict: no free page is reusable yet
+        except lmdb.Error as exc:
+            raise _failed("put", exc) from exc
         return False
 
     def put_many(self, items: list[tuple[bytes, bytes]]) -> int:
@@ -315,12 +343,19 @@ class LocalStore:
         txn.put(key, seq + value, db=self._entries)
         txn.put(_COUNTERS_KEY, _COUNTERS.pack(next_seq + 1, total + len(value)), db=self._meta)
 
-    def _evict(self, txn: lmdb.Transaction[memoryview], more: Callable[[int], bool]) -> int:
-        """Remove the oldest entries while `more(live pages)` holds; return how many."""
+    def _evict(self, txn: lmdb.Transaction[memoryview], limit: int) -> int:
+        """Remove the oldest entries while the databases hold more than `limit` pages; return
+        how many."""
         evicted = 0
         freed = 0
-        with txn.cursor(db=self._order) as cursor:
-            while more(self._live_pages(txn)) and cursor.first():
+        # The main and meta databases keep their few records (and pages) through this loop.
+        fixed = self._pages_of(txn, None) + self._pages_of(txn, self._meta)
+        entries, order = self._entries, self._order
+        with txn.cursor(db=order) as cursor:
+            while (
+                fixed + self._pages_of(txn, entries) + self._pages_of(txn, order) > limit
+                and cursor.first()
+            ):
                 key = bytes(cursor.value())
                 cursor.delete()
                 old = txn.get(key, db=self._entries)
@@ -336,16 +371,34 @@ class LocalStore:
     def _make_room(self, pages: int) -> bool:
         """After a put met MDB_MAP_FULL: evict the oldest entries holding at least `pages`
         pages (or all) and commit twice, so that the next write transaction may reuse those
-        pages. False when the store was empty already: nothing to gain."""
+        pages. False, evicting nothing, when a reader pins freed pages (see Room in the module
+        docstring), when even the eviction meets MDB_MAP_FULL (no free page is reusable yet),
+        or when the store was empty already: nothing to gain."""
         self._env.reader_check()  # a dead process's reader slot would pin the freed pages
-        with self._begin(write=True) as txn:
-            start = self._live_pages(txn)
-            evicted = self._evict(txn, lambda live: start - live < pages)
-            self._touch(txn)  # commits even when nothing was evicted
-        self.evictions += evicted
-        with self._begin(write=True) as txn:
-            self._touch(txn)
+        if self._pinned():
+            return False
+        try:
+            with self._begin(write=True) as txn:
+                evicted = self._evict(txn, self._live_pages(txn) - pages)
+                self._touch(txn)  # commits even when nothing was evicted
+            self.evictions += evicted
+            with self._begin(write=True) as txn:
+                self._touch(txn)
+        except (lmdb.MapFullError, lmdb.TxnFullError):
+            return False
         return evicted > 0
+
+    def _pinned(self) -> bool:
+        """Whether a read transaction (of any process) sees a snapshot older than the last
+        commit: the pages freed since it began cannot be reused until it ends, nor can any
+        page an eviction would free now. Parses LMDB's reader table (``mdb_reader_list``:
+        pid, thread, and the snapshot's transaction id, or "-" for a slot kept idle)."""
+        last = self._env.info()["last_txnid"]
+        for line in self._env.readers().splitlines()[1:]:
+            txnid = line.rsplit(None, 1)[-1]
+            if txnid.isdigit() and int(txnid) < last:
+                return True
+        return False
 
     def _touch(self, txn: lmdb.Transaction[memoryview]) -> None:
         """Rewrite the counters as they are: the transaction changes a page, so its commit
@@ -361,11 +414,12 @@ class LocalStore:
 
     def _live_pages(self, txn: lmdb.Transaction[memoryview]) -> int:
         """Pages the main and the three named databases hold (the free list's are not)."""
-        pages = 0
-        for db in (None, self._entries, self._order, self._meta):
-            st = txn.stat(db)
-            pages += st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
-        return pages
+        return sum(self._pages_of(txn, db) for db in (None, self._entries, self._order, self._meta))
+
+    @staticmethod
+    def _pages_of(txn: lmdb.Transaction[memoryview], db: lmdb._Database | None) -> int:
+        st = txn.stat(db)
+        return st["branch_pages"] + st["leaf_pages"] + st["overflow_pages"]
 
     # Plumbing.
 
@@ -392,7 +446,7 @@ class LocalStore:
         try:
             yield
         except lmdb.Error as exc:
-            raise StoreError(f"local cache store {operation} failed: {_describe(exc)}") from exc
+            raise _failed(operation, exc) from exc
 
     def _check(self, key: bytes) -> None:
         if len(key) != KEY_SIZE:
@@ -636,6 +690,10 @@ def _clean(path: str) -> str:
 
 def _id(value: int | None) -> int:
     return -1 if value is None else value
+
+
+def _failed(operation: str, exc: lmdb.Error) -> StoreError:
+    return StoreError(f"local cache store {operation} failed: {_describe(exc)}")
 
 
 def _describe(exc: lmdb.Error) -> str:
