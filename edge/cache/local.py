@@ -284,16 +284,19 @@ class LocalStore:
         for key, _ in fits:
             self._check(key)
         need = sum(_pages(len(value), self._psize) + _TREE_PAGES for _, value in fits)
-        with self._failures("put"):
-            try:
-                with self._begin(write=True) as txn:
-                    evicted = self._evict(txn, lambda live: live + need > self._budget)
-                    for key, value in fits:
-                        self._insert(txn, key, value)
-                self.evictions += evicted
-                return len(fits)
-            except (lmdb.MapFullError, lmdb.TxnFullError):
-                pass  # aborted: one at a time, each making its own room
+        try:
+            with self._begin(write=True) as txn:
+                evicted = 0
+                if self._env.info()["last_pgno"] + 1 + need > self._budget:  # as in `put`
+                    evicted = self._evict(txn, self._budget - need)
+                for key, value in fits:
+                    self._insert(txn, key, value)
+            self.evictions += evicted
+            return len(fits)
+        except (lmdb.MapFullError, lmdb.TxnFullError):
+            pass  # aborted: one at a time, each making its own room as `put` does
+        except lmdb.Error as exc:
+            raise _failed("put", exc) from exc
         return sum(self.put(key, value) for key, value in fits)
 
     def delete(self, key: bytes) -> None:
