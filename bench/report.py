@@ -340,7 +340,34 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
         row.result = "skipped" if "routing" not in settings.phases else ""
     row.target = "≤ 20 µs per request"
     rows.append(row)
+
+    cache = raw.get("cache")
+    row = Row(f"Response cache: hit vs miss path, c={settings.connections}")
+    row.target = f"hit ≥ {CACHE_HIT_RATIO:g}× miss, lookup ≤ {CACHE_LOOKUP_US:g} µs"
+    if cache:
+        ratio, added = cache_figures(cache)
+        row.edge = f"{cache['hit']['rps']:,.0f} vs {cache['miss']['rps']:,.0f} req/s"
+        row.result = f"{ratio:.2f}× miss; a lookup adds {added:+.1f} µs CPU to a miss"
+        row.judge(
+            (f"hit ≥ {CACHE_HIT_RATIO:g}× miss", ratio >= CACHE_HIT_RATIO),
+            (f"lookup ≤ {CACHE_LOOKUP_US:g} µs", added <= CACHE_LOOKUP_US),
+        )
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "cache" not in settings.phases else "n/a"
+    rows.append(row)
     return rows
+
+
+CACHE_HIT_RATIO = 2.0  # the hit path's throughput against the miss path's (issue #23)
+CACHE_LOOKUP_US = 15.0  # CPU a lookup may add to a miss, per request (issue #23)
+
+
+def cache_figures(cache: dict[str, Any]) -> tuple[float, float]:
+    """(hit / miss throughput with the cache on, CPU µs per request the cache adds to a miss)."""
+    ratio = cache["hit"]["rps"] / cache["miss"]["rps"]
+    added = cache["miss"]["cpu_us_per_req"] - cache["miss off"]["cpu_us_per_req"]
+    return ratio, added
 
 
 ABLATION_HEADER = ["Edge configuration", "req/s", "throughput ×floor", "CPU/request", "CPU ×floor"]
@@ -367,6 +394,58 @@ def ablation_table(raw: dict[str, Any]) -> str | None:
     return render_cells(ABLATION_HEADER, cells)
 
 
+CACHE_HEADER = ["Figure", "Value", "Aim"]
+
+
+def cache_table(raw: dict[str, Any]) -> str | None:
+    """The cache phase: the hit path against the miss path, and what a lookup adds to a miss."""
+    cache = raw.get("cache")
+    if not cache:
+        return None
+    hit, miss, off = cache["hit"], cache["miss"], cache["miss off"]
+    ratio, added = cache_figures(cache)
+
+    def run(result: dict) -> str:
+        return f"{result['rps']:,.0f} req/s, {result['cpu_us_per_req']:.0f} µs CPU/request"
+
+    def share(result: dict, kind: str) -> str:
+        counts = result.get("lookups", {})
+        total = sum(counts.values())
+        if not total:
+            return f"no {kind} counted"
+        return f"{100.0 * counts.get(kind, 0) / total:.2f} % {kind} of {total:,}"
+
+    errors = [(r["status"], r["socket_errors"]) for r in (hit, miss, off)]
+    clean = all(e == (0, 0) for e in errors)
+    pairs = ", ".join(f"{d:+.1f}" for d in cache.get("pairs_us", []))
+    cells = [
+        ["Hit path: one body, CACHE_BACKEND=local", run(hit), ""],
+        ["Miss path: every body distinct, CACHE_BACKEND=local", run(miss), ""],
+        ["Miss path: every body distinct, no cache", run(off), ""],
+        [
+            "Hit / miss throughput",
+            f"{ratio:.2f}× ({hit['rps'] / off['rps']:.2f}× the miss path with no cache)",
+            f"≥ {CACHE_HIT_RATIO:g}× {MARKS[ratio >= CACHE_HIT_RATIO]}",
+        ],
+        [
+            "Lookup cost on a miss (CPU/request, cache on − off)",
+            f"{added:+.1f} µs (each round's pair: {pairs} µs)",
+            f"≤ {CACHE_LOOKUP_US:g} µs {MARKS[added <= CACHE_LOOKUP_US]}",
+        ],
+        [
+            "Lookups counted (edge_cache_lookups_total)",
+            f"hit runs {share(hit, 'hit')}; miss runs {share(miss, 'miss')}",
+            "",
+        ],
+        [
+            "Errors (non-2xx / socket): hit, miss, miss with no cache",
+            ", ".join(f"{s} / {e}" for s, e in errors),
+            f"0 / 0 {MARKS[clean]}",
+        ],
+    ]
+    return render_cells(CACHE_HEADER, cells)
+
+
 def write_results(
     path: Path,
     table: str,
@@ -375,6 +454,7 @@ def write_results(
     took: float,
     host: dict[str, str],
     ablation: str | None = None,
+    cache: str | None = None,
 ) -> None:
     info = {**machine_info(), **host}
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
@@ -392,6 +472,23 @@ under `wrk -t{settings.threads} -c{settings.connections} -d{settings.ablation_du
 is its row's distance from "all features on"; "all four off" is what the rest of edge costs.
 
 {ablation}
+"""
+    cache_section = ""
+    if cache:
+        cache_section = f"""
+## Response cache: the hit path against the miss path
+
+Edge started again with `CACHE_BACKEND=local` (its store in a temp dir), beside edge with no
+cache, in front of the same upstream, each run under `wrk -t{settings.threads} \
+-c{settings.connections} -d{settings.duration}s` (after a warm-up) in {settings.rounds} \
+interleaved round(s), the best kept: the hit path (every request the same body: after the
+first, all hits), the miss path (every body distinct, `bench/post_distinct.lua`: each looked up,
+sent upstream and stored) and the same distinct-body load on edge with no cache. The lookup's
+cost on a miss is the CPU per request (master + workers) of the miss path with the cache less
+without it: the lookup, the coalescing table's claim and the answer's store. A sample request
+after each run checks `x-cache`; `edge_cache_lookups_total` counts every lookup by result.
+
+{cache}
 """
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
@@ -416,5 +513,5 @@ streaming {settings.stream_requests} requests of \
 All load generators share the machine's cores with the targets.
 
 {table}
-{ablation_section}"""
+{ablation_section}{cache_section}"""
     )

@@ -21,7 +21,9 @@ rate limit, auth), and with all four off, each under the same load as the floor:
 feature costs, in CPU per request and throughput against the floor. The redis phase starts a
 local redis-server and edge on RATE_LIMIT_BACKEND=redis beside edge on shared memory (interleaved
 throughput rounds); the limiter and routing phases run bench/bench_limiter.py and
-bench/bench_routing.py (µs per rate-limit decision, µs routing adds per request).
+bench/bench_routing.py (µs per rate-limit decision, µs routing adds per request). The cache
+phase starts edge with CACHE_BACKEND=local beside edge with no cache: the hit path's throughput
+(one body) against the miss path's (every body distinct), and the CPU a lookup adds to a miss.
 
 This file is the command line; bench/targets.py starts the targets, bench/runner.py drives
 the load and the phases, bench/report.py makes the tables and bench/results.md.
@@ -42,6 +44,7 @@ from typing import Any
 from report import (
     ablation_table,
     build_rows,
+    cache_table,
     cpu_times,
     others_percent,
     own_cpu_seconds,
@@ -144,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         for name in ("nginx.log", "floor.log", "edge.log", "edge-stream.log", "floor-stream.log",
                      "sse-upstream.log", "edge-ablation.log", "edge-redis.log",
-                     "redis.log"):  # fmt: skip
+                     "redis.log", "edge-cache.log"):  # fmt: skip
             (out / name).unlink(missing_ok=True)
         raw = measure(settings, out)
         rows = build_rows(settings, raw)
@@ -156,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     table = render(rows)
     ablation = ablation_table(raw)
+    cache = cache_table(raw)
     took = time.monotonic() - started
     cpu_at_end = cpu_times()
     others = others_percent(cpu_at_start, cpu_at_end, own_cpu_seconds() - own_at_start)
@@ -168,6 +172,8 @@ def main(argv: list[str] | None = None) -> int:
     print(table)
     if ablation:
         print(f"\nAblation (edge with features off, against the floor):\n\n{ablation}")
+    if cache:
+        print(f"\nCache (edge with CACHE_BACKEND=local: hit path, miss path, no cache):\n\n{cache}")
     met = [r for r in rows if r.met is not None]
     print(
         f"\n{sum(r.met for r in met)} of {len(met)} targets met; run took {took:.0f} s; "
@@ -176,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     if others > 10:
         print("warning: the machine was busy with other work; figures are pessimistic")
-    write_results(args.results, table, settings, command, took, host, ablation)
+    write_results(args.results, table, settings, command, took, host, ablation, cache)
     (out / "raw.json").write_text(json.dumps(raw, indent=1, default=str))
     print(f"written: {_shown(args.results)}; server logs and raw.json in {_shown(out)}")
     return 0

@@ -49,7 +49,7 @@ from targets import (
 
 PHASES = (
     "throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis", "routing",
-    "ablation",
+    "ablation", "cache",
 )  # fmt: skip
 
 # ----------------------------------------------------------------------------- load tools
@@ -67,12 +67,25 @@ def run_tool(argv: list[str], timeout: float) -> str:
     return done.stdout
 
 
-def wrk(url: str, threads: int, connections: int, seconds: int, latency: bool = False) -> dict:
+def wrk(
+    url: str,
+    threads: int,
+    connections: int,
+    seconds: int,
+    latency: bool = False,
+    distinct: bool = False,
+) -> dict:
+    """One wrk run posting BODY (bench/post.lua), or with `distinct` a body that differs in
+    every request and from every other run's (bench/post_distinct.lua: a cache never has it)."""
+    script = "post_distinct.lua" if distinct else "post.lua"
     argv = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--timeout", "5s",
-            "-s", str(BENCH / "post.lua")]  # fmt: skip
+            "-s", str(BENCH / script)]  # fmt: skip
     if latency:
         argv.append("--latency")
-    output = run_tool([*argv, url], timeout=seconds + 60)
+    argv.append(url)
+    if distinct:
+        argv += ["--", f"{time.time_ns():x}"]  # the run's id, in every body it sends
+    output = run_tool(argv, timeout=seconds + 60)
     for line in output.splitlines():
         if line.startswith("BENCH_JSON "):
             result = json.loads(line[len("BENCH_JSON ") :])
@@ -424,7 +437,9 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="llm-edge-bench."))
     want = set(settings.phases)
     try:
-        server_phases = {"throughput", "latency", "rate", "memory", "cpu", "redis", "ablation"}
+        server_phases = {
+            "throughput", "latency", "rate", "memory", "cpu", "redis", "ablation", "cache",
+        }  # fmt: skip
         if want & server_phases:
             nginx_port, floor_port, edge_port = free_port(), free_port(), free_port()
             log(f"starting nginx :{nginx_port}, floor :{floor_port}, edge :{edge_port}")
@@ -439,6 +454,8 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
             run_server_phases(settings, want, targets, raw)
             if "redis" in want:  # beside edge on shm, still running
                 raw["redis"] = run_redis_phase(settings, procs, out, upstream, edge)
+            if "cache" in want:  # beside edge without a cache, still running
+                raw["cache"] = run_cache_phase(settings, procs, out, tmp, upstream, edge)
             for target in targets:
                 raw.setdefault("rss", {})[target.name] = dict(target.rss)
             procs.stop(edge.proc)
@@ -549,13 +566,17 @@ def best_latency(runs: list[dict]) -> dict:
     }
 
 
-def load_cpu(target: Target, settings: Settings, seconds: int, warmup: bool = True) -> dict:
-    """One wrk throughput run (after the warm-up), with the target's CPU time per request."""
+def load_cpu(
+    target: Target, settings: Settings, seconds: int, warmup: bool = True, distinct: bool = False
+) -> dict:
+    """One wrk throughput run (after the warm-up), with the target's CPU time per request:
+    utime + stime of master and workers over the run, divided by the requests answered.
+    `distinct`: every request's body differs (see `wrk`)."""
     if warmup and settings.warmup:
-        wrk(target.url, settings.threads, settings.connections, settings.warmup)
+        wrk(target.url, settings.threads, settings.connections, settings.warmup, distinct=distinct)
     pids = service_pids(target.proc.pid)
     ticks = sum(cpu_ticks(pid) for pid in pids)
-    result = wrk(target.url, settings.threads, settings.connections, seconds)
+    result = wrk(target.url, settings.threads, settings.connections, seconds, distinct=distinct)
     ticks = sum(cpu_ticks(pid) for pid in pids) - ticks
     result["cpu_us_per_req"] = ticks / os.sysconf("SC_CLK_TCK") * 1e6 / max(1, result["requests"])
     return result
@@ -603,6 +624,114 @@ def run_redis_phase(
         procs.stop(on_redis.proc)
         procs.stop(redis)
     return {name: best_throughput(results) for name, results in runs.items()}
+
+
+def run_cache_phase(
+    settings: Settings, procs: Processes, out: Path, tmp: Path, upstream: str, edge: Target
+) -> dict[str, Any]:
+    """Edge with CACHE_BACKEND=local (its store in the run's temp dir) beside `edge` (no
+    cache), both in front of the same upstream, under the throughput load in interleaved rounds:
+
+      hit       cached edge, every request the same body: after the first, all hits
+      miss      cached edge, every body distinct (bench/post_distinct.lua): all misses, each
+                looked up, sent upstream and its answer stored
+      miss off  edge without a cache under the same distinct-body load
+
+    The hit and miss runs are checked, not assumed: a sample request after each must say
+    `x-cache` hit (resp. miss), and edge's `edge_cache_lookups_total` counts the lookups of each
+    run (its warm-up included) by result. What the cache adds to a miss (the lookup, the flights
+    claim, the answer stored) is the CPU per request of "miss" less "miss off", the best round
+    of each as in the ablation phase; each round's pair (run back to back, its order
+    alternating from round to round) is kept too.
+    """
+    port = free_port()
+    log(f"response cache: starting edge with CACHE_BACKEND=local :{port}")
+    cached = start_edge(
+        procs, out, port, upstream, "benchedge-cache", "edge-cache.log",
+        {"CACHE_BACKEND": "local", "CACHE_DIR": str(tmp / "cache")},
+    )  # fmt: skip
+    runs: dict[str, list[dict]] = {"hit": [], "miss": [], "miss off": []}
+    try:
+        check_answers([cached])  # a miss: the answer is stored
+        x_cache(cached, BODY, "hit")
+        for round_ in range(1, settings.rounds + 1):
+            pair = [("miss", cached), ("miss off", edge)]
+            order = [("hit", cached), *(pair if round_ % 2 else pair[::-1])]
+            for name, target in order:
+                log(f"response cache: {name} path (round {round_}/{settings.rounds})")
+                before = cache_lookups(cached)
+                result = load_cpu(
+                    target, settings, settings.duration, round_ == 1, distinct=name != "hit"
+                )
+                result["lookups"] = counts_since(before, cache_lookups(cached))
+                runs[name].append(result)
+                if name == "hit":
+                    x_cache(cached, BODY, "hit")
+                elif name == "miss":
+                    x_cache(cached, distinct_body(), "miss")
+    finally:
+        procs.stop(cached.proc)
+    best = {name: best_throughput(results) for name, results in runs.items()}
+    for name, results in runs.items():
+        best[name]["lookups"] = sum_counts(r["lookups"] for r in results)
+    best["pairs_us"] = [
+        on["cpu_us_per_req"] - off["cpu_us_per_req"]
+        for on, off in zip(runs["miss"], runs["miss off"], strict=True)
+    ]
+    return best
+
+
+def distinct_body() -> str:
+    """A chat completion no other request of the run has sent."""
+    return BODY[:-1] + f',"user":"sample-{time.time_ns():x}"}}'
+
+
+def x_cache(target: Target, body: str, expected: str) -> None:
+    """One request to `target`: its answer must be 200 with `x-cache: expected`."""
+    request = urllib.request.Request(
+        target.url,
+        data=body.encode(),
+        headers={"Content-Type": "application/json", "Authorization": f"Bearer {KEY}"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            resp.read()
+            found = resp.headers.get("x-cache")
+    except OSError as exc:
+        raise BenchError(f"the cached edge did not answer: {exc}") from exc
+    if found != expected:
+        raise BenchError(f"the cached edge answered x-cache: {found}, expected {expected}")
+
+
+LOOKUP_RE = re.compile(
+    r'^edge_cache_lookups_total\{(?:[^}]*,)?result="(\w+)"[^}]*\} (\S+)$', re.MULTILINE
+)
+
+
+def cache_lookups(target: Target) -> dict[str, float]:
+    """Edge's cache lookups so far, by result (hit, miss, ...), summed over routes and tiers:
+    from its /metrics (every worker's counters)."""
+    try:
+        with urllib.request.urlopen(target.base + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        raise BenchError(f"the cached edge's /metrics did not answer: {exc}") from exc
+    counts: dict[str, float] = {}
+    for result, value in LOOKUP_RE.findall(text):
+        counts[result] = counts.get(result, 0.0) + float(value)
+    return counts
+
+
+def counts_since(before: dict[str, float], after: dict[str, float]) -> dict[str, int]:
+    return {k: round(v - before.get(k, 0.0)) for k, v in after.items() if v > before.get(k, 0.0)}
+
+
+def sum_counts(counts: Any) -> dict[str, int]:
+    total: dict[str, int] = {}
+    for one in counts:
+        for key, value in one.items():
+            total[key] = total.get(key, 0) + value
+    return total
 
 
 def run_ablation(

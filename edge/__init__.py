@@ -24,7 +24,9 @@ The code map: the process model and one request's path, with the module that own
                                            request limit (edge.ratelimit: shm table or Redis)
       → endpoint (edge.endpoints.openai, .passthrough, .anthropic; .body reads and validates)
       → edge.pipeline                      one path for every forwarding endpoint:
-          → [the response cache plugs in here]
+          → the response cache, edge.cache   a hit answered from the host's store (.local,
+                                           Redis behind it: .remote); identical requests
+                                           coalesced host-wide (.flights); .key, .answers
           → token limit (edge.ratelimit.tokens)
           → Layer 2, edge.routing.router   targets, host-wide breakers (edge.routing.breaker),
                                            failover; the built-in mock is a provider here
@@ -34,7 +36,8 @@ The code map: the process model and one request's path, with the module that own
           ← one exchange (edge.routing.exchange): a whole answer, or events that report
             their verdict to the breaker when they end; what it came to is one
             UpstreamOutcome (edge.routing.outcome)
-          → settled to the usage reported (edge.usage); the response written
+          → settled to the usage reported (edge.usage); stored in the cache; the
+            response written
       → response: metrics (edge.observability.metrics), one access line (.logs), both reading
         the recorded outcome
     errors anywhere → edge.errors (every shape: OpenAI's, Anthropic's, their stream events)

@@ -31,7 +31,7 @@ import hashlib
 import hmac
 import re
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe, read_toml
@@ -49,6 +49,9 @@ class KeyEntry:
     rpm: float | None = None
     burst: int | None = None
     tpm: int | None = None  # tokens per minute; 0 turns the token limit off for this key
+    # The key's SHA-256 (what the store is indexed by): the response cache's scope, which must
+    # follow the key itself, not a name a keys file may give another key later.
+    digest: bytes = field(default=b"", repr=False)
 
 
 def digest_of(key: str | bytes) -> bytes:
@@ -116,10 +119,10 @@ class KeyStore:
 
         for key in config.api_keys:
             digest = digest_of(key)
-            add("API_KEYS", digest, KeyEntry(short_id(digest)))
+            add("API_KEYS", digest, KeyEntry(short_id(digest), digest=digest))
         for hexdigest in config.api_key_hashes:
             digest = bytes.fromhex(hexdigest)
-            add("API_KEY_HASHES", digest, KeyEntry(short_id(digest)))
+            add("API_KEY_HASHES", digest, KeyEntry(short_id(digest), digest=digest))
         warnings: tuple[str, ...] = ()
         if config.api_keys_file is not None:
             # A systemd credential is readable by the service's user only, whatever its mode
@@ -195,7 +198,8 @@ def _read_keys_file(
             isinstance(tpm, bool) or not isinstance(tpm, int) or not 0 <= tpm <= 10**12
         ):
             raise ConfigError(variable, f"{where}: 'tpm' must be a whole number of at least 0")
-        result.append((digest, KeyEntry(name, None if rpm is None else float(rpm), burst, tpm)))
+        rate = None if rpm is None else float(rpm)
+        result.append((digest, KeyEntry(name, rate, burst, tpm, digest)))
     if not warn:
         return result, ()
     plaintext = sum(1 for item in items if "key" in item)

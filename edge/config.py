@@ -29,6 +29,8 @@ from edge.ratelimit.base import FAILURE_POLICIES
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 RATE_LIMIT_BACKENDS = ("shm", "redis")
+CACHE_BACKENDS = ("off", "local", "redis")
+CACHE_SCOPES = ("key", "shared")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _REDIS_PREFIX_RE = re.compile(r"[!-~]{0,128}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -436,6 +438,26 @@ SETTINGS: tuple[Setting, ...] = (
       "Output tokens reserved for a request that sets no output cap its API obeys (a "
       "reservation, not a limit: the request is settled to the usage the upstream reports, "
       "into debt if it used more)"),
+    # Response cache (behaviour in edge.cache)
+    S("CACHE_BACKEND", "cache_backend", choice(*CACHE_BACKENDS), "off",
+      "`off`, `local` (one store per host, shared by every worker, kept across reloads and "
+      "restarts) or `redis` (the local store in front of `REDIS_URL`'s Redis, shared by every "
+      "host)"),
+    S("CACHE_DIR", "cache_dir", file_name, None,
+      "Directory of the local store. Default: `$CACHE_DIRECTORY` (systemd `CacheDirectory=`), "
+      "else a new private directory in the temp dir, removed at exit. Like the metrics "
+      "directory, one the service did not create must be its own and not writable by others",
+      shown="see meaning"),
+    S("CACHE_TTL_SECONDS", "cache_ttl_s", number(1, 365 * 86_400), "3600",
+      "How long a stored answer is served (a model's `cache_ttl_seconds` or a request's "
+      "`cache.ttl` overrides it)"),
+    S("CACHE_MAX_BYTES", "cache_max_bytes", integer(1 << 20, 1 << 44), "1073741824",
+      "The local store's size on disk; the oldest entries are evicted to stay within it"),
+    S("CACHE_MAX_ENTRY_BYTES", "cache_max_entry_bytes", integer(1024, 1 << 30), "1048576",
+      "Larger answers (a stream: all its events) are not stored"),
+    S("CACHE_SCOPE", "cache_scope", choice(*CACHE_SCOPES), "key",
+      "`key`: an answer is served only to the key that caused it (to the client address with "
+      "auth off); `shared`: to every key"),
     # Observability
     S("LOG_LEVEL", "log_level", choice(*LOG_LEVELS), "info",
       "`debug`, `info`, `warning`, `error`, `critical`"),
@@ -463,6 +485,9 @@ SETTINGS: tuple[Setting, ...] = (
       shown="see meaning"),
     S("RUNTIME_DIRECTORY", "runtime_directory", first_path, None,
       "Set by systemd (`RuntimeDirectory=`), not by hand: the metrics directory goes there"),
+    S("CACHE_DIRECTORY", "cache_directory", first_path, None,
+      "Set by systemd (`CacheDirectory=`), not by hand: the cache's local store goes there "
+      "unless `CACHE_DIR` says otherwise"),
     S("CREDENTIALS_DIRECTORY", "credentials_directory", file_name, None,
       "Set by systemd (`LoadCredential=`), not by hand: where the credentials "
       "`upstream-api-key` and `api-keys.toml` are read from when `UPSTREAM_API_KEY_FILE` / "
@@ -524,6 +549,13 @@ class Config:
     redis_key_prefix: str
     rate_limit_tpm: int  # 0: no token limit unless a key sets its own `tpm`
     rate_limit_tpm_default_max_tokens: int
+    # Response cache (edge.cache)
+    cache_backend: str
+    cache_dir: Path | None  # the master sets the one it chose (edge.server.master)
+    cache_ttl_s: float
+    cache_max_bytes: int
+    cache_max_entry_bytes: int
+    cache_scope: str
     # Observability
     log_level: str
     access_log_flush_ms: int
@@ -536,6 +568,7 @@ class Config:
     # Directories
     prometheus_multiproc_dir: Path | None  # the master sets the one it chose (edge.server.master)
     runtime_directory: Path | None
+    cache_directory: Path | None
     credentials_directory: Path | None
 
     @property
@@ -586,8 +619,9 @@ class Config:
                 key_file = None  # an empty credential: no upstream key, deliberately
         values["upstream_api_key_file"] = key_file
         _check_tls(values["tls_cert_file"], values["tls_key_file"])
-        if values["rate_limit_backend"] == "redis" and values["redis_url"] is None:
-            raise ConfigError("REDIS_URL", "RATE_LIMIT_BACKEND=redis needs REDIS_URL")
+        for backend in ("rate_limit_backend", "cache_backend"):
+            if values[backend] == "redis" and values["redis_url"] is None:
+                raise ConfigError("REDIS_URL", f"{backend.upper()}=redis needs REDIS_URL")
         if values["redis_password"] is not None and urlsplit(values["redis_url"] or "").password:
             raise ConfigError(
                 "REDIS_PASSWORD_FILE", "REDIS_URL carries a password too: give it in one place"

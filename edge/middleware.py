@@ -180,7 +180,12 @@ class EdgeMiddleware:
             if upstream is not None and (upstream.status is not None or upstream.error is not None):
                 metrics.observe_upstream(upstream.status, upstream.waited_s, upstream.error)
             if ctx.prompt_tokens is not None or ctx.completion_tokens is not None:
-                metrics.observe_tokens(ctx.model, ctx.prompt_tokens, ctx.completion_tokens)
+                metrics.observe_tokens(
+                    ctx.model,
+                    ctx.prompt_tokens,
+                    ctx.completion_tokens,
+                    ctx.cache is not None and ctx.cache in ("hit", "coalesced"),
+                )
             if stream is not None:
                 if stream.first_chunk_at is not None:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)

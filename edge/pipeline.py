@@ -42,6 +42,36 @@ async def run(
 ) -> None:
     """Answer `call` into `resp`. `prompt` says where the request's prompt and output caps
     are, for the token limit; None: no token limit applies (moderations, the model list)."""
+    cache = runtime.cache
+    if cache is None or call.data is None or not cache.applies(call):
+        await _exchange(runtime, req, resp, call, prompt, None)
+        return
+    ctx: RequestContext = req.context.edge
+    had_controls = "cache" in call.data
+    lookup = await unless_client_leaves(
+        req, cache.lookup(ctx, call, req.get_header("cache-control"))
+    )
+    ctx.cache = lookup.result
+    resp.set_header("x-cache", lookup.header)
+    if lookup.entry is not None:
+        _send_hit(resp, ctx, cache, lookup.entry)
+        return
+    if had_controls:  # the body's cache controls never go upstream
+        call.body = reserialise(call.data)
+    try:
+        await _exchange(runtime, req, resp, call, prompt, lookup)
+    finally:
+        if isinstance(resp.stream, ResponseStream):  # its leadership ends with the stream
+            resp.stream.on_close.append(lambda _: cache.done(lookup))
+        else:
+            cache.done(lookup)
+
+
+async def _exchange(
+    runtime: Runtime, req: Any, resp: Any, call: Call, prompt: Prompt | None, lookup: Any
+) -> None:
+    """The exchange of a request the cache did not answer (`lookup`: its cache lookup, None
+    when the cache does not apply), settled and sent."""
     ctx: RequestContext = req.context.edge
     reservation = None
     hide_usage = False
@@ -65,12 +95,40 @@ async def run(
             await reservation.settle(_working(ctx, 0) * reservation.estimate)
         raise
     if isinstance(result, Events):
-        _send_events(req, resp, ctx, result, reservation, hide_usage)
+        recorder = None
+        if lookup is not None and lookup.store:
+            recorder = runtime.cache.recorder(lookup, ctx)
+        _send_events(req, resp, ctx, result, reservation, hide_usage, recorder)
         return
-    if not _send_answer(resp, ctx, result, call.api):
+    sent_in_pieces = _send_answer(resp, ctx, result, call.api)  # usage recorded on ctx
+    if lookup is not None and lookup.store and result.status == 200:
+        fresh = [result.body]
+        runtime.cache.store(lookup, runtime.cache.new_entry(result.content_type, False, fresh, ctx))
+    if not sent_in_pieces:
         result.release()
     if reservation is not None:
         await reservation.settle(_used(reservation, ctx, 200 <= result.status < 300))
+
+
+def _send_hit(resp: Any, ctx: RequestContext, cache: Any, found: Any) -> None:
+    """A stored answer, its bytes exactly as first sent: a whole body, or a stream's events
+    replayed as they were relayed, each block whole, at once."""
+    if found.prompt_tokens or found.completion_tokens:
+        ctx.prompt_tokens, ctx.completion_tokens = found.prompt_tokens, found.completion_tokens
+    resp.status = found.status
+    resp.content_type = found.content_type
+    resp.set_header("age", str(cache.age(found)))
+    if not found.stream:
+        resp.data = found.blocks[0]
+        return
+    resp.set_header("cache-control", "no-cache")
+    resp.set_header("x-accel-buffering", "no")
+    resp.stream = ResponseStream(_replay(found.blocks))
+
+
+async def _replay(blocks: list[bytes]) -> AsyncGenerator[bytes, None]:
+    for block in blocks:
+        yield block
 
 
 MAX_RESERIALISED_DEPTH = 254  # orjson.dumps's own limit (its loads takes 1024)
@@ -83,7 +141,7 @@ def reserialise(data: dict[str, Any]) -> bytes:
     except TypeError:  # orjson: "Recursion limit reached"
         raise BadRequest(
             f"The request body is nested too deeply: at most {MAX_RESERIALISED_DEPTH} levels "
-            "when the gateway re-writes it (under a token limit)."
+            "when the gateway re-writes it (under a token limit, or to take out cache controls)."
         ) from None
 
 
@@ -185,26 +243,35 @@ def _send_events(
     events: Events,
     reservation: Reservation | None,
     hide_usage: bool,
+    recorder: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]] | None = None,
 ) -> None:
     """Relay a stream: its events go out as they come, the reservation is settled at its end,
-    and a client that hangs up aborts it (ResponseStream)."""
+    and a client that hangs up aborts it (ResponseStream). `recorder` (the cache's) sees the
+    events as the client gets them."""
     if events.usage is not None:
         usage.record(ctx, events.usage)
     resp.content_type = SSE
     resp.set_header("cache-control", "no-cache")
     resp.set_header("x-accel-buffering", "no")
-    source = settled_stream(events, reservation, ctx, hide_usage)
+    source = settled_stream(events, reservation, ctx, hide_usage, recorder)
     resp.stream = ResponseStream(source, events, req.receive)
 
 
 def settled_stream(
-    events: Events, reservation: Reservation | None, ctx: RequestContext, hide_usage: bool
+    events: Events,
+    reservation: Reservation | None,
+    ctx: RequestContext,
+    hide_usage: bool,
+    recorder: Callable[[AsyncIterator[bytes]], AsyncIterator[bytes]] | None = None,
 ) -> AsyncIterator[bytes]:
     """The stream's events, the usage chunk requested for the gateway's sake (`hide_usage`)
-    removed, and the token reservation settled when the stream ends (`_settle_at_end`)."""
+    removed, recorded for the cache, and the token reservation settled when the stream ends
+    (`_settle_at_end`)."""
     source: Any = aiter(events)
     if hide_usage:
         source = usage.hide_usage_event(source)
+    if recorder is not None:
+        source = recorder(source)
     if reservation is None:
         return source
     return _settle_at_end(source, reservation, ctx)

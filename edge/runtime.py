@@ -28,6 +28,7 @@ class HostTables(NamedTuple):
 
     rate_limit: str
     breakers: str
+    flights: str = ""  # the cache's requests in flight (edge.cache.flights); "" without cache
 
 
 class Runtime:
@@ -42,6 +43,7 @@ class Runtime:
         limiter: Any = None,
         tokens: Any = None,
         owns_limiter: bool = False,
+        cache: Any = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -51,6 +53,7 @@ class Runtime:
         self.limiter = limiter  # edge.ratelimit backend, unless RATE_LIMIT_ENABLED=false
         self.tokens = tokens  # edge.ratelimit.tokens.TokenLimiter where a token limit applies
         self._owns_limiter = owns_limiter  # shared memory or Redis: closed at shutdown
+        self.cache = cache  # edge.cache.answers.ResponseCache, unless CACHE_BACKEND=off
         self.started = False
 
     @classmethod
@@ -74,7 +77,7 @@ class Runtime:
         if config.enable_metrics:
             from edge.observability.metrics import Metrics
 
-            metrics = Metrics(config.prometheus_multiproc_dir)
+            metrics = Metrics(config.prometheus_multiproc_dir, config.cache_backend != "off")
         limiter, owns = _limiter(config, tables, clock)
         tokens = None
         if limiter is not None and (config.rate_limit_tpm > 0 or keys.any_token_limit()):
@@ -87,10 +90,15 @@ class Runtime:
         )
         upstream = None if providers.mock else Upstream(config)
         router = Router(providers, upstream, breakers, config.timeout_s, metrics)
+        cache = None
+        if config.cache_backend != "off":
+            cache = _cache(config, providers, tables, metrics)
         if metrics is not None:
             metrics.breaker_source = router.breaker_numbers
             metrics.model_label = _model_labels(providers)
-        return cls(config, keys, router, metrics, limiter, tokens, owns)
+            if cache is not None:
+                metrics.cache_source = cache.stats
+        return cls(config, keys, router, metrics, limiter, tokens, owns, cache)
 
     @property
     def ready(self) -> bool:
@@ -104,6 +112,8 @@ class Runtime:
             await start()
         if self.upstream is not None:
             await self.upstream.start()
+        if self.cache is not None:
+            await self.cache.start()
         self.started = True
 
     async def process_shutdown(self, scope: Any, event: Any) -> None:
@@ -116,6 +126,8 @@ class Runtime:
                 await aclose()
             self.limiter.close()
             self.limiter = None
+        if self.cache is not None:
+            await self.cache.aclose()
         self.router.breakers.close()
         flush_access_log()  # uvicorn has drained the connections: every access line is out
 
@@ -153,6 +165,40 @@ def _limiter(
         config.rate_limit_slots, failure_policy=config.rate_limit_failure_policy, clock=clock
     )
     return local, False
+
+
+def _cache(config: Config, providers: Providers, tables: HostTables | None, metrics: Any) -> Any:
+    """The response cache: the host's local store (the directory the master prepared, else a
+    private one of this process), the flights table, and Redis behind them if so configured."""
+    from edge.cache.answers import LocalFlights, ResponseCache
+    from edge.cache.local import LocalStore
+
+    if config.cache_dir is not None:
+        path = str(config.cache_dir)
+    else:  # no master chose one (a test, a single process)
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix="llm-edge-proxy.", suffix=".cache")
+    store = LocalStore.open(path, config.cache_max_bytes)
+    flights: Any = LocalFlights()
+    if tables is not None and tables.flights:
+        from edge.cache.flights import Flights
+
+        flights = Flights.attach(tables.flights, config.rate_limit_lock_timeout_s)
+    remote = None
+    if config.cache_backend == "redis":
+        from edge.cache.remote import RedisTier
+        from edge.ratelimit.redis import connect
+
+        url = config.redis_url
+        assert url is not None  # Config.from_env requires it with this backend
+        timeout = config.rate_limit_redis_timeout_s
+        remote = RedisTier(
+            lambda: connect(url, config.redis_password, timeout),
+            prefix=config.redis_key_prefix,
+            timeout_s=timeout,
+        )
+    return ResponseCache(config, providers, store, flights, remote, metrics)
 
 
 def _model_labels(providers: Providers) -> Callable[[str], str] | None:

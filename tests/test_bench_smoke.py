@@ -36,6 +36,7 @@ ROWS = (
     "Rate-limit decision p50 / p99",
     "Throughput on the Redis backend, c=64",
     "Routing on: added per request p50 / p99",
+    "Response cache: hit vs miss path, c=64",
 )
 
 
@@ -74,7 +75,7 @@ def test_quick_benchmark_prints_its_table_and_cleans_up(tmp_path: Path) -> None:
         assert any(line.startswith(f"| {row}") for line in table), f"no row {row!r}"
     assert "targets met" in done.stdout
     # The micro-benchmark scripts and the Redis phase ran (a figure, whatever it is), not "n/a".
-    measured = ["Routing on: added per request"]
+    measured = ["Routing on: added per request", "Response cache: hit vs miss path"]
     if shutil.which("redis-server"):
         measured.append("Throughput on the Redis backend")
     for row in measured:
@@ -84,6 +85,14 @@ def test_quick_benchmark_prints_its_table_and_cleans_up(tmp_path: Path) -> None:
     written = results.read_text()
     assert "Date:" in written and "Machine:" in written
     assert table[2] in written  # the same table as printed
+
+    # The cache phase's own table, printed and written; its hit run was all hits, its miss run
+    # all misses (edge's lookup counters), so the hit/miss figures are what they say.
+    assert "\nCache (edge with CACHE_BACKEND=local" in done.stdout
+    assert "## Response cache: the hit path against the miss path" in written
+    lookups = next(line for line in table if line.startswith("| Lookups counted"))
+    assert "hit runs 100.00 % hit" in lookups and "miss runs 100.00 % miss" in lookups, lookups
+    assert lookups in written
 
     raw = json.loads((out / "raw.json").read_text())
     assert raw["pids"], "no process recorded"

@@ -43,6 +43,9 @@ REQUIRED = {
     "edge_stream_time_to_first_token_seconds_bucket",
     "edge_tokens_total",
     "edge_auth_failures_total",
+    "edge_cache_lookups_total",
+    "edge_cache_store_bytes",
+    "edge_cache_saved_tokens_total",
 }
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
 
@@ -134,9 +137,11 @@ def exposed() -> dict[str, tuple[str, set[str]]]:
     """{exposed metric name: (family type, label names)} from a scrape of the real app."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)  # one process: this registry
-        app = create_app(Config.from_env({"AUTH_ENABLED": "false"}))
+        app = create_app(Config.from_env({"AUTH_ENABLED": "false", "CACHE_BACKEND": "local"}))
         client = falcon.testing.TestClient(app)
         assert client.simulate_post("/v1/chat/completions", json=CHAT).status_code == 200
+        hit = client.simulate_post("/v1/chat/completions", json=CHAT)  # the cache's families
+        assert hit.headers["x-cache"] == "hit"
         stream = client.simulate_post("/v1/chat/completions", json={**CHAT, "stream": True})
         assert stream.status_code == 200
         assert client.simulate_get("/v1/nothing").status_code == 404

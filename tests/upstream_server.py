@@ -26,6 +26,8 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
     paced                 SSE chunks every --pace seconds (also: model "paced-N" sends N chunks)
     long-stream           SSE chunks as fast as the client reads, for --long-chunks chunks
     fast-N                N SSE chunks without pause (quick streams for soak and leak runs)
+    negative-usage        a usage with prompt_tokens -1 (whole and streamed)
+    long-content-type     an answer whose content type is over 300 characters
     bill, bill-slow       an honest provider's billing (chat, completions, responses): input
                           tokens are the bytes of every string in the body (keys included) / 4
                           plus 1,000 per image part; it generates the output cap the route's
@@ -65,6 +67,7 @@ LOG: list[dict] = []
 CONTROL: dict = {}
 STATS = {"streams_started": 0, "streams_finished": 0, "streams_cancelled": 0}
 BILLS: list[dict] = []
+SERIAL = [0]
 BILL_MAX_OUTPUT = 400
 IMAGE_TYPES = ("image_url", "input_image", "image")
 
@@ -77,12 +80,20 @@ def _usage(prompt: int = 5, completion: int = 7) -> dict:
     }
 
 
+def _serial() -> str:
+    """A mark unique to each answer this upstream writes (the cache tests tell a replay from a
+    fresh answer by it)."""
+    SERIAL[0] += 1
+    return f"fp_{SERIAL[0]}"
+
+
 def _chat(model: str) -> dict:
     return {
         "id": "chatcmpl-upstream",
         "object": "chat.completion",
         "created": int(time.time()),
         "model": model,
+        "system_fingerprint": _serial(),
         "choices": [
             {
                 "index": 0,
@@ -284,6 +295,11 @@ async def completions(request: web.Request) -> web.StreamResponse:
     if data.get("stream"):
         return await _stream(request, model, chat, options)
     body = _chat(model) if chat else _completion(model)
+    if model == "negative-usage":
+        body["usage"] = {"prompt_tokens": -1, "completion_tokens": 2, "total_tokens": 1}
+    elif model == "long-content-type":  # a content type no cache entry can hold
+        profile = "application/json; profile=" + "x" * 300
+        return web.Response(body=json.dumps(body).encode(), headers={"content-type": profile})
     if options.name:
         body["upstream"] = options.name
     return web.json_response(body)
@@ -345,7 +361,7 @@ async def _stream(request, model, chat, options) -> web.StreamResponse:
             "object": "chat.completion.chunk",
             "model": model,
             "choices": [],
-            "usage": _usage(3, count),
+            "usage": _usage(-1 if model == "negative-usage" else 3, count),
         }
         await response.write(b"data: " + json.dumps(final).encode() + b"\n\n")
         await response.write(b"data: [DONE]\n\n")

@@ -151,6 +151,7 @@ class RequestContext:
     """What the request path knows about one request. Never holds a key."""
 
     __slots__ = (
+        "cache",
         "client",
         "completion_tokens",
         "identity",
@@ -180,6 +181,7 @@ class RequestContext:
         self.upstream: UpstreamOutcome | None = None  # see record_upstream
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.cache: str | None = None  # the cache lookup's result (edge.cache.answers)
         self.trace_id: str | None = None
         self.trace_flags = "01"
         self.traceparent_out: str | None = None

@@ -150,6 +150,8 @@ def log_access(
         "provider": None if upstream is None else upstream.provider,
         "attempts": 0 if upstream is None else upstream.attempts,
     }
+    if ctx.cache is not None:
+        line["cache"] = ctx.cache  # hit, miss, bypass, coalesced or error (CACHE_BACKEND set)
     if ctx.trace_id is not None:
         line["trace_id"] = ctx.trace_id
     writer.write(line)

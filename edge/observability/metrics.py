@@ -171,7 +171,11 @@ class Metrics:
     `directory` is the multiprocess directory (PROMETHEUS_MULTIPROC_DIR, chosen by the master)
     that a scrape sums; None in a single process (tests, plain uvicorn)."""
 
-    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+    def __init__(
+        self, directory: str | os.PathLike[str] | None = None, cache: bool = False
+    ) -> None:
+        """`cache`: the response cache is on, and its families exist (a gauge's file appears
+        in the multiprocess directory as soon as the family does)."""
         self.directory = None if directory is None else os.fspath(directory)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -249,6 +253,30 @@ class Metrics:
             "tokens", "Tokens reported in the upstream's usage, by model and kind.",
             "model", "kind",
         )  # fmt: skip
+        self.cache_source: Any = None  # callable: (bytes, entries) of the store, set by the app
+        if cache:
+            # The response cache (edge.cache): a hit's tokens are counted here, not in `tokens`
+            # (which is what the upstream reported, and billed).
+            self.cache_saved_tokens = counter(
+                "cache_saved_tokens", "Tokens of answers served from the cache, by model and kind.",
+                "model", "kind",
+            )  # fmt: skip
+            self.cache_lookups = counter(
+                "cache_lookups",
+                "Cache lookups by route and result (hit, miss, bypass, coalesced, error) and the "
+                "tier of a hit (local, redis; none otherwise).",
+                "route", "result", "tier",
+            )  # fmt: skip
+            self.cache_evictions = counter(
+                "cache_evictions", "Entries evicted from the local store to stay within its size."
+            )
+            # Host-wide values (one store per host): written by the worker answering a scrape.
+            self.cache_store_bytes = gauge(
+                "cache_store_bytes", "Bytes of the entries in the host's local store.", "mostrecent"
+            )
+            self.cache_store_entries = gauge(
+                "cache_store_entries", "Entries in the host's local store.", "mostrecent"
+            )
         # Per provider: label values are configured provider names only (PROVIDERS_FILE, or
         # "default" for UPSTREAM_URL), never anything a client sent.
         self.provider_requests = counter(
@@ -379,7 +407,10 @@ class Metrics:
             return outcome, self._child(self.upstream_errors, "5xx")
         return (outcome,)
 
-    def observe_tokens(self, model: str | None, prompt: int | None, completion: int | None) -> None:
+    def observe_tokens(
+        self, model: str | None, prompt: int | None, completion: int | None, cached: bool = False
+    ) -> None:
+        """Tokens of an answer: reported by the upstream, or (`cached`) served from the cache."""
         if model is None:
             return
         if self.model_label is not None:
@@ -389,7 +420,13 @@ class Metrics:
                 model = "other"
             else:
                 self._models.add(model)
-        counters = self._token_counters.get(model)
+        if cached:
+            counters = (
+                self._child(self.cache_saved_tokens, model, "prompt"),
+                self._child(self.cache_saved_tokens, model, "completion"),
+            )
+        else:
+            counters = self._token_counters.get(model)  # type: ignore[assignment]
         if counters is None:
             counters = self._token_counters[model] = (
                 self._child(self.tokens, model, "prompt"),
@@ -421,6 +458,9 @@ class Metrics:
         }[what]
         self._child(family, provider).inc()
 
+    def cache_lookup(self, route: str, result: str, tier: str) -> None:
+        self._child(self.cache_lookups, route, result, tier).inc()
+
     def auth_failure(self, reason: str) -> None:
         self._child(self.auth_failures, reason).inc()
 
@@ -437,6 +477,10 @@ class Metrics:
                 # Once per scrape, not per request: the public API (it writes the timestamp
                 # `mostrecent` needs; the fast-path slots write values only).
                 self.breaker_state.labels(provider).set(state)
+        if self.cache_source is not None:
+            size, entries = self.cache_source()
+            self.cache_store_bytes.set(size)
+            self.cache_store_entries.set(entries)
         if self.directory is None:
             return generate_latest(self.registry), CONTENT_TYPE_LATEST
         registry = CollectorRegistry()

@@ -34,6 +34,9 @@ class Call:
     # Takes another token estimate before an attempt the upstream may bill on top of an
     # earlier one (edge.pipeline: a failover after a request that was sent and not answered).
     charge: Callable[[], Awaitable[None]] | None = None
+    # time.monotonic() by which the exchange must end, when part of the request's deadline is
+    # spent already (a cache follower that waited for an identical request); None: all of it.
+    deadline: float | None = None
 
 
 class Events:

@@ -36,6 +36,7 @@ _PROVIDER_FIELDS = frozenset(
     {"base_url", "api_key", "api_key_file", "timeout_seconds", "max_retries", "kind"}
 )
 _TARGET_FIELDS = frozenset({"provider", "model", "weight"})
+_MODEL_FIELDS = frozenset({"name", "targets", "cache", "cache_ttl_seconds"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,11 +88,26 @@ class Routing:
 
 
 @dataclass(frozen=True, slots=True)
+class CacheRule:
+    """A [[models]] entry's cache settings (edge.cache): off, or another TTL."""
+
+    enabled: bool = True
+    ttl_s: float | None = None  # None: CACHE_TTL_SECONDS
+
+
+@dataclass(frozen=True, slots=True)
 class Providers:
     providers: dict[str, Provider]
     models: dict[str, tuple[Target, ...]]
     routing: Routing = Routing()
     from_file: bool = True
+    cache: dict[str, CacheRule] = field(default_factory=dict)  # by [[models]] name
+
+    def cache_rule(self, model: str) -> CacheRule | None:
+        """The cache settings of the entry that routes `model` (its own, else "*"'s)."""
+        if model in self.models:
+            return self.cache.get(model)
+        return self.cache.get(WILDCARD)
 
     def targets(self, model: str) -> tuple[Target, ...] | None:
         found = self.models.get(model)
@@ -191,10 +207,11 @@ def parse(document: dict[str, Any], base_dir: Path | None = None) -> Providers:
     if len(raw_models) > MAX_MODELS:
         raise _fail(f"at most {MAX_MODELS} [[models]] entries")
     models: dict[str, tuple[Target, ...]] = {}
+    cache: dict[str, CacheRule] = {}
     for index, raw in enumerate(raw_models):
         where = f"[[models]] #{index + 1}"
         raw = _table(raw, where)
-        extra = set(raw) - {"name", "targets"}
+        extra = set(raw) - _MODEL_FIELDS
         if extra:
             raise _fail(f"{where}: unknown key(s) {', '.join(sorted(extra))}")
         name = raw.get("name")
@@ -203,8 +220,24 @@ def parse(document: dict[str, Any], base_dir: Path | None = None) -> Providers:
         if name in models:
             raise _fail(f"{where}: model {name!r} is listed twice")
         models[name] = _targets(raw.get("targets"), f"{where} ({name})", providers, name)
+        rule = _cache_rule(raw, f"{where} ({name})")
+        if rule is not None:
+            cache[name] = rule
     routing = _routing(_table(document.get("routing", {}), "[routing]"))
-    return Providers(providers, models, routing)
+    return Providers(providers, models, routing, cache=cache)
+
+
+def _cache_rule(raw: dict[str, Any], where: str) -> CacheRule | None:
+    """A [[models]] entry's `cache` (bool) and `cache_ttl_seconds`, when it sets either."""
+    if "cache" not in raw and "cache_ttl_seconds" not in raw:
+        return None
+    enabled = raw.get("cache", True)
+    if not isinstance(enabled, bool):
+        raise _fail(f"{where}: 'cache' must be true or false")
+    ttl = None
+    if "cache_ttl_seconds" in raw:
+        ttl = _number(raw["cache_ttl_seconds"], f"{where} cache_ttl_seconds", 1, 365 * 86_400)
+    return CacheRule(enabled, ttl)
 
 
 def _provider(name: str, raw: dict[str, Any], base_dir: Path | None) -> Provider:

@@ -344,6 +344,8 @@ class Router:
         max_attempts = 1 + (routing.max_retries if routing.fallback_enabled else 0)
         clock = time.monotonic
         deadline = clock() + self._timeout_s
+        if call.deadline is not None:
+            deadline = min(deadline, call.deadline)
         attempts = 0
         charged = 1  # the token reservation taken for the first attempt (edge.pipeline)
         last: UpstreamResponse | None = None

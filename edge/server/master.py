@@ -46,6 +46,7 @@ class Settings:
     metrics_dir_source: str = "PROMETHEUS_MULTIPROC_DIR"  # what named it, for error messages
     providers: Any = None  # edge.routing.providers.Providers, or None (the mock answers)
     breaker_table: str = ""
+    flights_table: str = ""  # the response cache's requests in flight; "" with the cache off
 
 
 _current: Settings | None = None
@@ -53,6 +54,7 @@ _segments: list[str] = []  # the shared-memory segments this master created, to 
 _removable_dir: Path | None = None  # a metrics directory this master created or verified
 _master_pid: int | None = None  # the process whose exit cleans up (not a forked worker)
 _lock_fd: int | None = None  # the master's lock on the metrics directory, kept until it exits
+_removable_cache_dir: Path | None = None  # a private cache directory this master made
 
 
 def current() -> Settings:
@@ -87,8 +89,10 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
     config = dataclasses.replace(config, api_keys=())
     pid = os.getpid()
     metrics_dir, owns, source = _metrics_dir(environ, config)
-    # The workers (which inherit this Config) write and read the directory chosen here.
-    config = dataclasses.replace(config, prometheus_multiproc_dir=metrics_dir)
+    # The workers (which inherit this Config) write and read the directories chosen here.
+    config = dataclasses.replace(
+        config, prometheus_multiproc_dir=metrics_dir, cache_dir=_cache_dir(config)
+    )
     _current = Settings(
         config=config,
         keys=keys,
@@ -101,8 +105,28 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         breaker_table=(
             _current.breaker_table if _current else segment_name(breaker_prefix(config), pid)
         ),
+        flights_table=_current.flights_table if _current else "",
     )
     return _current
+
+
+def _cache_dir(config: Config) -> Path | None:
+    """The response cache's local store: CACHE_DIR, else systemd's CACHE_DIRECTORY, else a new
+    private directory removed when the master exits (so then not kept across restarts). A
+    reload keeps the one chosen at start."""
+    global _removable_cache_dir
+    if config.cache_backend == "off":
+        return None
+    if _current is not None and _current.config.cache_dir is not None:
+        return _current.config.cache_dir
+    if config.cache_dir is not None:
+        return config.cache_dir
+    if config.cache_directory is not None:
+        return config.cache_directory
+    path = Path(tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.{config.instance}.", suffix=".cache"))
+    _removable_cache_dir = path
+    _register_cleanup()
+    return path
 
 
 def _log_keys(keys: KeyStore, previous: KeyStore | None) -> None:
@@ -175,8 +199,12 @@ def _cleanup() -> None:
     global _removable_dir
     from edge.shm import unlink
 
+    global _removable_cache_dir
     while _segments:
         unlink(_segments.pop())
+    if _removable_cache_dir is not None:
+        shutil.rmtree(_removable_cache_dir, ignore_errors=True)
+        _removable_cache_dir = None
     if _removable_dir is not None:
         shutil.rmtree(_removable_dir, ignore_errors=True)
         _removable_dir = None
@@ -214,6 +242,8 @@ def on_starting(server: Any) -> None:
         lambda name: SharedBreakers.create(name, **owner),
     )
     settings = _current = dataclasses.replace(settings, breaker_table=name)
+    if config.cache_backend != "off":
+        settings = _current = _prepare_cache(settings, owner)
     if config.providers_file is not None:
         log.info(
             "routing to the providers of PROVIDERS_FILE",
@@ -240,6 +270,35 @@ def on_starting(server: Any) -> None:
         log.warning("AUTH_ENABLED=false: the gateway accepts requests without an API key")
     if not config.rate_limit_enabled:
         log.warning("RATE_LIMIT_ENABLED=false: requests are not rate limited")
+
+
+def _prepare_cache(settings: Settings, owner: dict[str, int]) -> Settings:
+    """The cache's flights table, and its local store checked (a corrupt one is emptied, with
+    a log line) and handed to the workers' user; an unusable directory refuses the start."""
+    from edge.cache import local
+    from edge.cache.flights import Flights
+
+    config = settings.config
+    assert config.cache_dir is not None
+    try:
+        local.prepare(str(config.cache_dir), config.cache_max_bytes, **owner)
+    except (OSError, ValueError) as exc:
+        print(f"llm-edge-proxy: cache directory: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(2) from None
+    name = _create_segment(
+        settings.flights_table or segment_name(flights_prefix(config), os.getpid()),
+        flights_prefix(config),
+        lambda name: Flights.create(name, **owner),
+    )
+    log.info(
+        "response cache on",
+        extra={"backend": config.cache_backend, "scope": config.cache_scope},
+    )
+    return dataclasses.replace(settings, flights_table=name)
+
+
+def flights_prefix(config: Config) -> str:
+    return f"{SHM_PREFIX}.{config.instance}.flights"
 
 
 def _create_segment(name: str, prefix: str, create: Any) -> str:

@@ -86,6 +86,9 @@ def test_good_file(tmp_path):
         (("[routing]", "[routing]\nfoo = 1"), "unknown"),
         (('api_key_file = "key.txt"', 'api_key_file = "missing.txt"'), "api_key_file"),
         (('name = "*"', 'name = "gpt-4o-mini"'), "twice"),
+        (('name = "*"', 'name = "*"\ncache = "no"'), "'cache' must be true or false"),
+        (('name = "*"', 'name = "*"\ncache_ttl_seconds = 0'), "cache_ttl_seconds"),
+        (('name = "*"', 'name = "*"\ncache_ttl_seconds = "1h"'), "cache_ttl_seconds"),
     ],
 )
 def test_bad_file_names_the_problem_not_the_secret(tmp_path, change, needle):
@@ -94,6 +97,15 @@ def test_bad_file_names_the_problem_not_the_secret(tmp_path, change, needle):
     assert info.value.variable == "PROVIDERS_FILE"
     assert needle in str(info.value)
     assert "sk-primary-secret" not in str(info.value)
+
+
+def test_models_cache_settings(tmp_path):
+    text = GOOD.replace('name = "gpt-4o-mini"', 'name = "gpt-4o-mini"\ncache = false')
+    text = text.replace('name = "*"', 'name = "*"\ncache_ttl_seconds = 60')
+    loaded = load(tmp_path, text)
+    assert loaded.cache_rule("gpt-4o-mini") == pv.CacheRule(False, None)
+    assert loaded.cache_rule("anything-else") == pv.CacheRule(True, 60.0)  # the "*" entry's
+    assert load(tmp_path, GOOD).cache_rule("gpt-4o-mini") is None  # the configured defaults
 
 
 def test_not_toml(tmp_path):
