@@ -58,20 +58,23 @@ async def run(
         return
     if had_controls:  # the body's cache controls never go upstream
         call.body = reserialise(call.data)
+    relayed = False
     try:
-        await _exchange(runtime, req, resp, call, prompt, lookup)
+        relayed = await _exchange(runtime, req, resp, call, prompt, lookup)
     finally:
-        if isinstance(resp.stream, ResponseStream):  # its leadership ends with the stream
+        if relayed and isinstance(resp.stream, ResponseStream):
+            # A stream is stored as its client reads it: its leadership ends with it.
             resp.stream.on_close.append(lambda _: cache.done(lookup))
-        else:
+        else:  # a whole answer was stored (or not) already, whatever its client does
             cache.done(lookup)
 
 
 async def _exchange(
     runtime: Runtime, req: Any, resp: Any, call: Call, prompt: Prompt | None, lookup: Any
-) -> None:
+) -> bool:
     """The exchange of a request the cache did not answer (`lookup`: its cache lookup, None
-    when the cache does not apply), settled and sent."""
+    when the cache does not apply), settled and sent. True: a stream's events are being
+    relayed."""
     ctx: RequestContext = req.context.edge
     reservation = None
     hide_usage = False
@@ -99,7 +102,7 @@ async def _exchange(
         if lookup is not None and lookup.store:
             recorder = runtime.cache.recorder(lookup, ctx)
         _send_events(req, resp, ctx, result, reservation, hide_usage, recorder)
-        return
+        return True
     sent_in_pieces = _send_answer(resp, ctx, result, call.api)  # usage recorded on ctx
     if lookup is not None and lookup.store and result.status == 200:
         fresh = [result.body]
@@ -108,6 +111,7 @@ async def _exchange(
         result.release()
     if reservation is not None:
         await reservation.settle(_used(reservation, ctx, 200 <= result.status < 300))
+    return False
 
 
 def _send_hit(resp: Any, ctx: RequestContext, cache: Any, found: Any) -> None:

@@ -115,6 +115,7 @@ class ResponseCache:
         self._clock = clock
         self._evictions_seen = 0
         self._writes: list[tuple[bytes, bytes]] = []  # for the local store, this loop turn
+        self._flush_scheduled = False
         self._releases: list[tuple[bytes, int]] = []  # leaderships ending after those writes
 
     # ------------------------------------------------------------------ lookup
@@ -275,21 +276,27 @@ class ResponseCache:
         """Queue a write to the local store: the writes of one turn of the event loop go in
         one LMDB write transaction (`_flush`, called soon), as a transaction costs most of a
         write and all workers queue for LMDB's one writer."""
-        self._writes.append((key, value))
-        if len(self._writes) == 1:
+        if not self._flush_scheduled:
             asyncio.get_running_loop().call_soon(self._flush)
+            self._flush_scheduled = True
+        self._writes.append((key, value))
 
     def _flush(self) -> None:
         """Write the queued answers, then end the leaderships that waited for them."""
+        self._flush_scheduled = False
         writes, self._writes = self._writes, []
         releases, self._releases = self._releases, []
         store = self._store
         try:
-            store.put_many(writes)
+            if writes:
+                store.put_many(writes)
         except Exception:
             log.exception("cache store write failed")
         for key, token in releases:
-            self._flights.release(key, token)
+            try:
+                self._flights.release(key, token)
+            except Exception:  # a bug; the claim goes stale with its age or its process
+                log.exception("cache leadership release failed")
         evicted = store.evictions - self._evictions_seen
         if evicted:
             self._evictions_seen = store.evictions
@@ -359,6 +366,7 @@ class ResponseCache:
         """Lifespan shutdown: Redis's writes in flight and connections. The store and the
         flights table stay open until the process ends (a test client runs the lifespan
         around every request; LMDB's committed writes are in the file, closed or not)."""
+        self._flush()  # what this loop turn queued
         if self._remote is not None:
             await self._remote.aclose()
 

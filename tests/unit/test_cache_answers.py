@@ -108,3 +108,64 @@ def test_a_stream_follows_a_leader_for_a_short_while_only():
     answers = cache(Store(), Flights(), "0.2")
     with pytest.raises(GatewayTimeout):
         asyncio.run(answers.lookup(RequestContext("r", None), call(stream=True), None))
+
+
+def test_a_whole_answer_ends_its_leadership_when_handed_over_not_when_read(tmp_path):
+    """A 200 over SEND_PIECE_BYTES is sent in pieces, at the client's pace, and (over
+    CACHE_MAX_ENTRY_BYTES) not stored: its leadership must not wait for a slow client, or
+    every identical request would follow it until its deadline."""
+    import types
+
+    import orjson
+
+    from edge import pipeline
+    from edge.cache.answers import LocalFlights
+    from edge.cache.local import LocalStore
+    from edge.routing.exchange import Answer
+
+    store = LocalStore.open(str(tmp_path / "s"), 64 << 20)
+    flights = LocalFlights()
+    answers = ResponseCache(
+        Config.from_env({"API_KEYS": "k", "CACHE_BACKEND": "local"}),
+        Providers.builtin_mock(),
+        store,
+        flights,
+    )
+    big = b'{"data":[' + b"1," * (600 * 1024) + b"1]}"
+    assert len(big) > pipeline.SEND_PIECE_BYTES and len(big) > answers.max_entry_bytes
+
+    class Router:
+        async def exchange(self, ctx, call):
+            return Answer(200, big, "application/json", {}, data={"data": []})
+
+    runtime = types.SimpleNamespace(cache=answers, tokens=None, router=Router())
+    ctx = RequestContext("r", None)
+    req = types.SimpleNamespace(
+        context=types.SimpleNamespace(edge=ctx),
+        scope={"edge.protocol_watches": True},
+        receive=None,
+        get_header=lambda name: None,
+    )
+
+    class Resp:
+        stream = data = status = content_type = content_length = None
+
+        def set_header(self, name, value):
+            pass
+
+    resp = Resp()
+    data = {"model": "m", "input": ["x"]}
+    asked = Call("openai", "POST", "/embeddings", orjson.dumps(data), data, "m", False)
+
+    async def run():
+        claimed = []
+        real_claim = flights.claim
+        flights.claim = lambda key: claimed.append(key) or real_claim(key)
+        await pipeline.run(runtime, req, resp, asked)
+        await asyncio.sleep(0.01)  # a queued write has been flushed
+        return claimed[0]
+
+    key = asyncio.run(run())
+    assert isinstance(resp.stream, pipeline.ResponseStream)  # still to be read by its client
+    assert store.get(key) is None and not flights.leading(key)
+    store.close()
