@@ -659,11 +659,11 @@ def run_cache_phase(
             order = [("hit", cached), *(pair if round_ % 2 else pair[::-1])]
             for name, target in order:
                 log(f"response cache: {name} path (round {round_}/{settings.rounds})")
-                before = cache_lookups(cached)
+                before = settled_lookups(cached)
                 result = load_cpu(
                     target, settings, settings.duration, round_ == 1, distinct=name != "hit"
                 )
-                result["lookups"] = counts_since(before, cache_lookups(cached))
+                result["lookups"] = counts_since(before, settled_lookups(cached))
                 runs[name].append(result)
                 if name == "hit":
                     x_cache(cached, BODY, "hit")
@@ -719,6 +719,20 @@ def cache_lookups(target: Target) -> dict[str, float]:
     counts: dict[str, float] = {}
     for result, value in LOOKUP_RE.findall(text):
         counts[result] = counts.get(result, 0.0) + float(value)
+    return counts
+
+
+def settled_lookups(target: Target, timeout_s: float = 10.0) -> dict[str, float]:
+    """`cache_lookups` once two scrapes 0.1 s apart agree: requests a load left in flight when
+    wrk stopped (on a busy machine, a worker's backlog) are counted with their own run."""
+    deadline = time.monotonic() + timeout_s
+    counts = cache_lookups(target)
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        again = cache_lookups(target)
+        if again == counts:
+            break
+        counts = again
     return counts
 
 
