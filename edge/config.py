@@ -449,8 +449,8 @@ SETTINGS: tuple[Setting, ...] = (
       "directory, one the service did not create must be its own and not writable by others",
       shown="see meaning"),
     S("CACHE_TTL_SECONDS", "cache_ttl_s", number(1, 365 * 86_400), "3600",
-      "How long a stored answer is served (a model's `cache_ttl_seconds` or a request's "
-      "`cache.ttl` overrides it)"),
+      "How long a stored answer is served (a model's `cache_ttl_seconds` overrides it; a "
+      "request's `cache.ttl` may only shorten it)"),
     S("CACHE_MAX_BYTES", "cache_max_bytes", integer(1 << 20, 1 << 44), "1073741824",
       "The local store's size on disk; the oldest entries are evicted to stay within it"),
     S("CACHE_MAX_ENTRY_BYTES", "cache_max_entry_bytes", integer(1024, 1 << 30), "1048576",
