@@ -416,9 +416,16 @@ def test_every_log_line_is_json_and_access_line_is_complete(proxy, upstream):
         model="gpt-obs", messages=MESSAGES, extra_headers={"x-request-id": request_id}
     )
     assert reply.usage.prompt_tokens == 5
-    # Some other log producers too: a 404, a 401, an upstream timeout warning.
-    assert chat(proxy, "slow", unique("obs-json-slow")).status_code == 504
-    assert httpx.get(proxy.url + "/nowhere").status_code == 401
+    # Some other log producers too: a 404, a 401, an upstream timeout warning. Access lines
+    # wait in the workers' buffers (ACCESS_LOG_FLUSH_MS): each is in before the count below.
+    slow_id, missing_id, refused_id = (unique(f"obs-json-{n}") for n in ("slow", "404", "401"))
+    assert chat(proxy, "slow", slow_id).status_code == 504
+    missing = httpx.get(proxy.url + "/nowhere", headers={**AUTH, "x-request-id": missing_id})
+    assert missing.status_code == 404
+    refused = httpx.get(proxy.url + "/nowhere", headers={"x-request-id": refused_id})
+    assert refused.status_code == 401
+    for other in (slow_id, missing_id, refused_id):
+        access(proxy, other)
 
     line = access(proxy, request_id)
     sent = TRACEPARENT_RE.match(upstream.seen(request_id)["headers"]["traceparent"])
