@@ -10,6 +10,7 @@ the Redis connections) opens at ASGI lifespan startup and closes at shutdown.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -21,6 +22,8 @@ from edge.routing.breaker import LocalBreakers, SharedBreakers
 from edge.routing.providers import Providers, load_for
 from edge.routing.router import Router
 from edge.upstream.client import Upstream
+
+log = logging.getLogger("edge.cache")
 
 
 class HostTables(NamedTuple):
@@ -179,7 +182,14 @@ def _cache(config: Config, providers: Providers, tables: HostTables | None, metr
         import tempfile
 
         path = tempfile.mkdtemp(prefix="llm-edge-proxy.", suffix=".cache")
-    store = LocalStore.open(path, config.cache_max_bytes)
+    try:
+        store = LocalStore.open(path, config.cache_max_bytes)
+    except OSError as exc:  # not even a fresh store (the disk full, say): serve uncached
+        log.error(
+            "the response cache's store cannot be opened: this worker serves without it",
+            extra={"directory": path, "error": str(exc)},
+        )
+        return None
     flights: Any = LocalFlights()
     if tables is not None and tables.flights:
         from edge.cache.flights import Flights

@@ -169,3 +169,17 @@ def test_a_whole_answer_ends_its_leadership_when_handed_over_not_when_read(tmp_p
     assert isinstance(resp.stream, pipeline.ResponseStream)  # still to be read by its client
     assert store.get(key) is None and not flights.leading(key)
     store.close()
+
+
+def test_a_worker_whose_store_cannot_open_serves_without_the_cache(monkeypatch, caplog):
+    """Not even a fresh store (a full disk, say): the worker serves, uncached, and says so."""
+    from edge.cache import local
+    from edge.runtime import Runtime
+
+    def refuse(cls, path, max_bytes):
+        raise OSError("cannot make a local cache store: No space left on device")
+
+    monkeypatch.setattr(local.LocalStore, "open", classmethod(refuse))
+    runtime = Runtime.build(Config.from_env({"API_KEYS": "k", "CACHE_BACKEND": "local"}))
+    assert runtime.cache is None
+    assert "serves without it" in caplog.text
