@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import falcon
 
 from edge.auth import presented_key, unauthorized
+from edge.cache.answers import SERVED
 from edge.config import Config
 from edge.endpoints.routes import UNMATCHED, Endpoint
 from edge.errors import RateLimited
@@ -184,7 +185,7 @@ class EdgeMiddleware:
                     ctx.model,
                     ctx.prompt_tokens,
                     ctx.completion_tokens,
-                    ctx.cache is not None and ctx.cache in ("hit", "coalesced"),
+                    ctx.cache in SERVED,
                 )
             if stream is not None:
                 if stream.first_chunk_at is not None:

@@ -142,12 +142,10 @@ def _limiter(
     if not config.rate_limit_enabled:
         return None, False
     if config.rate_limit_backend == "redis":
-        from edge.ratelimit.redis import RedisRateLimiter, connect
+        from edge.ratelimit.redis import RedisRateLimiter
 
-        url = config.redis_url
-        assert url is not None  # Config.from_env requires it with this backend
         limiter = RedisRateLimiter(
-            lambda: connect(url, config.redis_password, config.rate_limit_redis_timeout_s),
+            _redis(config),
             prefix=config.redis_key_prefix,
             timeout_s=config.rate_limit_redis_timeout_s,
             failure_policy=config.rate_limit_failure_policy,
@@ -198,17 +196,23 @@ def _cache(config: Config, providers: Providers, tables: HostTables | None, metr
     remote = None
     if config.cache_backend == "redis":
         from edge.cache.remote import RedisTier
-        from edge.ratelimit.redis import connect
 
-        url = config.redis_url
-        assert url is not None  # Config.from_env requires it with this backend
-        timeout = config.rate_limit_redis_timeout_s
         remote = RedisTier(
-            lambda: connect(url, config.redis_password, timeout),
+            _redis(config),
             prefix=config.redis_key_prefix,
-            timeout_s=timeout,
+            timeout_s=config.rate_limit_redis_timeout_s,
         )
     return ResponseCache(config, providers, store, flights, remote, metrics)
+
+
+def _redis(config: Config) -> Callable[[], Any]:
+    """A factory of the worker's redis.asyncio client for REDIS_URL (the rate limiter's and
+    the cache's each make their own, at lifespan startup)."""
+    from edge.ratelimit.redis import connect
+
+    url = config.redis_url
+    assert url is not None  # Config.from_env requires it where a backend is redis
+    return lambda: connect(url, config.redis_password, config.rate_limit_redis_timeout_s)
 
 
 def _model_labels(providers: Providers) -> Callable[[str], str] | None:

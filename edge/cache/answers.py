@@ -57,6 +57,7 @@ CACHED_PATHS = frozenset(
     ("/chat/completions", "/completions", "/embeddings", "/responses", "/messages")
 )
 HIT, MISS, BYPASS, COALESCED, ERROR = "hit", "miss", "bypass", "coalesced", "error"
+SERVED = frozenset((HIT, COALESCED))  # results answered from the cache
 SSE = "text/event-stream"
 POLL_FIRST_S = 0.002
 FOLLOW_STREAM_S = 5.0  # the longest a stream follows a leader (nginx's proxy_cache_lock_timeout)
@@ -84,7 +85,7 @@ class Lookup:
     @property
     def header(self) -> str:
         """The x-cache header: hit (a coalesced answer too), miss or bypass."""
-        if self.result in (HIT, COALESCED):
+        if self.result in SERVED:
             return "hit"
         return "bypass" if self.result == BYPASS else "miss"
 

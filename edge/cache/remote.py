@@ -9,7 +9,7 @@ written with ``SET key value PX ttl_ms`` so Redis expires it. Reads are one ``GE
 
 Redis being slow, down, restarting or loading is a miss, never an error: ``get`` waits at most
 ``timeout_s`` and answers ``(None, reason)``, the reasons being those of the Redis rate limiter
-(edge.ratelimit.redis). After a failure the tier backs off as that limiter does (``Backoff``):
+(edge.ratelimit.redis). After a failure the tier backs off as that limiter does (its ``Backoff``):
 for a jittered interval, 50 ms doubling to 2 s, reads are misses without touching Redis
 (``redis_backoff``); when the interval is over one read at a time probes Redis, and the first
 success, read or write, ends the backoff.
@@ -30,20 +30,19 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
-import random
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 from edge.ratelimit.redis import (
-    BACKOFF_MAX_S,
-    BACKOFF_MIN_S,
     REDIS_BACKOFF,
     REDIS_ERROR,
     REDIS_TIMEOUT,
     REDIS_UNAVAILABLE,
+    Backoff,
     Connections,
     _reason,
+    close_pool,
 )
 
 log = logging.getLogger("edge.cache")
@@ -51,45 +50,6 @@ log = logging.getLogger("edge.cache")
 KEY_INFIX: Final = "c:"
 _READ_CONNECTIONS: Final = 32
 _MAX_TTL_S: Final = 315_360_000.0  # ten years: PX of an infinite TTL would overflow
-
-
-class Backoff:
-    """After a failure, skip Redis for a jittered interval (BACKOFF_MIN_S doubling to
-    BACKOFF_MAX_S), then let one call at a time probe it; a success ends it. Sans I/O: the
-    clock is passed in. The same rule as RedisRateLimiter's."""
-
-    __slots__ = ("_clock", "_interval_s", "_probing", "retry_at")
-
-    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
-        self._clock = clock
-        self._interval_s = 0.0
-        self._probing = False
-        self.retry_at: float | None = None  # None: healthy
-
-    @property
-    def backing_off(self) -> bool:
-        return self.retry_at is not None
-
-    def try_probe(self) -> bool:
-        """While backing off: whether this call may go to Redis now (the interval is over and
-        no other call is probing). If so it is the probe until `end_probe`."""
-        if self._probing or self.retry_at is None or self._clock() < self.retry_at:
-            return False
-        self._probing = True
-        return True
-
-    def end_probe(self) -> None:
-        self._probing = False
-
-    def succeeded(self) -> None:
-        self.retry_at = None
-        self._interval_s = 0.0
-
-    def failed(self) -> None:
-        interval = self._interval_s * 2 if self._interval_s else BACKOFF_MIN_S
-        self._interval_s = min(interval, BACKOFF_MAX_S)
-        # Jitter: the workers of every host must not come back at the same instant.
-        self.retry_at = self._clock() + self._interval_s * random.uniform(0.5, 1.0)
 
 
 class RedisTier:
@@ -226,7 +186,4 @@ class RedisTier:
             await asyncio.gather(*writes, return_exceptions=True)
         client, self._client = self._client, None
         connections, self._connections = self._connections, None
-        if connections is not None:
-            await connections.aclose()
-        if client is not None:
-            await client.aclose()
+        await close_pool(client, connections)

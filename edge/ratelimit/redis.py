@@ -141,6 +141,46 @@ def connect(url: str, password: str | None, timeout_s: float, max_connections: i
     return aioredis.Redis.from_url(url, **options)
 
 
+class Backoff:
+    """After a failure, skip Redis for a jittered interval (BACKOFF_MIN_S doubling to
+    BACKOFF_MAX_S), then let one call at a time probe it; a success ends it. Sans I/O: the
+    clock is passed in. The rule of RedisRateLimiter and of the cache's Redis tier
+    (edge.cache.remote)."""
+
+    __slots__ = ("_clock", "_interval_s", "_probing", "retry_at")
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._interval_s = 0.0
+        self._probing = False
+        self.retry_at: float | None = None  # None: healthy
+
+    @property
+    def backing_off(self) -> bool:
+        return self.retry_at is not None
+
+    def try_probe(self) -> bool:
+        """While backing off: whether this call may go to Redis now (the interval is over and
+        no other call is probing). If so it is the probe until `end_probe`."""
+        if self._probing or self.retry_at is None or self._clock() < self.retry_at:
+            return False
+        self._probing = True
+        return True
+
+    def end_probe(self) -> None:
+        self._probing = False
+
+    def succeeded(self) -> None:
+        self.retry_at = None
+        self._interval_s = 0.0
+
+    def failed(self) -> None:
+        interval = self._interval_s * 2 if self._interval_s else BACKOFF_MIN_S
+        self._interval_s = min(interval, BACKOFF_MAX_S)
+        # Jitter: the workers of every host must not come back at the same instant.
+        self.retry_at = self._clock() + self._interval_s * random.uniform(0.5, 1.0)
+
+
 class RedisRateLimiter:
     """RateLimiter whose buckets live in Redis. Its decisions are awaited (``check_async``)."""
 
@@ -165,9 +205,7 @@ class RedisRateLimiter:
         self._digest = DigestCache()
         self._keys: dict[bytes, str] = {}
         self._refused: dict[bytes, tuple[float, float, float]] = {}  # see check_async
-        self._retry_at = 0.0  # 0: healthy; else no Redis call before this time
-        self._backoff_s = 0.0
-        self._probing = False
+        self._backoff = Backoff(clock)
         self._tasks: set[asyncio.Task[Any]] = set()
 
     async def start(self, warm_timeout_s: float = 2.0) -> None:
@@ -241,10 +279,9 @@ class RedisRateLimiter:
         self, identity: bytes, rate_per_s: float, burst: int, cost: float, mode: str
     ) -> Any:
         """The script's reply, or the failure reason (a str) when Redis could not answer."""
-        if self._retry_at:
-            if self._probing or self._clock() < self._retry_at:
-                return REDIS_BACKOFF
-            self._probing = True  # one probe at a time while backing off
+        backoff = self._backoff
+        if backoff.retry_at is not None and not backoff.try_probe():
+            return REDIS_BACKOFF  # one probe at a time while backing off
         key = self.key_for(identity)
         args = (repr(rate_per_s), burst, _number(cost), mode)
         try:
@@ -255,9 +292,9 @@ class RedisRateLimiter:
         except Exception as exc:
             return self._failed(_reason(exc))
         finally:
-            self._probing = False
-        self._retry_at = 0.0
-        self._backoff_s = 0.0
+            backoff.end_probe()
+        if backoff.retry_at is not None:
+            backoff.succeeded()
         return reply
 
     async def _eval(self, key: str, args: tuple[Any, ...]) -> Any:
@@ -273,10 +310,7 @@ class RedisRateLimiter:
             return await connections.call("EVAL", BUCKET_SCRIPT, 1, key, *args)
 
     def _failed(self, reason: str) -> str:
-        backoff = self._backoff_s * 2 if self._backoff_s else BACKOFF_MIN_S
-        self._backoff_s = min(backoff, BACKOFF_MAX_S)
-        # Jitter: the workers of every host must not come back at the same instant.
-        self._retry_at = self._clock() + self._backoff_s * random.uniform(0.5, 1.0)
+        self._backoff.failed()
         return reason
 
     async def aclose(self) -> None:
@@ -284,10 +318,7 @@ class RedisRateLimiter:
             task.cancel()
         client, self._client = self._client, None
         connections, self._connections = self._connections, None
-        if connections is not None:
-            await connections.aclose()
-        if client is not None:
-            await client.aclose()
+        await close_pool(client, connections)
 
     def close(self) -> None:
         """Nothing synchronous to release; the pool closes in ``aclose``."""
@@ -342,6 +373,14 @@ class Connections:
         idle, self._idle = self._idle, []
         for conn in idle:
             await conn.disconnect(nowait=True)
+
+
+async def close_pool(client: Any, connections: Connections | None) -> None:
+    """Close a worker's Redis connections (`connections`' idle ones), then its client."""
+    if connections is not None:
+        await connections.aclose()
+    if client is not None:
+        await client.aclose()
 
 
 def pack_command(*args: str | int | bytes) -> bytes:
