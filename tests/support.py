@@ -147,6 +147,16 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, interval: fl
     raise AssertionError(f"condition not met within {timeout}s (last error: {last!r})")
 
 
+class FakeClock:
+    """A clock a test moves by hand (`clock.now += 5`), for code that takes an injected one."""
+
+    def __init__(self, now: float = 1_000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 class Process:
     """A child process with its output captured to a file."""
 

@@ -33,16 +33,23 @@ def upstream():
 
 @pytest.fixture(scope="module")
 def gateway(upstream, tmp_path_factory):
-    server = Gunicorn(
-        API_KEYS=f"{KEY},{OTHER}",
-        UPSTREAM_URL=upstream.url + "/v1",
-        WORKERS="4",
-        CACHE_BACKEND="local",
-        CACHE_DIR=str(tmp_path_factory.mktemp("cache") / "store"),
-        RATE_LIMIT_ENABLED="false",
+    store = tmp_path_factory.mktemp("cache") / "store"
+    server = cached(
+        store, upstream, API_KEYS=f"{KEY},{OTHER}", WORKERS="4", RATE_LIMIT_ENABLED="false"
     )
     yield server
     server.stop()
+
+
+def cached(store: Path, upstream: Upstream | None = None, **env: str) -> Gunicorn:
+    """Gunicorn with the local cache in `store`, on KEY unless `env` names other keys, in
+    front of `upstream` (else `env`'s PROVIDERS_FILE)."""
+    env.setdefault("CACHE_BACKEND", "local")
+    if "API_KEYS_FILE" not in env:
+        env.setdefault("API_KEYS", KEY)
+    if upstream is not None:
+        env["UPSTREAM_URL"] = upstream.url + "/v1"
+    return Gunicorn(CACHE_DIR=str(store), **env)
 
 
 def received(upstream: Upstream, model: str) -> int:
@@ -247,13 +254,7 @@ def test_an_entry_still_hits_after_a_reload(gateway, upstream):
 
 
 def test_entries_expire_after_the_ttl(upstream, tmp_path):
-    server = Gunicorn(
-        API_KEYS=KEY,
-        UPSTREAM_URL=upstream.url + "/v1",
-        CACHE_BACKEND="local",
-        CACHE_TTL_SECONDS="1",
-        CACHE_DIR=str(tmp_path / "store"),
-    )
+    server = cached(tmp_path / "store", upstream, CACHE_TTL_SECONDS="1")
     try:
         assert chat(server, "ttl").headers["x-cache"] == "miss"
         # Polled: a hit until a second has passed, then a miss (never a wall-clock assertion).
@@ -271,11 +272,9 @@ def test_the_store_stays_within_its_size_on_disk(upstream, tmp_path):
     """Hundreds of large distinct answers (about 190 KB each) through a 4 MiB store."""
     store = tmp_path / "store"
     limit = 4 << 20
-    server = Gunicorn(
-        API_KEYS=KEY,
-        UPSTREAM_URL=upstream.url + "/v1",
-        CACHE_BACKEND="local",
-        CACHE_DIR=str(store),
+    server = cached(
+        store,
+        upstream,
         CACHE_MAX_BYTES=str(limit),
         CACHE_MAX_ENTRY_BYTES=str(512 << 10),
         RATE_LIMIT_ENABLED="false",
@@ -308,13 +307,7 @@ def test_the_store_stays_within_its_size_on_disk(upstream, tmp_path):
 
 
 def test_a_hit_costs_no_tokens_of_the_token_limit(upstream, tmp_path):
-    server = Gunicorn(
-        API_KEYS=KEY,
-        UPSTREAM_URL=upstream.url + "/v1",
-        CACHE_BACKEND="local",
-        CACHE_DIR=str(tmp_path / "store"),
-        RATE_LIMIT_TPM="1500",
-    )
+    server = cached(tmp_path / "store", upstream, RATE_LIMIT_TPM="1500")
     try:
         # Each distinct request reserves about 1,030 tokens (the default output cap of 1,024).
         first = chat(server, "tokens")
@@ -335,11 +328,10 @@ def test_redis_shares_entries_across_instances_and_its_absence_is_a_miss(upstrea
     try:
         for name in ("one", "two"):
             servers.append(
-                Gunicorn(
-                    API_KEYS=KEY,
-                    UPSTREAM_URL=upstream.url + "/v1",
+                cached(
+                    tmp_path / name,
+                    upstream,
                     CACHE_BACKEND="redis",
-                    CACHE_DIR=str(tmp_path / name),
                     REDIS_URL=redis.url,
                     RATE_LIMIT_ENABLED="false",
                 )
@@ -368,12 +360,7 @@ def test_the_scope_is_the_key_not_a_name_given_to_another_key(upstream, tmp_path
     keys = tmp_path / "keys.toml"
     keys.write_text('[[keys]]\nname = "customer-17"\nkey = "sk-old-customer"\n')
     keys.chmod(0o600)
-    server = Gunicorn(
-        API_KEYS_FILE=str(keys),
-        UPSTREAM_URL=upstream.url + "/v1",
-        CACHE_BACKEND="local",
-        CACHE_DIR=str(tmp_path / "store"),
-    )
+    server = cached(tmp_path / "store", upstream, API_KEYS_FILE=str(keys))
     try:
         private = [{"role": "user", "content": "my private question"}]
         assert chat(server, "named", key="sk-old-customer", messages=private).status_code == 200
@@ -397,12 +384,7 @@ def test_anthropic_headers_and_the_routing_are_part_of_the_key(upstream, tmp_pat
         'api_key = "sk-provider"\n'
         '[[models]]\nname = "claude-cached"\ntargets = [{ provider = "claude" }]\n'
     )
-    server = Gunicorn(
-        API_KEYS=KEY,
-        PROVIDERS_FILE=str(path),
-        CACHE_BACKEND="local",
-        CACHE_DIR=str(tmp_path / "store"),
-    )
+    server = cached(tmp_path / "store", PROVIDERS_FILE=str(path))
     body = {
         "model": "claude-cached",
         "max_tokens": 16,
@@ -442,13 +424,12 @@ def test_an_answer_the_cache_cannot_hold_is_answered_all_the_same(gateway, upstr
 
 
 def test_a_client_ttl_never_outlives_the_operators(upstream, tmp_path):
-    server = Gunicorn(
+    server = cached(
+        tmp_path / "store",
+        upstream,
         API_KEYS=f"{KEY},{OTHER}",
-        UPSTREAM_URL=upstream.url + "/v1",
-        CACHE_BACKEND="local",
         CACHE_SCOPE="shared",
         CACHE_TTL_SECONDS="1",
-        CACHE_DIR=str(tmp_path / "store"),
     )
     try:
         pinned = chat(server, "pinned", key=OTHER, cache={"ttl": 365 * 86400})
@@ -463,12 +444,11 @@ def test_a_slow_reading_leader_of_a_stream_does_not_hold_its_followers(upstream,
     """A client that reads its stream a few bytes at a time keeps leading it; an identical
     stream from another key follows only FOLLOW_STREAM_S, then goes upstream itself (its first
     byte comes while the leader's stream is still going)."""
-    server = Gunicorn(
+    server = cached(
+        tmp_path / "store",
+        upstream,
         API_KEYS=f"{KEY},{OTHER}",
-        UPSTREAM_URL=upstream.url + "/v1",
-        CACHE_BACKEND="local",
         CACHE_SCOPE="shared",
-        CACHE_DIR=str(tmp_path / "store"),
         RATE_LIMIT_ENABLED="false",
     )
     body = orjson.dumps(
@@ -504,12 +484,7 @@ def test_models_can_turn_the_cache_off_or_set_their_ttl(upstream, tmp_path):
         '[[models]]\nname = "short-lived"\ncache_ttl_seconds = 1\ntargets = [{ provider = "up" }]\n'
         '[[models]]\nname = "*"\ntargets = [{ provider = "up" }]\n'
     )
-    server = Gunicorn(
-        API_KEYS=KEY,
-        PROVIDERS_FILE=str(path),
-        CACHE_BACKEND="local",
-        CACHE_DIR=str(tmp_path / "store"),
-    )
+    server = cached(tmp_path / "store", PROVIDERS_FILE=str(path))
     try:
         for _ in range(2):
             assert chat(server, "uncached").headers["x-cache"] == "bypass"

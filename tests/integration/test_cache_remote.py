@@ -12,28 +12,21 @@ from collections.abc import Awaitable, Callable, Iterator
 
 import pytest
 import redis
-from support import RedisServer
+from support import FakeClock, RedisServer
 
-from edge.cache.remote import Backoff, RedisTier
+from edge.cache.remote import RedisTier
 from edge.ratelimit.redis import (
     BACKOFF_MAX_S,
     BACKOFF_MIN_S,
     REDIS_BACKOFF,
     REDIS_TIMEOUT,
     REDIS_UNAVAILABLE,
+    Backoff,
     connect,
 )
 
 TIMEOUT_S = 1.0  # generous: a loaded machine must not turn a working Redis into a miss
 WAIT_S = 10.0  # upper bound for anything we poll for; never reached when things work
-
-
-class Clock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def key(text: str) -> bytes:
@@ -94,7 +87,7 @@ def silent() -> Iterator[str]:
 
 
 def test_backoff_doubles_to_its_cap_with_jitter_and_one_probe_at_a_time():
-    clock = Clock()
+    clock = FakeClock()
     backoff = Backoff(clock)
     assert not backoff.backing_off
     interval = BACKOFF_MIN_S
@@ -180,7 +173,7 @@ def test_killed_redis_is_a_miss_then_backed_off_then_used_again() -> None:
 
 async def _killed_redis_is_a_miss_then_backed_off_then_used_again() -> None:
     own = RedisServer()
-    clock = Clock()  # frozen unless the test moves it: the backoff lasts as long as needed
+    clock = FakeClock()  # frozen unless the test moves it: the backoff lasts as long as needed
     tier = tier_for(own.url, clock=clock)
     await tier.start()
     try:
@@ -212,7 +205,7 @@ def test_a_server_that_never_answers_is_a_timeout_and_probed_once(silent: str) -
 
 
 async def _a_server_that_never_answers(url: str) -> None:
-    clock = Clock()
+    clock = FakeClock()
     errors: list[str] = []
     tier = tier_for(url, timeout_s=0.2, clock=clock, on_write_error=errors.append)
     await tier.start(warm_timeout_s=0.2)

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import posix_ipc
 import pytest
+from support import FakeClock
 
 from edge.cache import flights as fl
 from edge.cache.flights import FOLLOWER, LEADER, UNTRACKED, Flights
@@ -34,14 +35,6 @@ def dead_pid() -> int:
     return proc.pid
 
 
-class Clock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def name() -> Iterator[str]:
     table = segment_name(f"llm-edge-proxy.unit{os.getpid()}.flights", os.getpid())
@@ -51,12 +44,12 @@ def name() -> Iterator[str]:
 
 
 @pytest.fixture
-def clock() -> Clock:
-    return Clock()
+def clock() -> FakeClock:
+    return FakeClock()
 
 
 @pytest.fixture
-def table(name: str, clock: Clock) -> Iterator[Flights]:
+def table(name: str, clock: FakeClock) -> Iterator[Flights]:
     flights = Flights.attach(name, clock=clock)
     yield flights
     flights.close()
@@ -122,7 +115,7 @@ def test_release_with_another_token_leaves_the_claim(table: Flights):
     assert not table.leading(k)
 
 
-def test_two_attachments_share_the_claims(name: str, table: Flights, clock: Clock):
+def test_two_attachments_share_the_claims(name: str, table: Flights, clock: FakeClock):
     other = Flights.attach(name, clock=clock)
     try:
         k = key("shared")
@@ -137,7 +130,7 @@ def test_two_attachments_share_the_claims(name: str, table: Flights, clock: Cloc
 
 
 def test_an_aged_claim_is_taken_over_and_the_old_leader_cannot_free_it(
-    name: str, table: Flights, clock: Clock
+    name: str, table: Flights, clock: FakeClock
 ):
     other = Flights.attach(name, clock=clock, max_age_s=600.0)
     try:
@@ -174,7 +167,7 @@ def test_a_dead_process_claim_is_taken_over(table: Flights):
     assert verdict == LEADER and token != 0
 
 
-def test_a_slot_written_with_a_dead_pid_is_not_live(table: Flights, clock: Clock):
+def test_a_slot_written_with_a_dead_pid_is_not_live(table: Flights, clock: FakeClock):
     k = key("planted")
     digest = k[:16]
     offset = table._slots.home(digest)

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import posix_ipc
 import pytest
+from support import FakeClock
 
 from edge.ratelimit import (
     LOCK_TIMEOUT,
@@ -30,14 +31,6 @@ from edge.shm import segment_name as table_name
 FORK = multiprocessing.get_context("fork")
 TINY_RPM = 1e-6  # refill is negligible for the length of a test
 WAIT_S = 10.0  # upper bound for anything we wait on; never reached when things work
-
-
-class FakeClock:
-    def __init__(self, now: float = 1_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 @pytest.fixture
