@@ -49,7 +49,7 @@ from targets import (
 
 PHASES = (
     "throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis", "routing",
-    "ablation", "cache",
+    "ablation", "cache", "tracing",
 )  # fmt: skip
 
 # ----------------------------------------------------------------------------- load tools
@@ -439,6 +439,7 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
     try:
         server_phases = {
             "throughput", "latency", "rate", "memory", "cpu", "redis", "ablation", "cache",
+            "tracing",
         }  # fmt: skip
         if want & server_phases:
             nginx_port, floor_port, edge_port = free_port(), free_port(), free_port()
@@ -456,6 +457,8 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
                 raw["redis"] = run_redis_phase(settings, procs, out, upstream, edge)
             if "cache" in want:  # beside edge without a cache, still running
                 raw["cache"] = run_cache_phase(settings, procs, out, tmp, upstream, edge)
+            if "tracing" in want:  # beside edge exporting nothing, still running
+                raw["tracing"] = run_tracing_phase(settings, procs, out, direct, edge)
             for target in targets:
                 raw.setdefault("rss", {})[target.name] = dict(target.rss)
             procs.stop(edge.proc)
@@ -679,6 +682,59 @@ def run_cache_phase(
         for on, off in zip(runs["miss"], runs["miss off"], strict=True)
     ]
     return best
+
+
+TRACE_RATIOS = ("1.0", "0.1", "0.0")
+
+
+def run_tracing_phase(
+    settings: Settings, procs: Processes, out: Path, direct: Target, edge: Target
+) -> dict[str, Any]:
+    """Edge exporting spans over OTLP/HTTP (to nginx's /v1/traces, which takes every export and
+    keeps nothing), sampling every request, one in ten and none (OTEL_TRACES_SAMPLER=
+    traceidratio), beside `edge` (export off), under the throughput load in interleaved rounds.
+    Each exporting edge's `edge_trace_spans_total` is read after its runs: spans dropped for a
+    full queue would make export look cheaper than it is, so the counts are reported too."""
+    traced: dict[str, Target] = {}
+    try:
+        for ratio in (*TRACE_RATIOS, "control"):
+            port = free_port()
+            log(f"tracing: starting edge exporting spans, ratio {ratio} :{port}")
+            env = {"OTEL_EXPORTER_OTLP_ENDPOINT": direct.base, "OTEL_TRACES_SAMPLER":
+                   "traceidratio", "OTEL_TRACES_SAMPLER_ARG": ratio}  # fmt: skip
+            if ratio == "control":  # a second edge exporting nothing: the phase's noise
+                env = {}
+            traced[ratio] = start_edge(
+                procs, out, port, direct.base + "/v1", f"benchedge-trace{port}", "edge-tracing.log",
+                env,
+            )  # fmt: skip
+        targets = {"off": edge, **traced}
+        runs: dict[str, list[dict]] = {name: [] for name in targets}
+        for round_ in range(1, settings.rounds + 1):
+            for name, target in targets.items():
+                log(f"tracing: export {name} (round {round_}/{settings.rounds})")
+                runs[name].append(load_cpu(target, settings, settings.duration, round_ == 1))
+        spans = {
+            ratio: span_counts(target) for ratio, target in traced.items() if ratio != "control"
+        }
+    finally:
+        for target in traced.values():
+            procs.stop(target.proc)
+    best = {name: best_throughput(results) for name, results in runs.items()}
+    return {"runs": best, "spans": spans}
+
+
+_SPANS_RE = re.compile(r'^edge_trace_spans_total\{result="(\w+)"\} (\S+)$', re.MULTILINE)
+
+
+def span_counts(target: Target) -> dict[str, int]:
+    """The target's spans so far by result (exported, failed, dropped), summed over workers."""
+    try:
+        with urllib.request.urlopen(target.base + "/metrics", timeout=10) as resp:
+            text = resp.read().decode()
+    except OSError as exc:
+        raise BenchError(f"the tracing edge's /metrics did not answer: {exc}") from exc
+    return {result: int(float(value)) for result, value in _SPANS_RE.findall(text)}
 
 
 def distinct_body() -> str:

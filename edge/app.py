@@ -137,6 +137,8 @@ def _render(req: Any, resp: Any, error: ApiError) -> None:
     request that matched no route."""
     ctx = getattr(req.context, "edge", None)
     shape = OPENAI if ctx is None or ctx.route is None else ctx.route.api
+    if ctx is not None:
+        ctx.error_code = error.code  # the span's record of a refusal (edge.observability)
     resp.status = error.status
     resp.content_type = "application/json"
     resp.data = error.body(shape)

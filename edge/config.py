@@ -23,7 +23,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from edge.ratelimit.base import FAILURE_POLICIES
 
@@ -31,6 +31,12 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 RATE_LIMIT_BACKENDS = ("shm", "redis")
 CACHE_BACKENDS = ("off", "local", "redis")
 CACHE_SCOPES = ("key", "shared")
+OTEL_PROTOCOLS = ("http/protobuf", "grpc", "http/json")  # the spec's; only the first is served
+OTEL_SAMPLERS = (
+    "parentbased_always_on", "parentbased_always_off", "parentbased_traceidratio",
+    "always_on", "always_off", "traceidratio",
+)  # fmt: skip
+_HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _REDIS_PREFIX_RE = re.compile(r"[!-~]{0,128}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -288,6 +294,36 @@ def instance(name: str, value: str) -> str:
     return value
 
 
+def key_values(headers: bool) -> Parser:
+    """A W3C-baggage-style list, `key1=value1,key2=value2`, values percent-decoded (the OTLP
+    spec's format for OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES). `headers`: the
+    keys must be header names and the values header-safe; values are never echoed (a header
+    may carry a collector's key)."""
+
+    def parse(name: str, value: str) -> tuple[tuple[str, str], ...]:
+        pairs = []
+        for index, part in enumerate(value.split(","), start=1):
+            if not part.strip():
+                continue
+            key, equals, text = part.partition("=")
+            key = key.strip()
+            decoded = unquote(text.strip(), errors="strict") if equals else ""
+            if not equals or not key:
+                raise ConfigError(name, f"entry {index} is not key=value")
+            if headers and not (_HEADER_NAME_RE.fullmatch(key) and is_header_safe(decoded)):
+                raise ConfigError(name, f"entry {index} is not a valid HTTP header")
+            pairs.append((key.lower() if headers else key, decoded))
+        return tuple(pairs)
+
+    def strict(name: str, value: str) -> tuple[tuple[str, str], ...]:
+        try:
+            return parse(name, value)
+        except UnicodeDecodeError:
+            raise ConfigError(name, "holds a percent-escape that is not UTF-8") from None
+
+    return strict
+
+
 def is_header_safe(value: str) -> bool:
     """Printable ASCII: what an HTTP header value (and so an API key) can carry."""
     return value.isascii() and value.isprintable()
@@ -467,6 +503,47 @@ SETTINGS: tuple[Setting, ...] = (
     S("ENABLE_TRACING", "enable_tracing", boolean, "true",
       "Start a W3C trace id when the client sent no `traceparent`"),
     S("ENABLE_METRICS", "enable_metrics", boolean, "true", "Serve `/metrics` and record metrics"),
+    # OpenTelemetry trace export (edge.observability.tracing): the standard OTEL_* variables
+    S("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_endpoint", parse_base_url, None,
+      "OTLP collector base URL (`/v1/traces` is appended for `http/protobuf`). Spans are "
+      "exported when this or the next one is set and `ENABLE_TRACING` is true"),
+    S("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otel_traces_endpoint", parse_base_url, None,
+      "The traces endpoint, used as given (overrides the one above)"),
+    S("OTEL_EXPORTER_OTLP_HEADERS", "otel_headers", key_values(True), None,
+      "Headers sent to the collector, `key=value,…` (values percent-encoded); never logged",
+      unset=()),
+    S("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "otel_traces_headers", key_values(True), None,
+      "Headers for the traces endpoint, added to (and overriding) the ones above", unset=()),
+    S("OTEL_EXPORTER_OTLP_PROTOCOL", "otel_protocol", choice(*OTEL_PROTOCOLS), "http/protobuf",
+      "`http/protobuf` (the only one supported: `grpc` and `http/json` stop the start)"),
+    S("OTEL_EXPORTER_OTLP_TIMEOUT", "otel_timeout_s", number(1, 600_000, 0.001), "10000",
+      "Milliseconds one export may take, retries included (off the request path)"),
+    S("OTEL_SERVICE_NAME", "otel_service_name", secret, None,
+      "The `service.name` resource attribute (wins over one in `OTEL_RESOURCE_ATTRIBUTES`)",
+      shown="`llm-edge-proxy`"),
+    S("OTEL_RESOURCE_ATTRIBUTES", "otel_resource_attributes", key_values(False), None,
+      "More resource attributes, `key=value,…` (e.g. `deployment.environment=prod`)",
+      unset=()),
+    S("OTEL_TRACES_SAMPLER", "otel_sampler", choice(*OTEL_SAMPLERS), "parentbased_always_on",
+      "`parentbased_always_on`, `parentbased_always_off`, `parentbased_traceidratio`, "
+      "`always_on`, `always_off` or `traceidratio`. An unsampled request builds no span"),
+    S("OTEL_TRACES_SAMPLER_ARG", "otel_sampler_arg", number(0, 1), "1.0",
+      "The ratio of the `*traceidratio` samplers, 0 to 1"),
+    S("OTEL_BSP_SCHEDULE_DELAY", "otel_bsp_delay_s", number(1, 3_600_000, 0.001), "5000",
+      "Milliseconds between two exports of a worker's queued spans"),
+    S("OTEL_BSP_EXPORT_TIMEOUT", "otel_bsp_export_timeout_s", number(1, 600_000, 0.001),
+      "30000", "Milliseconds a worker waits at shutdown (or reload) to export what it queued; "
+      "at most half of `GRACEFUL_TIMEOUT_SECONDS`"),
+    S("OTEL_BSP_MAX_QUEUE_SIZE", "otel_bsp_max_queue", integer(1, 1_000_000), "2048",
+      "Spans a worker holds for export; beyond it they are dropped and counted "
+      "(`edge_trace_spans_total{result=\"dropped\"}`)"),
+    S("OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "otel_bsp_max_batch", integer(1, 1_000_000), "512",
+      "Spans per export request (at most `OTEL_BSP_MAX_QUEUE_SIZE`)"),
+    S("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "otel_capture_content", boolean,
+      "false", "Put prompts and completions on the spans (`gen_ai.input.messages`, "
+      "`gen_ai.output.messages`). Off: no message text is exported"),
+    S("OTEL_SDK_DISABLED", "otel_sdk_disabled", boolean, "false",
+      "`true`: export nothing, whatever else is set"),
     # TLS and HTTP/2 (HTTP/2 needs TLS: ALPN offers h2 and http/1.1)
     S("TLS_CERT_FILE", "tls_cert_file", readable_file, None,
       "PEM certificate (chain): terminate TLS in gunicorn. Needs `TLS_KEY_FILE`; unreadable or "
@@ -561,6 +638,23 @@ class Config:
     access_log_flush_ms: int
     enable_tracing: bool
     enable_metrics: bool
+    # OpenTelemetry trace export (edge.observability.tracing)
+    otel_endpoint: str | None
+    otel_traces_endpoint: str | None
+    otel_headers: tuple[tuple[str, str], ...] = field(repr=False)
+    otel_traces_headers: tuple[tuple[str, str], ...] = field(repr=False)
+    otel_protocol: str
+    otel_timeout_s: float
+    otel_service_name: str | None
+    otel_resource_attributes: tuple[tuple[str, str], ...]
+    otel_sampler: str
+    otel_sampler_arg: float
+    otel_bsp_delay_s: float
+    otel_bsp_export_timeout_s: float
+    otel_bsp_max_queue: int
+    otel_bsp_max_batch: int
+    otel_capture_content: bool
+    otel_sdk_disabled: bool
     # TLS and HTTP/2
     tls_cert_file: Path | None
     tls_key_file: Path | None
@@ -574,6 +668,23 @@ class Config:
     @property
     def tls(self) -> bool:
         return self.tls_cert_file is not None
+
+    @property
+    def export_traces(self) -> bool:
+        """Spans are exported over OTLP (edge.observability.tracing)."""
+        return (
+            self.enable_tracing
+            and not self.otel_sdk_disabled
+            and (self.otel_endpoint or self.otel_traces_endpoint) is not None
+        )
+
+    @property
+    def otel_traces_url(self) -> str | None:
+        """Where spans go: the traces endpoint as given, else the base endpoint's
+        `/v1/traces`."""
+        if self.otel_traces_endpoint is not None:
+            return self.otel_traces_endpoint
+        return None if self.otel_endpoint is None else self.otel_endpoint + "/v1/traces"
 
     @property
     def bind(self) -> str:
@@ -626,6 +737,7 @@ class Config:
             raise ConfigError(
                 "REDIS_PASSWORD_FILE", "REDIS_URL carries a password too: give it in one place"
             )
+        _check_otel(values)
         if values["http2_enabled"] and values["tls_cert_file"] is None:
             raise ConfigError(
                 "HTTP2_ENABLED", "HTTP/2 is served over TLS: set TLS_CERT_FILE and TLS_KEY_FILE"
@@ -732,6 +844,20 @@ def read_toml(variable: str, path: Path) -> tuple[dict[str, Any], os.stat_result
 
 def _version(info: os.stat_result) -> tuple[int, int, int]:
     return info.st_size, info.st_mtime_ns, info.st_ctime_ns
+
+
+def _check_otel(values: dict[str, Any]) -> None:
+    """What the OTEL_* settings cannot say one by one."""
+    if values["otel_bsp_max_batch"] > values["otel_bsp_max_queue"]:
+        raise ConfigError(
+            "OTEL_BSP_MAX_EXPORT_BATCH_SIZE", "must be at most OTEL_BSP_MAX_QUEUE_SIZE"
+        )
+    if values["otel_protocol"] != "http/protobuf":
+        raise ConfigError(
+            "OTEL_EXPORTER_OTLP_PROTOCOL",
+            f"{values['otel_protocol']} is not supported here: use http/protobuf (the "
+            "collector's port 4318)",
+        )
 
 
 def _check_tls(cert: Path | None, key: Path | None) -> None:

@@ -55,6 +55,7 @@ class EdgeMiddleware:
         self._policy = config.rate_limit_failure_policy
         self._limiter = runtime.limiter
         self._metrics = runtime.metrics
+        self._spans = runtime.tracing  # exporting spans (edge.observability.tracing), or None
 
     # -------------------------------------------------------------- the three steps
 
@@ -67,6 +68,8 @@ class EdgeMiddleware:
         ctx.set_trace(req.get_header("traceparent"), req.get_header("tracestate"), self._tracing)
         if ctx.trace_id is not None:
             trace_id_var.set(ctx.trace_id)
+            if self._spans is not None:
+                self._spans.begin(ctx)
         resp.set_header("x-request-id", ctx.request_id)
         if self._metrics is not None:
             self._metrics.in_flight.inc()
@@ -191,4 +194,8 @@ class EdgeMiddleware:
                 if stream.first_chunk_at is not None:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)
                 metrics.stream_duration.observe(total)
+        record = ctx.span
+        if record is not None:
+            first = None if stream is None else stream.first_chunk_at
+            self._spans.finish(ctx, record, req.method, status, first, now)
         log_access(ctx, req.method, path, status, total, overhead)

@@ -42,6 +42,9 @@ async def run(
 ) -> None:
     """Answer `call` into `resp`. `prompt` says where the request's prompt and output caps
     are, for the token limit; None: no token limit applies (moderations, the model list)."""
+    span = req.context.edge.span
+    if span is not None:  # a sampled request: what its spans say of the call
+        span.request(call)
     cache = runtime.cache
     if cache is None or call.data is None or not cache.applies(call):
         await _exchange(runtime, req, resp, call, prompt, None)
@@ -91,6 +94,8 @@ async def _exchange(
             call.charge = reservation.take_more
     if call.stream:
         call.on_event = usage.watcher(ctx)
+        if ctx.span is not None:
+            call.on_event = ctx.span.watching(call.on_event)
     try:
         result = await unless_client_leaves(req, runtime.router.exchange(ctx, call))
     except ApiError:
@@ -191,6 +196,8 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> 
     resp.status = status if 200 <= status <= 599 else 502
     if 200 <= status < 300:
         usage.record(ctx, data.get("usage"))
+        if ctx.span is not None:
+            ctx.span.answer(data)
         resp.content_type = answer.content_type
     else:
         body = _error_envelope(data, resp.status, shape)

@@ -47,6 +47,7 @@ class Runtime:
         tokens: Any = None,
         owns_limiter: bool = False,
         cache: Any = None,
+        tracing: Any = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -57,6 +58,7 @@ class Runtime:
         self.tokens = tokens  # edge.ratelimit.tokens.TokenLimiter where a token limit applies
         self._owns_limiter = owns_limiter  # shared memory or Redis: closed at shutdown
         self.cache = cache  # edge.cache.answers.ResponseCache, unless CACHE_BACKEND=off
+        self.tracing = tracing  # edge.observability.tracing.Tracing, when spans are exported
         self.started = False
 
     @classmethod
@@ -80,7 +82,11 @@ class Runtime:
         if config.enable_metrics:
             from edge.observability.metrics import Metrics
 
-            metrics = Metrics(config.prometheus_multiproc_dir, config.cache_backend != "off")
+            metrics = Metrics(
+                config.prometheus_multiproc_dir,
+                cache=config.cache_backend != "off",
+                tracing=config.export_traces,
+            )
         limiter, owns = _limiter(config, tables, clock)
         tokens = None
         if limiter is not None and (config.rate_limit_tpm > 0 or keys.any_token_limit()):
@@ -101,7 +107,12 @@ class Runtime:
             metrics.model_label = _model_labels(providers)
             if cache is not None:
                 metrics.cache_source = cache.stats
-        return cls(config, keys, router, metrics, limiter, tokens, owns, cache)
+        tracing = None
+        if config.export_traces:
+            from edge.observability.tracing import Tracing
+
+            tracing = Tracing(config, metrics)
+        return cls(config, keys, router, metrics, limiter, tokens, owns, cache, tracing)
 
     @property
     def ready(self) -> bool:
@@ -117,6 +128,8 @@ class Runtime:
             await self.upstream.start()
         if self.cache is not None:
             await self.cache.start()
+        if self.tracing is not None:
+            self.tracing.start()
         self.started = True
 
     async def process_shutdown(self, scope: Any, event: Any) -> None:
@@ -132,6 +145,8 @@ class Runtime:
         if self.cache is not None:
             await self.cache.aclose()
         self.router.breakers.close()
+        if self.tracing is not None:  # the spans of the requests drained above
+            await self.tracing.aclose()
         flush_access_log()  # uvicorn has drained the connections: every access line is out
 
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # recorded here, produced by the layers that know them
     from edge.auth import KeyEntry
     from edge.endpoints.routes import Endpoint
+    from edge.observability.spans import SpanRecord
     from edge.routing.outcome import UpstreamOutcome
 
 request_id_var: ContextVar[str | None] = ContextVar("request_id", default=None)
@@ -66,6 +67,11 @@ os.register_at_fork(after_in_child=_new_id_key)
 # Trace and span ids come from `random` (reseeded from os.urandom after every fork by the
 # random module itself): W3C asks for random ids, not secret ones, and this costs no syscall.
 _random_bits = random.getrandbits
+
+
+def new_span_id() -> str:
+    """A random W3C span id: 16 hex digits, never all zeros."""
+    return f"{_random_bits(64) or 1:016x}"
 
 
 def new_request_id() -> str:
@@ -132,8 +138,8 @@ def sane_tracestate(value: str | None) -> str | None:
     return ",".join(members)
 
 
-def parse_traceparent(value: str | None) -> tuple[str, str] | None:
-    """(trace_id, flags) from a valid W3C traceparent header, else None."""
+def parse_traceparent(value: str | None) -> tuple[str, str, str] | None:
+    """(trace_id, parent span id, flags) from a valid W3C traceparent header, else None."""
     if not value:
         return None
     match = _TRACEPARENT_RE.match(value.strip().lower())
@@ -144,7 +150,7 @@ def parse_traceparent(value: str | None) -> tuple[str, str] | None:
         return None
     if version == "00" and rest:
         return None
-    return trace_id, flags
+    return trace_id, span_id, flags
 
 
 class RequestContext:
@@ -154,12 +160,16 @@ class RequestContext:
         "cache",
         "client",
         "completion_tokens",
+        "error_code",
         "identity",
         "key",
         "model",
+        "parent_id",
         "prompt_tokens",
         "request_id",
         "route",
+        "span",
+        "span_id",
         "start",
         "stream",
         "trace_flags",
@@ -182,8 +192,12 @@ class RequestContext:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.cache: str | None = None  # the cache lookup's result (edge.cache.answers)
+        self.error_code: str | None = None  # the code of an error the gateway answered
         self.trace_id: str | None = None
+        self.span_id: str | None = None  # this hop's: the server span's, when spans are exported
+        self.parent_id: str | None = None  # the client's span, when it sent a traceparent
         self.trace_flags = "01"
+        self.span: SpanRecord | None = None  # a sampled request's span facts (edge.observability)
         self.traceparent_out: str | None = None
         self.tracestate: str | None = None
 
@@ -204,12 +218,21 @@ class RequestContext:
         """
         parsed = parse_traceparent(traceparent)
         if parsed is not None:
-            self.trace_id, self.trace_flags = parsed
+            self.trace_id, self.parent_id, self.trace_flags = parsed
             self.tracestate = sane_tracestate(tracestate)
-            span_id = f"{_random_bits(64) or 1:016x}"
+            self.span_id = span_id = new_span_id()
         elif start_new:
             ids = f"{_random_bits(192):048x}"  # the trace id and this hop's span id
             self.trace_id, span_id = ids[:32], ids[32:]
+            if span_id == _ZERO_SPAN:
+                span_id = "0" * 15 + "1"
+            self.span_id = span_id
         else:
             return
         self.traceparent_out = f"00-{self.trace_id}-{span_id}-{self.trace_flags}"
+
+    def set_sampled(self, sampled: bool) -> None:
+        """The sampler's decision (spans exported): the flags' sampled bit, as sent upstream."""
+        flags = (int(self.trace_flags, 16) & 0xFE) | sampled
+        self.trace_flags = f"{flags:02x}"
+        self.traceparent_out = f"00-{self.trace_id}-{self.span_id}-{self.trace_flags}"

@@ -154,6 +154,7 @@ def log_access(
         line["cache"] = ctx.cache  # hit, miss, bypass, coalesced or error (CACHE_BACKEND set)
     if ctx.trace_id is not None:
         line["trace_id"] = ctx.trace_id
+        line["span_id"] = ctx.span_id  # the server span's, when spans are exported
     writer.write(line)
 
 

@@ -172,10 +172,14 @@ class Metrics:
     that a scrape sums; None in a single process (tests, plain uvicorn)."""
 
     def __init__(
-        self, directory: str | os.PathLike[str] | None = None, cache: bool = False
+        self,
+        directory: str | os.PathLike[str] | None = None,
+        cache: bool = False,
+        tracing: bool = False,
     ) -> None:
         """`cache`: the response cache is on, and its families exist (a gauge's file appears
-        in the multiprocess directory as soon as the family does)."""
+        in the multiprocess directory as soon as the family does); `tracing`: spans are
+        exported, and their counter exists."""
         self.directory = None if directory is None else os.fspath(directory)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -276,6 +280,13 @@ class Metrics:
             )
             self.cache_store_entries = gauge(
                 "cache_store_entries", "Entries in the host's local store.", "mostrecent"
+            )
+        if tracing:  # OTLP export (edge.observability.tracing)
+            self.trace_spans_family = counter(
+                "trace_spans",
+                "Spans of sampled requests by result: exported, failed (the collector refused "
+                "or could not be reached in time) or dropped (the worker's queue was full).",
+                "result",
             )
         # Per provider: label values are configured provider names only (PROVIDERS_FILE, or
         # "default" for UPSTREAM_URL), never anything a client sent.
@@ -457,6 +468,9 @@ class Metrics:
             "panics": self.provider_panics,
         }[what]
         self._child(family, provider).inc()
+
+    def trace_spans(self, result: str, count: int) -> None:
+        self._child(self.trace_spans_family, result).inc(count)
 
     def cache_lookup(self, route: str, result: str, tier: str) -> None:
         self._child(self.cache_lookups, route, result, tier).inc()

@@ -395,9 +395,15 @@ class Router:
                 tried.add(name)
                 attempts += 1
                 outcome.attempt(name)
+                span = ctx.span
+                if span is not None:  # a sampled request: the attempt's span id goes upstream
+                    span.attempt(ctx, target.provider, target.model or call.model)
                 result, failure_now = await self._attempt(
                     ctx, outcome, target, call, remaining, probes
                 )
+                if span is not None:
+                    status = None if result is None else result.status
+                    span.attempt_ended(status, outcome.error, isinstance(result, Events))
                 if failure_now is None and result is not None and not _failed(result):
                     outcome.answered(result.status)
                     return result
