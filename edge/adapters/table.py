@@ -160,7 +160,7 @@ NOTES: tuple[tuple[str, str, str], ...] = (
         "`image_url` part / `image` block",
         BOTH,
         "a `data:` URL ⇄ a base64 source with its media type; an http(s) URL ⇄ a URL source; "
-        "`detail` dropped",
+        "`detail` dropped; an image from Anthropic's Files API refused",
     ),
     (
         "`file` part / `document` block",
@@ -170,6 +170,11 @@ NOTES: tuple[tuple[str, str, str], ...] = (
     ),
     ("`input_audio` part", OPENAI_TO_ANTHROPIC, "refused: Anthropic takes no audio"),
     ("`refusal` part (assistant)", OPENAI_TO_ANTHROPIC, "→ a text block"),
+    (
+        "assistant `audio` / `function_call`, `function` messages",
+        OPENAI_TO_ANTHROPIC,
+        "refused: no audio; the legacy function API (use tools)",
+    ),
     (
         "message `name`",
         OPENAI_TO_ANTHROPIC,
