@@ -18,7 +18,7 @@ from falcon.routing import map_http_methods
 
 from edge.auth import KeyStore
 from edge.config import Config
-from edge.endpoints.anthropic import Messages
+from edge.endpoints.anthropic import CountTokens, Messages
 from edge.endpoints.body import (
     validate_chat,
     validate_completion,
@@ -106,6 +106,7 @@ def create_app(
         ("/v1/responses", Forward(runtime, "/responses", validate_responses, RESPONSES), None),
         ("/v1/moderations", Forward(runtime, "/moderations", validate_moderations, None), None),
         ("/v1/messages", Messages(runtime), None),
+        ("/v1/messages/count_tokens", CountTokens(runtime), None),
         ("/health", health, None),
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),

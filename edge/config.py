@@ -419,6 +419,9 @@ SETTINGS: tuple[Setting, ...] = (
       "TOML file of providers, models and routing (see [Providers and routing]"
       "(#providers-and-routing)); re-read on HUP, a file that no longer validates is refused "
       "and the running one stays. Overrides `UPSTREAM_URL`"),
+    S("ANTHROPIC_MAX_TOKENS_DEFAULT", "anthropic_max_tokens", integer(1, 1_000_000), "4096",
+      "`max_tokens` sent to an Anthropic provider for an OpenAI request that sets none (Anthropic "
+      "requires it); a model entry's `max_tokens_default` overrides it"),
     # Authentication (behaviour in edge.auth)
     S("AUTH_ENABLED", "auth_enabled", boolean, "true",
       "Require an API key on the API routes (`/v1/…`) and on paths that match no route. With "
@@ -604,6 +607,7 @@ class Config:
     upstream_buffer_bytes: int
     # Providers and model routing (edge.routing.providers); overrides UPSTREAM_URL when set
     providers_file: Path | None
+    anthropic_max_tokens: int
     # Authentication
     auth_enabled: bool
     api_keys: tuple[str, ...] = field(repr=False)

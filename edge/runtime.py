@@ -98,7 +98,9 @@ class Runtime:
             LocalBreakers() if tables is None else SharedBreakers.attach(tables.breakers)
         )
         upstream = None if providers.mock else Upstream(config)
-        router = Router(providers, upstream, breakers, config.timeout_s, metrics)
+        router = Router(
+            providers, upstream, breakers, config.timeout_s, metrics, config.anthropic_max_tokens
+        )
         cache = None
         if config.cache_backend != "off":
             cache = _cache(config, providers, tables, metrics)

@@ -36,6 +36,12 @@ It answers like a provider and misbehaves on demand, chosen by the request's `mo
                           What it billed, and when, is at GET /_bills (a client that leaves is
                           billed what was generated until it left; "done" once it stopped)
 
+With `tools` in a chat or Messages request, it answers like a model in an agent loop: a call of
+the first tool with {"city": "Paris"} (streamed: the arguments in three fragments), or, when
+the last message is that tool's result, the text "Tool said: <the result>". Anthropic's
+/v1/messages also answers model "overloaded" with 529 overloaded_error, and
+/v1/messages/count_tokens counts the bytes of `messages` / 4.
+
 More endpoints: /v1/embeddings (echoes encoding_format: base64 or float), /v1/responses
 (streamed and not), /v1/moderations, /v1/models/{id}, and Anthropic's /v1/messages (streamed
 and not; errors in Anthropic's shape).
@@ -292,6 +298,8 @@ async def completions(request: web.Request) -> web.StreamResponse:
         request.transport.close()
         await asyncio.sleep(0.1)
         raise web.HTTPInternalServerError
+    if chat and data.get("tools"):
+        return await _tool_chat(request, data)
     if data.get("stream"):
         return await _stream(request, model, chat, options)
     body = _chat(model) if chat else _completion(model)
@@ -486,6 +494,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
     model = data.get("model", "")
     if model == "error-400":
         return _anthropic_error(400, "invalid_request_error", "max_tokens: required")
+    if model == "overloaded":
+        return _anthropic_error(529, "overloaded_error", "Overloaded.")
+    if data.get("tools"):
+        return await _tool_message(request, data)
     if model == "html-502":
         return web.Response(status=502, text="<html>bad gateway</html>", content_type="text/html")
     text = f"Hello from {request.app['options'].name or 'the upstream'}."
@@ -522,6 +534,131 @@ async def messages(request: web.Request) -> web.StreamResponse:
         await response.write(event)
     await response.write_eof()
     return response
+
+
+# ------------------------------------------------------------------ an agent loop's model
+
+TOOL_ARGS = '{"city": "Paris"}'
+
+
+def _tool_result_openai(data: dict) -> str | None:
+    last = (data.get("messages") or [{}])[-1]
+    return str(last.get("content")) if last.get("role") == "tool" else None
+
+
+def _tool_result_anthropic(data: dict) -> str | None:
+    last = (data.get("messages") or [{}])[-1]
+    content = last.get("content")
+    for block in content if isinstance(content, list) else []:
+        if isinstance(block, dict) and block.get("type") == "tool_result":
+            inner = block.get("content")
+            if isinstance(inner, list):
+                inner = "".join(part.get("text", "") for part in inner if isinstance(part, dict))
+            return str(inner)
+    return None
+
+
+def _sse(payload: dict, event: str | None = None) -> bytes:
+    head = f"event: {event}\n" if event else ""
+    return f"{head}data: {json.dumps(payload)}\n\n".encode()
+
+
+async def _tool_chat(request: web.Request, data: dict) -> web.StreamResponse:
+    """OpenAI chat with tools: call the first tool, or answer its result."""
+    model = data.get("model", "")
+    result = _tool_result_openai(data)
+    name = data["tools"][0]["function"]["name"]
+    call = {"id": "call_1", "type": "function", "function": {"name": name, "arguments": TOOL_ARGS}}
+    reply = {"role": "assistant", "content": f"Tool said: {result}" if result else None}
+    if result is None:
+        reply["tool_calls"] = [call]
+    finish = "stop" if result else "tool_calls"
+    usage = _usage(11, 6)
+    if not data.get("stream"):
+        body = {"id": "chatcmpl-tools", "object": "chat.completion", "created": 1, "model": model,
+                "choices": [{"index": 0, "message": reply, "finish_reason": finish}],
+                "usage": usage}  # fmt: skip
+        return web.json_response(body)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+
+    def chunk(delta: dict, reason: str | None = None) -> bytes:
+        return _sse({"id": "chatcmpl-tools", "object": "chat.completion.chunk", "created": 1,
+                     "model": model, "choices": [{"index": 0, "delta": delta,
+                                                  "finish_reason": reason}]})  # fmt: skip
+
+    pieces = [chunk({"role": "assistant", "content": ""})]
+    if result is None:
+        first = {**call, "function": {"name": name, "arguments": ""}}
+        pieces.append(chunk({"tool_calls": [{"index": 0, **first}]}))
+        for start in range(0, len(TOOL_ARGS), 6):
+            fragment = {"index": 0, "function": {"arguments": TOOL_ARGS[start : start + 6]}}
+            pieces.append(chunk({"tool_calls": [fragment]}))
+    else:
+        pieces += [chunk({"content": "Tool said: "}), chunk({"content": result})]
+    pieces.append(chunk({}, finish))
+    if (data.get("stream_options") or {}).get("include_usage"):
+        last = {"id": "chatcmpl-tools", "object": "chat.completion.chunk", "created": 1,
+                "model": model, "choices": [], "usage": usage}  # fmt: skip
+        pieces.append(_sse(last))
+    pieces.append(b"data: [DONE]\n\n")
+    for piece in pieces:
+        await response.write(piece)
+    await response.write_eof()
+    return response
+
+
+async def _tool_message(request: web.Request, data: dict) -> web.StreamResponse:
+    """Anthropic Messages with tools: call the first tool, or answer its result."""
+    model = data.get("model", "")
+    result = _tool_result_anthropic(data)
+    name = data["tools"][0]["name"]
+    if result is None:
+        block = {"type": "tool_use", "id": "toolu_1", "name": name, "input": {"city": "Paris"}}
+    else:
+        block = {"type": "text", "text": f"Tool said: {result}"}
+    reason = "end_turn" if result else "tool_use"
+    message = {"id": "msg_tools", "type": "message", "role": "assistant", "model": model,
+               "content": [block], "stop_reason": reason, "stop_sequence": None,
+               "usage": {"input_tokens": 12, "output_tokens": 8}}  # fmt: skip
+    if not data.get("stream"):
+        return web.json_response(message)
+    response = web.StreamResponse(headers={"content-type": "text/event-stream"})
+    await response.prepare(request)
+    start = {**message, "content": [], "stop_reason": None,
+             "usage": {"input_tokens": 12, "output_tokens": 1}}  # fmt: skip
+    opened = {**block, "input": {}} if result is None else {"type": "text", "text": ""}
+    events = [
+        _sse({"type": "message_start", "message": start}, "message_start"),
+        _sse({"type": "content_block_start", "index": 0, "content_block": opened},
+             "content_block_start"),
+        _sse({"type": "ping"}, "ping"),
+    ]  # fmt: skip
+    if result is None:
+        for at in range(0, len(TOOL_ARGS), 6):
+            delta = {"type": "input_json_delta", "partial_json": TOOL_ARGS[at : at + 6]}
+            events.append(_sse({"type": "content_block_delta", "index": 0, "delta": delta},
+                               "content_block_delta"))  # fmt: skip
+    else:
+        delta = {"type": "text_delta", "text": block["text"]}
+        events.append(_sse({"type": "content_block_delta", "index": 0, "delta": delta},
+                           "content_block_delta"))  # fmt: skip
+    events += [
+        _sse({"type": "content_block_stop", "index": 0}, "content_block_stop"),
+        _sse({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": None},
+              "usage": {"output_tokens": 8}}, "message_delta"),
+        _sse({"type": "message_stop"}, "message_stop"),
+    ]  # fmt: skip
+    for event in events:
+        await response.write(event)
+    await response.write_eof()
+    return response
+
+
+async def count_tokens(request: web.Request) -> web.Response:
+    raw = await request.read()
+    data = _record(request, raw)
+    return web.json_response({"input_tokens": len(json.dumps(data.get("messages"))) // 4})
 
 
 async def request_log(request: web.Request) -> web.Response:
@@ -579,6 +716,7 @@ def main() -> None:
     app.router.add_post("/v1/responses", responses)
     app.router.add_post("/v1/moderations", moderations)
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/messages/count_tokens", count_tokens)
     app.router.add_get("/_log", request_log)
     app.router.add_post("/_control", control)
     app.router.add_get("/_seen/{request_id}", seen)

@@ -43,6 +43,7 @@ ROUTES: dict[str, tuple[str, str]] = {
     "/v1/responses": (API, OPENAI),
     "/v1/moderations": (API, OPENAI),
     "/v1/messages": (API, ANTHROPIC),
+    "/v1/messages/count_tokens": (API, ANTHROPIC),
     "/health": (HEALTH, OPENAI),
     "/health/live": (HEALTH, OPENAI),
     "/health/ready": (HEALTH, OPENAI),

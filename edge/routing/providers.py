@@ -36,7 +36,7 @@ _PROVIDER_FIELDS = frozenset(
     {"base_url", "api_key", "api_key_file", "timeout_seconds", "max_retries", "kind"}
 )
 _TARGET_FIELDS = frozenset({"provider", "model", "weight"})
-_MODEL_FIELDS = frozenset({"name", "targets", "cache", "cache_ttl_seconds"})
+_MODEL_FIELDS = frozenset({"name", "targets", "cache", "cache_ttl_seconds", "max_tokens_default"})
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,6 +102,14 @@ class Providers:
     routing: Routing = Routing()
     from_file: bool = True
     cache: dict[str, CacheRule] = field(default_factory=dict)  # by [[models]] name
+    # [[models]] max_tokens_default by name: an OpenAI call translated for an Anthropic target
+    max_tokens: dict[str, int] = field(default_factory=dict)
+
+    def max_tokens_default(self, model: str) -> int | None:
+        """The `max_tokens_default` of the entry that routes `model` (its own, else "*"'s)."""
+        if model in self.models:
+            return self.max_tokens.get(model)
+        return self.max_tokens.get(WILDCARD)
 
     def cache_rule(self, model: str) -> CacheRule | None:
         """The cache settings of the entry that routes `model` (its own, else "*"'s)."""
@@ -208,6 +216,7 @@ def parse(document: dict[str, Any], base_dir: Path | None = None) -> Providers:
         raise _fail(f"at most {MAX_MODELS} [[models]] entries")
     models: dict[str, tuple[Target, ...]] = {}
     cache: dict[str, CacheRule] = {}
+    max_tokens: dict[str, int] = {}
     for index, raw in enumerate(raw_models):
         where = f"[[models]] #{index + 1}"
         raw = _table(raw, where)
@@ -223,8 +232,11 @@ def parse(document: dict[str, Any], base_dir: Path | None = None) -> Providers:
         rule = _cache_rule(raw, f"{where} ({name})")
         if rule is not None:
             cache[name] = rule
+        if "max_tokens_default" in raw:
+            at = f"{where} ({name}) max_tokens_default"
+            max_tokens[name] = _integer(raw["max_tokens_default"], at, 1, 1_000_000)
     routing = _routing(_table(document.get("routing", {}), "[routing]"))
-    return Providers(providers, models, routing, cache=cache)
+    return Providers(providers, models, routing, cache=cache, max_tokens=max_tokens)
 
 
 def _cache_rule(raw: dict[str, Any], where: str) -> CacheRule | None:

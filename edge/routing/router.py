@@ -47,6 +47,7 @@ from edge.errors import (
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import output_cap
 from edge.routing import breaker as cb
+from edge.routing.adapter import Translation, translatable
 from edge.routing.exchange import Call, Events
 from edge.routing.mock import MockTransport
 from edge.routing.outcome import UpstreamOutcome
@@ -183,8 +184,13 @@ class Router:
         breakers: Any,
         timeout_s: float,
         metrics: Any = None,
+        max_tokens_default: int = 4096,
     ) -> None:
+        """`max_tokens_default`: the `max_tokens` an OpenAI call translated for an Anthropic
+        provider gets when it sets none and its model entry gives none (Anthropic requires
+        one)."""
         self.providers = providers
+        self._max_tokens_default = max_tokens_default
         self.upstream = upstream  # the transport; None when every provider is the mock
         self.mock = MockTransport()
         self.breakers = breakers
@@ -204,11 +210,12 @@ class Router:
 
     # ---------------------------------------------------------------- choosing
 
-    def targets(self, model: str, api: str) -> tuple[Target, ...]:
-        """The model's targets that speak the client's `api` (the mock speaks every one); 404
-        when none."""
+    def targets(self, model: str, api: str, any_kind: bool = False) -> tuple[Target, ...]:
+        """The model's targets that speak the client's `api` (the mock speaks every one), or
+        all of them when the call can be translated for the others (`any_kind`:
+        edge.routing.adapter); 404 when none."""
         targets = self.providers.targets(model) or ()
-        if any(t.provider.kind not in (api, MOCK) for t in targets):
+        if not any_kind and any(t.provider.kind not in (api, MOCK) for t in targets):
             targets = tuple(t for t in targets if t.provider.kind in (api, MOCK))
         if not targets:
             raise ModelNotFound(
@@ -334,9 +341,13 @@ class Router:
         exchange with one provider (`_one`)."""
         if call.method == "GET":
             return await self._one(ctx, call)
-        targets = self.targets(call.model or "", call.api)
+        targets = self.targets(call.model or "", call.api, translatable(call))
         if targets[0].provider.kind == MOCK:
             return await self.mock.exchange(ctx, call)  # nothing goes upstream
+        # Per provider kind, how the call goes to it: None for the client's own kind, else a
+        # Translation (edge.routing.adapter), or the 400 saying why it cannot be translated.
+        translations: dict[str, Translation | ApiError | None] = {call.api: None}
+        refused: ApiError | None = None
         candidates = self.order(targets)
         outcome = UpstreamOutcome()
         ctx.record_upstream(outcome)
@@ -359,6 +370,13 @@ class Router:
                     break
                 name = target.provider.name
                 if name in tried:
+                    continue
+                kind = target.provider.kind
+                if kind not in translations:
+                    translations[kind] = self._translation(call, kind)
+                translation = translations[kind]
+                if isinstance(translation, ApiError):  # this kind cannot serve the request
+                    refused = translation
                     continue
                 pause = 0.0
                 if attempts:
@@ -399,7 +417,7 @@ class Router:
                 if span is not None:  # a sampled request: the attempt's span id goes upstream
                     span.attempt(ctx, target.provider, target.model or call.model)
                 result, failure_now = await self._attempt(
-                    ctx, outcome, target, call, remaining, probes
+                    ctx, outcome, target, call, remaining, probes, translation
                 )
                 if span is not None:
                     status = None if result is None else result.status
@@ -425,6 +443,8 @@ class Router:
             return last
         if failure is not None:
             raise failure
+        if refused is not None and not attempts:  # no target could take the request as sent
+            raise refused
         raise ServiceUnavailable(
             "No provider could take this request in time.",
             code="no_provider_available",
@@ -447,6 +467,15 @@ class Router:
             _judge(result, outcome)
         return result
 
+    def _translation(self, call: Call, kind: str) -> Translation | ApiError:
+        """How `call` goes to a provider of `kind` (edge.routing.adapter), or the error (400
+        naming the field) saying it cannot."""
+        rule = self.providers.max_tokens_default(call.model or "")
+        try:
+            return Translation(call, kind, rule or self._max_tokens_default)
+        except ApiError as exc:
+            return exc
+
     async def _attempt(
         self,
         ctx: RequestContext,
@@ -455,16 +484,20 @@ class Router:
         call: Call,
         remaining: float,
         probes: tuple[float | None, float | None],
+        translation: Translation | None = None,
     ) -> tuple[UpstreamResponse | Events | None, ApiError | None]:
-        """One attempt at `target`, with the probe places `_admit` claimed for it."""
+        """One attempt at `target`, with the probe places `_admit` claimed for it; through
+        `translation` when the provider's kind is not the client's API."""
         provider = target.provider
         name = provider.name
         timeout = remaining if provider.timeout_s is None else min(provider.timeout_s, remaining)
-        body = call.body
+        # The adapter (edge.routing.adapter) sits here, between choosing the target and the
+        # transport: routing, failover and breakers stay the same for translated targets.
+        path, body, headers = call.path, call.body, call.headers
+        if translation is not None:
+            path, body, headers = translation.path, translation.body, translation.headers
         if target.model is not None and body is not None:
             body = rename_model(body, target.model)
-        # Adapters (translating the call for a provider of another kind, and the answer back)
-        # plug in here: routing, failover and breakers stay the same for translated targets.
         transport = self.upstream
         assert transport is not None
         self.busy[name] = self.busy.get(name, 0) + 1
@@ -472,12 +505,18 @@ class Router:
         try:
             if call.stream:
                 result: UpstreamResponse | Opened = await self._open(
-                    ctx, outcome, target, call.path, body or b"", timeout, call.headers
+                    ctx, outcome, target, path, body or b"", timeout, headers
                 )
             else:
                 result = await transport.call(
-                    call.method, call.path, body, ctx, outcome, provider, timeout, call.headers
+                    call.method, path, body, ctx, outcome, provider, timeout, headers
                 )
+            if isinstance(result, UpstreamResponse) and translation is not None:
+                try:
+                    result = translation.answer(result)
+                except ApiError:
+                    outcome.failed("invalid", result.status)
+                    raise
             if isinstance(result, UpstreamResponse) and 200 <= result.status < 300:
                 _judge(result, outcome)  # a stream request answered whole is judged too
         except ApiError as exc:
@@ -500,7 +539,8 @@ class Router:
             # breaker can close without waiting out a long stream.
             self._verdict(target, probes, True, True if probes[1] is not None else None)
             self._observe(name, "2xx", time.perf_counter() - started)
-            return self._events(result, outcome, call, target, probes[1] is not None), None
+            probed = probes[1] is not None
+            return self._events(result, outcome, call, target, probed, translation), None
         status = result.status
         label = f"{status // 100}xx" if 100 <= status <= 599 else "error"
         self._observe(name, label, time.perf_counter() - started)
@@ -514,7 +554,13 @@ class Router:
         return result, None
 
     def _events(
-        self, opened: Opened, outcome: UpstreamOutcome, call: Call, target: Target, probed: bool
+        self,
+        opened: Opened,
+        outcome: UpstreamOutcome,
+        call: Call,
+        target: Target,
+        probed: bool,
+        translation: Translation | None = None,
     ) -> Events:
         """The opened stream's events, reporting how the stream ended to the target's breaker:
         broken after its first event (a reset, a stall, a malformed event) is a failure like
@@ -532,7 +578,13 @@ class Router:
             return stream_error_event(kind, message, call.api)
 
         resp = opened.resp
-        source = relay(resp, outcome, error_event, opened.first, call.on_event, ended)
+        if translation is None:
+            source = relay(resp, outcome, error_event, opened.first, call.on_event, ended)
+        else:  # the upstream's events (and the relay's error event) in its own shape, then ours
+            upstream = relay(
+                resp, outcome, translation.error_event, opened.first, call.on_event, ended
+            )
+            source = translation.events(upstream)
         return Events(source, resp.abort, resp.close)
 
     async def _open(

@@ -690,3 +690,11 @@ def test_a_malformed_body_is_a_400_never_another_exception(messages, fields, tra
         assert error.param
     else:
         orjson.dumps(out)  # what goes upstream is JSON
+
+
+def test_readme_has_the_translation_table():
+    """The README's translation table is `table.markdown()`, not a copy that drifts."""
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    assert table.markdown() in readme, "README's translation table drifted: paste table.markdown()"
