@@ -37,6 +37,9 @@ OTEL_SAMPLERS = (
     "always_on", "always_off", "traceidratio",
 )  # fmt: skip
 _HEADER_NAME_RE = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+# A header value as OTEL_EXPORTER_OTLP_HEADERS may write it (the W3C baggage value characters
+# and the space the OpenTelemetry SDK also accepts): printable ASCII but " , ; and backslash.
+_HEADER_TEXT_RE = re.compile(r"[\x20\x21\x23-\x2b\x2d-\x3a\x3c-\x5b\x5d-\x7e]*")
 REDIS_SCHEMES = ("redis", "rediss", "unix")
 _REDIS_PREFIX_RE = re.compile(r"[!-~]{0,128}")
 _TRUE = frozenset({"1", "true", "yes", "on"})
@@ -295,10 +298,13 @@ def instance(name: str, value: str) -> str:
 
 
 def key_values(headers: bool) -> Parser:
-    """A W3C-baggage-style list, `key1=value1,key2=value2`, values percent-decoded (the OTLP
-    spec's format for OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES). `headers`: the
-    keys must be header names and the values header-safe; values are never echoed (a header
-    may carry a collector's key)."""
+    """A W3C-baggage-style list, `key1=value1,key2=value2`, values percent-decoded and trimmed
+    (the OTLP spec's format for OTEL_EXPORTER_OTLP_HEADERS and OTEL_RESOURCE_ATTRIBUTES), as
+    valid UTF-8. `headers`: the keys must be header names, the values as written only hold what
+    the format allows (printable ASCII but `"`, `,`, `;` and backslash: percent-encode those) and
+    decode to a header-safe value. The OpenTelemetry exporter reads the variable again and logs
+    an entry it cannot parse whole, so one this accepts must be one it parses. Values are never
+    echoed (a header may carry a collector's key)."""
 
     def parse(name: str, value: str) -> tuple[tuple[str, str], ...]:
         pairs = []
@@ -307,11 +313,23 @@ def key_values(headers: bool) -> Parser:
                 continue
             key, equals, text = part.partition("=")
             key = key.strip()
-            decoded = unquote(text.strip(), errors="strict") if equals else ""
             if not equals or not key:
                 raise ConfigError(name, f"entry {index} is not key=value")
-            if headers and not (_HEADER_NAME_RE.fullmatch(key) and is_header_safe(decoded)):
-                raise ConfigError(name, f"entry {index} is not a valid HTTP header")
+            decoded = unquote(text.strip(), errors="strict").strip()
+            try:
+                (key + decoded).encode("utf-8")
+            except UnicodeEncodeError:  # bytes that were not UTF-8 in the environment
+                raise ConfigError(name, f"entry {index} is not valid UTF-8") from None
+            if headers and not (
+                _HEADER_NAME_RE.fullmatch(key)
+                and _HEADER_TEXT_RE.fullmatch(text.strip())
+                and is_header_safe(decoded)
+            ):
+                raise ConfigError(
+                    name,
+                    f'entry {index} is not a valid HTTP header (percent-encode any ", ;, \\ '
+                    "or control character in its value)",
+                )
             pairs.append((key.lower() if headers else key, decoded))
         return tuple(pairs)
 
@@ -322,6 +340,17 @@ def key_values(headers: bool) -> Parser:
             raise ConfigError(name, "holds a percent-escape that is not UTF-8") from None
 
     return strict
+
+
+def printable(name: str, value: str) -> str:
+    """Text without control characters, as valid UTF-8."""
+    if not value.isprintable():
+        raise ConfigError(name, "must not hold control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise ConfigError(name, "is not valid UTF-8") from None
+    return value
 
 
 def is_header_safe(value: str) -> bool:
@@ -508,20 +537,21 @@ SETTINGS: tuple[Setting, ...] = (
     S("ENABLE_METRICS", "enable_metrics", boolean, "true", "Serve `/metrics` and record metrics"),
     # OpenTelemetry trace export (edge.observability.tracing): the standard OTEL_* variables
     S("OTEL_EXPORTER_OTLP_ENDPOINT", "otel_endpoint", parse_base_url, None,
-      "OTLP collector base URL (`/v1/traces` is appended for `http/protobuf`). Spans are "
-      "exported when this or the next one is set and `ENABLE_TRACING` is true"),
+      "OTLP/HTTP collector base URL (`/v1/traces` is appended). Spans are exported when this or "
+      "the next one is set and `ENABLE_TRACING` is true; the collector is reached directly "
+      "(`HTTP(S)_PROXY` is not used)"),
     S("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "otel_traces_endpoint", parse_base_url, None,
       "The traces endpoint, used as given (overrides the one above)"),
     S("OTEL_EXPORTER_OTLP_HEADERS", "otel_headers", key_values(True), None,
       "Headers sent to the collector, `key=value,…` (values percent-encoded); never logged",
       unset=()),
     S("OTEL_EXPORTER_OTLP_TRACES_HEADERS", "otel_traces_headers", key_values(True), None,
-      "Headers for the traces endpoint, added to (and overriding) the ones above", unset=()),
+      "Headers for the traces endpoint, instead of the ones above", unset=()),
     S("OTEL_EXPORTER_OTLP_PROTOCOL", "otel_protocol", choice(*OTEL_PROTOCOLS), "http/protobuf",
       "`http/protobuf` (the only one supported: `grpc` and `http/json` stop the start)"),
     S("OTEL_EXPORTER_OTLP_TIMEOUT", "otel_timeout_s", number(1, 600_000, 0.001), "10000",
       "Milliseconds one export may take, retries included (off the request path)"),
-    S("OTEL_SERVICE_NAME", "otel_service_name", secret, None,
+    S("OTEL_SERVICE_NAME", "otel_service_name", printable, None,
       "The `service.name` resource attribute (wins over one in `OTEL_RESOURCE_ATTRIBUTES`)",
       shown="`llm-edge-proxy`"),
     S("OTEL_RESOURCE_ATTRIBUTES", "otel_resource_attributes", key_values(False), None,
@@ -547,6 +577,8 @@ SETTINGS: tuple[Setting, ...] = (
       "`gen_ai.output.messages`). Off: no message text is exported"),
     S("OTEL_SDK_DISABLED", "otel_sdk_disabled", boolean, "false",
       "`true`: export nothing, whatever else is set"),
+    S("OTEL_TRACES_EXPORTER", "otel_traces_exporter", choice("otlp", "none"), "otlp",
+      "`otlp`, or `none` to export nothing"),
     # TLS and HTTP/2 (HTTP/2 needs TLS: ALPN offers h2 and http/1.1)
     S("TLS_CERT_FILE", "tls_cert_file", readable_file, None,
       "PEM certificate (chain): terminate TLS in gunicorn. Needs `TLS_KEY_FILE`; unreadable or "
@@ -659,6 +691,7 @@ class Config:
     otel_bsp_max_batch: int
     otel_capture_content: bool
     otel_sdk_disabled: bool
+    otel_traces_exporter: str
     # TLS and HTTP/2
     tls_cert_file: Path | None
     tls_key_file: Path | None
@@ -679,6 +712,7 @@ class Config:
         return (
             self.enable_tracing
             and not self.otel_sdk_disabled
+            and self.otel_traces_exporter == "otlp"
             and (self.otel_endpoint or self.otel_traces_endpoint) is not None
         )
 

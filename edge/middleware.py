@@ -25,7 +25,7 @@ import falcon
 from edge.auth import presented_key, unauthorized
 from edge.cache.answers import SERVED
 from edge.config import Config
-from edge.endpoints.routes import UNMATCHED, Endpoint
+from edge.endpoints.routes import API, UNMATCHED, Endpoint
 from edge.errors import RateLimited
 from edge.observability.context import (
     RequestContext,
@@ -195,7 +195,8 @@ class EdgeMiddleware:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)
                 metrics.stream_duration.observe(total)
         record = ctx.span
-        if record is not None:
+        if record is not None and (ctx.route is None or ctx.route.kind == API):
+            # Health checks and scrapes are not traced: probes would drown the requests.
             first = None if stream is None else stream.first_chunk_at
             self._spans.finish(ctx, record, req.method, status, first, now)
         log_access(ctx, req.method, path, status, total, overhead)

@@ -53,7 +53,9 @@ def _field(number: int, payload: bytes) -> bytes:
 
 
 def _string(number: int, text: str) -> bytes:
-    return _field(number, text.encode("utf-8", "surrogatepass"))
+    # A lone surrogate (a JSON escape can make one) has no UTF-8: "?" rather than bytes a
+    # collector would refuse the whole batch for.
+    return _field(number, text.encode("utf-8", "replace"))
 
 
 def any_value(value: Any) -> bytes:
@@ -71,15 +73,21 @@ def any_value(value: Any) -> bytes:
     raise TypeError(f"no OTLP encoding here for a {type(value).__name__} attribute")
 
 
+INT64 = range(-(1 << 63), 1 << 63)
+
+
 def key_value(number: int, key: str, value: Any) -> bytes:
-    """One KeyValue as field `number` (an empty AnyValue for None, as the SDK writes it)."""
+    """One KeyValue as field `number` (an empty AnyValue for None, as the SDK writes it); b""
+    for an integer outside int64, which the SDK drops too."""
+    if type(value) is int and value not in INT64:
+        return b""
     return _field(number, _string(1, key) + _field(2, b"" if value is None else any_value(value)))
 
 
 # Most attributes repeat from request to request (the method, the route, the provider, the
 # model, the status): each is encoded once and kept, by field, key, type (True == 1, but its
-# encoding differs) and value. Values unique to a request are never kept, and the cache is
-# emptied when full, so it stays bounded whatever the clients send.
+# encoding differs) and value. Values unique to a request, and strings over KEPT_CHARS, are
+# never kept, and the cache is emptied when full: bounded whatever clients or upstreams send.
 UNIQUE_VALUES = frozenset(
     (
         "edge.request_id", "gen_ai.usage.input_tokens", "gen_ai.usage.output_tokens",
@@ -87,6 +95,7 @@ UNIQUE_VALUES = frozenset(
     )
 )  # fmt: skip
 MAX_KEPT = 4096
+KEPT_CHARS = 256
 _kept: dict[tuple[int, str, type, Any], bytes] = {}
 
 
@@ -95,7 +104,13 @@ def attributes(number: int, pairs: Mapping[str, Any]) -> bytes:
     parts = []
     for key, value in pairs.items():
         kind = type(value)
-        if key in UNIQUE_VALUES or kind is list or kind is tuple:
+        if (
+            key in UNIQUE_VALUES
+            or kind is list
+            or kind is tuple
+            or (kind is str and len(value) > KEPT_CHARS)
+            or (kind is int and value not in INT64)
+        ):
             parts.append(key_value(number, key, value))
             continue
         found = _kept.get((number, key, kind, value))

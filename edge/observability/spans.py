@@ -46,6 +46,9 @@ OPERATIONS = {
     "/embeddings": "embeddings",
 }
 MAX_CONTENT_CHARS = 65_536  # message text on a span (captured only when asked for)
+# What an upstream's answer puts on a span, bounded: a model name, finish reasons.
+MAX_NAME_CHARS = 256
+MAX_REASONS = 16
 _TRACE_FIELDS = (b'_reason"', b'"model"')
 _SECONDS_TO_NS = 1_000_000_000
 
@@ -174,15 +177,18 @@ class SpanRecord:
 
     def _note(self, data: dict[str, Any]) -> None:
         if self.response_model is None and isinstance(data.get("model"), str):
-            self.response_model = data["model"]
+            self.response_model = data["model"][:MAX_NAME_CHARS]
+        reasons = self.finish_reasons
         choices = data.get("choices")
         if isinstance(choices, list):
-            for choice in choices:
+            for choice in choices[:MAX_REASONS]:
                 if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str):
-                    self.finish_reasons.append(choice["finish_reason"])
+                    reasons.append(choice["finish_reason"][:MAX_NAME_CHARS])
         for holder in (data, data.get("delta")):  # Anthropic: a message, or its message_delta
             if isinstance(holder, dict) and isinstance(holder.get("stop_reason"), str):
-                self.finish_reasons.append(holder["stop_reason"])
+                reasons.append(holder["stop_reason"][:MAX_NAME_CHARS])
+        if len(reasons) > MAX_REASONS:
+            del reasons[MAX_REASONS:]
 
     def _note_event(self, event: dict[str, Any]) -> None:
         for holder in ("message", "response"):  # Anthropic's message_start, Responses events
@@ -238,9 +244,7 @@ class SpanBuilder:
 
     def __init__(self, scheme: str) -> None:
         self._scheme = scheme
-        # perf_counter seconds -> the epoch's nanoseconds (the two clocks drift apart by
-        # well under a microsecond over a request)
-        self._offset_ns = time.time_ns() - int(time.perf_counter() * _SECONDS_TO_NS)
+        self._offset_ns = 0
 
     def _ns(self, perf: float) -> int:
         return int(perf * _SECONDS_TO_NS) + self._offset_ns
@@ -255,6 +259,9 @@ class SpanBuilder:
         end: float,
     ) -> list[bytes]:
         """The request's spans, finished at `end` (perf_counter), encoded."""
+        # perf_counter seconds -> the epoch's nanoseconds, taken again for every request: the
+        # wall clock may be stepped (NTP, a VM resumed) while the worker lives.
+        self._offset_ns = time.time_ns() - int(time.perf_counter() * _SECONDS_TO_NS)
         trace_id = int(ctx.trace_id or "0", 16)
         span_id = int(ctx.span_id or "0", 16)
         state = ctx.tracestate or ""
@@ -276,10 +283,11 @@ class SpanBuilder:
             attributes["edge.cache"] = ctx.cache  # hit, miss, coalesced, bypass, error
         if ctx.error_code is not None:
             attributes["edge.error.code"] = ctx.error_code  # a refusal: rate limit, budget, …
-        failed = status >= 500
+        # Failed: a 5xx, or an upstream that broke after the status was sent (a stream).
+        upstream = ctx.upstream
+        error = upstream.error if upstream is not None else None
+        failed = status >= 500 or error is not None
         if failed:
-            upstream = ctx.upstream
-            error = upstream.error if upstream is not None else None
             attributes["error.type"] = error or str(status)
         attempts = record.attempts
         events: tuple[tuple[str, int], ...] = ()
@@ -335,6 +343,8 @@ class SpanBuilder:
         if record.top_p is not None:
             attributes["gen_ai.request.top_p"] = record.top_p
         status, error = attempt.status, attempt.error
+        if last and attempt.end is None and ctx.upstream is not None and error is None:
+            error = ctx.upstream.error  # the stream broke after its first event
         failed = error is not None or status is None or status >= 400
         if failed:  # the reason a failover moved on, or the upstream's error status
             attributes["error.type"] = error or (str(status) if status else "_OTHER")

@@ -69,8 +69,8 @@ def exporter_for(config: Config) -> Any:
     import requests
     from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 
-    headers = dict(config.otel_headers)
-    headers.update(config.otel_traces_headers)
+    # The traces headers, when set, replace the general ones (the OTLP exporter spec).
+    headers = dict(config.otel_traces_headers or config.otel_headers)
     session = requests.Session()
     session.trust_env = False
     return OTLPSpanExporter(

@@ -416,9 +416,15 @@ class Router:
                 span = ctx.span
                 if span is not None:  # a sampled request: the attempt's span id goes upstream
                     span.attempt(ctx, target.provider, target.model or call.model)
-                result, failure_now = await self._attempt(
-                    ctx, outcome, target, call, remaining, probes, translation
-                )
+                try:
+                    result, failure_now = await self._attempt(
+                        ctx, outcome, target, call, remaining, probes, translation
+                    )
+                except BaseException as exc:  # not the provider's: the client left, a 4xx…
+                    if span is not None:
+                        why = outcome.error or getattr(exc, "code", None) or "cancelled"
+                        span.attempt_ended(outcome.status, why, False)
+                    raise
                 if span is not None:
                     status = None if result is None else result.status
                     span.attempt_ended(status, outcome.error, isinstance(result, Events))

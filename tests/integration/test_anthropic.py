@@ -126,8 +126,11 @@ def test_routed_to_an_anthropic_provider(proxy, upstream):
 def test_routing_errors_in_anthropic_shape(proxy):
     with client(proxy) as sdk:
         with pytest.raises(anthropic.NotFoundError) as info:
-            sdk.messages.create(model="gpt-only", max_tokens=8, messages=ASK)  # not anthropic
+            sdk.messages.create(model="not-configured", max_tokens=8, messages=ASK)
         assert info.value.body["error"]["type"] == "not_found_error"
+        # A model served by an OpenAI-compatible provider only: through the adapter.
+        served = sdk.messages.create(model="gpt-only", max_tokens=8, messages=ASK)
+        assert served.content[0].text == "Hello from the upstream."
         with pytest.raises(anthropic.BadRequestError) as info:
             sdk.messages.create(model="error-400", max_tokens=8, messages=ASK)
         assert info.value.body["error"]["message"] == "max_tokens: required"  # the provider's

@@ -183,7 +183,14 @@ def test_upstream_error_bodies_pass_only_their_envelope(tmp_path, cleanup):
         headers={"x-api-key": KEY},
         timeout=30,
     )
-    assert anthropic.status_code == 404  # the raw provider is of kind "openai": no such model
+    # The provider is of kind "openai": its error reaches an Anthropic client translated, in
+    # Anthropic's shape, with the same message and nothing else of the body.
+    assert anthropic.status_code == 503
+    assert anthropic.json() == {
+        "type": "error",
+        "error": {"type": "overloaded_error", "message": "Model overloaded."},
+    }
+    assert "corp.internal" not in anthropic.text
 
 
 def test_large_answers_at_once_are_bounded_by_the_buffer_budget(tmp_path, cleanup):

@@ -23,7 +23,9 @@ from support import Gunicorn, Upstream, free_port, sdk_client, wait_until
 
 TEAM_KEY = "sk-trace-team-7f3a9c21"
 TIGHT_KEY = "sk-trace-tight-0be41d77"
-COLLECTOR_SECRET = "collector-canary-5d2e8b"  # sent to the collector only, never logged
+# Sent to the collector only, never logged; percent-encoded in the variable (a ";" must be).
+COLLECTOR_SECRET = "collector;canary-5d2e8b"
+COLLECTOR_SECRET_ENCODED = "collector%3Bcanary-5d2e8b"
 PROMPT_CANARY = "prompt-canary-91c4"  # message text: exported only when capture is on
 PACE = 0.2  # seconds between the upstream's stream chunks
 CHUNKS = 3
@@ -65,6 +67,8 @@ def write_files(directory: Path, upstream: Upstream, dead_port: int) -> dict[str
         f'[providers.dead]\nbase_url = "http://127.0.0.1:{dead_port}/v1"\napi_key = "sk-up"\n'
         '[[models]]\nname = "m"\ntargets = [{ provider = "live" }]\n'
         '[[models]]\nname = "fail-over"\ntargets = [{ provider = "dead" }, { provider = "live" }]\n'
+        '[[models]]\nname = "broken"\n'
+        'targets = [{ provider = "live", model = "reset-mid-stream" }]\n'
         '[routing]\nstrategy = "priority"\n'
     )
     return {"API_KEYS_FILE": str(keys), "PROVIDERS_FILE": str(providers)}
@@ -76,7 +80,7 @@ def proxy(tmp_path_factory, upstream, collector, dead_port):
     server = Gunicorn(
         WORKERS="4",
         OTEL_EXPORTER_OTLP_ENDPOINT=collector.url,
-        OTEL_EXPORTER_OTLP_HEADERS=f"x-collector-key={COLLECTOR_SECRET}",
+        OTEL_EXPORTER_OTLP_HEADERS=f"x-collector-key={COLLECTOR_SECRET_ENCODED}",
         OTEL_SERVICE_NAME="edge-under-test",
         OTEL_RESOURCE_ATTRIBUTES="deployment.environment=test,service.name=not-this-one",
         OTEL_BSP_SCHEDULE_DELAY="50",
@@ -204,6 +208,7 @@ def test_a_request_is_a_server_span_with_a_child_span_per_attempt(proxy, upstrea
     assert any(h.get("x-collector-key") == COLLECTOR_SECRET for h in collector.headers)
     assert collector.headers[0][":path"] == "/v1/traces"
     assert COLLECTOR_SECRET not in proxy.output()
+    assert COLLECTOR_SECRET_ENCODED not in proxy.output()
 
 
 def test_a_request_without_traceparent_starts_a_trace(proxy, collector):
@@ -243,6 +248,43 @@ def test_a_stream_span_ends_with_the_stream(proxy, collector):
     assert attempt.end_ns - first >= (CHUNKS - 1) * PACE * 1e9
     assert attempt.attributes["gen_ai.usage.input_tokens"] == usage.prompt_tokens
     assert attempt.attributes["gen_ai.usage.output_tokens"] == usage.completion_tokens
+
+
+def test_a_stream_broken_mid_way_is_an_error_on_its_spans(proxy, collector):
+    trace_id, parent = new_trace()
+    with pytest.raises(openai.APIError):
+        for _ in sdk_client(proxy.url, TEAM_KEY).chat.completions.create(
+            model="broken",
+            messages=messages(),
+            stream=True,
+            extra_headers={"traceparent": f"00-{trace_id}-{parent}-01"},
+        ):
+            pass
+    server, (attempt,) = split(spans_of(collector, trace_id, 2))
+    assert server.attributes["http.response.status_code"] == 200  # sent before it broke
+    for span in (server, attempt):
+        assert span.attributes["error.type"] == "disconnect" and span.status_code == ERROR
+
+
+def test_health_checks_and_scrapes_are_not_traced(proxy, collector):
+    trace_id, parent = new_trace()
+    headers = {"traceparent": f"00-{trace_id}-{parent}-01"}
+    for path in ("/health/ready", "/metrics"):
+        assert httpx.get(proxy.url + path, headers=headers, timeout=10).status_code == 200
+    marker, marker_parent = new_trace()  # a traced request after them, on every worker
+    for _ in range(8):
+        response = httpx.post(
+            proxy.url + "/v1/chat/completions",
+            json={"model": "m", "messages": messages()},
+            headers={
+                "authorization": f"Bearer {TEAM_KEY}",
+                "traceparent": f"00-{marker}-{marker_parent}-01",
+            },
+            timeout=10,
+        )
+        assert response.status_code == 200
+    spans_of(collector, marker, 16)
+    assert collector.trace(trace_id) == []
 
 
 def test_failover_is_two_attempt_spans_with_the_reason_on_the_first(

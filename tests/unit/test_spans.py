@@ -313,6 +313,12 @@ def test_a_batch_is_bounded_in_bytes_too():
         ("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT", "ftp://collector/v1/traces"),
         ("OTEL_EXPORTER_OTLP_HEADERS", "no-equals-sign"),
         ("OTEL_EXPORTER_OTLP_HEADERS", "bad header=1"),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "authorization=Bearer tok;v=1"),  # ";" must be encoded
+        ("OTEL_EXPORTER_OTLP_HEADERS", 'x-key="quoted"'),
+        ("OTEL_EXPORTER_OTLP_HEADERS", "x-key=a%0Ab"),  # a line break, decoded
+        ("OTEL_RESOURCE_ATTRIBUTES", "team=caf\udce9"),  # latin-1 bytes in the environment
+        ("OTEL_SERVICE_NAME", "edge\x07"),
+        ("OTEL_TRACES_EXPORTER", "jaeger"),
         ("OTEL_RESOURCE_ATTRIBUTES", "=value"),
         ("OTEL_INSTRUMENTATION_GENAI_CAPTURE_MESSAGE_CONTENT", "maybe"),
     ],
@@ -348,6 +354,21 @@ def test_export_is_on_only_with_tracing_and_an_endpoint():
     assert config.otel_traces_url == ENDPOINT + "/base/v1/traces"
     given_url = {"OTEL_EXPORTER_OTLP_TRACES_ENDPOINT": ENDPOINT + "/custom"}
     assert Config.from_env(given_url).otel_traces_url == ENDPOINT + "/custom"
-    headers = "a=1,b=x%20y"
+    headers = "a=1,b=x%20y, c = %20trimmed%20 ,d=semi%3Bcolon"
     config = Config.from_env({"OTEL_EXPORTER_OTLP_HEADERS": headers})
-    assert config.otel_headers == (("a", "1"), ("b", "x y"))
+    assert config.otel_headers == (("a", "1"), ("b", "x y"), ("c", "trimmed"), ("d", "semi;colon"))
+    none = {"OTEL_EXPORTER_OTLP_ENDPOINT": ENDPOINT, "OTEL_TRACES_EXPORTER": "none"}
+    assert not Config.from_env(none).export_traces
+
+
+def test_what_an_upstream_puts_on_a_span_is_bounded():
+    record = SpanRecord(lambda: "1" * 16, False)
+    choices = [{"finish_reason": "x" * 10_000}] * 1000
+    record.answer({"model": "m" * 1_000_000, "choices": choices})
+    assert len(record.response_model) == 256
+    assert len(record.finish_reasons) == 16 and all(len(r) == 256 for r in record.finish_reasons)
+    from edge.observability import otlp
+
+    otlp._kept.clear()
+    otlp.attributes(9, {"gen_ai.response.model": "m" * 300, "short": "s", "big": 1 << 70})
+    assert list(otlp._kept) == [(9, "short", str, "s")]  # long strings are never kept
