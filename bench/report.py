@@ -357,6 +357,36 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
         row.result = "skipped" if "cache" not in settings.phases else "n/a"
     rows.append(row)
 
+    translate = raw.get("translate")
+    row = Row(f"OpenAI client on an Anthropic provider (translated), c={settings.connections}")
+    row.target = f"≤ {TRANSLATE_REQUEST_US:g} µs CPU per request over pass-through"
+    if translate:
+        on, off = translate["translated"], translate["pass-through"]
+        added = on["cpu_us_per_req"] - off["cpu_us_per_req"]
+        row.edge = f"{on['rps']:,.0f} req/s ({off['rps']:,.0f} passed through)"
+        row.result = (
+            f"{on['rps'] / off['rps']:.2f}× pass-through; CPU {added:+.1f} µs/req; errors "
+            f"{on['status']} / {on['socket_errors']}"
+        )
+        row.met = added <= TRANSLATE_REQUEST_US and on["status"] == 0
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "translate" not in settings.phases else "n/a"
+    rows.append(row)
+    events = raw.get("translate_events")
+    row = Row("A streamed event translated (bench_translate.py)")
+    row.target = f"≤ {TRANSLATE_EVENT_US:g} µs per event"
+    if events:
+        row.edge = (
+            f"{events['to_openai_us']:.2f} µs → OpenAI, {events['to_anthropic_us']:.2f} µs → "
+            "Anthropic"
+        )
+        row.met = max(events.values()) <= TRANSLATE_EVENT_US
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "translate" not in settings.phases else "n/a"
+    rows.append(row)
+
     tracing = raw.get("tracing")
     if tracing and "control" in tracing["runs"]:
         runs = tracing["runs"]
@@ -387,6 +417,11 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
             row.result = "skipped" if "tracing" not in settings.phases else "n/a"
         rows.append(row)
     return rows
+
+
+# What translation may cost (issue #24): a non-streamed request, a streamed event.
+TRANSLATE_REQUEST_US = 30.0
+TRANSLATE_EVENT_US = 3.0
 
 
 # Span export's throughput against export off, by sampling ratio (issue #26): every request

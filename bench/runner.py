@@ -49,7 +49,7 @@ from targets import (
 
 PHASES = (
     "throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis", "routing",
-    "ablation", "cache", "tracing",
+    "ablation", "cache", "tracing", "translate",
 )  # fmt: skip
 
 # ----------------------------------------------------------------------------- load tools
@@ -347,6 +347,23 @@ def limiter_bench(quick: bool) -> dict | None:
     return None
 
 
+def translate_bench(quick: bool) -> dict | None:
+    """bench/bench_translate.py: µs per streamed event translated, each direction."""
+    argv = [PYTHON, str(BENCH / "bench_translate.py"), *(["--n", "200"] if quick else [])]
+    try:
+        done = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    match = re.search(r"to_openai ([\d.]+) µs to_anthropic ([\d.]+) µs", done.stdout)
+    if done.returncode != 0 or not match:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        log(f"bench/bench_translate.py failed ({done.returncode}): {last}")
+        return None
+    return {"to_openai_us": float(match.group(1)), "to_anthropic_us": float(match.group(2))}
+
+
 def routing_bench(quick: bool) -> dict | None:
     """bench/bench_routing.py: µs per request of Router.exchange, single upstream vs routing."""
     script = BENCH / "bench_routing.py"
@@ -439,7 +456,7 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
     try:
         server_phases = {
             "throughput", "latency", "rate", "memory", "cpu", "redis", "ablation", "cache",
-            "tracing",
+            "tracing", "translate",
         }  # fmt: skip
         if want & server_phases:
             nginx_port, floor_port, edge_port = free_port(), free_port(), free_port()
@@ -459,6 +476,8 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
                 raw["cache"] = run_cache_phase(settings, procs, out, tmp, upstream, edge)
             if "tracing" in want:  # beside edge exporting nothing, still running
                 raw["tracing"] = run_tracing_phase(settings, procs, out, direct, edge)
+            if "translate" in want:
+                raw["translate"] = run_translate_phase(settings, procs, out, tmp, direct)
             for target in targets:
                 raw.setdefault("rss", {})[target.name] = dict(target.rss)
             procs.stop(edge.proc)
@@ -474,6 +493,9 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
         if "routing" in want:
             log("routing micro-benchmark (bench/bench_routing.py)")
             raw["routing"] = routing_bench(settings.quick)
+        if "translate" in want:
+            log("stream translation micro-benchmark (bench/bench_translate.py)")
+            raw["translate_events"] = translate_bench(settings.quick)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -682,6 +704,43 @@ def run_cache_phase(
         for on, off in zip(runs["miss"], runs["miss off"], strict=True)
     ]
     return best
+
+
+def run_translate_phase(
+    settings: Settings, procs: Processes, out: Path, tmp: Path, direct: Target
+) -> dict[str, Any]:
+    """An OpenAI client (the throughput load) on an Anthropic provider, through the adapter,
+    against the same client on an OpenAI provider, passed through: two edges with the same
+    PROVIDERS_FILE shape (one provider, one model), nginx answering both (a Messages answer at
+    /anthropic/v1/messages, the chat answer elsewhere), interleaved throughput rounds. What
+    translation costs a non-streamed request is the CPU per request of one less the other."""
+    edges: dict[str, Target] = {}
+    try:
+        for name, kind, base in (
+            ("pass-through", "openai", direct.base + "/v1"),
+            ("translated", "anthropic", direct.base + "/anthropic/v1"),
+        ):
+            providers = tmp / f"providers-{kind}.toml"
+            providers.write_text(
+                f'[providers.up]\nkind = "{kind}"\nbase_url = "{base}"\napi_key = "k"\n'
+                '[[models]]\nname = "bench"\ntargets = [{ provider = "up" }]\n'
+            )
+            port = free_port()
+            log(f"translate: starting edge, {name} ({kind} provider) :{port}")
+            edges[name] = start_edge(
+                procs, out, port, direct.base + "/v1", f"benchedge-{kind}{port}",
+                "edge-translate.log", {"PROVIDERS_FILE": str(providers)},
+            )  # fmt: skip
+        check_answers(list(edges.values()))
+        runs: dict[str, list[dict]] = {name: [] for name in edges}
+        for round_ in range(1, settings.rounds + 1):
+            for name, target in edges.items():
+                log(f"translate: {name} (round {round_}/{settings.rounds})")
+                runs[name].append(load_cpu(target, settings, settings.duration, round_ == 1))
+    finally:
+        for target in edges.values():
+            procs.stop(target.proc)
+    return {name: best_throughput(results) for name, results in runs.items()}
 
 
 TRACE_RATIOS = ("1.0", "0.1", "0.0")

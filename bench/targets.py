@@ -66,6 +66,20 @@ UPSTREAM_ANSWER = json.dumps(
     },
     separators=(",", ":"),
 )
+# The same answer as an Anthropic message (the translate phase's anthropic provider).
+ANTHROPIC_ANSWER = json.dumps(
+    {
+        "id": "msg_bench",
+        "type": "message",
+        "role": "assistant",
+        "model": "bench",
+        "content": [{"type": "text", "text": "Hello from the bench upstream."}],
+        "stop_reason": "end_turn",
+        "stop_sequence": None,
+        "usage": {"input_tokens": 5, "output_tokens": 7},
+    },
+    separators=(",", ":"),
+)
 # Environment variables edge reads: cleared so the caller's shell cannot change the benchmark.
 # Every setting edge reads (edge.config.SETTINGS) and the environment gunicorn.conf.py or
 # systemd hand it: cleared, so the caller's shell cannot change what is measured.
@@ -244,6 +258,8 @@ http {{
         # An OTLP/HTTP collector that takes every export and keeps nothing (the tracing
         # phase): what export costs the gateway, not what a collector costs the host.
         location = /v1/traces {{ return 200 ""; }}
+        # An Anthropic provider (the translate phase): the same answer as a Messages answer.
+        location = /anthropic/v1/messages {{ return 200 '{ANTHROPIC_ANSWER}'; }}
     }}
 }}
 """
