@@ -120,8 +120,8 @@ TO_OPENAI: dict[str, Rule] = {
     ),
     "max_tokens": Rule(
         MAPPED,
-        "→ `max_tokens` (what vLLM, Ollama and most compatible servers read), or "
-        "`max_completion_tokens` for a target that asks for it",
+        "→ `max_tokens` (what vLLM, Ollama and most compatible servers read; OpenAI's reasoning "
+        "models, which want `max_completion_tokens`, refuse it)",
     ),
     "temperature": Rule(MAPPED, "→ `temperature`"),
     "top_p": Rule(MAPPED, "→ `top_p`"),

@@ -17,7 +17,7 @@ what is refused) is edge.adapters, sans I/O.
 
 from __future__ import annotations
 
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Callable
 from typing import Any
 
 import orjson
@@ -27,11 +27,17 @@ from edge.adapters.request_to_anthropic import chat_to_messages
 from edge.adapters.request_to_openai import messages_to_chat
 from edge.adapters.stream_to_anthropic import ChunksToEvents
 from edge.adapters.stream_to_openai import EventsToChunks
-from edge.errors import ANTHROPIC, OPENAI, BadGateway, stream_error_event
+from edge.errors import ANTHROPIC, OPENAI, ApiError, BadGateway, BadRequest, stream_error_event
 from edge.routing.exchange import Call
 from edge.upstream.client import UpstreamResponse
 
 ANTHROPIC_VERSION = "2023-06-01"
+# A whole answer larger than this is not translated (parsing it would hold several times its
+# size): the provider's failure, `invalid`, failed over like one.
+MAX_TRANSLATED_BYTES = 8 << 20
+# What a translated success must hold to be one, by the client's API (so an error sent with a
+# 200, or `{}`, is not turned into an empty answer).
+_ANSWER_FIELD = {OPENAI: ("content", list), ANTHROPIC: ("choices", list)}
 # (the client's API, its upstream path) → the path a provider of the other kind serves it at
 TRANSLATED = {
     (OPENAI, "/chat/completions"): "/messages",
@@ -55,16 +61,24 @@ class Translation:
         self._client = call.api
         self.kind = kind
         self.path = TRANSLATED[call.api, call.path]
-        if call.api == OPENAI:
-            translated = chat_to_messages(data, max_tokens_default=max_tokens_default)
-            self.headers: dict[str, str] | None = {"anthropic-version": ANTHROPIC_VERSION}
-            options = data.get("stream_options")
-            self._include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        else:
-            translated = messages_to_chat(data)
-            self.headers = None  # anthropic-version and -beta are Anthropic's only
-            self._include_usage = False
-        self.body = orjson.dumps(translated)
+        self.headers: dict[str, str] | None = None  # anthropic-version and -beta: Anthropic's
+        self._include_usage = False
+        try:
+            if call.api == OPENAI:
+                translated = chat_to_messages(data, max_tokens_default=max_tokens_default)
+                self.headers = {"anthropic-version": ANTHROPIC_VERSION}
+                options = data.get("stream_options")
+                self._include_usage = (
+                    isinstance(options, dict) and options.get("include_usage") is True
+                )
+            else:
+                translated = messages_to_chat(data)
+            self.body = orjson.dumps(translated)
+        except (TypeError, RecursionError):  # orjson writes at most 254 levels
+            raise BadRequest(
+                "The request is nested too deeply to be translated for this model's provider "
+                "(at most 254 levels, tool arguments and schemas included)."
+            ) from None
 
     def answer(self, result: UpstreamResponse) -> UpstreamResponse:
         """A whole answer in the client's API: a success translated (left as it came when it
@@ -76,20 +90,26 @@ class Translation:
             result.status, result.body = to_client(status, result.body)
             result.data, result.content_type = None, "application/json"
             return result
+        if len(result.body) > MAX_TRANSLATED_BYTES:
+            raise BadGateway("The upstream's answer is too large to be translated.")
         try:
             data = orjson.loads(result.body)
         except orjson.JSONDecodeError:
-            return result
-        if not isinstance(data, dict):
-            return result
+            return result  # not JSON: the router judges it (invalid)
+        field, kind = _ANSWER_FIELD[self._client]
+        if not isinstance(data, dict) or not isinstance(data.get(field), kind):
+            raise BadGateway("The upstream answered something that is not an answer.")
         try:
             if self._client == OPENAI:
                 translated = answers.message_to_completion(data)
             else:
                 translated = answers.completion_to_message(data)
-        except (KeyError, TypeError, ValueError, AttributeError):
+            result.body = orjson.dumps(translated)
+        except ApiError:
+            raise
+        except Exception:  # a hostile answer (nested past orjson's depth, odd types)
             raise BadGateway("The upstream's answer could not be translated.") from None
-        result.body, result.data = orjson.dumps(translated), translated
+        result.data = translated
         result.content_type = "application/json"
         return result
 
@@ -98,21 +118,37 @@ class Translation:
         stream's translator turns it into the client's)."""
         return stream_error_event(kind, message, self.kind)
 
-    async def events(self, source: AsyncGenerator[bytes, None]) -> AsyncGenerator[bytes, None]:
-        """The upstream's stream, block by block, as the client's API's events."""
+    async def events(
+        self, source: AsyncGenerator[bytes, None], broke: Callable[[], None]
+    ) -> AsyncGenerator[bytes, None]:
+        """The upstream's stream, block by block, as the client's API's events. A stream that
+        cannot be translated, or that ends before it is whole (no `message_stop` or
+        `[DONE]`, no error event), ends with the client's error event, and `broke()` tells the
+        router (the provider's failure, `invalid`)."""
         translator: Any
         if self._client == OPENAI:
             translator = EventsToChunks(include_usage=self._include_usage)
         else:
             translator = ChunksToEvents()
         try:
-            async for block in source:
-                out = translator.feed(block)
-                if out:
-                    yield out
-            if isinstance(translator, ChunksToEvents):
-                tail = translator.end()  # an upstream that finished without [DONE]
-                if tail:
-                    yield tail
+            try:
+                async for block in source:
+                    out = translator.feed(block)
+                    if out:
+                        yield out
+                    if translator.done:
+                        break
+                if isinstance(translator, ChunksToEvents):
+                    tail = translator.end()  # an upstream that finished without [DONE]
+                    if tail:
+                        yield tail
+                whole = translator.done
+                message = "The upstream's stream ended before it was complete."
+            except Exception:  # an event the translator cannot take (odd types, depth)
+                whole = False
+                message = "The upstream sent a stream event that could not be translated."
+            if not whole:
+                broke()
+                yield stream_error_event("invalid", message, self._client)
         finally:
             await source.aclose()

@@ -587,10 +587,15 @@ class Router:
         if translation is None:
             source = relay(resp, outcome, error_event, opened.first, call.on_event, ended)
         else:  # the upstream's events (and the relay's error event) in its own shape, then ours
+
+            def broke() -> None:  # the stream could not be translated, or ended early
+                outcome.failed("invalid")
+                self._report(target.breaker, False)
+
             upstream = relay(
                 resp, outcome, translation.error_event, opened.first, call.on_event, ended
             )
-            source = translation.events(upstream)
+            source = translation.events(upstream, broke)
         return Events(source, resp.abort, resp.close)
 
     async def _open(
