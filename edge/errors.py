@@ -63,9 +63,7 @@ class ApiError(Exception):
     def body(self, shape: str = OPENAI) -> bytes:
         """The error's JSON body in `shape` (OPENAI or ANTHROPIC)."""
         if shape == ANTHROPIC:
-            kind = _ANTHROPIC_TYPES.get(self.status) or (
-                "invalid_request_error" if self.status < 500 else "api_error"
-            )
+            kind = anthropic_type(self.status)
             return orjson.dumps({"type": "error", "error": {"type": kind, "message": self.message}})
         return envelope(self.message, self.type, self.param, self.code)
 
@@ -181,16 +179,23 @@ def envelope(message: str, type_: str, param: str | None = None, code: str | Non
 
 
 # HTTP status → Anthropic error type (https://docs.anthropic.com/en/api/errors)
-_ANTHROPIC_TYPES = {
+ANTHROPIC_TYPES = {
     400: "invalid_request_error",
     401: "authentication_error",
     403: "permission_error",
     404: "not_found_error",
     413: "request_too_large",
     429: "rate_limit_error",
+    500: "api_error",
     503: "overloaded_error",
     529: "overloaded_error",
 }
+
+
+def anthropic_type(status: int) -> str:
+    """Anthropic's error type for an HTTP status (the gateway's own errors, and an OpenAI
+    upstream's translated by edge.adapters)."""
+    return ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
 
 
 def stream_error_event(kind: str, message: str, shape: str = OPENAI) -> bytes:

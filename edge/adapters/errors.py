@@ -22,22 +22,17 @@ from typing import Any
 
 import orjson
 
-from edge.errors import INVALID_REQUEST, OVERLOADED, RATE_LIMIT, SERVER, envelope
+from edge.errors import (
+    INVALID_REQUEST,
+    OVERLOADED,
+    RATE_LIMIT,
+    SERVER,
+    anthropic_type,
+    envelope,
+)
 
 MAX_MESSAGE = 4096
 
-# HTTP status → Anthropic error type (https://docs.anthropic.com/en/api/errors)
-ANTHROPIC_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    500: "api_error",
-    503: "overloaded_error",
-    529: "overloaded_error",
-}
 # Anthropic error type → the status it is answered with
 ANTHROPIC_STATUS = {
     "invalid_request_error": 400,
@@ -62,11 +57,6 @@ _OPENAI_KINDS = {
     OVERLOADED: "overloaded_error",
     "service_unavailable": "overloaded_error",
 }
-
-
-def anthropic_type(status: int) -> str:
-    """Anthropic's error type for an HTTP status."""
-    return ANTHROPIC_TYPES.get(status) or ("invalid_request_error" if status < 500 else "api_error")
 
 
 def openai_status(status: int) -> int:

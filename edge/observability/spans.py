@@ -212,6 +212,13 @@ class SpanRecord:
             self.output.append(delta)
 
 
+def _given(attributes: dict[str, Any], *pairs: tuple[str, Any]) -> None:
+    """Set the attributes whose value is known (not None)."""
+    for key, value in pairs:
+        if value is not None:
+            attributes[key] = value
+
+
 def _number(value: Any) -> float | None:
     if isinstance(value, int | float) and not isinstance(value, bool):
         return float(value)
@@ -328,20 +335,16 @@ class SpanBuilder:
             "gen_ai.provider.name": attempt.kind,
             "edge.provider": attempt.provider,
         }
-        if operation is not None:
-            attributes["gen_ai.operation.name"] = operation
-        if model is not None:
-            attributes["gen_ai.request.model"] = model
-        if attempt.address is not None:
-            attributes["server.address"] = attempt.address
-        if attempt.port is not None:
-            attributes["server.port"] = attempt.port
-        if record.max_tokens is not None:
-            attributes["gen_ai.request.max_tokens"] = record.max_tokens
-        if record.temperature is not None:
-            attributes["gen_ai.request.temperature"] = record.temperature
-        if record.top_p is not None:
-            attributes["gen_ai.request.top_p"] = record.top_p
+        _given(
+            attributes,
+            ("gen_ai.operation.name", operation),
+            ("gen_ai.request.model", model),
+            ("server.address", attempt.address),
+            ("server.port", attempt.port),
+            ("gen_ai.request.max_tokens", record.max_tokens),
+            ("gen_ai.request.temperature", record.temperature),
+            ("gen_ai.request.top_p", record.top_p),
+        )
         status, error = attempt.status, attempt.error
         if last and attempt.end is None and ctx.upstream is not None and error is None:
             error = ctx.upstream.error  # the stream broke after its first event
@@ -352,16 +355,14 @@ class SpanBuilder:
                 attributes["http.response.status_code"] = status
         events: tuple[tuple[str, int], ...] = ()
         if last and not failed:
-            if record.response_model is not None:
-                attributes["gen_ai.response.model"] = record.response_model
-            if record.finish_reasons:
-                attributes["gen_ai.response.finish_reasons"] = record.finish_reasons
-            if ctx.prompt_tokens is not None:
-                attributes["gen_ai.usage.input_tokens"] = ctx.prompt_tokens
-            if ctx.completion_tokens is not None:
-                attributes["gen_ai.usage.output_tokens"] = ctx.completion_tokens
-            if record.input is not None:
-                attributes["gen_ai.input.messages"] = record.input
+            _given(
+                attributes,
+                ("gen_ai.response.model", record.response_model),
+                ("gen_ai.response.finish_reasons", record.finish_reasons or None),
+                ("gen_ai.usage.input_tokens", ctx.prompt_tokens),
+                ("gen_ai.usage.output_tokens", ctx.completion_tokens),
+                ("gen_ai.input.messages", record.input),
+            )
             output = record.said
             if output is None and record.output:
                 text = _bounded("".join(record.output))
