@@ -28,10 +28,12 @@ from edge.endpoints.body import (
 )
 from edge.endpoints.forward import Forward
 from edge.endpoints.health import Health
+from edge.endpoints.media import Images, Speech, Transcribe
 from edge.endpoints.metrics import MetricsResource, SwitchedOff
 from edge.endpoints.openai import Models
 from edge.endpoints.passthrough import ModelRetrieve
 from edge.endpoints.routes import endpoint_table
+from edge.endpoints.stateful import STATEFUL_ROUTES, Stateful
 from edge.errors import OPENAI, ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import EdgeMiddleware
 from edge.ratelimit.tokens import CHAT, COMPLETION, EMBEDDINGS, RESPONSES
@@ -107,6 +109,14 @@ def create_app(
         ("/v1/moderations", Forward(runtime, "/moderations", validate_moderations, None), None),
         ("/v1/messages", Messages(runtime), None),
         ("/v1/messages/count_tokens", CountTokens(runtime), None),
+        ("/v1/images/generations", Images(runtime), None),
+        ("/v1/audio/speech", Speech(runtime), None),
+        ("/v1/audio/transcriptions", Transcribe(runtime, "/audio/transcriptions"), None),
+        ("/v1/audio/translations", Transcribe(runtime, "/audio/translations"), None),
+        *(
+            (template, Stateful(runtime, path, methods), None)
+            for template, (path, methods) in STATEFUL_ROUTES.items()
+        ),
         ("/health", health, None),
         ("/health/live", health, "live"),
         ("/health/ready", health, "ready"),

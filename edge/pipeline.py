@@ -108,7 +108,7 @@ async def _exchange(
             recorder = runtime.cache.recorder(lookup, ctx)
         _send_events(req, resp, ctx, result, reservation, hide_usage, recorder)
         return True
-    sent_in_pieces = _send_answer(resp, ctx, result, call.api)  # usage recorded on ctx
+    sent_in_pieces = _send_answer(resp, ctx, result, call)  # usage recorded on ctx
     if lookup is not None and lookup.store and result.status == 200:
         fresh = [result.body]
         runtime.cache.store(lookup, runtime.cache.new_entry(result.content_type, False, fresh, ctx))
@@ -177,10 +177,11 @@ def _used(reservation: Reservation, ctx: RequestContext, answered: bool) -> int:
     return (estimate if reported is None else reported) + (_working(ctx, 1) - 1) * estimate
 
 
-def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> bool:
+def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, call: Call) -> bool:
     """Pass a whole answer on: status, body, content type, retry headers. A success (judged a
-    JSON object by the router) gives its usage to the request; an error passes on only the
-    fields of its error envelope (`_error_envelope`).
+    JSON object by the router, unless the call is `raw`) gives its usage to the request when
+    it is the request's own (`Call.metered`); an error passes on only the fields of its error
+    envelope (`_error_envelope`).
 
     An answer over SEND_PIECE_BYTES is sent in pieces, each when the client took the last, so
     it holds its share of the buffer budget until its last byte is out: True then (the stream
@@ -188,19 +189,21 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> 
     status = answer.status
     body = answer.body
     data = answer.data
-    if data is None:
+    if data is None and _parsable(answer, call):
         try:
             data = orjson.loads(body)
         except orjson.JSONDecodeError:
             data = None
     resp.status = status if 200 <= status <= 599 else 502
     if 200 <= status < 300:
-        usage.record(ctx, data.get("usage"))
-        if ctx.span is not None:
-            ctx.span.answer(data)
+        if isinstance(data, dict):  # a raw answer may be anything (audio, text)
+            if call.metered:
+                usage.record(ctx, data.get("usage"))
+            if ctx.span is not None:
+                ctx.span.answer(data)
         resp.content_type = answer.content_type
     else:
-        body = _error_envelope(data, resp.status, shape)
+        body = _error_envelope(data, resp.status, call.api)
         resp.content_type = JSON
     for name, value in answer.headers.items():
         resp.set_header(name, value)
@@ -214,6 +217,17 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, shape: str) -> 
 
 
 SEND_PIECE_BYTES = 1 << 20
+
+
+def _parsable(answer: Answer, call: Call) -> bool:
+    """Whether to parse an answer the router did not: an error (for its envelope), or a raw
+    success that says it is JSON and is small (a file's content may be 64 MiB of JSONL)."""
+    if not call.raw or not 200 <= answer.status < 300:
+        return True
+    media = answer.content_type.partition(";")[0].strip().lower()
+    return media == JSON and len(answer.body) <= SEND_PIECE_BYTES
+
+
 MAX_ERROR_MESSAGE = 4096  # characters of an upstream error's message passed on
 
 
@@ -261,7 +275,7 @@ def _send_events(
     events as the client gets them."""
     if events.usage is not None:
         usage.record(ctx, events.usage)
-    resp.content_type = SSE
+    resp.content_type = events.content_type or SSE  # a raw stream's own (Call.raw: audio)
     resp.set_header("cache-control", "no-cache")
     resp.set_header("x-accel-buffering", "no")
     source = settled_stream(events, reservation, ctx, hide_usage, recorder)

@@ -42,6 +42,12 @@ the last message is that tool's result, the text "Tool said: <the result>". Anth
 /v1/messages also answers model "overloaded" with 529 overloaded_error, and
 /v1/messages/count_tokens counts the bytes of `messages` / 4.
 
+The rest of the OpenAI surface: /v1/images/generations (one b64 image, and usage),
+/v1/audio/speech (SPEECH_BYTES written in pieces, audio/mpeg), /v1/audio/transcriptions and
+/translations (multipart: the `model` field and the file's size and SHA-256 are kept with what
+GET /_seen returns, as `form`), and in-memory /v1/files (upload, list, retrieve, content,
+delete), /v1/batches (create, list, retrieve, cancel) and GET/DELETE /v1/responses/{id}.
+
 More endpoints: /v1/embeddings (echoes encoding_format: base64 or float), /v1/responses
 (streamed and not), /v1/moderations, /v1/models/{id}, and Anthropic's /v1/messages (streamed
 and not; errors in Anthropic's shape).
@@ -60,6 +66,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import hashlib
 import json
 import socket
 import struct
@@ -696,6 +703,170 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+SPEECH_BYTES = bytes(range(256)) * 1024  # 256 KiB of "audio", every byte value
+FILES: dict[str, dict] = {}
+FILE_CONTENT: dict[str, bytes] = {}
+BATCHES: dict[str, dict] = {}
+
+
+async def images(request: web.Request) -> web.Response:
+    data = _record(request, await request.read())
+    png = base64.b64encode(b"\x89PNG upstream image").decode()
+    return web.json_response(
+        {"created": 1, "data": [{"b64_json": png, "revised_prompt": data.get("prompt")}],
+         "usage": {"input_tokens": 9, "output_tokens": 21, "total_tokens": 30}}
+    )  # fmt: skip
+
+
+async def speech(request: web.Request) -> web.StreamResponse:
+    _record(request, await request.read())
+    response = web.StreamResponse(headers={"content-type": "audio/mpeg"})
+    await response.prepare(request)
+    for start in range(0, len(SPEECH_BYTES), 65536):
+        await response.write(SPEECH_BYTES[start : start + 65536])
+        await asyncio.sleep(0.01)
+    await response.write_eof()
+    return response
+
+
+async def _form(request: web.Request) -> tuple[dict, dict]:
+    """The multipart form's text fields, and its file (name, bytes), kept with what _seen
+    returns for the request (aiohttp's own multipart reader: not the proxy's parser)."""
+    _record(request, b"")
+    fields: dict = {}
+    upload: dict = {}
+    reader = await request.multipart()
+    while (part := await reader.next()) is not None:
+        if part.filename:  # type: ignore[union-attr]
+            upload = {"filename": part.filename, "bytes": bytes(await part.read())}  # type: ignore[union-attr]
+        else:
+            fields[part.name] = (await part.read()).decode()  # type: ignore[union-attr]
+    record = SEEN[request.headers.get("x-request-id", "-")]
+    record["body_size"] = request.content_length
+    record["form"] = {
+        **fields,
+        "file_size": len(upload.get("bytes", b"")),
+        "file_sha256": hashlib.sha256(upload.get("bytes", b"")).hexdigest(),
+    }
+    LOG[-1]["model"] = fields.get("model")
+    return fields, upload
+
+
+async def transcriptions(request: web.Request) -> web.Response:
+    fields, upload = await _form(request)
+    if fields.get("response_format") == "text":
+        return web.Response(text="upstream transcript\n", content_type="text/plain")
+    return web.json_response(
+        {"text": f"upstream transcript of {len(upload.get('bytes', b''))} bytes",
+         "usage": {"type": "tokens", "input_tokens": 3, "output_tokens": 4, "total_tokens": 7}}
+    )  # fmt: skip
+
+
+def _file_object(file_id: str) -> dict:
+    return FILES[file_id]
+
+
+async def files_create(request: web.Request) -> web.Response:
+    fields, upload = await _form(request)
+    file_id = f"file-{_serial()}"
+    FILE_CONTENT[file_id] = upload.get("bytes", b"")
+    FILES[file_id] = {
+        "id": file_id, "object": "file", "bytes": len(FILE_CONTENT[file_id]), "created_at": 1,
+        "filename": upload.get("filename", ""), "purpose": fields.get("purpose", ""),
+        "status": "processed",
+    }  # fmt: skip
+    return web.json_response(FILES[file_id])
+
+
+async def files_list(request: web.Request) -> web.Response:
+    _record(request, b"")
+    purpose = request.query.get("purpose")
+    data = [f for f in FILES.values() if purpose is None or f["purpose"] == purpose]
+    return web.json_response({"object": "list", "data": data, "has_more": False})
+
+
+def _file_or_404(request: web.Request) -> str | web.Response:
+    _record(request, b"")
+    file_id = request.match_info["file_id"]
+    if file_id not in FILES:
+        return _error(404, f"No such File object: {file_id}", "not_found")
+    return file_id
+
+
+async def files_get(request: web.Request) -> web.Response:
+    found = _file_or_404(request)
+    return found if isinstance(found, web.Response) else web.json_response(FILES[found])
+
+
+async def files_delete(request: web.Request) -> web.Response:
+    found = _file_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    del FILES[found], FILE_CONTENT[found]
+    return web.json_response({"id": found, "object": "file", "deleted": True})
+
+
+async def files_content(request: web.Request) -> web.Response:
+    found = _file_or_404(request)
+    if isinstance(found, web.Response):
+        return found
+    return web.Response(body=FILE_CONTENT[found], content_type="application/octet-stream")
+
+
+def _batch(batch_id: str, data: dict, status: str) -> dict:
+    return {
+        "id": batch_id, "object": "batch", "endpoint": data.get("endpoint"),
+        "input_file_id": data.get("input_file_id"), "completion_window": "24h",
+        "status": status, "created_at": 1, "errors": None, "output_file_id": None,
+        "error_file_id": None, "metadata": data.get("metadata"),
+    }  # fmt: skip
+
+
+async def batches_create(request: web.Request) -> web.Response:
+    data = _record(request, await request.read())
+    batch_id = f"batch_{_serial()}"
+    BATCHES[batch_id] = _batch(batch_id, data, "validating")
+    return web.json_response(BATCHES[batch_id])
+
+
+async def batches_list(request: web.Request) -> web.Response:
+    _record(request, b"")
+    data = list(BATCHES.values())
+    return web.json_response({"object": "list", "data": data, "has_more": False})
+
+
+async def batches_get(request: web.Request) -> web.Response:
+    _record(request, b"")
+    found = BATCHES.get(request.match_info["batch_id"])
+    if found is None:
+        return _error(404, "No such batch.", "not_found")
+    return web.json_response(found)
+
+
+async def batches_cancel(request: web.Request) -> web.Response:
+    _record(request, await request.read())
+    found = BATCHES.get(request.match_info["batch_id"])
+    if found is None:
+        return _error(404, "No such batch.", "not_found")
+    found["status"] = "cancelling"
+    return web.json_response(found)
+
+
+async def response_get(request: web.Request) -> web.Response:
+    _record(request, b"")
+    response_id = request.match_info["response_id"]
+    if response_id == "resp_missing":
+        return _error(404, "No such response.", "not_found")
+    stored = _response_obj("gpt-x", "completed", "Stored answer.")
+    return web.json_response({**stored, "id": response_id})
+
+
+async def response_delete(request: web.Request) -> web.Response:
+    _record(request, b"")
+    response_id = request.match_info["response_id"]
+    return web.json_response({"id": response_id, "object": "response", "deleted": True})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--host", default="127.0.0.1")
@@ -717,6 +888,21 @@ def main() -> None:
     app.router.add_post("/v1/moderations", moderations)
     app.router.add_post("/v1/messages", messages)
     app.router.add_post("/v1/messages/count_tokens", count_tokens)
+    app.router.add_post("/v1/images/generations", images)
+    app.router.add_post("/v1/audio/speech", speech)
+    app.router.add_post("/v1/audio/transcriptions", transcriptions)
+    app.router.add_post("/v1/audio/translations", transcriptions)
+    app.router.add_post("/v1/files", files_create)
+    app.router.add_get("/v1/files", files_list)
+    app.router.add_get("/v1/files/{file_id}", files_get)
+    app.router.add_delete("/v1/files/{file_id}", files_delete)
+    app.router.add_get("/v1/files/{file_id}/content", files_content)
+    app.router.add_post("/v1/batches", batches_create)
+    app.router.add_get("/v1/batches", batches_list)
+    app.router.add_get("/v1/batches/{batch_id}", batches_get)
+    app.router.add_post("/v1/batches/{batch_id}/cancel", batches_cancel)
+    app.router.add_get("/v1/responses/{response_id}", response_get)
+    app.router.add_delete("/v1/responses/{response_id}", response_delete)
     app.router.add_get("/_log", request_log)
     app.router.add_post("/_control", control)
     app.router.add_get("/_seen/{request_id}", seen)

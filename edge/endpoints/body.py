@@ -7,6 +7,7 @@ client asked for a stream.
 
 from __future__ import annotations
 
+import re
 import zlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -294,3 +295,42 @@ def validate_model_id(model_id: str) -> str:
     if not model_id or len(model_id) > MAX_MODEL_LENGTH or model_id in (".", ".."):
         raise BadRequest("Invalid model id in the path.", param="model")
     return model_id
+
+
+DEFAULT_IMAGE_MODEL = "dall-e-2"  # OpenAI's own default when a request names none
+
+
+def validate_images(data: dict[str, Any]) -> tuple[str, bool]:
+    """(model, stream) of an image generation; the model is optional there, as in OpenAI's
+    API (its default, DEFAULT_IMAGE_MODEL; the endpoint writes it into the body so a renaming
+    target renames it too)."""
+    if data.get("model") is None:
+        model, stream = _common({**data, "model": DEFAULT_IMAGE_MODEL})
+    else:
+        model, stream = _common(data)
+    prompt = data.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise BadRequest("'prompt' is required and must be a non-empty string.", param="prompt")
+    return model, stream
+
+
+def validate_speech(data: dict[str, Any]) -> tuple[str, bool]:
+    """(model, True) of a text-to-speech request: its answer is relayed as it comes."""
+    model, _ = _common({"model": data.get("model")})
+    if not isinstance(data.get("input"), str) or not data["input"]:
+        raise BadRequest("'input' is required and must be a non-empty string.", param="input")
+    if data.get("voice") is None:
+        raise BadRequest("'voice' is required.", param="voice")
+    return model, True
+
+
+MAX_OBJECT_ID = 128
+_OBJECT_ID = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9_.-]{{0,{MAX_OBJECT_ID - 1}}}$")
+
+
+def check_object_id(value: str, param: str) -> None:
+    """An object id from the path of a stateful endpoint (a file, a batch, a response): 1-128
+    letters, digits, '_', '-' or '.', not starting with '.' (so never `..`): one plain path
+    segment upstream; 400 naming it otherwise."""
+    if not _OBJECT_ID.match(value):
+        raise BadRequest(f"Invalid {param} in the path.", param=param)

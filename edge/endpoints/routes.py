@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from edge.config import Config
-from edge.endpoints.body import validate_model_id
+from edge.endpoints.body import check_object_id, validate_model_id
 from edge.errors import ANTHROPIC, OPENAI
 
 API = "api"  # the /v1 endpoints: need a key, spend a rate-limit token
@@ -44,6 +44,17 @@ ROUTES: dict[str, tuple[str, str]] = {
     "/v1/moderations": (API, OPENAI),
     "/v1/messages": (API, ANTHROPIC),
     "/v1/messages/count_tokens": (API, ANTHROPIC),
+    "/v1/images/generations": (API, OPENAI),
+    "/v1/audio/speech": (API, OPENAI),
+    "/v1/audio/transcriptions": (API, OPENAI),
+    "/v1/audio/translations": (API, OPENAI),
+    "/v1/files": (API, OPENAI),
+    "/v1/files/{file_id}": (API, OPENAI),
+    "/v1/files/{file_id}/content": (API, OPENAI),
+    "/v1/batches": (API, OPENAI),
+    "/v1/batches/{batch_id}": (API, OPENAI),
+    "/v1/batches/{batch_id}/cancel": (API, OPENAI),
+    "/v1/responses/{response_id}": (API, OPENAI),
     "/health": (HEALTH, OPENAI),
     "/health/live": (HEALTH, OPENAI),
     "/health/ready": (HEALTH, OPENAI),
@@ -55,8 +66,20 @@ def _check_model_id(params: dict[str, Any]) -> None:
     validate_model_id(params["model_id"])
 
 
+def _check_id(name: str) -> Callable[[dict[str, Any]], None]:
+    def check(params: dict[str, Any]) -> None:
+        check_object_id(params[name], name)
+
+    return check
+
+
 PARAM_CHECKS: dict[str, Callable[[dict[str, Any]], None]] = {
     "/v1/models/{model_id:path}": _check_model_id,
+    "/v1/files/{file_id}": _check_id("file_id"),
+    "/v1/files/{file_id}/content": _check_id("file_id"),
+    "/v1/batches/{batch_id}": _check_id("batch_id"),
+    "/v1/batches/{batch_id}/cancel": _check_id("batch_id"),
+    "/v1/responses/{response_id}": _check_id("response_id"),
 }
 UNMATCHED = "unmatched"  # the `route` label of a request no route matched
 

@@ -629,12 +629,52 @@ class MockTransport:
                 source = response_stream(data, model_name, request_id)
                 return Events(source, usage=response_usage(data))
             return _answer(response(data, model_name, request_id))
+        if path in MEDIA:
+            return MEDIA[path](data)
         if path == "/messages":
             whole = message(data, model_name, request_id)
             if call.stream:
                 return Events(message_stream(whole), usage=whole["usage"])
             return _answer(whole)
         raise AssertionError(f"the mock has no answer for {path}")  # pragma: no cover
+
+
+# A 1x1 transparent PNG, and 0.1 s of 8 kHz 8-bit mono silence as WAV: the smallest real media
+# an SDK's caller can open.
+_PNG = (
+    "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAYAAAAfFcSJAAAADUlEQVR42mNkYPhfDwAChwGA60e6kgAAAABJRU5E"
+    "rkJggg=="
+)
+_SILENCE = 800
+_WAV = (
+    b"RIFF" + (36 + _SILENCE).to_bytes(4, "little") + b"WAVEfmt "
+    + (16).to_bytes(4, "little") + (1).to_bytes(2, "little") + (1).to_bytes(2, "little")
+    + (8000).to_bytes(4, "little") + (8000).to_bytes(4, "little") + (1).to_bytes(2, "little")
+    + (8).to_bytes(2, "little") + b"data" + _SILENCE.to_bytes(4, "little") + b"\x80" * _SILENCE
+)  # fmt: skip
+
+
+def _image(data: dict[str, Any]) -> Answer:
+    n = min(_n(data.get("n")), 10)
+    return _answer({"created": int(time.time()), "data": [{"b64_json": _PNG}] * n})
+
+
+def _speech(data: dict[str, Any]) -> Answer:
+    return Answer(200, _WAV, "audio/wav", {})
+
+
+def _transcription(data: dict[str, Any]) -> Answer:
+    return _answer({"text": "This is a mock transcription from llm-edge-proxy."})
+
+
+# The OpenAI media endpoints (edge.endpoints.media), answered so a first-time user sees the
+# route work: an image, silence, a fixed text (multipart calls carry no parsed body).
+MEDIA = {
+    "/images/generations": _image,
+    "/audio/speech": _speech,
+    "/audio/transcriptions": _transcription,
+    "/audio/translations": _transcription,
+}
 
 
 def _text_or_none(value: Any) -> str | None:

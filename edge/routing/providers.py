@@ -85,6 +85,9 @@ class Routing:
     fallback_enabled: bool = True
     max_retries: int = 2
     breakers_enabled: bool = True
+    # The provider that serves the stateful endpoints (/v1/files, /v1/batches, a stored
+    # response): an object made at one provider exists only there, so they are pinned to one.
+    stateful_provider: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +133,12 @@ class Providers:
     def default(self) -> Provider:
         """The provider of an exchange no model routes (GET /v1/models without a file)."""
         return next(iter(self.providers.values()))
+
+    @property
+    def stateful(self) -> Provider | None:
+        """The provider of the stateful endpoints (`[routing] stateful_provider`), if any."""
+        name = self.routing.stateful_provider
+        return None if name is None else self.providers[name]
 
     @property
     def mock(self) -> bool:
@@ -236,6 +245,7 @@ def parse(document: dict[str, Any], base_dir: Path | None = None) -> Providers:
             at = f"{where} ({name}) max_tokens_default"
             max_tokens[name] = _integer(raw["max_tokens_default"], at, 1, 1_000_000)
     routing = _routing(_table(document.get("routing", {}), "[routing]"))
+    _check_stateful(routing.stateful_provider, providers)
     return Providers(providers, models, routing, cache=cache, max_tokens=max_tokens)
 
 
@@ -324,7 +334,7 @@ def _targets(
 
 
 def _routing(raw: dict[str, Any]) -> Routing:
-    extra = set(raw) - {"strategy", "circuit_breaker", "fallback"}
+    extra = set(raw) - {"strategy", "circuit_breaker", "fallback", "stateful_provider"}
     if extra:
         raise _fail(f"[routing]: unknown key(s) {', '.join(sorted(extra))}")
     strategy = raw.get("strategy", "weighted")
@@ -354,4 +364,24 @@ def _routing(raw: dict[str, Any]) -> Routing:
     if not isinstance(enabled, bool):
         raise _fail("[routing.fallback] enabled must be true or false")
     retries = _integer(fb.get("max_retries", 2), "[routing.fallback] max_retries", 0, 10)
-    return Routing(strategy, policy, enabled, retries)
+    stateful = raw.get("stateful_provider")
+    if stateful is not None and (not isinstance(stateful, str) or not stateful):
+        raise _fail("[routing] stateful_provider must be a provider's name")
+    return Routing(strategy, policy, enabled, retries, stateful_provider=stateful)
+
+
+def _check_stateful(name: str | None, providers: dict[str, Provider]) -> None:
+    """`[routing] stateful_provider` names a provider of kind openai: the stateful endpoints
+    are OpenAI's and are passed through untranslated."""
+    if name is None:
+        return
+    provider = providers.get(name)
+    if provider is None:
+        raise _fail(
+            f"[routing] stateful_provider {name[:64]!r} must name a [providers.<name>] table"
+        )
+    if provider.kind != "openai":
+        raise _fail(
+            f"[routing] stateful_provider {name[:64]!r} must be a provider of kind openai "
+            f"(it is {provider.kind})"
+        )

@@ -52,7 +52,14 @@ from edge.routing.exchange import Call, Events
 from edge.routing.mock import MockTransport
 from edge.routing.outcome import UpstreamOutcome
 from edge.routing.providers import MOCK, Providers, Target
-from edge.upstream.client import StreamResponse, Upstream, UpstreamResponse, error_kind, relay
+from edge.upstream.client import (
+    StreamResponse,
+    Upstream,
+    UpstreamResponse,
+    error_kind,
+    relay,
+    relay_raw,
+)
 from edge.upstream.http1 import UpstreamError
 
 log = logging.getLogger("edge.router")
@@ -337,9 +344,9 @@ class Router:
     # ---------------------------------------------------------------- forwarding
 
     async def exchange(self, ctx: RequestContext, call: Call) -> UpstreamResponse | Events:
-        """The first good answer (or the last bad one) from the model's targets; a GET is one
-        exchange with one provider (`_one`)."""
-        if call.method == "GET":
+        """The first good answer (or the last bad one) from the model's targets; a GET or a
+        DELETE, and a call pinned to a provider, is one exchange with one provider (`_one`)."""
+        if call.method != "POST" or call.provider is not None:
             return await self._one(ctx, call)
         targets = self.targets(call.model or "", call.api, translatable(call))
         if targets[0].provider.kind == MOCK:
@@ -459,17 +466,20 @@ class Router:
 
     async def _one(self, ctx: RequestContext, call: Call) -> UpstreamResponse | Events:
         """One exchange with one provider (the pinned one, else the UPSTREAM_URL one): no
-        failover, no breaker (GET /v1/models, and /v1/models/{id} asked of its provider)."""
+        failover, no breaker (GET /v1/models, /v1/models/{id} asked of its provider, and the
+        stateful endpoints on theirs: edge.endpoints.stateful)."""
         provider = call.provider or self.providers.default
         if provider.kind == MOCK:
             return await self.mock.exchange(ctx, call)
         assert self.upstream is not None
         outcome = UpstreamOutcome()
         ctx.record_upstream(outcome)
-        result = await self.upstream.call(call.method, call.path, None, ctx, outcome, provider)
+        result = await self.upstream.call(
+            call.method, call.path, call.body, ctx, outcome, provider, None, call.headers
+        )
         # Named once it answered, and only when pinned; attempts stay 0 (no routing took place).
         outcome.answered(result.status, None if call.provider is None else provider.name)
-        if 200 <= result.status < 300:
+        if 200 <= result.status < 300 and not call.raw:
             _judge(result, outcome)
         return result
 
@@ -503,7 +513,7 @@ class Router:
         if translation is not None:
             path, body, headers = translation.path, translation.body, translation.headers
         if target.model is not None and body is not None:
-            body = rename_model(body, target.model)
+            body = (call.rename or rename_model)(body, target.model)
         transport = self.upstream
         assert transport is not None
         self.busy[name] = self.busy.get(name, 0) + 1
@@ -511,7 +521,7 @@ class Router:
         try:
             if call.stream:
                 result: UpstreamResponse | Opened = await self._open(
-                    ctx, outcome, target, path, body or b"", timeout, headers
+                    ctx, outcome, target, path, body or b"", timeout, headers, call.raw
                 )
             else:
                 result = await transport.call(
@@ -523,8 +533,11 @@ class Router:
                 except ApiError:
                     outcome.failed("invalid", result.status)
                     raise
-            if isinstance(result, UpstreamResponse) and 200 <= result.status < 300:
-                _judge(result, outcome)  # a stream request answered whole is judged too
+            # A stream request answered whole is judged too; a raw answer (audio, a
+            # transcription's text) may be any bytes.
+            ok = isinstance(result, UpstreamResponse) and 200 <= result.status < 300
+            if ok and not call.raw:
+                _judge(result, outcome)  # type: ignore[arg-type]
         except ApiError as exc:
             kind = outcome.error
             if kind not in RETRYABLE_ERRORS:
@@ -584,6 +597,9 @@ class Router:
             return stream_error_event(kind, message, call.api)
 
         resp = opened.resp
+        if call.raw:  # bytes (audio), relayed as they come: no events, no usage to watch
+            raw = relay_raw(resp, outcome, opened.first, ended)
+            return Events(raw, resp.abort, resp.close, content_type=resp.content_type)
         if translation is None:
             source = relay(resp, outcome, error_event, opened.first, call.on_event, ended)
         else:  # the upstream's events (and the relay's error event) in its own shape, then ours
@@ -607,13 +623,14 @@ class Router:
         body: bytes,
         timeout: float,
         extra_headers: dict[str, str] | None,
+        raw: bool = False,
     ) -> UpstreamResponse | Opened:
-        """Open a stream and wait (within `timeout`) for its first bytes, so that a provider
-        that answers the head but never an event is still failed over."""
+        """Open a stream (`raw`: of any bytes) and wait (within `timeout`) for its first bytes,
+        so that a provider that answers the head but never an event is still failed over."""
         started = time.monotonic()
         assert self.upstream is not None
         opened = await self.upstream.open_stream(
-            path, body, ctx, outcome, target.provider, timeout, extra_headers
+            path, body, ctx, outcome, target.provider, timeout, extra_headers, raw
         )
         if isinstance(opened, UpstreamResponse):
             return opened

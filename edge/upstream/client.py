@@ -50,7 +50,7 @@ PASS_HEADERS = ("retry-after", "retry-after-ms", "openai-processing-ms", "openai
 REFUSED = frozenset((401, 403))
 # Renders the SSE event that ends a stream broken mid-way: (error kind, message) -> bytes.
 ErrorEvent = Callable[[str, str], bytes]
-_METHODS = {"GET": b"GET", "POST": b"POST"}
+_METHODS = {"GET": b"GET", "POST": b"POST", "DELETE": b"DELETE"}
 
 
 class UpstreamResponse:
@@ -92,12 +92,13 @@ class StreamResponse:
     upstream timeout), `close` to end it (the connection goes back to the pool only when the
     stream was read to its end)."""
 
-    __slots__ = ("_conn", "_read_timeout_s", "aborted", "status")
+    __slots__ = ("_conn", "_read_timeout_s", "aborted", "content_type", "status")
 
     def __init__(self, conn: Connection, read_timeout_s: float) -> None:
         self._conn: Connection | None = conn
         self._read_timeout_s = read_timeout_s
         self.status = conn.status
+        self.content_type = conn.headers.get("content-type", "application/octet-stream")
         self.aborted = False  # the client hung up: how the stream ends is no provider's verdict
 
     async def readany(self) -> bytes:
@@ -277,20 +278,23 @@ class Upstream:
         provider: Any,
         timeout_s: float | None = None,
         extra_headers: dict[str, str] | None = None,
+        raw: bool = False,
     ) -> StreamResponse | UpstreamResponse:
         """Send a streaming request and wait (bounded) for the response head.
 
-        Returns the live response when the upstream answered 200 with an event stream, else
-        the complete answer (an upstream error for a stream request is plain JSON).
+        Returns the live response when the upstream answered 200 with an event stream (`raw`:
+        with any body, audio say, relayed by `relay_raw`), else the complete answer (an
+        upstream error for a stream request is plain JSON).
         """
         started = time.perf_counter()
         pool, origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
-        head = request_head(origin, b"POST", path, self._headers(ctx, True, headers), len(body))
+        headers = self._headers(ctx, not raw, headers)
+        head = request_head(origin, b"POST", path, headers, len(body))
         try:
             deadline = asyncio.get_running_loop().time() + seconds
             conn = await self._send(pool, origin, head, body, deadline, 0, outcome)
             content_type = conn.headers.get("content-type", "")
-            if conn.status == 200 and content_type.startswith("text/event-stream"):
+            if conn.status == 200 and (raw or content_type.startswith("text/event-stream")):
                 return StreamResponse(conn, self._timeout_s)
             try:
                 if conn.status in REFUSED:
@@ -406,6 +410,50 @@ async def relay(
         yield _stream_failed(
             outcome, error_event, on_end, "invalid", "EventTooLarge", splitter.pending, message
         )
+    finally:
+        resp.close()
+
+
+class StreamBroken(Exception):
+    """A raw byte stream failed mid-way (`relay_raw`). Raised into the server, which then ends
+    the response without its last chunk: a body of bytes has no error event to end with, and
+    a client must not take a cut answer (audio, say) for a whole one."""
+
+
+async def relay_raw(
+    resp: StreamResponse,
+    outcome: UpstreamOutcome,
+    first: bytes = b"",
+    on_end: Callable[[bool], None] | None = None,
+) -> AsyncGenerator[bytes, None]:
+    """Yield a raw answer's bytes as they arrive (Call.raw: binary audio), each read at once,
+    with the same backpressure, abort and `on_end` as `relay`. A failure mid-way raises
+    StreamBroken (see there) once it is recorded and logged."""
+    clock = time.perf_counter
+    try:
+        if first:
+            yield first
+        while True:
+            started = clock()
+            chunk = await resp.readany()
+            outcome.waited(clock() - started)
+            if not chunk:
+                break
+            yield chunk
+        if on_end is not None:
+            on_end(True)
+    except (UpstreamError, TimeoutError) as exc:
+        _forget_traceback(exc)
+        if resp.aborted:
+            return
+        kind = error_kind(exc)
+        outcome.failed(kind)
+        if on_end is not None:
+            on_end(False)
+        log.warning(
+            "upstream stream failed", extra={"error_kind": kind, "error": type(exc).__name__}
+        )
+        raise StreamBroken(f"The upstream's answer broke off mid-way ({kind}).") from None
     finally:
         resp.close()
 
