@@ -440,3 +440,21 @@ def _tokens(server: Gunicorn, model: str) -> tuple[float, float]:
             if sample.name == "edge_tokens_total" and sample.labels.get("model") == model:
                 counts[sample.labels["kind"]] += sample.value
     return counts["prompt"], counts["completion"]
+
+
+def test_langchain_chat_openai_with_tools_on_an_anthropic_provider(proxy):
+    """LangChain's ChatOpenAI with bind_tools, as an application would use it, on a model
+    whose provider is Anthropic: the tool call, then the answer to its result."""
+    from langchain_core.messages import HumanMessage, ToolMessage
+    from langchain_openai import ChatOpenAI
+
+    llm = ChatOpenAI(
+        base_url=proxy.url + "/v1", api_key=KEY, model="claude-x", max_retries=0, timeout=20
+    )
+    bound = llm.bind_tools([WEATHER])
+    asked = [HumanMessage("Weather in Paris?")]
+    first = bound.invoke(asked)
+    (call,) = first.tool_calls
+    assert call["name"] == "get_weather" and call["args"] == {"city": "Paris"}
+    final = bound.invoke([*asked, first, ToolMessage("cloudy", tool_call_id=call["id"])])
+    assert final.content == "Tool said: cloudy"
