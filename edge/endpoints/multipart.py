@@ -77,17 +77,20 @@ async def read_form(req: Any, runtime: Runtime) -> tuple[bytes, str, dict[str, s
 
 
 def form_fields(body: bytes, content_type: str) -> dict[str, str]:
-    """The first value of each of _FIELDS among the form's parts (the parse stops once all are
-    found: the openai SDK sends its fields before the file)."""
+    """The value of each of _FIELDS among the form's parts. Every part is looked at: a field
+    sent twice is a 400, as a JSON key sent twice is resolved once (edge.routing.router's
+    rename_model): the model the gateway routes by and renames must be the only one the
+    upstream can read."""
     found: dict[str, str] = {}
     try:
         form = _HANDLER.deserialize(io.BytesIO(body), content_type, len(body))
         for part in form:
             name = part.name
-            if name in _FIELDS and name not in found and part.filename is None:
-                found[name] = part.get_text() or ""
-                if len(found) == len(_FIELDS):
-                    break
+            if name not in _FIELDS:
+                continue
+            if name in found or part.filename is not None:
+                raise BadRequest(f"The form has more than one '{name}' field.", param=name)
+            found[name] = part.get_text() or ""
     except falcon.HTTPError:  # MultipartParseError, a part over MAX_FIELD_BYTES...
         raise BadRequest("The request body is not a valid multipart/form-data body.") from None
     except UnicodeDecodeError:
@@ -100,10 +103,24 @@ def boundary_of(content_type: str) -> bytes:
     return params["boundary"].rstrip().encode("ascii")
 
 
+def _is_model_part(head: bytes) -> bool:
+    """Whether a part's header block names the `model` text field, read as the parser reads
+    it (its Content-Disposition's `name` parameter, exactly; a file part is not one)."""
+    for line in head.split(b"\r\n"):
+        key, colon, value = line.partition(b":")
+        if colon and key.strip().lower() == b"content-disposition":
+            _, params = falcon.parse_header(value.decode("latin-1"))
+            return params.get("name") == "model" and not (
+                "filename" in params or "filename*" in params
+            )
+    return False
+
+
 def rename_field(body: bytes, boundary: bytes, model: str) -> bytes:
-    """`body` with the value of its first `model` text part replaced by `model` (a target that
-    serves the model under another name, Call.rename), all else byte for byte. Part headers are
-    found by the delimiter line alone, so file bytes are never scanned as text."""
+    """`body` with the value of its `model` text part (the only one: `form_fields`) replaced
+    by `model` (a target that serves the model under another name, Call.rename), all else
+    byte for byte. Part headers are found by the delimiter line alone, so file bytes are never
+    scanned as text."""
     delimiter = b"\r\n--" + boundary
     at = body.find(b"--" + boundary)  # the first delimiter needs no CRLF before it
     while at >= 0:
@@ -111,11 +128,10 @@ def rename_field(body: bytes, boundary: bytes, model: str) -> bytes:
         end = body.find(b"\r\n\r\n", start)
         if start < 2 or end < 0:
             break
-        head = body[start:end].lower()
         following = body.find(delimiter, end + 4)
         if following < 0:
             break
-        if b'name="model"' in head and b"filename=" not in head:
+        if _is_model_part(body[start:end]):
             return body[: end + 4] + model.encode() + body[following:]
         at = following + 2
     return body

@@ -71,6 +71,11 @@ class ContextFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         if "access" in record.__dict__:
             return True  # carries its own request and trace ids
+        if record.exc_info and type(record.exc_info[1]).__name__ == "StreamBroken":
+            # A raw answer (audio) that broke off upstream ends the response by raising
+            # (edge.upstream.client.relay_raw), which uvicorn logs as an application error with
+            # its traceback; the relay has logged the upstream's failure already, as a warning.
+            return False
         # uvicorn adds an ANSI-coloured duplicate of its message; JSON logs don't want it.
         record.__dict__.pop("color_message", None)
         if not hasattr(record, "request_id"):

@@ -126,3 +126,22 @@ def test_line_and_paragraph_separators_are_escaped_like_other_line_breaks(pipe_l
     record = json.loads(line)
     assert record["model"] == "gpt\u2028evil\u2029model"  # the same text, once decoded
     assert record["path"] == "/v1/\u2028chat\ncompletions"
+
+
+def test_a_raw_stream_broken_upstream_is_not_logged_again_as_an_application_error():
+    """relay_raw ends a cut audio answer by raising StreamBroken, which uvicorn logs with a
+    traceback; the relay's own warning says it already."""
+    import logging
+    import sys
+
+    from edge.observability.logs import ContextFilter
+    from edge.upstream.client import StreamBroken
+
+    try:
+        raise StreamBroken("cut")
+    except StreamBroken:
+        info = sys.exc_info()
+    record = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "boom", (), info)
+    assert ContextFilter().filter(record) is False
+    other = logging.LogRecord("uvicorn.error", logging.ERROR, __file__, 1, "boom", (), None)
+    assert ContextFilter().filter(other) is True
