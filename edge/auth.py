@@ -27,6 +27,8 @@ and that holds plaintext keys is reported in `warnings`, logged at start and on 
 
 from __future__ import annotations
 
+import datetime
+import fnmatch
 import hashlib
 import hmac
 import re
@@ -35,11 +37,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe, read_toml
-from edge.errors import Unauthorized
+from edge.errors import Forbidden, Unauthorized
 
 MAX_KEY_LENGTH = 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_FILE_FIELDS = frozenset({"name", "key", "sha256", "rpm", "burst", "tpm"})
+_FILE_FIELDS = frozenset({"name", "key", "sha256", "rpm", "burst", "tpm", "models", "expires_at"})
+MAX_PATTERNS = 256  # `models` entries per key
+MAX_PATTERN = 256  # characters of one (a model name is at most 256)
 MAX_NAMES_LOGGED = 50  # identities listed per kind of change in a reload's log line
 
 
@@ -52,6 +56,25 @@ class KeyEntry:
     # The key's SHA-256 (what the store is indexed by): the response cache's scope, which must
     # follow the key itself, not a name a keys file may give another key later.
     digest: bytes = field(default=b"", repr=False)
+    # The model names the key may use, shell-style patterns (`models` in the keys file); None:
+    # every model. `allowed` is them compiled into one expression.
+    models: tuple[str, ...] | None = None
+    allowed: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
+    # After this (seconds since the epoch, UTC) the key is refused as if unknown.
+    expires_at: float | None = None
+
+    def may_use(self, model: str) -> bool:
+        """Whether the key may use `model` (its `models` patterns, when it has any)."""
+        return self.allowed is None or self.allowed.match(model) is not None
+
+    def expired(self, now: float) -> bool:
+        return self.expires_at is not None and now >= self.expires_at
+
+
+def model_patterns(patterns: tuple[str, ...]) -> re.Pattern[str]:
+    """One expression matching a model name that any of the shell-style `patterns` matches
+    (fnmatch's rules, case-sensitive: `*`, `?`, `[...]`)."""
+    return re.compile("|".join(f"(?:{fnmatch.translate(p)})" for p in patterns))
 
 
 def digest_of(key: str | bytes) -> bytes:
@@ -93,6 +116,21 @@ class KeyStore:
             "removed": sorted(old.keys() - new.keys()),
             "changed": sorted(name for name in new.keys() & old.keys() if new[name] != old[name]),
         }
+
+    def check_models(self, served: list[str] | None) -> None:
+        """Refuse a key whose `models` pattern matches none of the `served` model names
+        (PROVIDERS_FILE's; None: any name may be served, as with "*", UPSTREAM_URL or the
+        mock, and nothing can be checked): a typo would otherwise lock the key out quietly."""
+        if served is None:
+            return
+        for _, entry in self._entries.values():
+            for pattern in entry.models or ():
+                if not any(fnmatch.fnmatchcase(name, pattern) for name in served):
+                    raise ConfigError(
+                        "API_KEYS_FILE",
+                        f"key {entry.identity!r}: 'models' pattern {pattern[:64]!r} matches no "
+                        "model in PROVIDERS_FILE",
+                    )
 
     def any_token_limit(self) -> bool:
         """Whether some key has a token limit of its own (`tpm` in API_KEYS_FILE)."""
@@ -162,6 +200,9 @@ def _read_keys_file(
             raise ConfigError(variable, f"{where} is not a table")
         extra = set(item) - _FILE_FIELDS
         if extra:
+            named = item.get("name")
+            if isinstance(named, str) and _NAME_RE.match(named):
+                where = f"{where} (key {named!r})"
             raise ConfigError(variable, f"{where} has unknown field(s): {', '.join(sorted(extra))}")
         name = item.get("name")
         if not isinstance(name, str) or not _NAME_RE.match(name):
@@ -199,12 +240,50 @@ def _read_keys_file(
         ):
             raise ConfigError(variable, f"{where}: 'tpm' must be a whole number of at least 0")
         rate = None if rpm is None else float(rpm)
-        result.append((digest, KeyEntry(name, rate, burst, tpm, digest)))
+        models = _models(item.get("models"), where, variable) if "models" in item else None
+        expires = _expires_at(item["expires_at"], where, variable) if "expires_at" in item else None
+        allowed = None if models is None else model_patterns(models)
+        entry = KeyEntry(name, rate, burst, tpm, digest, models, allowed, expires)
+        result.append((digest, entry))
     if not warn:
         return result, ()
     plaintext = sum(1 for item in items if "key" in item)
     warning = _exposure_warning(path, stat.S_IMODE(info.st_mode), plaintext, len(items))
     return result, (warning,) if warning else ()
+
+
+def _models(value: object, where: str, variable: str) -> tuple[str, ...]:
+    """A key's `models`: a list of 1 to MAX_PATTERNS shell-style patterns."""
+    if (
+        not isinstance(value, list)
+        or not 1 <= len(value) <= MAX_PATTERNS
+        or not all(isinstance(p, str) and 1 <= len(p) <= MAX_PATTERN for p in value)
+    ):
+        raise ConfigError(
+            variable,
+            f"{where}: 'models' must be a list of 1 to {MAX_PATTERNS} model names or patterns "
+            f"(each 1 to {MAX_PATTERN} characters)",
+        )
+    return tuple(value)
+
+
+def _expires_at(value: object, where: str, variable: str) -> float:
+    """A key's `expires_at`: a TOML date-time with its offset (`2027-01-01T00:00:00Z`), or a
+    date (midnight UTC), as seconds since the epoch."""
+    if isinstance(value, datetime.datetime):
+        if value.tzinfo is None:
+            raise ConfigError(
+                variable,
+                f"{where}: 'expires_at' needs its UTC offset (e.g. 2027-01-01T00:00:00Z)",
+            )
+        return value.timestamp()
+    if isinstance(value, datetime.date):
+        return datetime.datetime(
+            value.year, value.month, value.day, tzinfo=datetime.UTC
+        ).timestamp()
+    raise ConfigError(
+        variable, f"{where}: 'expires_at' must be a date-time such as 2027-01-01T00:00:00Z"
+    )
 
 
 def _exposure_warning(path: Path, mode: int, plaintext: int, total: int) -> str | None:
@@ -232,6 +311,16 @@ def presented_key(x_api_key: str | None, authorization: str | None) -> str | Non
     if scheme.lower() != "bearer":
         return ""
     return token.strip()
+
+
+def check_model(entry: KeyEntry | None, model: str | None) -> None:
+    """403 `model_not_allowed`, naming the model, when the key may not use it (`models`)."""
+    if entry is not None and model is not None and not entry.may_use(model):
+        raise Forbidden(
+            f"This key may not use the model '{model[:256]}'.",
+            param="model",
+            code="model_not_allowed",
+        )
 
 
 def unauthorized(missing: bool) -> Unauthorized:

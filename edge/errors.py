@@ -79,6 +79,12 @@ class Unauthorized(ApiError):
     code = "invalid_api_key"
 
 
+class Forbidden(ApiError):
+    status = 403
+    type = INVALID_REQUEST
+    code = "forbidden"
+
+
 class NotFound(ApiError):
     status = 404
     type = INVALID_REQUEST

@@ -119,6 +119,11 @@ class EdgeMiddleware:
         """Put the presented key's identity on the context, or refuse with 401."""
         key = presented_key(req.get_header("x-api-key"), req.get_header("authorization"))
         entry = self._keys.lookup(key) if key else None
+        if entry is not None and entry.expired(time.time()):
+            # Refused as an unknown key is (no oracle); the metric alone says why.
+            if self._metrics is not None:
+                self._metrics.auth_failure("expired")
+            raise unauthorized(missing=False)
         if entry is None:
             reason = "missing" if key is None else ("empty" if not key else "invalid")
             if self._metrics is not None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from edge.auth import check_model
 from edge.errors import BadRequest, PayloadTooLarge, UnsupportedMediaType
 
 if TYPE_CHECKING:
@@ -34,6 +35,7 @@ async def read_request(
     data = parse_json_object(body)
     ctx: RequestContext = req.context.edge
     ctx.model, ctx.stream = validate(data)
+    check_model(ctx.key, ctx.model)  # 403 for a model the key may not use
     if runtime.metrics is not None and ctx.route is not None:
         runtime.metrics.observe_request_size(ctx.route.template, len(body))
     return body, data, ctx

@@ -21,6 +21,7 @@ import functools
 from typing import TYPE_CHECKING, Any
 
 from edge import pipeline
+from edge.auth import check_model
 from edge.endpoints.body import (
     MAX_MODEL_LENGTH,
     read_request,
@@ -85,6 +86,7 @@ class Transcribe:
         stream = fields.get("stream", "false").strip().lower() == "true"
         ctx: RequestContext = req.context.edge
         ctx.model, ctx.stream = model, stream
+        check_model(ctx.key, model)  # 403 for a model the key may not use
         headers = {"content-type": content_type}  # the boundary the parts are cut at
         # `data` stays None: the body is no JSON (a renaming target rewrites the form field).
         call = Call(OPENAI, "POST", self._path, body, None, model, stream, headers, raw=True)

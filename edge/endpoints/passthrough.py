@@ -8,6 +8,7 @@ from urllib.parse import quote
 import orjson
 
 from edge import pipeline
+from edge.auth import check_model
 from edge.endpoints.openai import model_object
 from edge.errors import OPENAI
 from edge.observability.context import RequestContext
@@ -29,6 +30,7 @@ class ModelRetrieve:
         # rate-limit token was spent.
         ctx: RequestContext = req.context.edge
         ctx.model = model_id
+        check_model(ctx.key, model_id)  # 403 for a model the key may not use
         router = self._runtime.router
         providers = router.providers
         if providers.from_file and model_id in providers.models:

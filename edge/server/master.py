@@ -75,6 +75,9 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         config = Config.from_env(environ)
         keys = KeyStore.load(config)
         providers = load_providers(config)
+        # A key's `models` pattern must match a configured model, when the file names them all.
+        served = providers.model_names() if providers.from_file else None
+        keys.check_models(None if served is None or "*" in providers.models else served)
     except ConfigError as exc:
         if _current is not None:
             log.error(
