@@ -10,8 +10,9 @@ check_object_id) before any token was spent, so an id goes upstream as one safe 
 
 Bodies: an upload is multipart, read within MAX_REQUEST_SIZE and forwarded byte for byte under
 the client's Content-Type; a batch is a JSON object. Answers are passed on as they came
-(`Call.raw`: a file's content is any bytes), read whole within the answer size bound, and
-their `usage` (a stored response's) is not this request's, so it is not counted again.
+(`Call.raw`: a file's content is any bytes): a GET's relayed as its bytes arrive, the others'
+read whole within the answer size bound; their `usage` (a stored response's) is not this
+request's, so it is not counted again.
 """
 
 from __future__ import annotations
@@ -96,7 +97,12 @@ class Stateful:
     ) -> None:
         provider = self._provider()
         path = self._upstream_path(req, params)
-        call = Call(OPENAI, method, path, body, None, None, False, headers, provider,
+        # A GET's answer (a file's content, a stored response's events) is relayed as its
+        # bytes arrive, never held whole: a client that reads slowly then holds an upstream
+        # connection (until HTTP_SEND_TIMEOUT_SECONDS), not the worker's buffer budget that
+        # every whole answer shares, and a file larger than an answer may be still arrives.
+        relayed = method == "GET"
+        call = Call(OPENAI, method, path, body, None, None, relayed, headers, provider,
                     raw=True, metered=False)  # fmt: skip
         await pipeline.run(self._runtime, req, resp, call)
 

@@ -474,11 +474,23 @@ class Router:
         assert self.upstream is not None
         outcome = UpstreamOutcome()
         ctx.record_upstream(outcome)
+        named = None if call.provider is None else provider.name
+        if call.stream and call.raw:  # relayed as its bytes arrive (a stateful GET)
+            opened = await self.upstream.open_stream(
+                call.path, call.body or b"", ctx, outcome, provider, None, call.headers,
+                raw=True, method=call.method,
+            )  # fmt: skip
+            if isinstance(opened, StreamResponse):
+                outcome.answered(opened.status, named)
+                source = relay_raw(opened, outcome)
+                return Events(source, opened.abort, opened.close, content_type=opened.content_type)
+            outcome.answered(opened.status, named)
+            return opened
         result = await self.upstream.call(
             call.method, call.path, call.body, ctx, outcome, provider, None, call.headers
         )
         # Named once it answered, and only when pinned; attempts stay 0 (no routing took place).
-        outcome.answered(result.status, None if call.provider is None else provider.name)
+        outcome.answered(result.status, named)
         if 200 <= result.status < 300 and not call.raw:
             _judge(result, outcome)
         return result

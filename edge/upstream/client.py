@@ -279,6 +279,7 @@ class Upstream:
         timeout_s: float | None = None,
         extra_headers: dict[str, str] | None = None,
         raw: bool = False,
+        method: str = "POST",
     ) -> StreamResponse | UpstreamResponse:
         """Send a streaming request and wait (bounded) for the response head.
 
@@ -289,7 +290,7 @@ class Upstream:
         started = time.perf_counter()
         pool, origin, headers, seconds = self._target(provider, timeout_s, extra_headers)
         headers = self._headers(ctx, not raw, headers)
-        head = request_head(origin, b"POST", path, headers, len(body))
+        head = request_head(origin, _METHODS[method], path, headers, len(body))
         try:
             deadline = asyncio.get_running_loop().time() + seconds
             conn = await self._send(pool, origin, head, body, deadline, 0, outcome)

@@ -149,6 +149,19 @@ def test_file_upload_list_retrieve_delete(proxy, upstream):
         client.files.retrieve(created.id)
 
 
+def test_a_file_content_is_relayed_as_it_comes(proxy):
+    """A stateful GET's answer is streamed, not held whole: a file's content
+    comes back byte for byte, without a Content-Length the gateway would have had to buffer
+    the whole answer to know."""
+    client = sdk_client(proxy.url, KEY)
+    content = bytes(range(256)) * 800  # every byte value, under this proxy's MAX_REQUEST_SIZE
+    created = client.files.create(file=("big.bin", io.BytesIO(content)), purpose="batch")
+    raw = client.files.with_raw_response.content(created.id)
+    assert raw.http_response.headers.get("transfer-encoding") == "chunked"
+    assert raw.content == content
+    client.files.delete(created.id)
+
+
 def test_batches_create_retrieve_cancel(proxy):
     client = sdk_client(proxy.url, KEY)
     batch = client.batches.create(
