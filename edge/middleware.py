@@ -35,7 +35,7 @@ from edge.observability.context import (
     trace_id_var,
 )
 from edge.observability.logs import log_access
-from edge.pipeline import ResponseStream
+from edge.pipeline import ResponseStream, request_cost
 from edge.ratelimit import Decision, RateLimiter, headers
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
@@ -199,6 +199,9 @@ class EdgeMiddleware:
                 if stream.first_chunk_at is not None:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)
                 metrics.stream_duration.observe(total)
+        ctx.cost_usd = usd = request_cost(ctx)
+        if usd and metrics is not None:
+            metrics.observe_cost(ctx.identity, usd)
         record = ctx.span
         if record is not None and (ctx.route is None or ctx.route.kind == API):
             # Health checks and scrapes are not traced: probes would drown the requests.

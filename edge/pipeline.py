@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
-from edge import usage
+from edge import cost, usage
+from edge.cache.answers import SERVED
 from edge.errors import ANTHROPIC, UPSTREAM, ApiError, BadRequest
 from edge.observability.context import RequestContext
 from edge.ratelimit.tokens import Prompt, Reservation, ask_for_usage
@@ -127,6 +128,7 @@ def _send_hit(resp: Any, ctx: RequestContext, cache: Any, found: Any) -> None:
     resp.status = found.status
     resp.content_type = found.content_type
     resp.set_header("age", str(cache.age(found)))
+    resp.set_header("x-edge-cost-usd", cost.header_value(0.0))  # no provider was paid
     if not found.stream:
         resp.data = found.blocks[0]
         return
@@ -152,6 +154,19 @@ def reserialise(data: dict[str, Any]) -> bytes:
             f"The request body is nested too deeply: at most {MAX_RESERIALISED_DEPTH} levels "
             "when the gateway re-writes it (under a token limit, or to take out cache controls)."
         ) from None
+
+
+def request_cost(ctx: RequestContext) -> float | None:
+    """What the request cost (edge.cost): its usage at the answering target's prices; 0 for
+    an answer from the response cache."""
+    outcome = ctx.upstream
+    return cost.of_request(
+        None if outcome is None else outcome.price,
+        ctx.prompt_tokens,
+        ctx.completion_tokens,
+        ctx.cached_tokens,
+        ctx.cache in SERVED,
+    )
 
 
 def _working(ctx: RequestContext, mock: int) -> int:
@@ -199,6 +214,9 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, call: Call) -> 
         if isinstance(data, dict):  # a raw answer may be anything (audio, text)
             if call.metered:
                 usage.record(ctx, data.get("usage"))
+                usd = request_cost(ctx)
+                if usd is not None:
+                    resp.set_header("x-edge-cost-usd", cost.header_value(usd))
             if ctx.span is not None:
                 ctx.span.answer(data)
         resp.content_type = answer.content_type

@@ -86,6 +86,7 @@ class Runtime:
                 config.prometheus_multiproc_dir,
                 cache=config.cache_backend != "off",
                 tracing=config.export_traces,
+                cost=providers.priced,
             )
         limiter, owns = _limiter(config, tables, clock)
         tokens = None

@@ -42,8 +42,23 @@ def record(ctx: RequestContext, usage: Any) -> None:
                 if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0:
                     prompt += cached
             ctx.prompt_tokens = prompt
+            read = _cache_reads(usage)
+            if read is not None:
+                ctx.cached_tokens = read
         if isinstance(completion, int) and not isinstance(completion, bool):
             ctx.completion_tokens = completion
+
+
+def _cache_reads(usage: dict[str, Any]) -> int | None:
+    """Input tokens read from a prompt cache (priced apart: edge.cost): OpenAI's
+    `prompt_tokens_details.cached_tokens` (the Responses API's `input_tokens_details`),
+    Anthropic's `cache_read_input_tokens`."""
+    for holder in ("prompt_tokens_details", "input_tokens_details"):
+        details = usage.get(holder)
+        if isinstance(details, dict):
+            usage = {**usage, "cache_read_input_tokens": details.get("cached_tokens")}
+    read = usage.get("cache_read_input_tokens")
+    return read if isinstance(read, int) and not isinstance(read, bool) and read >= 0 else None
 
 
 def watcher(ctx: RequestContext) -> Callable[[bytes], None]:

@@ -158,8 +158,10 @@ class RequestContext:
 
     __slots__ = (
         "cache",
+        "cached_tokens",
         "client",
         "completion_tokens",
+        "cost_usd",
         "error_code",
         "identity",
         "key",
@@ -191,6 +193,8 @@ class RequestContext:
         self.upstream: UpstreamOutcome | None = None  # see record_upstream
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.cached_tokens: int | None = None  # of prompt_tokens, read from a prompt cache
+        self.cost_usd: float | None = None  # what the request cost (edge.cost), once known
         self.cache: str | None = None  # the cache lookup's result (edge.cache.answers)
         self.error_code: str | None = None  # the code of an error the gateway answered
         self.trace_id: str | None = None

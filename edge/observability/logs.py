@@ -155,6 +155,8 @@ def log_access(
         "provider": None if upstream is None else upstream.provider,
         "attempts": 0 if upstream is None else upstream.attempts,
     }
+    if ctx.cost_usd is not None:
+        line["cost_usd"] = round(ctx.cost_usd, 8)  # edge.cost: usage at the target's prices
     if ctx.cache is not None:
         line["cache"] = ctx.cache  # hit, miss, bypass, coalesced or error (CACHE_BACKEND set)
     if ctx.trace_id is not None:

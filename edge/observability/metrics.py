@@ -176,10 +176,12 @@ class Metrics:
         directory: str | os.PathLike[str] | None = None,
         cache: bool = False,
         tracing: bool = False,
+        cost: bool = False,
     ) -> None:
         """`cache`: the response cache is on, and its families exist (a gauge's file appears
         in the multiprocess directory as soon as the family does); `tracing`: spans are
-        exported, and their counter exists."""
+        exported, and their counter exists; `cost`: some target has prices, and the cost
+        counter exists."""
         self.directory = None if directory is None else os.fspath(directory)
         from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
@@ -257,6 +259,15 @@ class Metrics:
             "tokens", "Tokens reported in the upstream's usage, by model and kind.",
             "model", "kind",
         )  # fmt: skip
+        if cost:
+            # `key`: the key's name from the keys file, or the short id of an API_KEYS key
+            # (edge.auth): bounded by configuration, never by client input; "none" with auth
+            # off.
+            self.cost = counter(
+                "cost_usd",
+                "USD of the usage providers reported, at PROVIDERS_FILE's prices, by key.",
+                "key",
+            )
         self.cache_source: Any = None  # callable: (bytes, entries) of the store, set by the app
         if cache:
             # The response cache (edge.cache): a hit's tokens are counted here, not in `tokens`
@@ -468,6 +479,9 @@ class Metrics:
             "panics": self.provider_panics,
         }[what]
         self._child(family, provider).inc()
+
+    def observe_cost(self, identity: str | None, usd: float) -> None:
+        self._child(self.cost, identity or "none").inc(usd)
 
     def trace_spans(self, result: str, count: int) -> None:
         self._child(self.trace_spans_family, result).inc(count)

@@ -20,11 +20,13 @@ It is written through its methods only, by Layer 2 and the transport below it:
 
 from __future__ import annotations
 
+from edge.cost import Price
+
 
 class UpstreamOutcome:
     """One request's upstream facts, as the metrics and the access line report them."""
 
-    __slots__ = ("attempts", "error", "provider", "status", "waited_s", "working")
+    __slots__ = ("attempts", "error", "price", "provider", "status", "waited_s", "working")
 
     def __init__(self) -> None:
         self.status: int | None = None  # the status of the answer passed on (or refused)
@@ -33,6 +35,7 @@ class UpstreamOutcome:
         self.provider: str | None = None  # the configured provider that answered (or last tried)
         self.attempts = 0  # upstream attempts made (failover retries included)
         self.working = 0  # attempts whose request was sent and not declined: maybe billed
+        self.price: Price | None = None  # the answering target's prices (edge.cost)
 
     def attempt(self, provider: str) -> None:
         """An attempt at `provider` starts: the previous attempt's failure is no longer the

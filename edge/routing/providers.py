@@ -22,6 +22,8 @@ from edge.config import (
     parse_base_url,
     read_key_file,
 )
+from edge.cost import FIELDS as PRICE_FIELDS
+from edge.cost import Price, parse_price
 
 VARIABLE = "PROVIDERS_FILE"
 KINDS = ("openai", "anthropic")  # the wire format a provider speaks (edge.errors OPENAI, ...)
@@ -35,8 +37,10 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 _PROVIDER_FIELDS = frozenset(
     {"base_url", "api_key", "api_key_file", "timeout_seconds", "max_retries", "kind"}
 )
-_TARGET_FIELDS = frozenset({"provider", "model", "weight"})
-_MODEL_FIELDS = frozenset({"name", "targets", "cache", "cache_ttl_seconds", "max_tokens_default"})
+_TARGET_FIELDS = frozenset({"provider", "model", "weight", *PRICE_FIELDS})
+_MODEL_FIELDS = frozenset(
+    {"name", "targets", "cache", "cache_ttl_seconds", "max_tokens_default", "price"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +72,7 @@ class Target:
     # names (the [[models]] entry's name when it renames nothing, "*" included), so it is
     # bounded by configuration, never by the model names clients send.
     breaker: str = ""
+    price: Price | None = None  # USD per million tokens (edge.cost); None: no cost known
 
 
 @dataclass(frozen=True, slots=True)
@@ -107,6 +112,11 @@ class Providers:
     cache: dict[str, CacheRule] = field(default_factory=dict)  # by [[models]] name
     # [[models]] max_tokens_default by name: an OpenAI call translated for an Anthropic target
     max_tokens: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def priced(self) -> bool:
+        """Whether some target has prices (edge.cost): the cost metric exists then."""
+        return any(t.price is not None for targets in self.models.values() for t in targets)
 
     def max_tokens_default(self, model: str) -> int | None:
         """The `max_tokens_default` of the entry that routes `model` (its own, else "*"'s)."""
@@ -237,7 +247,14 @@ def parse(document: dict[str, Any], base_dir: Path | None = None) -> Providers:
             raise _fail(f"{where}: 'name' must be a non-empty string (at most 256 characters)")
         if name in models:
             raise _fail(f"{where}: model {name!r} is listed twice")
-        models[name] = _targets(raw.get("targets"), f"{where} ({name})", providers, name)
+        try:
+            price = parse_price(_table(raw.get("price", {}), f"{where} ({name}) price"),
+                                f"{where} ({name}) price")  # fmt: skip
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        if set(raw.get("price", {})) - set(PRICE_FIELDS):
+            raise _fail(f"{where} ({name}) price: use {', '.join(PRICE_FIELDS)}")
+        models[name] = _targets(raw.get("targets"), f"{where} ({name})", providers, name, price)
         rule = _cache_rule(raw, f"{where} ({name})")
         if rule is not None:
             cache[name] = rule
@@ -307,8 +324,13 @@ def _provider(name: str, raw: dict[str, Any], base_dir: Path | None) -> Provider
 
 
 def _targets(
-    raw: Any, where: str, providers: dict[str, Provider], entry: str
+    raw: Any,
+    where: str,
+    providers: dict[str, Provider],
+    entry: str,
+    price: Price | None = None,
 ) -> tuple[Target, ...]:
+    """A [[models]] entry's targets; `price` (its `price` table) for those that set none."""
     if not isinstance(raw, list) or not raw:
         raise _fail(f"{where}: 'targets' must be a non-empty array")
     if len(raw) > MAX_TARGETS:
@@ -329,7 +351,12 @@ def _targets(
             raise _fail(f"{at}: 'model' must be a non-empty string")
         weight = _integer(item.get("weight", 1), f"{at} weight", 1, 1_000_000)
         kinds.add(provider.kind)
-        targets.append(Target(provider, model, weight, f"{provider.name}/{model or entry}"))
+        try:
+            priced = parse_price(item, at, price)
+        except ValueError as exc:
+            raise _fail(str(exc)) from None
+        breaker = f"{provider.name}/{model or entry}"
+        targets.append(Target(provider, model, weight, breaker, priced))
     return tuple(targets)
 
 

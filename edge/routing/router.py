@@ -437,6 +437,7 @@ class Router:
                     span.attempt_ended(status, outcome.error, isinstance(result, Events))
                 if failure_now is None and result is not None and not _failed(result):
                     outcome.answered(result.status)
+                    outcome.price = target.price  # what its usage costs (edge.cost)
                     return result
                 if last is not None:
                     last.release()  # a better answer, or a failure, replaces it

@@ -22,6 +22,8 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 from support import Gunicorn, Upstream, wait_until
 
+from edge.endpoints.routes import ROUTES
+
 BURST = 3
 KEYS = [f"sk-routes-{n:04d}" for n in range(600)]
 SPENT_KEY = KEYS[0]
@@ -45,11 +47,9 @@ H2_ONLY_METHODS = ["BREW", "FOO", "get", "X-" + "Y" * 20, "PROPFIND", "MKCOL"]
 
 SERIES = re.compile(r"^(edge_\w+)\{(.*)\} ", re.MULTILINE)
 LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
-KNOWN_ROUTES = {
-    "/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/health/live",
-    "/health/ready", "/metrics", "unmatched", "/v1/models/{model_id:path}", "/v1/embeddings",
-    "/v1/responses", "/v1/moderations", "/v1/messages",
-}  # fmt: skip
+# Every route template the app serves (edge.endpoints.routes.ROUTES, the one table), and the
+# label of a request that matched none: the `route` label's whole range.
+KNOWN_ROUTES = {*ROUTES, "unmatched"}
 KNOWN_METHODS = {"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "CONNECT", "TRACE"}
 
 
