@@ -31,7 +31,10 @@ class Price:
     def cost(self, prompt: int, completion: int, cached: int = 0) -> float:
         """USD for `prompt` input tokens (`cached` of them read from a prompt cache) and
         `completion` output tokens."""
-        cached = min(max(cached, 0), max(prompt, 0))
+        # A hostile or broken upstream may report negative counts: never a negative cost (a
+        # counter that went down would corrupt every rate computed over it).
+        prompt, completion = max(prompt, 0), max(completion, 0)
+        cached = min(max(cached, 0), prompt)
         cached_price = self.input if self.cached_input is None else self.cached_input
         total = (prompt - cached) * self.input + cached * cached_price + completion * self.output
         return total / PER_MTOK

@@ -22,7 +22,7 @@ def test_a_cost_prices_input_cache_reads_and_output_apart():
 
 
 @given(
-    st.integers(0, 10**9), st.integers(0, 10**9), st.integers(0, 10**9),
+    st.integers(-(10**9), 10**9), st.integers(-(10**9), 10**9), st.integers(-(10**9), 10**9),
     st.floats(0, 1e3), st.floats(0, 1e3),
 )  # fmt: skip
 def test_a_cost_is_never_negative_and_grows_with_usage(prompt, completion, cached, i, o):
@@ -30,6 +30,10 @@ def test_a_cost_is_never_negative_and_grows_with_usage(prompt, completion, cache
     spent = price.cost(prompt, completion, cached)
     assert spent >= 0
     assert price.cost(prompt + 1, completion, cached) >= spent
+
+
+def test_negative_usage_never_costs_less_than_nothing():
+    assert cost.Price(2.0, 3.0).cost(-1_000_000, -5, cached=-3) == 0.0
 
 
 def test_of_request():
