@@ -93,6 +93,16 @@ async def _exchange(
             # read it, so the upstream cannot read a larger cap than was estimated.
             call.body = reserialise(call.data)
             call.charge = reservation.take_more
+        elif (
+            call.stream
+            and prompt.asks_usage
+            and runtime.router.providers.priced_model(call.model or "")
+        ):
+            # A priced model's stream is costed from its usage: asked for, and hidden from a
+            # client that did not ask, as under a token limit.
+            hide_usage = ask_for_usage(call.data)
+            if hide_usage:
+                call.body = reserialise(call.data)
     if call.stream:
         call.on_event = usage.watcher(ctx)
         if ctx.span is not None:

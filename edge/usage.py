@@ -16,7 +16,7 @@ incomplete trailing event, never a whole stream.
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeGuard
 
 import orjson
 
@@ -34,19 +34,31 @@ def record(ctx: RequestContext, usage: Any) -> None:
     if isinstance(usage, dict):
         prompt = usage.get("prompt_tokens", usage.get("input_tokens"))
         completion = usage.get("completion_tokens", usage.get("output_tokens"))
-        if isinstance(prompt, int) and not isinstance(prompt, bool):
+        if _count(prompt):
             # Anthropic's input_tokens leaves out the prompt cache's tokens, billed as input
-            # too (OpenAI's prompt_tokens and input_tokens include their cached tokens).
-            for name in _CACHE_FIELDS:
-                cached = usage.get(name)
-                if isinstance(cached, int) and not isinstance(cached, bool) and cached > 0:
-                    prompt += cached
+            # too; OpenAI's prompt_tokens (and input_tokens, with input_tokens_details)
+            # include their cached tokens, also when a compatible server adds Anthropic's
+            # cache fields beside them.
+            if "prompt_tokens" not in usage and "input_tokens_details" not in usage:
+                for name in _CACHE_FIELDS:
+                    cached = usage.get(name)
+                    if _count(cached) and cached > 0:
+                        prompt += cached
             ctx.prompt_tokens = prompt
             read = _cache_reads(usage)
             if read is not None:
                 ctx.cached_tokens = read
-        if isinstance(completion, int) and not isinstance(completion, bool):
+        if _count(completion):
             ctx.completion_tokens = completion
+
+
+MAX_COUNT = 10**9  # tokens of one answer, at most: a larger count is an upstream's error
+
+
+def _count(value: Any) -> TypeGuard[int]:
+    """A token count to believe: a whole number up to MAX_COUNT (a hostile upstream's 2^64
+    would otherwise settle a token limit, or a cost, to nonsense)."""
+    return isinstance(value, int) and not isinstance(value, bool) and value <= MAX_COUNT
 
 
 def _cache_reads(usage: dict[str, Any]) -> int | None:
@@ -55,10 +67,11 @@ def _cache_reads(usage: dict[str, Any]) -> int | None:
     Anthropic's `cache_read_input_tokens`."""
     for holder in ("prompt_tokens_details", "input_tokens_details"):
         details = usage.get(holder)
-        if isinstance(details, dict):
-            usage = {**usage, "cache_read_input_tokens": details.get("cached_tokens")}
+        if isinstance(details, dict) and "cached_tokens" in details:
+            read = details["cached_tokens"]
+            return read if _count(read) and read >= 0 else None
     read = usage.get("cache_read_input_tokens")
-    return read if isinstance(read, int) and not isinstance(read, bool) and read >= 0 else None
+    return read if _count(read) and read >= 0 else None
 
 
 def watcher(ctx: RequestContext) -> Callable[[bytes], None]:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 import orjson
 
 from edge import pipeline
-from edge.errors import OPENAI
+from edge.errors import OPENAI, BadGateway
 from edge.routing.exchange import Call
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
@@ -34,6 +34,10 @@ class Models:
             return
         await pipeline.run(self._runtime, req, resp, Call(OPENAI, "GET", "/models"))
         if key is not None and key.allowed is not None and resp.status_code == 200:
+            if resp.data is None and resp.stream is not None:
+                # Over SEND_PIECE_BYTES the list would go out in pieces, unfiltered: refused.
+                await resp.stream.close()
+                raise BadGateway("The upstream's model list is too large to filter for this key.")
             resp.data = _allowed_only(resp.data, key)
 
     on_head = on_get  # Falcon sends the head (with the GET's Content-Length) and no body

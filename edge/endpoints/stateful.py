@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 from edge import pipeline
 from edge.endpoints.body import check_content_type, parse_json_object, read_body
 from edge.endpoints.multipart import check_multipart
-from edge.errors import OPENAI, BadRequest, NotFound
+from edge.errors import OPENAI, BadRequest, Forbidden, NotFound
 from edge.routing.exchange import Call
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
@@ -71,6 +71,14 @@ class Stateful:
 
     async def _post(self, req: Any, resp: Any, **params: str) -> None:
         self._provider()  # 404 before the body is read when there is none
+        key = req.context.edge.key
+        if self._path == "/batches" and key is not None and key.allowed is not None:
+            # A batch runs the models its uploaded file names, which the gateway never sees
+            # go by: a key limited to some models may not create one.
+            raise Forbidden(
+                "This key is limited to some models and may not create batches.",
+                code="model_not_allowed",
+            )
         limit = self._runtime.config.max_request_size
         headers = None
         if "POST_FORM" in self._methods:

@@ -113,6 +113,10 @@ class Providers:
     # [[models]] max_tokens_default by name: an OpenAI call translated for an Anthropic target
     max_tokens: dict[str, int] = field(default_factory=dict)
 
+    def priced_model(self, model: str) -> bool:
+        """Whether one of `model`'s targets has prices (its streams must report usage)."""
+        return any(target.price is not None for target in self.targets(model) or ())
+
     @property
     def priced(self) -> bool:
         """Whether some target has prices (edge.cost): the cost metric exists then."""

@@ -41,6 +41,9 @@ def proxy(tmp_path_factory, upstream):
         f"price = {{ input_per_mtok = {INPUT}, output_per_mtok = {OUTPUT} }}\n"
         f'targets = [{{ provider = "up", output_per_mtok = {CHEAP_OUTPUT} }}]\n'
         '[[models]]\nname = "free"\ntargets = [{ provider = "up" }]\n'
+        '[[models]]\nname = "billed"\n'
+        f"price = {{ input_per_mtok = {INPUT}, output_per_mtok = {OUTPUT} }}\n"
+        'targets = [{ provider = "up", model = "bill" }]\n'
     )
     server = Gunicorn(
         WORKERS="4",
@@ -110,6 +113,27 @@ def test_a_streams_cost_is_in_its_access_line_and_the_metric_sums_every_worker(p
         raw = client.chat.completions.with_raw_response.create(model="priced", messages=ask())
         total += float(raw.headers["x-edge-cost-usd"])
     wait_until(lambda: spent(proxy) - before == pytest.approx(total, rel=1e-6))
+
+
+def test_a_priced_stream_asks_for_usage_and_hides_it_from_a_client_that_did_not(proxy, upstream):
+    """An upstream that reports a stream's usage only when asked (the test upstream's honest
+    "bill" model): a priced model's stream is asked for it, costed, and the client that did not
+    ask sees no usage chunk."""
+    request_id = f"cost-ask-{os.urandom(4).hex()}"
+    chunks = list(
+        sdk_client(proxy.url, KEY).chat.completions.create(
+            model="billed",
+            messages=ask(),
+            max_tokens=5,
+            stream=True,
+            extra_headers={"x-request-id": request_id},
+        )
+    )
+    assert all(chunk.choices for chunk in chunks)  # no usage chunk reached the client
+    assert upstream.seen(request_id)["stream_options"] == {"include_usage": True}
+    line = access_line(proxy, request_id)
+    expected = (line["prompt_tokens"] * INPUT + line["completion_tokens"] * OUTPUT) / 1e6
+    assert line["cost_usd"] == pytest.approx(expected, abs=1e-8) and line["cost_usd"] > 0
 
 
 def test_an_answer_from_the_cache_costs_nothing(proxy):

@@ -55,6 +55,7 @@ def providers_file(directory: Path, upstream: Upstream) -> Path:
             for name in ("gpt-a", "gpt-b", "other")
         )
         + '[[models]]\nname = "claude-x"\ntargets = [{ provider = "claude" }]\n'
+        + '[routing]\nstateful_provider = "up"\n'
     )
     return path
 
@@ -107,6 +108,19 @@ def test_the_model_list_shows_only_what_the_key_may_use(proxy):
     assert everything == ["claude-x", "gpt-a", "gpt-b", "other"]
     with pytest.raises(openai.PermissionDeniedError):
         sdk_client(proxy.url, LIMITED).models.retrieve("other")
+
+
+def test_a_key_limited_to_some_models_may_not_create_batches(proxy):
+    """A batch runs whatever models its file names, past the gateway's check."""
+    with pytest.raises(openai.PermissionDeniedError) as refused:
+        sdk_client(proxy.url, LIMITED).batches.create(
+            input_file_id="file-1", endpoint="/v1/chat/completions", completion_window="24h"
+        )
+    assert refused.value.code == "model_not_allowed"
+    batch = sdk_client(proxy.url, LATER).batches.create(
+        input_file_id="file-1", endpoint="/v1/chat/completions", completion_window="24h"
+    )
+    assert batch.id
 
 
 def test_an_expired_key_is_refused_as_an_unknown_one(proxy):

@@ -84,6 +84,12 @@ def test_a_bad_price_is_refused_naming_the_field(price, target):
         ({"input_tokens": 10, "cache_read_input_tokens": 50, "cache_creation_input_tokens": 5},
          65, 50),
         ({"prompt_tokens": 100}, 100, None),
+        # a compatible server adding Anthropic's cache fields beside OpenAI's: counted once
+        ({"prompt_tokens": 1100, "prompt_tokens_details": {"cached_tokens": 1000},
+          "cache_read_input_tokens": 1000}, 1100, 1000),
+        ({"input_tokens": 10, "cache_read_input_tokens": 50, "prompt_tokens_details": {}},
+         60, 50),
+        ({"prompt_tokens": 2**64, "completion_tokens": 2**64}, None, None),  # not believed
     ],
 )  # fmt: skip
 def test_cache_reads_are_told_apart(reported, prompt, cached):
