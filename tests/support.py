@@ -8,6 +8,7 @@ directory on sys.path), so they are written once.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -294,6 +295,32 @@ def running(**env: str) -> Iterator[Gunicorn]:
         yield server
     finally:
         server.stop()
+
+
+def access_line(server: Gunicorn, request_id: str, timeout: float = 10.0) -> dict[str, Any]:
+    """The JSON access line of `request_id` in the server's output, waiting for it (lines are
+    buffered per worker, ACCESS_LOG_FLUSH_MS)."""
+
+    def find() -> dict[str, Any] | None:
+        for line in server.output().splitlines():
+            if request_id in line and '"edge.access"' in line:
+                return json.loads(line)
+        return None
+
+    return wait_until(find, timeout=timeout)
+
+
+def metric_total(server: Gunicorn, name: str, **labels: str) -> float:
+    """The sum of a scrape's samples called `name` that have (at least) these labels."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = httpx.get(server.url + "/metrics", timeout=10).text
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def raw_exchange(port: int, request: bytes, timeout: float = 10.0) -> bytes:

@@ -18,10 +18,17 @@ from pathlib import Path
 from typing import Any
 
 import anthropic
-import httpx
 import openai
 import pytest
-from support import Gunicorn, Upstream, free_port, sdk_client, wait_until
+from support import (
+    Gunicorn,
+    Upstream,
+    access_line,
+    free_port,
+    metric_total,
+    sdk_client,
+    wait_until,
+)
 
 KEY = "sk-adapters-client-5e1f"
 ANTHROPIC_KEY = "sk-ant-provider-9c2d"
@@ -416,14 +423,7 @@ def test_translated_usage_feeds_the_access_line_and_token_metrics(proxy):
         messages=[{"role": "user", "content": "x"}],
         extra_headers={"x-request-id": request_id},
     )
-
-    def line() -> dict[str, Any] | None:
-        for text in proxy.output().splitlines():
-            if request_id in text and '"edge.access"' in text:
-                return json.loads(text)
-        return None
-
-    found = wait_until(line)
+    found = access_line(proxy, request_id)
     assert (found["prompt_tokens"], found["completion_tokens"]) == (9, 4)
     assert found["provider"] == "claude" and found["status"] == 200
     after = wait_until(lambda: (now := _tokens(proxy, "claude-x")) != before and now)
@@ -431,15 +431,10 @@ def test_translated_usage_feeds_the_access_line_and_token_metrics(proxy):
 
 
 def _tokens(server: Gunicorn, model: str) -> tuple[float, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    counts = {"prompt": 0.0, "completion": 0.0}
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            if sample.name == "edge_tokens_total" and sample.labels.get("model") == model:
-                counts[sample.labels["kind"]] += sample.value
-    return counts["prompt"], counts["completion"]
+    return tuple(  # type: ignore[return-value]
+        metric_total(server, "edge_tokens_total", model=model, kind=kind)
+        for kind in ("prompt", "completion")
+    )
 
 
 def test_langchain_chat_openai_with_tools_on_an_anthropic_provider(proxy):

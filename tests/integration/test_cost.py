@@ -5,14 +5,10 @@ per key name across workers, and an answer from the response cache costs nothing
 
 from __future__ import annotations
 
-import json
 import os
-from typing import Any
 
-import httpx
 import pytest
-from prometheus_client.parser import text_string_to_metric_families
-from support import Gunicorn, Upstream, sdk_client, wait_until
+from support import Gunicorn, Upstream, access_line, metric_total, sdk_client, wait_until
 
 KEY = "sk-cost-team-6a1d"
 INPUT, OUTPUT = 2.5, 10.0  # USD per million tokens
@@ -61,24 +57,8 @@ def ask(text: str = "hi") -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{text} {os.urandom(4).hex()}"}]
 
 
-def access_line(server: Gunicorn, request_id: str) -> dict[str, Any]:
-    def find() -> dict[str, Any] | None:
-        for line in server.output().splitlines():
-            if request_id in line and '"edge.access"' in line:
-                return json.loads(line)
-        return None
-
-    return wait_until(find, timeout=10)
-
-
 def spent(server: Gunicorn) -> float:
-    text = httpx.get(server.url + "/metrics", timeout=10).text
-    return sum(
-        sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "edge_cost_usd_total" and sample.labels.get("key") == "team-a"
-    )
+    return metric_total(server, "edge_cost_usd_total", key="team-a")
 
 
 def test_the_cost_header_is_the_usage_at_the_targets_prices(proxy):

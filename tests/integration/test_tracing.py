@@ -13,13 +13,20 @@ import os
 import signal
 import socket
 from pathlib import Path
-from typing import Any
 
 import httpx
 import openai
 import pytest
 from collector import Collector, Span
-from support import Gunicorn, Upstream, free_port, sdk_client, wait_until
+from support import (
+    Gunicorn,
+    Upstream,
+    access_line,
+    free_port,
+    metric_total,
+    sdk_client,
+    wait_until,
+)
 
 TEAM_KEY = "sk-trace-team-7f3a9c21"
 TIGHT_KEY = "sk-trace-tight-0be41d77"
@@ -116,29 +123,14 @@ def split(spans: list[Span]) -> tuple[Span, list[Span]]:
     return servers[0], clients
 
 
-def access_line(server: Gunicorn, request_id: str) -> dict[str, Any]:
-    def find() -> dict[str, Any] | None:
-        for line in server.output().splitlines():
-            if request_id in line and '"edge.access"' in line:
-                return json.loads(line)
-        return None
-
-    return wait_until(find, timeout=10)
-
-
 def messages(text: str = "hi") -> list[dict[str, str]]:
     return [{"role": "user", "content": f"{text} {PROMPT_CANARY} {os.urandom(4).hex()}"}]
 
 
 def span_counts(server: Gunicorn) -> dict[str, float]:
-    from prometheus_client.parser import text_string_to_metric_families
-
-    text = httpx.get(server.url + "/metrics", timeout=10).text
     return {
-        sample.labels["result"]: sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-        if sample.name == "edge_trace_spans_total"
+        result: metric_total(server, "edge_trace_spans_total", result=result)
+        for result in ("exported", "failed", "dropped")
     }
 
 
