@@ -27,21 +27,27 @@ and that holds plaintext keys is reported in `warnings`, logged at start and on 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import fnmatch
 import hashlib
 import hmac
+import math
 import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge.budgets.periods import PERIODS
 from edge.config import SHA256_HEX_RE, Config, ConfigError, is_header_safe, read_toml
 from edge.errors import Forbidden, Unauthorized
 
 MAX_KEY_LENGTH = 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
-_FILE_FIELDS = frozenset({"name", "key", "sha256", "rpm", "burst", "tpm", "models", "expires_at"})
+_FILE_FIELDS = frozenset(
+    {"name", "key", "sha256", "rpm", "burst", "tpm", "models", "expires_at", "budget_usd",
+     "budget_period"}
+)  # fmt: skip
 MAX_PATTERNS = 256  # `models` entries per key
 MAX_PATTERN = 256  # characters of one (a model name is at most 256)
 MAX_NAMES_LOGGED = 50  # identities listed per kind of change in a reload's log line
@@ -62,6 +68,10 @@ class KeyEntry:
     allowed: re.Pattern[str] | None = field(default=None, repr=False, compare=False)
     # After this (seconds since the epoch, UTC) the key is refused as if unknown.
     expires_at: float | None = None
+    # Spend allowed per period (edge.budgets), USD; None: no budget. The period: "day",
+    # "week" or "month" (None in the file's entry: KEY_BUDGET_PERIOD, set by KeyStore.load).
+    budget_usd: float | None = None
+    budget_period: str | None = None
 
     def may_use(self, model: str) -> bool:
         """Whether the key may use `model` (its `models` patterns, when it has any)."""
@@ -132,6 +142,9 @@ class KeyStore:
                         "model in PROVIDERS_FILE",
                     )
 
+    def entries(self) -> list[KeyEntry]:
+        return [entry for _, entry in self._entries.values()]
+
     def any_token_limit(self) -> bool:
         """Whether some key has a token limit of its own (`tpm` in API_KEYS_FILE)."""
         return any(entry.tpm for _, entry in self._entries.values())
@@ -170,6 +183,7 @@ class KeyStore:
             from_file, warnings = _read_keys_file(config.api_keys_file, warn=not credential)
             for digest, entry in from_file:
                 add("API_KEYS_FILE", digest, entry)
+        entries = {digest: _with_defaults(entry, config) for digest, entry in entries.items()}
         if config.auth_enabled and not entries:
             raise ConfigError(
                 "AUTH_ENABLED",
@@ -243,13 +257,45 @@ def _read_keys_file(
         models = _models(item.get("models"), where, variable) if "models" in item else None
         expires = _expires_at(item["expires_at"], where, variable) if "expires_at" in item else None
         allowed = None if models is None else model_patterns(models)
-        entry = KeyEntry(name, rate, burst, tpm, digest, models, allowed, expires)
+        budget = _budget(item, where, variable)
+        period = item.get("budget_period")
+        if period is not None and period not in PERIODS:
+            raise ConfigError(
+                variable, f"{where}: 'budget_period' must be one of {', '.join(PERIODS)}"
+            )
+        entry = KeyEntry(name, rate, burst, tpm, digest, models, allowed, expires, budget, period)
         result.append((digest, entry))
     if not warn:
         return result, ()
     plaintext = sum(1 for item in items if "key" in item)
     warning = _exposure_warning(path, stat.S_IMODE(info.st_mode), plaintext, len(items))
     return result, (warning,) if warning else ()
+
+
+def _with_defaults(entry: KeyEntry, config: Config) -> KeyEntry:
+    """`entry` with the environment's defaults (KEY_*) for what it does not set itself."""
+    budget = entry.budget_usd
+    if budget is None and config.key_budget_usd > 0:
+        budget = config.key_budget_usd
+    period = entry.budget_period or config.key_budget_period
+    if budget == entry.budget_usd and period == entry.budget_period:
+        return entry
+    return dataclasses.replace(entry, budget_usd=budget, budget_period=period)
+
+
+def _budget(item: dict[str, object], where: str, variable: str) -> float | None:
+    """A key's `budget_usd`: a number of USD from 0 to 1e9 (0 admits no priced request)."""
+    value = item.get("budget_usd")
+    if value is None:
+        return None
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not 0 <= value <= 1e9
+    ):
+        raise ConfigError(variable, f"{where}: 'budget_usd' must be a number of USD from 0")
+    return float(value)
 
 
 def _models(value: object, where: str, variable: str) -> tuple[str, ...]:

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from edge.budgets.periods import DEFAULT_PERIOD, PERIODS
 from edge.ratelimit.base import FAILURE_POLICIES
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -52,6 +53,12 @@ SHA256_HEX_RE = re.compile(r"^[0-9a-fA-F]{64}$")
 API_KEYS_CREDENTIAL = "api-keys.toml"
 UPSTREAM_KEY_CREDENTIAL = "upstream-api-key"
 _MAX_SECRET_FILE = 65536
+
+
+def environment(overrides: Mapping[str, str] = {}) -> dict[str, str]:
+    """This process's environment with `overrides` over it (`llm-edge-proxy usage
+    --env-file`): what `Config.from_env` is then given."""
+    return {**os.environ, **overrides}
 
 
 class ConfigError(ValueError):
@@ -506,6 +513,20 @@ SETTINGS: tuple[Setting, ...] = (
       "Output tokens reserved for a request that sets no output cap its API obeys (a "
       "reservation, not a limit: the request is settled to the usage the upstream reports, "
       "into debt if it used more)"),
+    # Budgets and usage per key (behaviour in edge.budgets)
+    S("KEY_BUDGET_USD", "key_budget_usd", number(0, 1e9), "0",
+      "Spend in USD allowed per period to keys that set no `budget_usd` in the keys file (0: "
+      "no budget). Spend is priced from `PROVIDERS_FILE`'s prices"),
+    S("KEY_BUDGET_PERIOD", "key_budget_period", choice(*PERIODS), DEFAULT_PERIOD,
+      "The budget period of keys that set no `budget_period`: `day`, `week` (from Monday) or "
+      "`month`, calendar periods in UTC"),
+    S("STATE_DIR", "state_dir", file_name, None,
+      "Directory of the usage store (each key's spend, tokens and requests per period, read by "
+      "`llm-edge-proxy usage`). Default: `$STATE_DIRECTORY` (systemd `StateDirectory=`), else "
+      "a new private directory in the temp dir, removed at exit (spend then does not outlive "
+      "the service: a warning at start when a key has a budget). Unused with "
+      "`RATE_LIMIT_BACKEND=redis`, which keeps usage in Redis",
+      shown="see meaning"),
     # Response cache (behaviour in edge.cache)
     S("CACHE_BACKEND", "cache_backend", choice(*CACHE_BACKENDS), "off",
       "`off`, `local` (one store per host, shared by every worker, kept across reloads and "
@@ -600,6 +621,9 @@ SETTINGS: tuple[Setting, ...] = (
     S("CACHE_DIRECTORY", "cache_directory", first_path, None,
       "Set by systemd (`CacheDirectory=`), not by hand: the cache's local store goes there "
       "unless `CACHE_DIR` says otherwise"),
+    S("STATE_DIRECTORY", "state_directory", first_path, None,
+      "Set by systemd (`StateDirectory=`), not by hand: the usage store goes there unless "
+      "`STATE_DIR` says otherwise"),
     S("CREDENTIALS_DIRECTORY", "credentials_directory", file_name, None,
       "Set by systemd (`LoadCredential=`), not by hand: where the credentials "
       "`upstream-api-key` and `api-keys.toml` are read from when `UPSTREAM_API_KEY_FILE` / "
@@ -662,6 +686,10 @@ class Config:
     redis_key_prefix: str
     rate_limit_tpm: int  # 0: no token limit unless a key sets its own `tpm`
     rate_limit_tpm_default_max_tokens: int
+    # Budgets and usage per key (edge.budgets)
+    key_budget_usd: float  # 0: no budget
+    key_budget_period: str
+    state_dir: Path | None  # the master sets the one it chose (edge.server.master)
     # Response cache (edge.cache)
     cache_backend: str
     cache_dir: Path | None  # the master sets the one it chose (edge.server.master)
@@ -700,6 +728,7 @@ class Config:
     prometheus_multiproc_dir: Path | None  # the master sets the one it chose (edge.server.master)
     runtime_directory: Path | None
     cache_directory: Path | None
+    state_directory: Path | None
     credentials_directory: Path | None
 
     @property

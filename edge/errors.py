@@ -146,6 +146,17 @@ class RateLimited(ApiError):
     code = "rate_limit_exceeded"
 
 
+class QuotaExceeded(ApiError):
+    """A key's budget is spent (edge.budgets): the official SDKs must not retry it."""
+
+    status = 429
+    type = "insufficient_quota"
+    code = "insufficient_quota"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, headers={"x-should-retry": "false"})
+
+
 class BadGateway(ApiError):
     status = 502
     type = UPSTREAM

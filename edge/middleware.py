@@ -56,6 +56,7 @@ class EdgeMiddleware:
         self._limiter = runtime.limiter
         self._metrics = runtime.metrics
         self._spans = runtime.tracing  # exporting spans (edge.observability.tracing), or None
+        self._accounts = runtime.accounts  # spend per key (edge.budgets), or None
 
     # -------------------------------------------------------------- the three steps
 
@@ -202,6 +203,8 @@ class EdgeMiddleware:
         ctx.cost_usd = usd = request_cost(ctx)
         if usd and metrics is not None:
             metrics.observe_cost(ctx.identity, usd)
+        if ctx.key is not None and self._accounts is not None:
+            self._accounts.finish(ctx, stream is None or stream.ended)
         record = ctx.span
         if record is not None and (ctx.route is None or ctx.route.kind == API):
             # Health checks and scrapes are not traced: probes would drown the requests.

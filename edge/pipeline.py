@@ -82,6 +82,9 @@ async def _exchange(
     ctx: RequestContext = req.context.edge
     reservation = None
     hide_usage = False
+    entry = ctx.key
+    if entry is not None and entry.budget_usd is not None and runtime.accounts is not None:
+        await runtime.accounts.hold(ctx, call, prompt)  # settled when the answer ends
     if prompt is not None and call.data is not None:
         call.prompt = prompt
         if runtime.tokens is not None:
@@ -381,6 +384,7 @@ class ResponseStream:
         "_receive",
         "_source",
         "_watcher",
+        "ended",
         "first_chunk_at",
         "on_close",
     )
@@ -398,6 +402,7 @@ class ResponseStream:
         self._receive = receive
         self._watcher: asyncio.Future[None] | None = None
         self._closed = False
+        self.ended = False  # its source ran to its end (not cut short by either side)
         self.first_chunk_at: float | None = None
         self.on_close: list[Callable[[ResponseStream], None]] = []
 
@@ -407,7 +412,11 @@ class ResponseStream:
     async def __anext__(self) -> bytes:
         if self.first_chunk_at is None and self._watcher is None and self._receive is not None:
             self._watcher = close_on_hang_up(self._receive, self._events.abort)
-        chunk = await self._source.__anext__()
+        try:
+            chunk = await self._source.__anext__()
+        except StopAsyncIteration:
+            self.ended = True
+            raise
         if self.first_chunk_at is None:
             self.first_chunk_at = time.perf_counter()
         return chunk

@@ -32,6 +32,7 @@ class HostTables(NamedTuple):
     rate_limit: str
     breakers: str
     flights: str = ""  # the cache's requests in flight (edge.cache.flights); "" without cache
+    ledger: str = ""  # the spend per key (edge.budgets.shared); "" with the Redis backend
 
 
 class Runtime:
@@ -48,6 +49,7 @@ class Runtime:
         owns_limiter: bool = False,
         cache: Any = None,
         tracing: Any = None,
+        accounts: Any = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -59,6 +61,7 @@ class Runtime:
         self._owns_limiter = owns_limiter  # shared memory or Redis: closed at shutdown
         self.cache = cache  # edge.cache.answers.ResponseCache, unless CACHE_BACKEND=off
         self.tracing = tracing  # edge.observability.tracing.Tracing, when spans are exported
+        self.accounts = accounts  # edge.budgets.accounts.Accounts, when keys are checked
         self.started = False
 
     @classmethod
@@ -115,7 +118,10 @@ class Runtime:
             from edge.observability.tracing import Tracing
 
             tracing = Tracing(config, metrics)
-        return cls(config, keys, router, metrics, limiter, tokens, owns, cache, tracing)
+        accounts = None
+        if config.auth_enabled:
+            accounts = _accounts(config, providers, tables, metrics)
+        return cls(config, keys, router, metrics, limiter, tokens, owns, cache, tracing, accounts)
 
     @property
     def ready(self) -> bool:
@@ -133,6 +139,8 @@ class Runtime:
             await self.cache.start()
         if self.tracing is not None:
             self.tracing.start()
+        if self.accounts is not None:
+            await self.accounts.start()
         self.started = True
 
     async def process_shutdown(self, scope: Any, event: Any) -> None:
@@ -148,6 +156,8 @@ class Runtime:
         if self.cache is not None:
             await self.cache.aclose()
         self.router.breakers.close()
+        if self.accounts is not None:  # the spend of the requests drained above
+            await self.accounts.aclose()
         if self.tracing is not None:  # the spans of the requests drained above
             await self.tracing.aclose()
         flush_access_log()  # uvicorn has drained the connections: every access line is out
@@ -221,6 +231,32 @@ def _cache(config: Config, providers: Providers, tables: HostTables | None, metr
             timeout_s=config.rate_limit_redis_timeout_s,
         )
     return ResponseCache(config, providers, store, flights, remote, metrics)
+
+
+def _accounts(config: Config, providers: Providers, tables: HostTables | None, metrics: Any) -> Any:
+    """Spend per key: in Redis with the Redis rate limiter, else in the host's ledger (a
+    process-local one without a master) flushed to the state store."""
+    from edge.budgets.accounts import Accounts
+
+    if config.rate_limit_enabled and config.rate_limit_backend == "redis":
+        from edge.budgets.redis import RedisLedger
+
+        ledger: Any = RedisLedger(
+            _redis(config),
+            prefix=config.redis_key_prefix,
+            timeout_s=config.rate_limit_redis_timeout_s,
+        )
+        return Accounts(config, providers, ledger, None, metrics)
+    from edge.budgets.shared import LocalLedger, SharedLedger
+    from edge.budgets.store import Store
+
+    store = None if config.state_dir is None else Store.open(str(config.state_dir))
+    load = None if store is None else store.get
+    if tables is not None and tables.ledger:
+        ledger = SharedLedger.attach(tables.ledger, config.rate_limit_lock_timeout_s, load)
+    else:
+        ledger = LocalLedger(load=load)
+    return Accounts(config, providers, ledger, store, metrics)
 
 
 def _redis(config: Config) -> Callable[[], Any]:

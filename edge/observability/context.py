@@ -19,7 +19,7 @@ import re
 import time
 from contextvars import ContextVar
 from hashlib import blake2b
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # recorded here, produced by the layers that know them
     from edge.auth import KeyEntry
@@ -157,6 +157,7 @@ class RequestContext:
     """What the request path knows about one request. Never holds a key."""
 
     __slots__ = (
+        "budget",
         "cache",
         "cached_tokens",
         "client",
@@ -195,6 +196,7 @@ class RequestContext:
         self.completion_tokens: int | None = None
         self.cached_tokens: int | None = None  # of prompt_tokens, read from a prompt cache
         self.cost_usd: float | None = None  # what the request cost (edge.cost), once known
+        self.budget: Any = None  # its budget reservation (edge.budgets.accounts.Hold)
         self.cache: str | None = None  # the cache lookup's result (edge.cache.answers)
         self.error_code: str | None = None  # the code of an error the gateway answered
         self.trace_id: str | None = None

@@ -117,6 +117,14 @@ class Providers:
         """Whether one of `model`'s targets has prices (its streams must report usage)."""
         return any(target.price is not None for target in self.targets(model) or ())
 
+    def price_ceiling(self, model: str) -> Price | None:
+        """The highest input and output prices among `model`'s targets (any may answer it:
+        what a budget reserves for it); None when none has prices."""
+        prices = [t.price for t in self.targets(model) or () if t.price is not None]
+        if not prices:
+            return None
+        return Price(max(p.input for p in prices), max(p.output for p in prices))
+
     @property
     def priced(self) -> bool:
         """Whether some target has prices (edge.cost): the cost metric exists then."""

@@ -47,6 +47,7 @@ class Settings:
     providers: Any = None  # edge.routing.providers.Providers, or None (the mock answers)
     breaker_table: str = ""
     flights_table: str = ""  # the response cache's requests in flight; "" with the cache off
+    ledger_table: str = ""  # the spend per key (edge.budgets.shared); "" with auth off
 
 
 _current: Settings | None = None
@@ -55,6 +56,7 @@ _removable_dir: Path | None = None  # a metrics directory this master created or
 _master_pid: int | None = None  # the process whose exit cleans up (not a forked worker)
 _lock_fd: int | None = None  # the master's lock on the metrics directory, kept until it exits
 _removable_cache_dir: Path | None = None  # a private cache directory this master made
+_removable_state_dir: Path | None = None  # a private state directory this master made
 
 
 def current() -> Settings:
@@ -94,7 +96,10 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
     metrics_dir, owns, source = _metrics_dir(environ, config)
     # The workers (which inherit this Config) write and read the directories chosen here.
     config = dataclasses.replace(
-        config, prometheus_multiproc_dir=metrics_dir, cache_dir=_cache_dir(config)
+        config,
+        prometheus_multiproc_dir=metrics_dir,
+        cache_dir=_cache_dir(config),
+        state_dir=_state_dir(config),
     )
     _current = Settings(
         config=config,
@@ -109,6 +114,7 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
             _current.breaker_table if _current else segment_name(breaker_prefix(config), pid)
         ),
         flights_table=_current.flights_table if _current else "",
+        ledger_table=_current.ledger_table if _current else "",
     )
     return _current
 
@@ -128,6 +134,22 @@ def _cache_dir(config: Config) -> Path | None:
         return config.cache_directory
     path = Path(tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.{config.instance}.", suffix=".cache"))
     _removable_cache_dir = path
+    _register_cleanup()
+    return path
+
+
+def _state_dir(config: Config) -> Path | None:
+    """The usage store's directory: STATE_DIR, else systemd's STATE_DIRECTORY, else a new
+    private directory removed when the master exits. A reload keeps the one chosen at start."""
+    global _removable_state_dir
+    if _current is not None and _current.config.state_dir is not None:
+        return _current.config.state_dir
+    if config.state_dir is not None:
+        return config.state_dir
+    if config.state_directory is not None:
+        return config.state_directory
+    path = Path(tempfile.mkdtemp(prefix=f"{SHM_PREFIX}.{config.instance}.", suffix=".state"))
+    _removable_state_dir = path
     _register_cleanup()
     return path
 
@@ -202,12 +224,15 @@ def _cleanup() -> None:
     global _removable_dir
     from edge.shm import unlink
 
-    global _removable_cache_dir
+    global _removable_cache_dir, _removable_state_dir
     while _segments:
         unlink(_segments.pop())
     if _removable_cache_dir is not None:
         shutil.rmtree(_removable_cache_dir, ignore_errors=True)
         _removable_cache_dir = None
+    if _removable_state_dir is not None:
+        shutil.rmtree(_removable_state_dir, ignore_errors=True)
+        _removable_state_dir = None
     if _removable_dir is not None:
         shutil.rmtree(_removable_dir, ignore_errors=True)
         _removable_dir = None
@@ -247,6 +272,8 @@ def on_starting(server: Any) -> None:
     settings = _current = dataclasses.replace(settings, breaker_table=name)
     if config.cache_backend != "off":
         settings = _current = _prepare_cache(settings, owner)
+    if config.auth_enabled:
+        settings = _current = _prepare_budgets(settings, owner)
     if config.providers_file is not None:
         log.info(
             "routing to the providers of PROVIDERS_FILE",
@@ -298,6 +325,55 @@ def _prepare_cache(settings: Settings, owner: dict[str, int]) -> Settings:
         extra={"backend": config.cache_backend, "scope": config.cache_scope},
     )
     return dataclasses.replace(settings, flights_table=name)
+
+
+def _prepare_budgets(settings: Settings, owner: dict[str, int]) -> Settings:
+    """The host's ledger of spend per key, and the state store checked (an unusable one
+    refuses the start: budgets must not silently start from zero)."""
+    from edge.budgets.shared import SharedLedger
+    from edge.budgets.store import Store, StoreError
+
+    config = settings.config
+    if config.state_dir is not None:
+        try:
+            Store.open(str(config.state_dir)).close()
+            _hand_over(config.state_dir, owner)
+        except (StoreError, OSError) as exc:
+            print(f"llm-edge-proxy: state directory: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(2) from None
+    name = _create_segment(
+        settings.ledger_table or segment_name(ledger_prefix(config), os.getpid()),
+        ledger_prefix(config),
+        lambda name: SharedLedger.create(name, **owner).close(),
+    )
+    budgets = [e for e in settings.keys.entries() if e.budget_usd is not None]
+    if budgets and _removable_state_dir is not None:
+        log.warning(
+            "keys have budgets but no state directory is set (STATE_DIR, or systemd's "
+            "StateDirectory=): their spend is lost when the service stops",
+            extra={"directory": str(config.state_dir)},
+        )
+    if budgets and not (settings.providers and settings.providers.priced):
+        log.warning(
+            "keys have budgets but no target in PROVIDERS_FILE has prices: nothing is spent "
+            "against them"
+        )
+    return dataclasses.replace(settings, ledger_table=name)
+
+
+def _hand_over(path: Path, owner: dict[str, int]) -> None:
+    """Give the state directory and the store to the workers' user (a master run as root)."""
+    if not owner:
+        return
+    for root, dirs, files in os.walk(path):
+        for name in [root, *(os.path.join(root, d) for d in dirs)]:
+            os.chown(name, owner.get("uid", -1), owner.get("gid", -1))
+        for name in files:
+            os.chown(os.path.join(root, name), owner.get("uid", -1), owner.get("gid", -1))
+
+
+def ledger_prefix(config: Config) -> str:
+    return f"{SHM_PREFIX}.{config.instance}.ledger"
 
 
 def flights_prefix(config: Config) -> str:
@@ -466,7 +542,32 @@ def child_exit(server: Any, worker: Any) -> None:
 
 
 def on_exit(server: Any) -> None:
+    _flush_ledger()
     _cleanup()
+
+
+def _flush_ledger() -> None:
+    """The ledger's last figures into the state store, once the workers are gone."""
+    settings = _current
+    if settings is None or not settings.ledger_table or settings.config.state_dir is None:
+        return
+    from edge.budgets.accounts import write_rows
+    from edge.budgets.shared import SharedLedger
+    from edge.budgets.store import Store
+
+    try:
+        ledger = SharedLedger.attach(settings.ledger_table)
+        try:
+            snapshot = ledger.snapshot(0.0, 0.0)
+        finally:
+            ledger.close()
+        store = Store.open(str(settings.config.state_dir))
+        try:
+            write_rows(store, snapshot, [])
+        finally:
+            store.close()
+    except Exception:
+        log.exception("could not write the last usage figures into the state store")
 
 
 def logconfig() -> dict[str, Any]:

@@ -1,0 +1,333 @@
+"""Budgets, sans I/O and in one process: calendar periods with an injected clock, the ledger's
+arithmetic and slots, the shared ledger's rollover and baseline from the store, the store's
+forward-only records, what a request is charged when it ends, and the usage report."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+from types import SimpleNamespace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from support import FakeClock
+
+from edge.budgets import ledger, periods
+from edge.budgets.accounts import Accounts, write_rows
+from edge.budgets.ledger import Ledger, Row, to_nano
+from edge.budgets.report import read_env_file, rows_for, table
+from edge.budgets.shared import LocalLedger, digest_of
+from edge.budgets.store import Store
+from edge.errors import QuotaExceeded
+
+UTC = datetime.UTC
+
+
+def hold(books, *args):
+    asyncio.run(books.hold(*args))
+
+
+def epoch(*parts: int) -> float:
+    return datetime.datetime(*parts, tzinfo=UTC).timestamp()
+
+
+# ---------------------------------------------------------------- periods
+
+
+@pytest.mark.parametrize(
+    ("kind", "now", "start", "end"),
+    [
+        ("month", (2026, 12, 31, 23, 59, 59), (2026, 12, 1), (2027, 1, 1)),
+        ("month", (2027, 1, 1, 0, 0, 0), (2027, 1, 1), (2027, 2, 1)),
+        ("month", (2028, 2, 29, 12), (2028, 2, 1), (2028, 3, 1)),
+        ("day", (2026, 12, 7, 23, 59, 59), (2026, 12, 7), (2026, 12, 8)),
+        ("week", (2026, 12, 7, 0, 0, 0), (2026, 12, 7), (2026, 12, 14)),  # a Monday
+        ("week", (2026, 12, 6, 23, 59, 59), (2026, 11, 30), (2026, 12, 7)),  # a Sunday
+        ("week", (2027, 1, 2), (2026, 12, 28), (2027, 1, 4)),  # a week across the year
+    ],
+)
+def test_periods_are_calendar_periods_in_utc(kind, now, start, end):
+    assert periods.bounds(kind, epoch(*now)) == (int(epoch(*start)), int(epoch(*end)))
+
+
+@given(st.sampled_from(periods.PERIODS), st.floats(0, 4e9))
+def test_every_instant_is_in_exactly_one_period(kind, now):
+    start, end = periods.bounds(kind, now)
+    assert start <= now < end
+    assert periods.bounds(kind, end)[0] == end  # the next one starts where this one ends
+    assert periods.bounds(kind, start) == (start, end)
+
+
+def test_an_unknown_period_is_refused():
+    with pytest.raises(ValueError, match="year"):
+        periods.bounds("year", 0)
+
+
+# ---------------------------------------------------------------- the ledger
+
+
+@given(
+    st.integers(0, 10**12),
+    st.lists(st.integers(1, 10**9), min_size=1, max_size=40),
+)
+def test_a_budget_admits_exactly_the_requests_it_can_pay_for(budget, costs):
+    """Requests one after another, each settled to its cost: admitted while the spend is below
+    the budget, so the spend passes it by at most the last request's cost."""
+    row = Row("k", 0)
+    admitted = 0
+    for cost in costs:
+        ok, row = ledger.admit(row, budget, cost)
+        if not ok:
+            break
+        row = ledger.settle(row, cost, cost, 1, 1)
+        admitted += 1
+    assert row.spent == sum(costs[:admitted])  # whole nano-dollars: exact
+    # Each admitted request found the spend below the budget; a refusal found it reached.
+    assert all(sum(costs[:index]) < budget for index in range(admitted))
+    assert admitted == len(costs) or row.spent >= budget
+
+
+def test_five_requests_of_a_fifth_of_the_budget_are_admitted_not_six():
+    price = 0.012
+    row = Row("k", 0)
+    results = []
+    for _ in range(6):
+        ok, row = ledger.admit(row, to_nano(5 * price), to_nano(0.02))
+        results.append(ok)
+        if ok:
+            row = ledger.settle(row, to_nano(price), to_nano(0.02), 5, 7)
+    assert results == [True] * 5 + [False]
+    assert (row.requests, row.prompt, row.completion) == (5, 25, 35)
+
+
+def test_settling_has_no_floor_and_ignores_negative_tokens():
+    row = ledger.settle(Row("k", 0, spent=10), charge=100, release=10, prompt=-5, completion=3)
+    assert row.spent == 100 and row.prompt == 0 and row.completion == 3 and row.version == 1
+
+
+def fresh(slots: int = 64) -> Ledger:
+    buf = bytearray(ledger.size_for(slots))
+    ledger.format_buffer(buf, slots, 8)
+    return Ledger(buf)
+
+
+def test_a_torn_slot_reads_as_free_and_a_full_window_is_said():
+    table = fresh(8)
+    digest = digest_of("a")
+    offset, row = table.find(digest)
+    assert row is None
+    table.write(offset, digest, Row("a", 1, spent=5))
+    assert table.find(digest) == (offset, Row("a", 1, spent=5))
+    table._buf[offset + 40] ^= 0xFF  # type: ignore[index]
+    assert table.find(digest)[1] is None
+    for index in range(8):
+        other = digest_of(f"other-{index}")
+        table.write(ledger.HEADER_SIZE + index * ledger.SLOT_SIZE, other, Row("o", 1))
+    assert table.find(digest_of("newcomer")) == (ledger.FULL, None)
+
+
+def test_the_flush_is_claimed_once_per_interval_and_only_after_a_write():
+    table = fresh()
+    assert not table.claim_flush(100.0, 1.0)  # nothing written yet
+    digest = digest_of("a")
+    table.write(table.find(digest)[0], digest, Row("a", 1))
+    assert table.claim_flush(100.0, 1.0)
+    table.write(table.find(digest)[0], digest, Row("a", 1, spent=1))
+    assert not table.claim_flush(100.5, 1.0)  # claimed 0.5 s ago
+    assert table.claim_flush(101.0, 1.0)
+    assert not table.claim_flush(102.0, 1.0)  # nothing new
+    assert table.claim_flush(102.0, 0.0)  # forced
+
+
+def test_a_ledger_buffer_is_checked():
+    with pytest.raises(ledger.LedgerFormatError):
+        Ledger(bytearray(100))
+    with pytest.raises(ledger.LedgerFormatError):
+        Ledger(bytearray(ledger.size_for(4)))  # no magic
+
+
+# ---------------------------------------------------------------- shared ledger and store
+
+
+def test_a_new_period_starts_from_the_store_and_the_old_one_is_retired(tmp_path):
+    store = Store.open(str(tmp_path))
+    store.put_newer([Row("a", 200, spent=70, requests=3, version=9)])
+    local = LocalLedger(64, load=store.get)
+    assert local.admit("a", 100, budget=50, reserve=10) == (True, 0)
+    assert local.settle("a", 100, charge=20, release=10, prompt=1, completion=2)
+    # The next period: its baseline is read from the store; the old row is retired.
+    assert local.admit("a", 200, budget=100, reserve=10) == (True, 70)
+    assert local.take_retired() == [Row("a", 100, 20, 1, 1, 2, version=2)]
+    # A request that began in the old period settles nowhere (its period is gone).
+    assert not local.settle("a", 100, charge=5, release=0, prompt=0, completion=0)
+    assert local.admit("a", 200, budget=81, reserve=0) == (True, 80)
+    assert local.admit("a", 200, budget=80, reserve=0) == (False, 80)  # not below it
+    store.close()
+
+
+def test_the_store_keeps_only_newer_versions(tmp_path):
+    store = Store.open(str(tmp_path))
+    assert store.put_newer([Row("a", 1, spent=10, version=5), Row("b:c", 2**33, version=1)]) == 2
+    assert store.put_newer([Row("a", 1, spent=3, version=4)]) == 0  # a late, older snapshot
+    assert store.get("a", 1) == Row("a", 1, spent=10, version=5)
+    assert store.put_newer([Row("a", 1, spent=11, version=6)]) == 1
+    assert sorted(store.rows()) == [Row("a", 1, 11, 0, 0, 0, 6), Row("b:c", 2**33, version=1)]
+    store.close()
+    reader = Store.open(str(tmp_path), readonly=True)
+    assert reader.get("a", 1).spent == 11
+    reader.close()
+
+
+def test_a_snapshot_flushed_is_what_the_store_then_holds(tmp_path):
+    store = Store.open(str(tmp_path))
+    local = LocalLedger(64)
+    local.settle("a", 7, charge=to_nano(0.5), release=0, prompt=10, completion=20)
+    snapshot = local.snapshot(1.0, 1.0)
+    assert snapshot is not None and local.snapshot(1.5, 1.0) is None
+    assert write_rows(store, snapshot, []) == 1
+    assert store.get("a", 7) == Row("a", 7, to_nano(0.5), 1, 10, 20, 1)
+    store.close()
+
+
+# ---------------------------------------------------------------- accounts
+
+
+def accounts(clock: FakeClock, price: float | None = 1000.0) -> Accounts:
+    config = SimpleNamespace(
+        rate_limit_tpm_default_max_tokens=100, rate_limit_failure_policy="allow"
+    )
+    from edge.cost import Price
+
+    providers = SimpleNamespace(
+        price_ceiling=lambda model: None if price is None else Price(price, price)
+    )
+    return Accounts(config, providers, LocalLedger(64), clock=clock)
+
+
+def context(budget: float | None, **fields):
+    key = SimpleNamespace(identity="team", budget_usd=budget, budget_period="month")
+    values = {"key": key, "budget": None, "cost_usd": None, "upstream": None, "cache": None,
+              "prompt_tokens": None, "completion_tokens": None, "error_code": None}  # fmt: skip
+    values.update(fields)
+    return SimpleNamespace(**values)
+
+
+def call(max_tokens: int = 10):
+    data = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}],
+            "max_tokens": max_tokens}  # fmt: skip
+    return SimpleNamespace(data=data, model="m", body=b"x" * 80)
+
+
+PROMPT = SimpleNamespace(fields=("messages",), caps=("max_tokens",), batch=None, asks_usage=True)
+
+
+def test_a_hold_reserves_the_priced_estimate_and_the_end_settles_to_the_cost():
+    from edge.ratelimit.tokens import Prompt
+
+    clock = FakeClock(epoch(2026, 12, 7))
+    books = accounts(clock)
+    ctx = context(1.0)
+    hold(books, ctx, call(10), Prompt("messages", caps=("max_tokens",)))
+    reserved = ctx.budget.reserved
+    assert reserved == to_nano((20 + 10) * 1000 / 1e6)  # 80 bytes / 4 in, 10 out
+    start = periods.start_of("month", clock.now)
+    assert books._ledger.get("team", start).spent == reserved
+    ctx.cost_usd = 0.004
+    ctx.upstream = SimpleNamespace(working=1, error=None)
+    books.finish(ctx, whole=True)
+    assert books._ledger.get("team", start).spent == to_nano(0.004)
+
+
+@pytest.mark.parametrize(
+    ("cost", "working", "error", "whole", "charged"),
+    [
+        (0.004, 1, None, True, "cost"),
+        (None, 1, None, False, "reserve"),  # the client hung up before the usage came
+        (0.001, 1, "disconnect", False, "reserve"),  # broken off: at least the estimate
+        (0.5, 1, "disconnect", False, "cost"),  # ...or what it is seen to cost, if more
+        (None, 0, "connect", True, "nothing"),  # the upstream provably did no work
+        (None, None, None, True, "nothing"),  # never went upstream (refused before)
+    ],
+)
+def test_what_a_request_is_charged_when_it_ends(cost, working, error, whole, charged):
+    from edge.ratelimit.tokens import Prompt
+
+    clock = FakeClock(epoch(2026, 12, 7))
+    books = accounts(clock)
+    ctx = context(1.0)
+    hold(books, ctx, call(10), Prompt("messages", caps=("max_tokens",)))
+    reserved = ctx.budget.reserved
+    ctx.cost_usd = cost
+    ctx.upstream = None if working is None else SimpleNamespace(working=working, error=error)
+    books.finish(ctx, whole=whole)
+    spent = books._ledger.get("team", periods.start_of("month", clock.now)).spent
+    expected = {"cost": to_nano(cost or 0), "reserve": reserved, "nothing": 0}[charged]
+    assert spent == expected
+
+
+def test_over_budget_is_insufficient_quota_saying_when_it_resets():
+    clock = FakeClock(epoch(2026, 12, 31, 23, 59))
+    books = accounts(clock)
+    ctx = context(0.001)
+    ctx.cost_usd, ctx.upstream = 0.002, SimpleNamespace(working=1, error=None)
+    hold(books, ctx, call(), None)
+    books.finish(ctx, whole=True)
+    with pytest.raises(QuotaExceeded) as refused:
+        hold(books, context(0.001), call(), None)
+    assert refused.value.status == 429 and refused.value.code == "insufficient_quota"
+    assert refused.value.headers == {"x-should-retry": "false"}
+    assert "2027-01-01T00:00:00Z" in refused.value.message
+    clock.now = epoch(2027, 1, 1)  # the calendar boundary, in UTC: a fresh budget
+    hold(books, context(0.001), call(), None)
+
+
+@settings(max_examples=50)
+@given(st.lists(st.tuples(st.integers(0, 10**7), st.booleans()), max_size=30))
+def test_requests_in_flight_are_reserved_and_all_settle(requests):
+    """Holds taken while others are in flight: none is admitted once the spend with every
+    reservation reaches the budget, and when all have ended only their costs remain."""
+    books = accounts(FakeClock(epoch(2026, 12, 7)), price=None)
+    held = []
+    for cost, _ in requests:
+        ctx = context(1e9)
+        hold(books, ctx, call(), None)
+        ctx.cost_usd, ctx.upstream = cost / 1e9, SimpleNamespace(working=1, error=None)
+        held.append(ctx)
+    for ctx, (_, whole) in zip(held, requests, strict=True):
+        books.finish(ctx, whole=whole)
+    row = books._ledger.get("team", periods.start_of("month", epoch(2026, 12, 7)))
+    assert row is None or row.spent == sum(cost for cost, _ in requests)
+
+
+# ---------------------------------------------------------------- the report
+
+
+def test_the_report_lists_every_configured_key_and_the_stored_strangers():
+    now = epoch(2026, 12, 7)
+    month = periods.start_of("month", now)
+    day = periods.start_of("day", now)
+    keys = SimpleNamespace(
+        entries=lambda: [
+            SimpleNamespace(identity="b", budget_usd=2.0, budget_period="day"),
+            SimpleNamespace(identity="a", budget_usd=None, budget_period="month"),
+        ]
+    )
+    stored = [
+        Row("b", day, spent=to_nano(0.5), requests=2, prompt=3, completion=4),
+        Row("b", day - 86_400, spent=to_nano(9)),  # yesterday's
+        Row("gone", month, spent=to_nano(1)),
+    ]
+    lines = rows_for(keys, stored, now, "month")
+    assert [line["key"] for line in lines] == ["a", "b", "gone"]
+    assert lines[1]["spent_usd"] == 0.5 and lines[1]["remaining_usd"] == 1.5
+    assert lines[0]["requests"] == 0 and lines[0]["remaining_usd"] is None
+    assert not lines[2]["configured"]
+    text = table(lines)
+    assert "gone (not in the keys)" in text and "1.500000" in text
+
+
+def test_the_env_file_is_read_as_systemd_reads_it(tmp_path):
+    path = tmp_path / "env"
+    path.write_text('# comment\n\nSTATE_DIR="/var/lib/x"\nKEY_BUDGET_USD = 5\n;other\n')
+    assert read_env_file(str(path)) == {"STATE_DIR": "/var/lib/x", "KEY_BUDGET_USD": "5"}
