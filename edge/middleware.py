@@ -195,6 +195,7 @@ class EdgeMiddleware:
                     ctx.prompt_tokens,
                     ctx.completion_tokens,
                     ctx.cache in SERVED,
+                    ctx.identity,
                 )
             if stream is not None:
                 if stream.first_chunk_at is not None:

@@ -113,6 +113,8 @@ class Runtime:
             metrics.model_label = _model_labels(providers)
             if cache is not None:
                 metrics.cache_source = cache.stats
+                if providers.priced:  # what a hit saved, at its model's first priced target
+                    metrics.hit_price = providers.hit_price
         tracing = None
         if config.export_traces:
             from edge.observability.tracing import Tracing

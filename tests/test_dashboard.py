@@ -20,6 +20,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from edge.app import create_app
 from edge.config import Config
+from edge.cost import Price
+from edge.routing.providers import MOCK, Provider, Providers, Routing, Target
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "dashboards" / "llm-edge-proxy.json"
 SUFFIXES = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count"), "gauge": ("",)}
@@ -46,8 +48,18 @@ REQUIRED = {
     "edge_cache_lookups_total",
     "edge_cache_store_bytes",
     "edge_cache_saved_tokens_total",
+    "edge_cost_usd_total",
+    "edge_cache_saved_usd_total",
 }
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hello there"}]}
+
+
+def priced_mock() -> Providers:
+    """The built-in mock with a price, so that the cost families exist."""
+    provider = Provider(MOCK, "", kind=MOCK)
+    target = Target(provider, None, 1, "mock/*", Price(1.0, 2.0))
+    routing = Routing(fallback_enabled=False, max_retries=0, breakers_enabled=False)
+    return Providers({MOCK: provider}, {"*": (target,)}, routing, False)
 
 
 # ------------------------------------------------------------------ PromQL, minimally
@@ -137,10 +149,12 @@ def exposed() -> dict[str, tuple[str, set[str]]]:
     """{exposed metric name: (family type, label names)} from a scrape of the real app."""
     with pytest.MonkeyPatch.context() as patch:
         patch.delenv("PROMETHEUS_MULTIPROC_DIR", raising=False)  # one process: this registry
-        app = create_app(Config.from_env({"AUTH_ENABLED": "false", "CACHE_BACKEND": "local"}))
+        config = Config.from_env({"AUTH_ENABLED": "false", "CACHE_BACKEND": "local"})
+        app = create_app(config, providers=priced_mock())
         client = falcon.testing.TestClient(app)
         assert client.simulate_post("/v1/chat/completions", json=CHAT).status_code == 200
         hit = client.simulate_post("/v1/chat/completions", json=CHAT)  # the cache's families
+        # (and the USD it saved: the mock is priced here)
         assert hit.headers["x-cache"] == "hit"
         stream = client.simulate_post("/v1/chat/completions", json={**CHAT, "stream": True})
         assert stream.status_code == 200
@@ -159,6 +173,7 @@ def exposed() -> dict[str, tuple[str, set[str]]]:
         metrics.provider_event("failovers", "default")
         metrics.provider_event("panics", "default")
         metrics.breaker_state.labels("default").set(0)
+        metrics.observe_cost(None, 0.01)  # the mock's own answers are never billed
         result = client.simulate_get("/metrics")
     assert result.status_code == 200
     families = list(text_string_to_metric_families(result.text))

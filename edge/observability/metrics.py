@@ -8,7 +8,9 @@ never fixes the value mode too early.
 Labels are bounded by construction: routes are the templates of the matched routes (or
 "unmatched"; see edge.endpoints.routes), methods are the standard ones (anything else: "other"),
 statuses are numbers, models are capped at MAX_MODEL_LABELS per worker with the rest counted as
-"other". No key, identity, raw path or invented method is ever a label.
+"other", `key` is a key's identity from the key store (a name from the keys file, or the short
+id of an API_KEYS/API_KEY_HASHES key: edge.auth.short_id) or "none". No key, digest, raw path
+or invented method is ever a label.
 
 Theory of operation of the hot path. prometheus_client's multiprocess value takes a lock and
 calls `getpid()` on every `inc`/`observe` (to notice a fork), and a histogram observation walks
@@ -40,6 +42,10 @@ from typing import Any, Literal
 from edge import __version__
 
 MAX_MODEL_LABELS = 32
+# Resolved (model, key) children of the token families kept for the hot path; past this the
+# cache starts again (the label values stay bounded by configuration, the cache by this).
+MAX_TOKEN_CHILDREN = 4096
+NO_KEY = "none"  # the `key` label of a request without a key (auth off, a public route)
 # The `method` label's values besides "other": gunicorn's ASGI worker (HTTP2_ENABLED=true)
 # passes any token through as a method.
 METHOD_LABELS = frozenset(
@@ -255,27 +261,38 @@ class Metrics:
         self._stream_duration_family = histogram(
             "stream_duration_seconds", "Time from request to the end of a streamed response."
         )
+        # `key` (here and below): the key's name from the keys file, or the short id of an
+        # API_KEYS/API_KEY_HASHES key (edge.auth.short_id): bounded by configuration, never by
+        # client input; NO_KEY for a request without a key (auth off, a public route).
         self.tokens = counter(
-            "tokens", "Tokens reported in the upstream's usage, by model and kind.",
-            "model", "kind",
+            "tokens", "Tokens reported in the upstream's usage, by model, kind and key.",
+            "model", "kind", "key",
         )  # fmt: skip
         if cost:
-            # `key`: the key's name from the keys file, or the short id of an API_KEYS key
-            # (edge.auth): bounded by configuration, never by client input; "none" with auth
-            # off.
             self.cost = counter(
                 "cost_usd",
                 "USD of the usage providers reported, at PROVIDERS_FILE's prices, by key.",
                 "key",
             )
         self.cache_source: Any = None  # callable: (bytes, entries) of the store, set by the app
+        self.cache_saved_usd: Any = None  # with the cache on and some target priced
         if cache:
             # The response cache (edge.cache): a hit's tokens are counted here, not in `tokens`
             # (which is what the upstream reported, and billed).
             self.cache_saved_tokens = counter(
-                "cache_saved_tokens", "Tokens of answers served from the cache, by model and kind.",
-                "model", "kind",
+                "cache_saved_tokens",
+                "Tokens of answers served from the cache, by model, kind and key.",
+                "model", "kind", "key",
             )  # fmt: skip
+            if cost:
+                # What a hit would have cost (`hit_price`); the hit itself costs 0 and adds
+                # nothing to `cost`.
+                self.cache_saved_usd = counter(
+                    "cache_saved_usd",
+                    "USD not paid for answers served from the cache (their stored usage at the "
+                    "model's first priced target's prices), by key.",
+                    "key",
+                )
             self.cache_lookups = counter(
                 "cache_lookups",
                 "Cache lookups by route and result (hit, miss, bypass, coalesced, error) and the "
@@ -336,6 +353,9 @@ class Metrics:
         # callable: the `model` label for a request's model, set by the app where the set of
         # served names is known (PROVIDERS_FILE, the mock); None: the first MAX_MODEL_LABELS
         self.model_label: Any = None
+        # callable: model -> the edge.cost.Price a cache hit of it is saved at (None: not
+        # priced), set by the app when `cache_saved_usd` exists (edge.routing.providers)
+        self.hit_price: Any = None
         build = gauge(
             "build_info", "Build information (value is always 1).", "max", "version", "python"
         )
@@ -344,7 +364,10 @@ class Metrics:
         # Caches over `_children` for the hot path (cleared with it after a fork).
         self._routes: dict[str, _RouteSlots] = {}
         self._upstream_by_status: dict[int, tuple[Any, ...]] = {}
-        self._token_counters: dict[str, tuple[Any, Any]] = {}
+        # (model label, key) -> (prompt, completion) children of `tokens`, and of
+        # `cache_saved_tokens` with the key's `cache_saved_usd` child (None without it)
+        self._token_counters: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._saved_counters: dict[tuple[str, str], tuple[Any, Any, Any]] = {}
         self._attempts: dict[tuple[str, str], tuple[Any, Any]] = {}
         self._models: set[str] = set()
         self._bind()
@@ -365,6 +388,7 @@ class Metrics:
         self._routes.clear()
         self._upstream_by_status.clear()
         self._token_counters.clear()
+        self._saved_counters.clear()
         self._attempts.clear()
         # Any public read runs prometheus_client's pid check, which reopens the files after a
         # fork; the slots below then point into this process's files.
@@ -430,34 +454,74 @@ class Metrics:
         return (outcome,)
 
     def observe_tokens(
-        self, model: str | None, prompt: int | None, completion: int | None, cached: bool = False
+        self,
+        model: str | None,
+        prompt: int | None,
+        completion: int | None,
+        cached: bool = False,
+        identity: str | None = None,
     ) -> None:
-        """Tokens of an answer: reported by the upstream, or (`cached`) served from the cache."""
+        """Tokens of an answer to the key `identity` (None: no key): reported by the upstream,
+        or (`cached`) served from the cache, with what they would have cost then."""
         if model is None:
             return
+        key = identity or NO_KEY
         if self.model_label is not None:
-            model = self.model_label(model)
-        elif model not in self._models:
-            if len(self._models) >= MAX_MODEL_LABELS:
-                model = "other"
-            else:
-                self._models.add(model)
-        if cached:
-            counters = (
-                self._child(self.cache_saved_tokens, model, "prompt"),
-                self._child(self.cache_saved_tokens, model, "completion"),
-            )
+            label = self.model_label(model)
+        elif model in self._models:
+            label = model
+        elif len(self._models) >= MAX_MODEL_LABELS:
+            label = "other"
         else:
-            counters = self._token_counters.get(model)  # type: ignore[assignment]
+            self._models.add(model)
+            label = model
+        if cached:
+            self._observe_saved(model, label, key, prompt, completion)
+            return
+        counters = self._token_counters.get((label, key))
         if counters is None:
-            counters = self._token_counters[model] = (
-                self._child(self.tokens, model, "prompt"),
-                self._child(self.tokens, model, "completion"),
+            counters = self._token_children(label, key)
+        if prompt:
+            counters[0].inc(prompt)
+        if completion:
+            counters[1].inc(completion)
+
+    def _token_children(self, label: str, key: str) -> tuple[Any, Any]:
+        if len(self._token_counters) >= MAX_TOKEN_CHILDREN:
+            self._token_counters.clear()
+        counters = self._token_counters[(label, key)] = (
+            self._child(self.tokens, label, "prompt", key),
+            self._child(self.tokens, label, "completion", key),
+        )
+        return counters
+
+    def _observe_saved(
+        self, model: str, label: str, key: str, prompt: int | None, completion: int | None
+    ) -> None:
+        """A cache hit: its tokens, and their price at the model's `hit_price` (looked up by
+        the request's model, a value and never a label)."""
+        counters = self._saved_counters.get((label, key))
+        if counters is None:
+            if len(self._saved_counters) >= MAX_TOKEN_CHILDREN:
+                self._saved_counters.clear()
+            usd = None
+            if self.cache_saved_usd is not None and self.hit_price is not None:
+                usd = self._child(self.cache_saved_usd, key)
+            counters = self._saved_counters[(label, key)] = (
+                self._child(self.cache_saved_tokens, label, "prompt", key),
+                self._child(self.cache_saved_tokens, label, "completion", key),
+                usd,
             )
         if prompt:
             counters[0].inc(prompt)
         if completion:
             counters[1].inc(completion)
+        if counters[2] is not None:
+            price = self.hit_price(model)
+            if price is not None:
+                saved = price.cost(prompt or 0, completion or 0)
+                if saved > 0:
+                    counters[2].inc(saved)
 
     def provider_attempt(self, provider: str, outcome: str, ttfb_s: float | None) -> None:
         key = (provider, outcome)
@@ -481,7 +545,7 @@ class Metrics:
         self._child(family, provider).inc()
 
     def observe_cost(self, identity: str | None, usd: float) -> None:
-        self._child(self.cost, identity or "none").inc(usd)
+        self._child(self.cost, identity or NO_KEY).inc(usd)
 
     def trace_spans(self, result: str, count: int) -> None:
         self._child(self.trace_spans_family, result).inc(count)

@@ -125,6 +125,16 @@ class Providers:
             return None
         return Price(max(p.input for p in prices), max(p.output for p in prices))
 
+    def hit_price(self, model: str) -> Price | None:
+        """The price a response-cache hit of `model` is saved at (edge_cache_saved_usd_total):
+        that of the first of its targets, in the file's order, that has prices (the target a
+        miss would have reached depends on the strategy, weights and breakers at the time);
+        None when none has."""
+        for target in self.targets(model) or ():
+            if target.price is not None:
+                return target.price
+        return None
+
     @property
     def priced(self) -> bool:
         """Whether some target has prices (edge.cost): the cost metric exists then."""

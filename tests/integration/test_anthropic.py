@@ -8,6 +8,8 @@ import httpx
 import pytest
 from support import Gunicorn, Upstream
 
+from edge.auth import digest_of, short_id
+
 KEY = "sk-gateway-key-for-claude"
 PROVIDER_KEY = "sk-ant-provider-secret"
 ASK = [{"role": "user", "content": "Say hello"}]
@@ -119,8 +121,11 @@ def test_routed_to_an_anthropic_provider(proxy, upstream):
     metrics = httpx.get(proxy.url + "/metrics").text
     # Three requests of 9 input and 4 output tokens, one of them streamed (message_start
     # carries the input tokens, message_delta the output tokens).
-    assert 'edge_tokens_total{kind="prompt",model="claude-sonnet"} 27.0' in metrics
-    assert 'edge_tokens_total{kind="completion",model="claude-sonnet"} 12.0' in metrics
+    key = short_id(digest_of(KEY))  # the API_KEYS key's `key` label
+    assert f'edge_tokens_total{{key="{key}",kind="prompt",model="claude-sonnet"}} 27.0' in metrics
+    assert (
+        f'edge_tokens_total{{key="{key}",kind="completion",model="claude-sonnet"}} 12.0' in metrics
+    )
 
 
 def test_routing_errors_in_anthropic_shape(proxy):

@@ -19,6 +19,8 @@ import orjson
 import pytest
 from support import REDIS_SERVER, Gunicorn, RedisServer, Upstream, sdk_client, wait_until
 
+from edge.auth import digest_of, short_id
+
 KEY = "sk-cache-test-key"
 OTHER = "sk-cache-other-key"
 HEADERS = {"authorization": f"Bearer {KEY}"}
@@ -231,7 +233,10 @@ def test_metrics_and_access_log_say_what_the_cache_did(gateway, upstream):
         'edge_cache_lookups_total{result="hit",route="/v1/chat/completions",tier="local"}' in scrape
     )
     assert "edge_cache_store_entries " in scrape and "edge_cache_store_bytes " in scrape
-    assert 'edge_cache_saved_tokens_total{kind="completion",model="observed"}' in scrape
+    key = short_id(digest_of(KEY))  # the API_KEYS key's `key` label
+    assert (
+        f'edge_cache_saved_tokens_total{{key="{key}",kind="completion",model="observed"}}' in scrape
+    )
 
     def logged() -> list[dict]:
         lines = [line for line in gateway.output().splitlines() if '"observed"' in line]

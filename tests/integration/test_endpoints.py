@@ -11,6 +11,8 @@ import httpx
 import pytest
 from support import Gunicorn, Upstream, assert_envelope, sdk_client
 
+from edge.auth import digest_of, short_id
+
 KEY = "sk-endpoints-test-key"
 
 
@@ -136,8 +138,9 @@ def test_sdk_responses_through_upstream(proxy):
     assert kinds == ["response.created", "response.output_text.delta", "response.completed"]
     # The streamed usage (in response.completed) feeds the token metrics.
     metrics = httpx.get(proxy.url + "/metrics").text
-    assert 'edge_tokens_total{kind="prompt",model="resp-stream"} 11.0' in metrics
-    assert 'edge_tokens_total{kind="completion",model="resp-stream"} 13.0' in metrics
+    key = short_id(digest_of(KEY))  # the API_KEYS key's `key` label
+    assert f'edge_tokens_total{{key="{key}",kind="prompt",model="resp-stream"}} 11.0' in metrics
+    assert f'edge_tokens_total{{key="{key}",kind="completion",model="resp-stream"}} 13.0' in metrics
 
 
 def test_sdk_models_retrieve_and_moderations_through_upstream(proxy, upstream):

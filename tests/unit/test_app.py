@@ -10,6 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from edge.app import create_app
+from edge.auth import digest_of, short_id
 from edge.config import Config
 from edge.endpoints.body import validate_responses
 
@@ -228,7 +229,8 @@ def test_clients_cannot_fill_the_token_metrics_model_labels():
         == 200
     )
     scrape = app_client.simulate_get("/metrics").text
-    assert 'edge_tokens_total{kind="prompt",model="gpt-4o"}' in scrape
+    key = short_id(digest_of(KEY))  # the API_KEYS key's label: its short id
+    assert f'edge_tokens_total{{key="{key}",kind="prompt",model="gpt-4o"}}' in scrape
     assert "junk-" not in scrape
     assert 'model="other"' in scrape
 

@@ -110,7 +110,8 @@ def test_fast_writes_are_read_back_exactly_by_prometheus_client(multiprocess):
     assert got[("edge_upstream_requests_total", (("outcome", "error"),))] == 1
     assert got[("edge_upstream_errors_total", (("kind", "timeout"),))] == 1
     assert got[("edge_upstream_duration_seconds_count", ())] == 4
-    assert got[("edge_tokens_total", (("kind", "prompt"), ("model", "m")))] == 15
+    tokens = (("key", "none"), ("kind", "prompt"), ("model", "m"))
+    assert got[("edge_tokens_total", tokens)] == 15
     assert got[("edge_stream_time_to_first_token_seconds_count", ())] == 3
     assert got[("edge_stream_duration_seconds_bucket", (("le", "5.0"),))] == 3
     assert got[("edge_stream_duration_seconds_bucket", (("le", "2.5"),))] == 0

@@ -91,7 +91,9 @@ class FakeMetrics:
     def observe_upstream(self, status, seconds, error) -> None:
         self.upstream.append((status, seconds, error))
 
-    def observe_tokens(self, model, prompt, completion) -> None:  # pragma: no cover
+    def observe_tokens(  # pragma: no cover
+        self, model, prompt, completion, cached=False, identity=None
+    ) -> None:
         raise AssertionError("no tokens were reported")
 
 
