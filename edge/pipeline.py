@@ -83,7 +83,12 @@ async def _exchange(
     reservation = None
     hide_usage = False
     entry = ctx.key
-    if entry is not None and entry.budget_usd is not None and runtime.accounts is not None:
+    if (
+        entry is not None
+        and entry.budget_usd is not None
+        and call.model is not None  # listing models or files costs nothing
+        and runtime.accounts is not None
+    ):
         await runtime.accounts.hold(ctx, call, prompt)  # settled when the answer ends
     if prompt is not None and call.data is not None:
         call.prompt = prompt
