@@ -387,6 +387,41 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
         row.result = "skipped" if "translate" not in settings.phases else "n/a"
     rows.append(row)
 
+    budgets = raw.get("budgets")
+    row = Row(f"Budgets and cost: a priced model and a key with a budget, c={settings.connections}")
+    row.target = f"≤ {BUDGET_REQUEST_US:g} µs CPU per request over unpriced"
+    if budgets:
+        on, off = budgets["budget"], budgets["unpriced"]
+        added = on["cpu_us_per_req"] - off["cpu_us_per_req"]
+        row.edge = f"{on['rps']:,.0f} req/s ({off['rps']:,.0f} unpriced)"
+        priced = budgets.get("priced")
+        costed = (
+            ""
+            if priced is None
+            else f" (of which cost alone {priced['cpu_us_per_req'] - off['cpu_us_per_req']:+.1f})"
+        )
+        row.result = (
+            f"{on['rps'] / off['rps']:.2f}× unpriced; CPU {added:+.1f} µs/req{costed}; errors "
+            f"{on['status']} / {on['socket_errors']}"
+        )
+        row.met = added <= BUDGET_REQUEST_US and on["status"] == 0
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "budgets" not in settings.phases else "n/a"
+    rows.append(row)
+    micro = raw.get("budgets_micro")
+    row = Row("Budget hold and settle, cost and usage counted (bench_budgets.py)")
+    row.target = f"≤ {BUDGET_REQUEST_US:g} µs per request"
+    if micro:
+        row.edge = (
+            f"{micro['budget_us']:.2f} µs with a budget, {micro['accounting_us']:.2f} µs without"
+        )
+        row.met = micro["budget_us"] <= BUDGET_REQUEST_US
+    else:
+        row.edge = "n/a"
+        row.result = "skipped" if "budgets" not in settings.phases else "n/a"
+    rows.append(row)
+
     tracing = raw.get("tracing")
     if tracing and "control" in tracing["runs"]:
         runs = tracing["runs"]
@@ -422,6 +457,7 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
 # What translation may cost (issue #24): a non-streamed request, a streamed event.
 TRANSLATE_REQUEST_US = 30.0
 TRANSLATE_EVENT_US = 3.0
+BUDGET_REQUEST_US = 10.0  # issue #25: budgets and cost accounting per request
 
 
 # Span export's throughput against export off, by sampling ratio (issue #26): every request

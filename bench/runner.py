@@ -49,7 +49,7 @@ from targets import (
 
 PHASES = (
     "throughput", "latency", "rate", "stream", "memory", "cpu", "limiter", "redis", "routing",
-    "ablation", "cache", "tracing", "translate",
+    "ablation", "cache", "tracing", "translate", "budgets",
 )  # fmt: skip
 
 # ----------------------------------------------------------------------------- load tools
@@ -364,6 +364,23 @@ def translate_bench(quick: bool) -> dict | None:
     return {"to_openai_us": float(match.group(1)), "to_anthropic_us": float(match.group(2))}
 
 
+def budgets_bench(quick: bool) -> dict | None:
+    """bench/bench_budgets.py: µs per request of the accounting alone and with a budget."""
+    argv = [PYTHON, str(BENCH / "bench_budgets.py"), *(["--n", "2000"] if quick else [])]
+    try:
+        done = subprocess.run(
+            argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return None
+    match = re.search(r"accounting ([\d.]+) µs budget ([\d.]+) µs", done.stdout)
+    if done.returncode != 0 or not match:
+        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
+        log(f"bench/bench_budgets.py failed ({done.returncode}): {last}")
+        return None
+    return {"accounting_us": float(match.group(1)), "budget_us": float(match.group(2))}
+
+
 def routing_bench(quick: bool) -> dict | None:
     """bench/bench_routing.py: µs per request of Router.exchange, single upstream vs routing."""
     script = BENCH / "bench_routing.py"
@@ -456,7 +473,7 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
     try:
         server_phases = {
             "throughput", "latency", "rate", "memory", "cpu", "redis", "ablation", "cache",
-            "tracing", "translate",
+            "tracing", "translate", "budgets",
         }  # fmt: skip
         if want & server_phases:
             nginx_port, floor_port, edge_port = free_port(), free_port(), free_port()
@@ -478,6 +495,8 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
                 raw["tracing"] = run_tracing_phase(settings, procs, out, direct, edge)
             if "translate" in want:
                 raw["translate"] = run_translate_phase(settings, procs, out, tmp, direct)
+            if "budgets" in want:
+                raw["budgets"] = run_budgets_phase(settings, procs, out, tmp, direct)
             for target in targets:
                 raw.setdefault("rss", {})[target.name] = dict(target.rss)
             procs.stop(edge.proc)
@@ -496,6 +515,9 @@ def measure(settings: Settings, out: Path) -> dict[str, Any]:
         if "translate" in want:
             log("stream translation micro-benchmark (bench/bench_translate.py)")
             raw["translate_events"] = translate_bench(settings.quick)
+        if "budgets" in want:
+            log("budgets and cost accounting micro-benchmark (bench/bench_budgets.py)")
+            raw["budgets_micro"] = budgets_bench(settings.quick)
     finally:
         procs.stop_all()
         shutil.rmtree(tmp, ignore_errors=True)
@@ -736,6 +758,51 @@ def run_translate_phase(
         for round_ in range(1, settings.rounds + 1):
             for name, target in edges.items():
                 log(f"translate: {name} (round {round_}/{settings.rounds})")
+                runs[name].append(load_cpu(target, settings, settings.duration, round_ == 1))
+    finally:
+        for target in edges.values():
+            procs.stop(target.proc)
+    return {name: best_throughput(results) for name, results in runs.items()}
+
+
+def run_budgets_phase(
+    settings: Settings, procs: Processes, out: Path, tmp: Path, direct: Target
+) -> dict[str, Any]:
+    """Two edges on the same upstream (nginx's answer reports its usage), interleaved
+    throughput rounds: "budget", whose model has prices and whose key a budget it never
+    reaches (each request priced, reserved, settled and costed); "priced", the same without
+    the budget (costed only); and "unpriced", the model without prices and the key without a
+    budget (its requests still counted per key).
+    What budgets and cost add to a request is the CPU per request of one less the other."""
+    edges: dict[str, Target] = {}
+    try:
+        priced = "price = { input_per_mtok = 2.5, output_per_mtok = 10 }\n"
+        for name, price, budget in (
+            ("unpriced", "", ""),
+            ("priced", priced, ""),
+            ("budget", priced, "budget_usd = 1000000000\n"),
+        ):
+            providers = tmp / f"providers-{name}.toml"
+            providers.write_text(
+                f'[providers.up]\nbase_url = "{direct.base}/v1"\napi_key = "k"\n'
+                f'[[models]]\nname = "bench"\n{price}targets = [{{ provider = "up" }}]\n'
+            )
+            keys = tmp / f"keys-{name}.toml"
+            keys.write_text(f'[[keys]]\nname = "bench"\nkey = "{KEY}"\n{budget}')
+            keys.chmod(0o600)
+            port = free_port()
+            log(f"budgets: starting edge, {name} :{port}")
+            edges[name] = start_edge(
+                procs, out, port, direct.base + "/v1", f"benchedge-{name}{port}",
+                "edge-budgets.log",
+                {"PROVIDERS_FILE": str(providers), "API_KEYS_FILE": str(keys), "API_KEYS": "",
+                 "STATE_DIR": str(tmp / f"state-{name}")},
+            )  # fmt: skip
+        check_answers(list(edges.values()))
+        runs: dict[str, list[dict]] = {name: [] for name in edges}
+        for round_ in range(1, settings.rounds + 1):
+            for name, target in edges.items():
+                log(f"budgets: {name} (round {round_}/{settings.rounds})")
                 runs[name].append(load_cpu(target, settings, settings.duration, round_ == 1))
     finally:
         for target in edges.values():

@@ -33,8 +33,9 @@ class Price:
         `completion` output tokens."""
         # A hostile or broken upstream may report negative counts: never a negative cost (a
         # counter that went down would corrupt every rate computed over it).
-        prompt, completion = max(prompt, 0), max(completion, 0)
-        cached = min(max(cached, 0), prompt)
+        prompt = prompt if prompt > 0 else 0
+        completion = completion if completion > 0 else 0
+        cached = 0 if cached < 0 else (prompt if cached > prompt else cached)
         cached_price = self.input if self.cached_input is None else self.cached_input
         total = (prompt - cached) * self.input + cached * cached_price + completion * self.output
         return total / PER_MTOK

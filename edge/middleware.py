@@ -201,7 +201,9 @@ class EdgeMiddleware:
                 if stream.first_chunk_at is not None:
                     metrics.ttft.observe(stream.first_chunk_at - ctx.start)
                 metrics.stream_duration.observe(total)
-        ctx.cost_usd = usd = request_cost(ctx)
+        usd = ctx.cost_usd  # a whole answer's, computed for its header
+        if usd is None:
+            ctx.cost_usd = usd = request_cost(ctx)
         if usd and metrics is not None:
             metrics.observe_cost(ctx.identity, usd)
         if ctx.key is not None and self._accounts is not None:

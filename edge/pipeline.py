@@ -89,7 +89,11 @@ async def _exchange(
         and call.model is not None  # listing models or files costs nothing
         and runtime.accounts is not None
     ):
-        await runtime.accounts.hold(ctx, call, prompt)  # settled when the answer ends
+        accounts = runtime.accounts  # the reservation is settled when the answer ends
+        if accounts.asynchronous:
+            await accounts.hold_async(ctx, call, prompt)
+        else:
+            accounts.hold(ctx, call, prompt)
     if prompt is not None and call.data is not None:
         call.prompt = prompt
         if runtime.tokens is not None:
@@ -232,7 +236,7 @@ def _send_answer(resp: Any, ctx: RequestContext, answer: Answer, call: Call) -> 
         if isinstance(data, dict):  # a raw answer may be anything (audio, text)
             if call.metered:
                 usage.record(ctx, data.get("usage"))
-                usd = request_cost(ctx)
+                ctx.cost_usd = usd = request_cost(ctx)
                 if usd is not None:
                     resp.set_header("x-edge-cost-usd", cost.header_value(usd))
             if ctx.span is not None:

@@ -47,16 +47,10 @@ from edge.ratelimit.tokens import check_counts, estimate_input, estimate_output
 log = logging.getLogger("edge.budgets")
 
 FLUSH_EVERY_S = 1.0
+BATCH_S = 0.05  # how long a worker may hold the counts of requests without a reservation
 
 
-class Hold:
-    """A request's budget reservation: the period it was taken in and its amount (nano-USD)."""
-
-    __slots__ = ("period", "reserved")
-
-    def __init__(self, period: int, reserved: int) -> None:
-        self.period = period
-        self.reserved = reserved
+_UNKNOWN: Any = object()
 
 
 class Accounts:
@@ -77,11 +71,15 @@ class Accounts:
         self._default_max = config.rate_limit_tpm_default_max_tokens
         self._policy = config.rate_limit_failure_policy
         self._ledger = ledger
-        self._asynchronous = getattr(ledger, "asynchronous", False)
+        self.asynchronous = getattr(ledger, "asynchronous", False)  # hold_async, not hold
         self._store = store
         self._metrics = metrics
         self._clock = clock
         self._bounds: dict[str, tuple[int, int]] = {}
+        self._ceilings: dict[str, Any] = {}  # model -> Providers.price_ceiling, memoised
+        # Requests without a reservation, counted per (key, period) until the next batch.
+        self._batch: dict[tuple[str, int], list[int]] = {}
+        self._batch_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[Any]] = set()
 
@@ -96,23 +94,31 @@ class Accounts:
 
     # ---------------------------------------------------------------- admission
 
-    async def hold(self, ctx: Any, call: Any, prompt: Any) -> None:
+    def hold(self, ctx: Any, call: Any, prompt: Any) -> None:
         """Admit the request of a key with a budget, reserving its priced estimate; raise 429
-        `insufficient_quota` when the key's spend has reached its budget."""
+        `insufficient_quota` when the key's spend has reached its budget. The shared ledger's
+        (a plain call); with Redis, `hold_async`."""
         entry = ctx.key
-        budget = entry.budget_usd
         start, end = self.period(entry.budget_period, self._clock())
         reserve = to_nano(self.estimate(call, prompt))
         try:
-            if self._asynchronous:
-                found = await self._ledger.admit(
-                    entry.identity, start, end, to_nano(budget), reserve
-                )
-            else:
-                found = self._ledger.admit(entry.identity, start, to_nano(budget), reserve)
+            found = self._ledger.admit(entry.identity, start, to_nano(entry.budget_usd), reserve)
         except StoreError as exc:
             log.error("the usage store cannot be read", extra={"error": str(exc)})
             found = None
+        self._decide(ctx, found, start, end, reserve)
+
+    async def hold_async(self, ctx: Any, call: Any, prompt: Any) -> None:
+        entry = ctx.key
+        start, end = self.period(entry.budget_period, self._clock())
+        reserve = to_nano(self.estimate(call, prompt))
+        budget = to_nano(entry.budget_usd)
+        found = await self._ledger.admit(entry.identity, start, end, budget, reserve)
+        self._decide(ctx, found, start, end, reserve)
+
+    def _decide(
+        self, ctx: Any, found: tuple[bool, int] | None, start: int, end: int, reserve: int
+    ) -> None:
         if found is None:
             self._failed("budget_unavailable")
             if self._policy == DENY:
@@ -121,14 +127,14 @@ class Accounts:
                     headers={"retry-after": "1"},
                 )
             return
-        admitted, spent = found
-        if not admitted:
+        if not found[0]:
+            entry = ctx.key
             raise QuotaExceeded(
-                f"This key has used its budget of ${budget:.2f} for the current "
-                f"{entry.budget_period} (spent ${to_usd(spent):.6f}). The budget resets at "
+                f"This key has used its budget of ${entry.budget_usd:.2f} for the current "
+                f"{entry.budget_period} (spent ${to_usd(found[1]):.6f}). The budget resets at "
                 f"{periods.iso(end)}."
             )
-        ctx.budget = Hold(start, reserve)
+        ctx.budget = (start, reserve)
 
     def estimate(self, call: Any, prompt: Any) -> float:
         """USD the request may cost at most: the token limit's estimate of its input and
@@ -137,7 +143,11 @@ class Accounts:
         data = call.data
         if prompt is None or data is None or call.model is None:
             return 0.0
-        price = self._providers.price_ceiling(call.model)
+        price = self._ceilings.get(call.model, _UNKNOWN)
+        if price is _UNKNOWN:
+            if len(self._ceilings) >= 4096:  # model names may be any the client sends ("*")
+                self._ceilings.clear()
+            price = self._ceilings[call.model] = self._providers.price_ceiling(call.model)
         if price is None:
             return 0.0
         check_counts(data)
@@ -152,10 +162,10 @@ class Accounts:
         """Count a key's request once its answer has ended (`whole`: it ended as it should,
         not cut short), settling its reservation to its cost."""
         entry = ctx.key
-        hold: Hold | None = ctx.budget
-        ctx.budget = None
+        hold: tuple[int, int] | None = ctx.budget
         if hold is not None:
-            period, reserved = hold.period, hold.reserved
+            ctx.budget = None
+            period, reserved = hold
         else:
             period, reserved = self.period(entry.budget_period, self._clock())[0], 0
         usd = ctx.cost_usd
@@ -167,20 +177,56 @@ class Accounts:
         from_cache = ctx.cache is not None and usd == 0.0 and outcome is None
         prompt = 0 if from_cache else ctx.prompt_tokens or 0
         completion = 0 if from_cache else ctx.completion_tokens or 0
-        if self._asynchronous:
+        if self.asynchronous:
             task = asyncio.get_running_loop().create_task(
                 self._settle_async(entry.identity, period, charge, reserved, prompt, completion)
             )
             self._pending.add(task)
             task.add_done_callback(self._pending.discard)
             return
+        if hold is None:  # nothing reserved, so nothing waits on it: counted in batches
+            key = (entry.identity, period)
+            batched = self._batch.get(key)
+            if batched is not None:
+                batched[0] += charge
+                batched[1] += 1
+                batched[2] += prompt
+                batched[3] += completion
+                return
+            if self._schedule_batch():
+                self._batch[key] = [charge, 1, prompt, completion]
+                return
+        self._settle(entry.identity, period, charge, reserved, prompt, completion, 1)
+
+    def _settle(self, *args: Any) -> None:
         try:
-            done = self._ledger.settle(entry.identity, period, charge, reserved, prompt, completion)
+            done = self._ledger.settle(*args)
         except StoreError as exc:
             log.error("the usage store cannot be read", extra={"error": str(exc)})
             done = False
         if not done:
             self._failed("budget_unrecorded")
+
+    def _schedule_batch(self) -> bool:
+        """Make sure the batch is written within BATCH_S; False when there is no event loop
+        to do it (then the caller writes at once)."""
+        if self._batch_timer is not None:
+            return True
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return False
+        self._batch_timer = loop.call_later(BATCH_S, self.write_batch)
+        return True
+
+    def write_batch(self) -> None:
+        """Write the requests counted since the last batch (one ledger update per key)."""
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
+        batch, self._batch = self._batch, {}
+        for (name, period), (charge, requests, prompt, completion) in batch.items():
+            self._settle(name, period, charge, 0, prompt, completion, requests)
 
     async def _settle_async(self, *args: Any) -> None:
         if not await self._ledger.settle(*args):
@@ -212,6 +258,7 @@ class Accounts:
     async def flush(self, force: bool) -> None:
         """Write the rows this process retired and, when it is this process's turn (or
         `force`), a snapshot of the whole ledger, in a thread (LMDB syncs to disk)."""
+        self.write_batch()
         ledger = self._ledger
         snapshot = ledger.snapshot(self._clock(), 0.0 if force else FLUSH_EVERY_S * 0.9)
         retired = ledger.take_retired()
@@ -221,6 +268,7 @@ class Accounts:
 
     async def aclose(self) -> None:
         """Stop the flush and write what this process holds (lifespan shutdown)."""
+        self.write_batch()
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):

@@ -44,8 +44,13 @@ NAME_SIZE: Final = 64
 _HEADER = struct.Struct("<8sIIdQQ")
 HEADER_SIZE: Final = 40
 _BODY = struct.Struct(f"<{DIGEST_SIZE}s{NAME_SIZE}sqqqqqq")
+_BODY_SIZE: Final = _BODY.size
 _CHECK = struct.Struct("<I4x")
+_SLOT = struct.Struct(f"<{DIGEST_SIZE}s{NAME_SIZE}sqqqqqqI4x")
 SLOT_SIZE: Final = _BODY.size + _CHECK.size
+_NO_DIGEST: Final = bytes(DIGEST_SIZE)
+# A slot as read: digest, name, period, spent, requests, prompt, completion, version, check.
+Fields = tuple[bytes, bytes, int, int, int, int, int, int, int]
 _FLUSH_AT = struct.Struct("<d")
 _GENERATION = struct.Struct("<Q")
 _FLUSH_OFFSET: Final = 16
@@ -54,7 +59,7 @@ _FLUSHED_OFFSET: Final = 32
 DEFAULT_SLOTS: Final = 4096  # 136 bytes each: 544 KiB
 WINDOW: Final = 16
 FULL: Final = -1
-assert _HEADER.size == HEADER_SIZE and SLOT_SIZE == 136
+assert _HEADER.size == HEADER_SIZE and SLOT_SIZE == _SLOT.size == 136
 
 
 class Row(NamedTuple):
@@ -110,46 +115,61 @@ class Ledger:
 
     # ---------------------------------------------------------------- slots
 
-    def find(self, digest: bytes) -> tuple[int, Row | None]:
-        """(offset, row) of `digest`'s slot; (offset of a free slot, None) when it has none;
-        (FULL, None) when its window has neither."""
+    def find(self, digest: bytes, hint: int = 0) -> tuple[int, Fields | None]:
+        """(offset, fields) of `digest`'s slot; (offset of a free slot, None) when it has none;
+        (FULL, None) when its window has neither. `fields`: digest, name (bytes), then the
+        numbers of a `Row` from its period on, then the check value. `hint`: where the key was
+        last found (tried first: a key stays in its slot)."""
+        if hint:
+            fields = self._fields(hint)
+            if fields is not None and fields[0] == digest:
+                return hint, fields
         slots = self._slots
         home = slots.home(digest)
         offset = slots.find(self._buf, digest, home)
         if offset >= 0:
-            row = self._read(offset)
-            if row is not None:
-                return offset, row
-            return offset, None  # torn: reused as free
+            return offset, self._fields(offset)  # None: torn, reused as free
         for offset in slots.offsets(home):
-            if self._read(offset) is None:
+            if self._fields(offset) is None:
                 return offset, None
         return FULL, None
 
-    def _read(self, offset: int) -> Row | None:
-        body = memoryview(self._buf)[offset : offset + _BODY.size]  # type: ignore[arg-type]
-        (check,) = _CHECK.unpack_from(self._buf, offset + _BODY.size)  # type: ignore[arg-type]
-        if check != zlib.crc32(body) or not any(body[:DIGEST_SIZE]):
+    def _fields(self, offset: int) -> Fields | None:
+        raw = self._buf[offset : offset + SLOT_SIZE]  # type: ignore[index]
+        fields: Fields = _SLOT.unpack(raw)
+        if fields[8] != zlib.crc32(raw[:_BODY_SIZE]) or fields[0] == _NO_DIGEST:
             return None
-        _, name, *numbers = _BODY.unpack_from(self._buf, offset)  # type: ignore[arg-type]
-        return Row(name.rstrip(b"\0").decode("utf-8", "replace"), *numbers)
+        return fields
+
+    def put(
+        self,
+        offset: int,
+        digest: bytes,
+        name: bytes,
+        period: int,
+        spent: int,
+        requests: int,
+        prompt: int,
+        completion: int,
+        version: int,
+    ) -> None:
+        """Write a slot (its check value computed) and count the write in the header."""
+        body = _BODY.pack(digest, name, period, spent, requests, prompt, completion, version)
+        buf = self._buf
+        buf[offset : offset + SLOT_SIZE] = body + _CHECK.pack(zlib.crc32(body))  # type: ignore[index]
+        (generation,) = _GENERATION.unpack_from(buf, _GENERATION_OFFSET)  # type: ignore[arg-type]
+        _GENERATION.pack_into(buf, _GENERATION_OFFSET, generation + 1)  # type: ignore[arg-type]
 
     def write(self, offset: int, digest: bytes, row: Row) -> None:
-        name = row.name.encode()[:NAME_SIZE]
-        _BODY.pack_into(self._buf, offset, digest, name, *row[1:])  # type: ignore[arg-type]
-        body = memoryview(self._buf)[offset : offset + _BODY.size]  # type: ignore[arg-type]
-        _CHECK.pack_into(self._buf, offset + _BODY.size, zlib.crc32(body))  # type: ignore[arg-type]
-        (generation,) = _GENERATION.unpack_from(self._buf, _GENERATION_OFFSET)  # type: ignore[arg-type]
-        _GENERATION.pack_into(self._buf, _GENERATION_OFFSET, generation + 1)  # type: ignore[arg-type]
+        self.put(offset, digest, encode_name(row.name), *row[1:])
 
     def rows(self) -> list[Row]:
         """Every valid row (the flush's snapshot)."""
         found = []
-        slots = self._slots
-        for index in range(slots.slot_count):
-            row = self._read(HEADER_SIZE + index * SLOT_SIZE)
-            if row is not None:
-                found.append(row)
+        for index in range(self._slots.slot_count):
+            fields = self._fields(HEADER_SIZE + index * SLOT_SIZE)
+            if fields is not None:
+                found.append(row_of(fields))
         return found
 
     # ---------------------------------------------------------------- the flush's claim
@@ -173,24 +193,11 @@ class Ledger:
         return True
 
 
-# ---------------------------------------------------------------- the arithmetic on a row
+def encode_name(name: str) -> bytes:
+    """A name as a slot holds it (at most NAME_SIZE bytes of UTF-8)."""
+    return name.encode("utf-8", "replace")[:NAME_SIZE]
 
 
-def admit(row: Row, budget: int, reserve: int) -> tuple[bool, Row]:
-    """Whether a request is admitted against `budget` (its spend so far, requests in flight
-    included, is below it), and the row with `reserve` taken when it is."""
-    if row.spent >= budget:
-        return False, row
-    return True, row._replace(spent=row.spent + reserve, version=row.version + 1)
-
-
-def settle(row: Row, charge: int, release: int, prompt: int, completion: int) -> Row:
-    """The row once a request has ended: its `charge` spent, the `release` it had reserved
-    given back (no floor: a request may cost more than its estimate), its tokens counted."""
-    return row._replace(
-        spent=row.spent + charge - release,
-        requests=row.requests + 1,
-        prompt=row.prompt + max(prompt, 0),
-        completion=row.completion + max(completion, 0),
-        version=row.version + 1,
-    )
+def row_of(fields: Fields) -> Row:
+    name = fields[1].rstrip(b"\0").decode("utf-8", "replace")
+    return Row(name, *fields[2:8])

@@ -19,7 +19,7 @@ import hashlib
 from collections.abc import Callable
 
 from edge.budgets import ledger
-from edge.budgets.ledger import FULL, Ledger, Row
+from edge.budgets.ledger import FULL, Fields, Ledger, Row, encode_name, row_of
 from edge.shm import Segment
 
 Loader = Callable[[str, int], Row | None]
@@ -29,13 +29,18 @@ def digest_of(identity: str) -> bytes:
     return hashlib.blake2b(identity.encode(), digest_size=16, person=b"edge-budget").digest()
 
 
+_LOAD = -2  # `_locate`: read the period's baseline from the store first
+
+
 class _Access:
-    """The operations, over `self.ledger` and a lock (`_acquire`/`_release`)."""
+    """The operations, over `self.ledger` and a lock (`_acquire`/`_release`). The hot path
+    works on a slot's raw fields (edge.budgets.ledger.Fields), not on Rows."""
 
     ledger: Ledger
     load: Loader | None
     retired: list[Row]
-    _digests: dict[str, bytes]
+    _names: dict[str, tuple[bytes, bytes]]
+    _offsets: dict[bytes, int]  # digest -> where its slot was last found
 
     def _acquire(self) -> bool:
         return True
@@ -43,60 +48,83 @@ class _Access:
     def _release(self) -> None:
         return None
 
-    def _digest(self, name: str) -> bytes:
-        digest = self._digests.get(name)
-        if digest is None:
-            if len(self._digests) > 65_536:
-                self._digests.clear()
-            digest = self._digests[name] = digest_of(name)
-        return digest
+    def _named(self, name: str) -> tuple[bytes, bytes]:
+        """(digest, the name as stored) of `name`, memoised."""
+        found = self._names.get(name)
+        if found is None:
+            if len(self._names) > 65_536:
+                self._names.clear()
+                self._offsets.clear()
+            found = self._names[name] = (digest_of(name), encode_name(name))
+        return found
 
-    def _update(self, name: str, period: int, change: Callable[[Row], Row | None]) -> Row | None:
-        """Apply `change` to `name`'s row for `period` under the lock, creating it (from the
-        store) when missing; `change` returns the row to write, or None to write nothing. The
-        row it saw; None when the lock or a slot could not be had, or the slot holds a later
-        period (a request that began before the boundary: its figures are dropped)."""
-        digest = self._digest(name)
+    def _locate(
+        self, digest: bytes, name: bytes, period: int, baseline: Row | None, loaded: bool
+    ) -> tuple[int, Fields | None]:
+        """Under the lock: the offset of the key's slot for `period` and its fields, the slot
+        made (from `baseline`) when it holds none or an older period's row (which is retired);
+        (_LOAD, None) when the store must be read first; (FULL, None) when there is no slot or
+        it holds a later period (a request that began before the boundary: dropped)."""
+        ledger = self.ledger
+        offset, fields = ledger.find(digest, self._offsets.get(digest, 0))
+        if offset == FULL or (fields is not None and fields[2] > period):
+            return FULL, None
+        if fields is not None and fields[2] == period:
+            self._offsets[digest] = offset
+            return offset, fields
+        if not loaded:
+            return _LOAD, None
+        if fields is not None:
+            self.retired.append(row_of(fields))
+        numbers = (period, 0, 0, 0, 0, 0) if baseline is None else tuple(baseline[1:])
+        ledger.put(offset, digest, name, *numbers)
+        return offset, (digest, name, *numbers, 0)  # type: ignore[return-value]
+
+    def _open(self, name: str, period: int) -> tuple[bytes, bytes, int, Fields] | None:
+        """Take the lock and find the key's slot for `period` (reading its baseline from the
+        store, outside the lock, the first time); None, and no lock held, when it cannot."""
+        digest, stored = self._names.get(name) or self._named(name)
+        if self._acquire():  # the common case: the key's slot holds this period
+            offset, fields = self.ledger.find(digest, self._offsets.get(digest, 0))
+            if fields is not None and fields[2] == period:
+                return digest, stored, offset, fields  # the lock still held
+            self._release()
         baseline: Row | None = None
-        loaded = self.load is None  # nothing to read the baseline from
+        loaded = self.load is None  # nothing to read a baseline from
         while True:
             if not self._acquire():
                 return None
             try:
-                offset, row = self.ledger.find(digest)
-                if offset == FULL or (row is not None and row.period > period):
-                    return None
-                if row is None or row.period < period:
-                    if not loaded:
-                        row = None  # read the store outside the lock, then look again
-                    else:
-                        if row is not None:
-                            self.retired.append(row)
-                        row = baseline or Row(name, period)
-                        self.ledger.write(offset, digest, row)
-                if row is not None:
-                    written = change(row)
-                    if written is not None:
-                        self.ledger.write(offset, digest, written)
-                    return row
-            finally:
+                offset, fields = self._locate(digest, stored, period, baseline, loaded)
+            except BaseException:
                 self._release()
+                raise
+            if fields is not None:
+                return digest, stored, offset, fields  # the lock still held
+            self._release()
+            if offset != _LOAD:
+                return None
             assert self.load is not None
             baseline = self.load(name, period)
             loaded = True
 
     def admit(self, name: str, period: int, budget: int, reserve: int) -> tuple[bool, int] | None:
-        """(admitted, spent before it) for a request of `name` against `budget`, `reserve`
-        taken when admitted; None: the ledger could not be consulted."""
-        admitted = False
-
-        def change(row: Row) -> Row | None:
-            nonlocal admitted
-            admitted, written = ledger.admit(row, budget, reserve)
-            return written if admitted else None
-
-        row = self._update(name, period, change)
-        return None if row is None else (admitted, row.spent)
+        """(admitted, spent before it) for a request of `name` against `budget` (nano-USD):
+        admitted while the spend, reservations included, is below the budget, and then
+        `reserve` is taken; None when the ledger could not be consulted."""
+        found = self._open(name, period)
+        if found is None:
+            return None
+        digest, stored, offset, fields = found
+        try:
+            spent = fields[3]
+            if spent >= budget:
+                return False, spent
+            self.ledger.put(offset, digest, stored, period, spent + reserve, fields[4],
+                            fields[5], fields[6], fields[7] + 1)  # fmt: skip
+            return True, spent
+        finally:
+            self._release()
 
     def settle(
         self,
@@ -106,21 +134,33 @@ class _Access:
         release: int,
         prompt: int,
         completion: int,
+        requests: int = 1,
     ) -> bool:
-        """Record a request's end (edge.budgets.ledger.settle); False when it could not be."""
-        row = self._update(
-            name, period, lambda row: ledger.settle(row, charge, release, prompt, completion)
-        )
-        return row is not None
+        """Record the end of `requests` requests: their `charge` spent, the `release` they
+        had reserved given back (no floor: a request may cost more than its estimate), their
+        tokens counted. False when it could not be."""
+        found = self._open(name, period)
+        if found is None:
+            return False
+        digest, stored, offset, fields = found
+        try:
+            self.ledger.put(
+                offset, digest, stored, period, fields[3] + charge - release,
+                fields[4] + requests, fields[5] + (prompt if prompt > 0 else 0),
+                fields[6] + (completion if completion > 0 else 0), fields[7] + 1,
+            )  # fmt: skip
+            return True
+        finally:
+            self._release()
 
     def get(self, name: str, period: int) -> Row | None:
         if not self._acquire():
             return None
         try:
-            _, row = self.ledger.find(self._digest(name))
+            _, fields = self.ledger.find(self._named(name)[0])
         finally:
             self._release()
-        return row if row is not None and row.period == period else None
+        return row_of(fields) if fields is not None and fields[2] == period else None
 
     def snapshot(self, now: float, every_s: float) -> bytes | None:
         """A copy of the table to flush, when this process is the one to flush now
@@ -151,7 +191,8 @@ class LocalLedger(_Access):
         self.ledger = Ledger(self._buffer)
         self.load = load
         self.retired = []
-        self._digests = {}
+        self._names = {}
+        self._offsets = {}
 
     def _copy(self) -> bytes:
         return bytes(self._buffer)
@@ -163,7 +204,7 @@ class LocalLedger(_Access):
 class SharedLedger(Segment, _Access):
     """A process's attachment to the host's ledger."""
 
-    __slots__ = ("_digests", "_lock_timeout_s", "ledger", "load", "retired")
+    __slots__ = ("_lock_timeout_s", "_names", "_offsets", "ledger", "load", "retired")
 
     @classmethod
     def create(  # type: ignore[override]
@@ -198,7 +239,8 @@ class SharedLedger(Segment, _Access):
         self.ledger = Ledger(self.mm)
         self.load = load
         self.retired = []
-        self._digests = {}
+        self._names = {}
+        self._offsets = {}
         self._lock_timeout_s = lock_timeout_s
 
     def _acquire(self) -> bool:

@@ -196,7 +196,7 @@ class RequestContext:
         self.completion_tokens: int | None = None
         self.cached_tokens: int | None = None  # of prompt_tokens, read from a prompt cache
         self.cost_usd: float | None = None  # what the request cost (edge.cost), once known
-        self.budget: Any = None  # its budget reservation (edge.budgets.accounts.Hold)
+        self.budget: Any = None  # its budget reservation: (period, nano-USD) (edge.budgets)
         self.cache: str | None = None  # the cache lookup's result (edge.cache.answers)
         self.error_code: str | None = None  # the code of an error the gateway answered
         self.trace_id: str | None = None

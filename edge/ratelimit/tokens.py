@@ -159,15 +159,24 @@ def estimate_input(body_size: int, data: dict[str, Any], where: Prompt) -> int:
 
 def estimate_output(data: dict[str, Any], where: Prompt, default_max: int) -> int:
     """The output part: the cap (else `default_max`) times the generations asked for."""
-    if not where.generates:
+    if not where.caps:
         return 0
-    cap = output_cap(data, where)
-    completion = default_max if cap is None else cap
-    counts = [data.get(name) for name in _COUNT_FIELDS]
-    choices = max((count for count in counts if _whole(count)), default=1)
-    prompts = data.get(where.batch) if where.batch else None
-    batch = len(prompts) if isinstance(prompts, list) and _batched(prompts) else 1
-    return completion * max(1, choices) * max(1, batch)
+    cap = -1
+    for name in where.caps:  # the largest whole cap set (as `output_cap`, without its lists)
+        value = data.get(name)
+        if value.__class__ is int and value > cap:
+            cap = value
+    choices = 1
+    for name in _COUNT_FIELDS:
+        value = data.get(name)
+        if value.__class__ is int and value > choices:
+            choices = value
+    batch = 1
+    if where.batch:
+        prompts = data.get(where.batch)
+        if isinstance(prompts, list) and _batched(prompts):
+            batch = max(1, len(prompts))
+    return (default_max if cap < 0 else cap) * choices * batch
 
 
 def _batched(prompts: list[Any]) -> bool:

@@ -4,7 +4,6 @@ forward-only records, what a request is charged when it ends, and the usage repo
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 from types import SimpleNamespace
 
@@ -25,7 +24,7 @@ UTC = datetime.UTC
 
 
 def hold(books, *args):
-    asyncio.run(books.hold(*args))
+    books.hold(*args)
 
 
 def epoch(*parts: int) -> float:
@@ -74,36 +73,40 @@ def test_an_unknown_period_is_refused():
 def test_a_budget_admits_exactly_the_requests_it_can_pay_for(budget, costs):
     """Requests one after another, each settled to its cost: admitted while the spend is below
     the budget, so the spend passes it by at most the last request's cost."""
-    row = Row("k", 0)
+    local = LocalLedger(64)
     admitted = 0
     for cost in costs:
-        ok, row = ledger.admit(row, budget, cost)
+        ok, spent = local.admit("k", 1, budget, cost)
         if not ok:
+            assert spent >= budget
             break
-        row = ledger.settle(row, cost, cost, 1, 1)
+        assert local.settle("k", 1, cost, cost, 1, 1)
         admitted += 1
-    assert row.spent == sum(costs[:admitted])  # whole nano-dollars: exact
-    # Each admitted request found the spend below the budget; a refusal found it reached.
+    assert local.get("k", 1).spent == sum(costs[:admitted])  # whole nano-dollars: exact
+    # Each admitted request found the spend below the budget.
     assert all(sum(costs[:index]) < budget for index in range(admitted))
-    assert admitted == len(costs) or row.spent >= budget
 
 
 def test_five_requests_of_a_fifth_of_the_budget_are_admitted_not_six():
     price = 0.012
-    row = Row("k", 0)
+    local = LocalLedger(64)
     results = []
     for _ in range(6):
-        ok, row = ledger.admit(row, to_nano(5 * price), to_nano(0.02))
+        ok, _ = local.admit("k", 1, to_nano(5 * price), to_nano(0.02))
         results.append(ok)
         if ok:
-            row = ledger.settle(row, to_nano(price), to_nano(0.02), 5, 7)
+            local.settle("k", 1, to_nano(price), to_nano(0.02), 5, 7)
     assert results == [True] * 5 + [False]
+    row = local.get("k", 1)
     assert (row.requests, row.prompt, row.completion) == (5, 25, 35)
 
 
 def test_settling_has_no_floor_and_ignores_negative_tokens():
-    row = ledger.settle(Row("k", 0, spent=10), charge=100, release=10, prompt=-5, completion=3)
-    assert row.spent == 100 and row.prompt == 0 and row.completion == 3 and row.version == 1
+    local = LocalLedger(64)
+    local.admit("k", 1, budget=100, reserve=10)
+    local.settle("k", 1, charge=100, release=10, prompt=-5, completion=3)
+    row = local.get("k", 1)
+    assert row.spent == 100 and row.prompt == 0 and row.completion == 3 and row.version == 2
 
 
 def fresh(slots: int = 64) -> Ledger:
@@ -118,7 +121,7 @@ def test_a_torn_slot_reads_as_free_and_a_full_window_is_said():
     offset, row = table.find(digest)
     assert row is None
     table.write(offset, digest, Row("a", 1, spent=5))
-    assert table.find(digest) == (offset, Row("a", 1, spent=5))
+    assert ledger.row_of(table.find(digest)[1]) == Row("a", 1, spent=5)
     table._buf[offset + 40] ^= 0xFF  # type: ignore[index]
     assert table.find(digest)[1] is None
     for index in range(8):
@@ -229,7 +232,7 @@ def test_a_hold_reserves_the_priced_estimate_and_the_end_settles_to_the_cost():
     books = accounts(clock)
     ctx = context(1.0)
     hold(books, ctx, call(10), Prompt("messages", caps=("max_tokens",)))
-    reserved = ctx.budget.reserved
+    reserved = ctx.budget[1]
     assert reserved == to_nano((20 + 10) * 1000 / 1e6)  # 80 bytes / 4 in, 10 out
     start = periods.start_of("month", clock.now)
     assert books._ledger.get("team", start).spent == reserved
@@ -257,7 +260,7 @@ def test_what_a_request_is_charged_when_it_ends(cost, working, error, whole, cha
     books = accounts(clock)
     ctx = context(1.0)
     hold(books, ctx, call(10), Prompt("messages", caps=("max_tokens",)))
-    reserved = ctx.budget.reserved
+    reserved = ctx.budget[1]
     ctx.cost_usd = cost
     ctx.upstream = None if working is None else SimpleNamespace(working=working, error=error)
     books.finish(ctx, whole=whole)
