@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> int:
         accounts = Accounts(config, providers, ledger)
         outcome = SimpleNamespace(working=1, error=None, price=PRICE)
         data = orjson.loads(BODY)
-        call = SimpleNamespace(data=data, model="bench", body=BODY)
+        call = SimpleNamespace(data=data, model="bench", body=BODY, path="/chat/completions")
 
         def context(budget: float | None) -> SimpleNamespace:
             key = SimpleNamespace(identity="bench", budget_usd=budget, budget_period="month")
             return SimpleNamespace(key=key, budget=None, cost_usd=None, upstream=outcome,
                                    cache=None, prompt_tokens=12, completion_tokens=40,
-                                   cached_tokens=None)  # fmt: skip
+                                   cached_tokens=None, relayed=0)  # fmt: skip
 
         def accounting(n: int) -> float:
             ctx = context(None)

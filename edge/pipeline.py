@@ -91,9 +91,11 @@ async def _exchange(
     ):
         accounts = runtime.accounts  # the reservation is settled when the answer ends
         if accounts.asynchronous:
-            await accounts.hold_async(ctx, call, prompt)
+            capped = await accounts.hold_async(ctx, call, prompt)
         else:
-            accounts.hold(ctx, call, prompt)
+            capped = accounts.hold(ctx, call, prompt)
+        if capped and call.data is not None:  # sent with the cap the budget reserved for
+            call.body = reserialise(call.data)
     if prompt is not None and call.data is not None:
         call.prompt = prompt
         if runtime.tokens is not None:
@@ -338,8 +340,19 @@ def settled_stream(
     if recorder is not None:
         source = recorder(source)
     if reservation is None:
-        return source
+        return source if ctx.budget is None else _count_relayed(source, ctx)
     return _settle_at_end(source, reservation, ctx)
+
+
+async def _count_relayed(source: Any, ctx: RequestContext) -> AsyncIterator[bytes]:
+    """Relay `source`, counting its data lines into `ctx.relayed` (a budget's charge for a
+    stream whose usage never arrives: edge.budgets.accounts)."""
+    try:
+        async for block in source:
+            ctx.relayed += block.count(b"data:")
+            yield block
+    finally:
+        await source.aclose()
 
 
 async def _settle_at_end(
@@ -358,6 +371,7 @@ async def _settle_at_end(
             yield block
         whole = ctx.upstream is None or ctx.upstream.error is None
     finally:
+        ctx.relayed = relayed
         try:
             reported = _reported(ctx)
             if whole and reported is not None:

@@ -252,7 +252,15 @@ def _accounts(config: Config, providers: Providers, tables: HostTables | None, m
     from edge.budgets.shared import LocalLedger, SharedLedger
     from edge.budgets.store import Store
 
-    store = None if config.state_dir is None else Store.open(str(config.state_dir))
+    store = None
+    if config.state_dir is not None:
+        try:
+            store = Store.open(str(config.state_dir), config.instance)
+        except OSError as exc:  # the master opened it: a disk gone since, say
+            log.error(
+                "the usage store cannot be opened: spend is counted but not kept",
+                extra={"error": str(exc)},
+            )
     load = None if store is None else store.get
     if tables is not None and tables.ledger:
         ledger = SharedLedger.attach(tables.ledger, config.rate_limit_lock_timeout_s, load)

@@ -12,17 +12,26 @@ request goes upstream, settled to what it really cost when it ends, with no floo
   in flight included, is below `budget_usd`; the request's estimate (input and maximum output
   tokens) priced at the highest prices among its model's targets is then reserved. Over
   budget: 429 `insufficient_quota` with `x-should-retry: false` (edge.errors.QuotaExceeded).
+  What a budget cannot hold is refused to a key that has one: a request that sets no output
+  cap is sent with the one it was reserved for (RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS), so the
+  provider cannot bill past it; `background` responses (their usage is never seen), images
+  and audio (no usage to price) and batches (edge.endpoints.stateful) are refused; a request
+  that may cost more than the whole budget is 400.
 - `finish`, once per request of any key when its answer has ended (edge.middleware): the
   request's cost (edge.cost, from the usage the provider reported) replaces its reservation.
-  One whose usage never arrived (the client hung up, the upstream broke off) is charged at
-  least its reservation when the upstream may have worked on it, nothing when it provably did
-  not. Its tokens and the request itself are counted for `llm-edge-proxy usage`.
+  One whose usage never (wholly) arrived, the client gone or the upstream broken off, is
+  charged its reservation or what it is seen to have cost when that is more (its input, and
+  an output token per event relayed); one the upstream provably never worked on costs
+  nothing; each attempt a failover moved on from that the upstream may bill costs another
+  reservation. The request and its tokens are counted for `llm-edge-proxy usage`. Requests
+  that reserved nothing are counted in per-worker batches written every BATCH_S.
 
 Where the figures live: with the shared-memory rate limiter, in the host's ledger
 (edge.budgets.shared), copied once a second into the state store (edge.budgets.store); with
 `RATE_LIMIT_BACKEND=redis`, in Redis (edge.budgets.redis), shared by every host. When they
 cannot be consulted (lock timeout, no slot, Redis away) RATE_LIMIT_FAILURE_POLICY decides and
-`edge_rate_limiter_failures_total{event="budget_*"}` counts it.
+`edge_rate_limiter_failures_total{event="budget_*"}` counts it; a settle that cannot be written
+is tried again with the next batches for about a second.
 
 Only priced models cost anything: a key with a budget that uses a model without prices spends
 nothing on it (the README says so; the start logs a warning).
@@ -38,19 +47,24 @@ from collections.abc import Callable
 from typing import Any
 
 from edge.budgets import periods
-from edge.budgets.ledger import Ledger, Row, to_nano, to_usd
+from edge.budgets.ledger import LIMIT, Ledger, to_nano, to_usd
 from edge.budgets.store import StoreError
-from edge.errors import QuotaExceeded, RateLimited
+from edge.errors import BadRequest, Forbidden, QuotaExceeded, RateLimited
 from edge.ratelimit.base import DENY
-from edge.ratelimit.tokens import check_counts, estimate_input, estimate_output
+from edge.ratelimit.tokens import check_counts, estimate_input, estimate_output, output_cap
 
 log = logging.getLogger("edge.budgets")
 
 FLUSH_EVERY_S = 1.0
 BATCH_S = 0.05  # how long a worker may hold the counts of requests without a reservation
-
+RETRIES = 20  # batches a settle that could not be written is tried again in (about 1 s)
+# Routes whose cost the gateway cannot see (no token usage to price): refused to a budget.
+UNPRICED_PATHS = frozenset(
+    ("/images/generations", "/audio/speech", "/audio/transcriptions", "/audio/translations")
+)
 
 _UNKNOWN: Any = object()
+Period = tuple[str, int, int]  # kind, start, end
 
 
 class Accounts:
@@ -77,8 +91,9 @@ class Accounts:
         self._clock = clock
         self._bounds: dict[str, tuple[int, int]] = {}
         self._ceilings: dict[str, Any] = {}  # model -> Providers.price_ceiling, memoised
-        # Requests without a reservation, counted per (key, period) until the next batch.
-        self._batch: dict[tuple[str, int], list[int]] = {}
+        # What requests added, per (key, period), until the next batch is written: spent
+        # (nano-USD), requests, prompt and completion tokens, and the batches it has missed.
+        self._batch: dict[tuple[str, str, int, int], list[int]] = {}
         self._batch_timer: asyncio.TimerHandle | None = None
         self._task: asyncio.Task[None] | None = None
         self._pending: set[asyncio.Task[Any]] = set()
@@ -94,30 +109,43 @@ class Accounts:
 
     # ---------------------------------------------------------------- admission
 
-    def hold(self, ctx: Any, call: Any, prompt: Any) -> None:
+    def hold(self, ctx: Any, call: Any, prompt: Any) -> bool:
         """Admit the request of a key with a budget, reserving its priced estimate; raise 429
-        `insufficient_quota` when the key's spend has reached its budget. The shared ledger's
-        (a plain call); with Redis, `hold_async`."""
+        `insufficient_quota` when the key's spend has reached its budget. True when the
+        request's body was given an output cap (the caller re-serialises it). The shared
+        ledger's (a plain call); with Redis, `hold_async`."""
         entry = ctx.key
-        start, end = self.period(entry.budget_period, self._clock())
-        reserve = to_nano(self.estimate(call, prompt))
+        kind = entry.budget_period
+        start, end = self.period(kind, self._clock())
+        reserve, prompt_tokens, price, capped = self._estimate(call, prompt, entry)
         try:
-            found = self._ledger.admit(entry.identity, start, to_nano(entry.budget_usd), reserve)
+            found = self._ledger.admit(
+                entry.identity, kind, start, end, to_nano(entry.budget_usd), reserve
+            )
         except StoreError as exc:
             log.error("the usage store cannot be read", extra={"error": str(exc)})
             found = None
-        self._decide(ctx, found, start, end, reserve)
+        self._decide(ctx, found, (kind, start, end), reserve, prompt_tokens, price)
+        return capped
 
-    async def hold_async(self, ctx: Any, call: Any, prompt: Any) -> None:
+    async def hold_async(self, ctx: Any, call: Any, prompt: Any) -> bool:
         entry = ctx.key
-        start, end = self.period(entry.budget_period, self._clock())
-        reserve = to_nano(self.estimate(call, prompt))
+        kind = entry.budget_period
+        start, end = self.period(kind, self._clock())
+        reserve, prompt_tokens, price, capped = self._estimate(call, prompt, entry)
         budget = to_nano(entry.budget_usd)
-        found = await self._ledger.admit(entry.identity, start, end, budget, reserve)
-        self._decide(ctx, found, start, end, reserve)
+        found = await self._ledger.admit(entry.identity, kind, start, end, budget, reserve)
+        self._decide(ctx, found, (kind, start, end), reserve, prompt_tokens, price)
+        return capped
 
     def _decide(
-        self, ctx: Any, found: tuple[bool, int] | None, start: int, end: int, reserve: int
+        self,
+        ctx: Any,
+        found: tuple[bool, int] | None,
+        period: Period,
+        reserve: int,
+        prompt_tokens: int,
+        price: Any,
     ) -> None:
         if found is None:
             self._failed("budget_unavailable")
@@ -132,29 +160,56 @@ class Accounts:
             raise QuotaExceeded(
                 f"This key has used its budget of ${entry.budget_usd:.2f} for the current "
                 f"{entry.budget_period} (spent ${to_usd(found[1]):.6f}). The budget resets at "
-                f"{periods.iso(end)}."
+                f"{periods.iso(period[2])}."
             )
-        ctx.budget = (start, reserve)
+        ctx.budget = (*period, reserve, prompt_tokens, price)
 
-    def estimate(self, call: Any, prompt: Any) -> float:
-        """USD the request may cost at most: the token limit's estimate of its input and
-        output, at its model's highest prices; 0 for a model without prices or a request
-        without a prompt."""
+    def _estimate(self, call: Any, prompt: Any, entry: Any) -> tuple[int, int, Any, bool]:
+        """(the reservation in nano-USD, the input tokens estimated, the prices it is at,
+        whether an output cap was added to the body) of a call by a key with a budget; 400 /
+        403 for what a budget cannot hold (see the module docstring)."""
+        if call.path in UNPRICED_PATHS:
+            raise Forbidden(
+                "This key has a budget, and this route's cost cannot be held to it (no usage "
+                "is reported to price).",
+                code="budget_not_applicable",
+            )
         data = call.data
         if prompt is None or data is None or call.model is None:
-            return 0.0
+            return 0, 0, None, False  # moderations, count_tokens: nothing billed
         price = self._ceilings.get(call.model, _UNKNOWN)
         if price is _UNKNOWN:
             if len(self._ceilings) >= 4096:  # model names may be any the client sends ("*")
                 self._ceilings.clear()
             price = self._ceilings[call.model] = self._providers.price_ceiling(call.model)
         if price is None:
-            return 0.0
+            return 0, 0, None, False
+        if data.get("background") is True:
+            raise BadRequest(
+                "This key has a budget, and 'background' responses cannot be held to it (their "
+                "usage is never seen); send the request without it.",
+                param="background",
+            )
         check_counts(data)
-        size = len(call.body or b"")
-        return price.cost(
-            estimate_input(size, data, prompt), estimate_output(data, prompt, self._default_max)
-        )
+        capped = False
+        if prompt.caps and output_cap(data, prompt) is None:
+            # Sent with the cap it is reserved for: the provider cannot bill past it.
+            data[prompt.caps[0]] = self._default_max
+            capped = True
+        input_tokens = estimate_input(len(call.body or b""), data, prompt)
+        output_tokens = estimate_output(data, prompt, self._default_max)
+        reserve = to_nano(price.cost(input_tokens, output_tokens))
+        budget = to_nano(entry.budget_usd)
+        if reserve > budget > 0 or reserve >= LIMIT:
+            cap = next((name for name in prompt.caps if name in data), None)
+            raise BadRequest(
+                f"This request may cost up to ${to_usd(reserve):.6f} (its input and its maximum "
+                f"output at the model's prices), more than the key's whole budget of "
+                f"${entry.budget_usd:.2f}. Lower its output cap or shorten it.",
+                param=cap,
+                code="cost_exceeds_budget",
+            )
+        return reserve, input_tokens, price, capped
 
     # ---------------------------------------------------------------- the end of a request
 
@@ -162,50 +217,81 @@ class Accounts:
         """Count a key's request once its answer has ended (`whole`: it ended as it should,
         not cut short), settling its reservation to its cost."""
         entry = ctx.key
-        hold: tuple[int, int] | None = ctx.budget
-        if hold is not None:
-            ctx.budget = None
-            period, reserved = hold
-        else:
-            period, reserved = self.period(entry.budget_period, self._clock())[0], 0
+        hold = ctx.budget
         usd = ctx.cost_usd
         outcome = ctx.upstream
-        worked = outcome is not None and outcome.working > 0
-        charge = 0 if usd is None else to_nano(usd)
-        if worked and (usd is None or not whole or outcome.error is not None):
-            charge = max(charge, reserved)  # usage never (wholly) reported: the estimate
-        from_cache = ctx.cache is not None and usd == 0.0 and outcome is None
+        from_cache = outcome is None and ctx.cache is not None and usd == 0.0
         prompt = 0 if from_cache else ctx.prompt_tokens or 0
         completion = 0 if from_cache else ctx.completion_tokens or 0
-        if self.asynchronous:
-            task = asyncio.get_running_loop().create_task(
-                self._settle_async(entry.identity, period, charge, reserved, prompt, completion)
-            )
-            self._pending.add(task)
-            task.add_done_callback(self._pending.discard)
+        charge = 0 if usd is None else to_nano(usd)
+        if hold is None:
+            kind = entry.budget_period
+            start, end = self.period(kind, self._clock())
+            self._add((entry.identity, kind, start, end), charge, 1, prompt, completion)
             return
-        if hold is None:  # nothing reserved, so nothing waits on it: counted in batches
-            key = (entry.identity, period)
-            batched = self._batch.get(key)
-            if batched is not None:
-                batched[0] += charge
-                batched[1] += 1
-                batched[2] += prompt
-                batched[3] += completion
-                return
-            if self._schedule_batch():
-                self._batch[key] = [charge, 1, prompt, completion]
-                return
-        self._settle(entry.identity, period, charge, reserved, prompt, completion, 1)
+        ctx.budget = None
+        kind, start, end, reserved, prompt_tokens, price = hold
+        working = 0 if outcome is None else outcome.working
+        if working > 0:
+            if usd is None or not whole or outcome.error is not None:
+                # Its usage never (wholly) arrived: the reservation, or what it was seen to
+                # cost when that is more (its input, and an output token per event relayed).
+                seen = 0.0
+                if price is not None:
+                    seen = price.cost(
+                        max(prompt_tokens, ctx.prompt_tokens or 0),
+                        max(ctx.relayed, ctx.completion_tokens or 0),
+                    )
+                charge = max(charge, reserved, to_nano(seen))
+            charge += (working - 1) * reserved  # attempts failed over from may be billed
+        key = (entry.identity, kind, start, end)
+        if self.asynchronous:
+            self._spawn(self._settle_async(key, charge - reserved, 1, prompt, completion, 0))
+        elif not self._settle(key, charge - reserved, 1, prompt, completion):
+            self._retry(key, charge - reserved, 1, prompt, completion, 0)
 
-    def _settle(self, *args: Any) -> None:
+    def _add(self, key: tuple[str, str, int, int], spent: int, *counts: int) -> None:
+        """Count into the batch (written within BATCH_S), or at once without an event loop."""
+        batched = self._batch.get(key)
+        if batched is not None:
+            batched[0] += spent
+            batched[1] += counts[0]
+            batched[2] += counts[1]
+            batched[3] += counts[2]
+        elif self._schedule_batch():
+            self._batch[key] = [spent, *counts, 0]
+        elif not self._settle(key, spent, *counts):
+            self._failed("budget_unrecorded")
+
+    def _retry(self, key: tuple[str, str, int, int], spent: int, *counts: int) -> None:
+        """A settle that could not be written: into the batch, tried again with it."""
+        requests, prompt, completion, tries = counts
+        if tries >= RETRIES or not self._schedule_batch():
+            self._failed("budget_unrecorded")
+            return
+        batched = self._batch.setdefault(key, [0, 0, 0, 0, tries + 1])
+        batched[0] += spent
+        batched[1] += requests
+        batched[2] += prompt
+        batched[3] += completion
+        batched[4] = max(batched[4], tries + 1)
+
+    def _settle(self, key: tuple[str, str, int, int], spent: int, *counts: int) -> bool:
         try:
-            done = self._ledger.settle(*args)
+            return bool(self._ledger.settle(*key, spent, counts[1], counts[2], counts[0]))
         except StoreError as exc:
             log.error("the usage store cannot be read", extra={"error": str(exc)})
-            done = False
+            return False
+
+    async def _settle_async(self, key: tuple[str, str, int, int], spent: int, *counts: int) -> None:
+        done = await self._ledger.settle(*key, spent, counts[1], counts[2], counts[0])
         if not done:
-            self._failed("budget_unrecorded")
+            self._retry(key, spent, *counts)
+
+    def _spawn(self, coroutine: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coroutine)
+        self._pending.add(task)
+        task.add_done_callback(self._pending.discard)
 
     def _schedule_batch(self) -> bool:
         """Make sure the batch is written within BATCH_S; False when there is no event loop
@@ -225,12 +311,11 @@ class Accounts:
             self._batch_timer.cancel()
             self._batch_timer = None
         batch, self._batch = self._batch, {}
-        for (name, period), (charge, requests, prompt, completion) in batch.items():
-            self._settle(name, period, charge, 0, prompt, completion, requests)
-
-    async def _settle_async(self, *args: Any) -> None:
-        if not await self._ledger.settle(*args):
-            self._failed("budget_unrecorded")
+        for key, (spent, requests, prompt, completion, tries) in batch.items():
+            if self.asynchronous:
+                self._spawn(self._settle_async(key, spent, requests, prompt, completion, tries))
+            elif not self._settle(key, spent, requests, prompt, completion):
+                self._retry(key, spent, requests, prompt, completion, tries)
 
     def _failed(self, event: str) -> None:
         if self._metrics is not None:
@@ -256,15 +341,12 @@ class Accounts:
                 log.exception("could not copy usage into the state store; trying again")
 
     async def flush(self, force: bool) -> None:
-        """Write the rows this process retired and, when it is this process's turn (or
-        `force`), a snapshot of the whole ledger, in a thread (LMDB syncs to disk)."""
+        """When it is this process's turn (or `force`), a snapshot of the whole ledger into
+        the state store, in a thread (LMDB syncs to disk)."""
         self.write_batch()
-        ledger = self._ledger
-        snapshot = ledger.snapshot(self._clock(), 0.0 if force else FLUSH_EVERY_S * 0.9)
-        retired = ledger.take_retired()
-        if snapshot is None and not retired:
-            return
-        await asyncio.to_thread(write_rows, self._store, snapshot, retired)
+        snapshot = self._ledger.snapshot(self._clock(), 0.0 if force else FLUSH_EVERY_S * 0.9)
+        if snapshot is not None:
+            await asyncio.to_thread(write_rows, self._store, snapshot)
 
     async def aclose(self) -> None:
         """Stop the flush and write what this process holds (lifespan shutdown)."""
@@ -280,6 +362,9 @@ class Accounts:
                 log.exception("could not copy usage into the state store at shutdown")
         if self._pending:
             await asyncio.wait(set(self._pending), timeout=1.0)
+        if self._batch_timer is not None:
+            self._batch_timer.cancel()
+            self._batch_timer = None
         if self._store is not None:
             self._store.close()
             self._store = None
@@ -290,9 +375,9 @@ class Accounts:
             self._ledger.close()
 
 
-def write_rows(store: Any, snapshot: bytes | None, retired: list[Row]) -> int:
-    """Write a ledger snapshot's rows and `retired` rows into `store` (newer versions only)."""
-    rows = list(retired)
-    if snapshot is not None:
-        rows.extend(Ledger(snapshot).rows())
+def write_rows(store: Any, snapshot: bytes | None) -> int:
+    """Write a ledger snapshot's rows into `store` (newer versions only)."""
+    if snapshot is None:
+        return 0
+    rows = Ledger(snapshot).rows()
     return store.put_newer(rows) if rows else 0

@@ -1,8 +1,9 @@
 """Spend per key in Redis (or Valkey), with `RATE_LIMIT_BACKEND=redis`: one record per key and
 period, shared by every host, so a budget holds across hosts.
 
-A record is the hash `<prefix>u:<identity>:<period start>` with the fields `spent` (nano-USD),
-`requests`, `prompt` and `completion`, kept 400 days (`llm-edge-proxy usage` reads them).
+A record is the hash `<prefix>u:<identity>:<kind>:<period start>` with the fields `spent`
+(nano-USD), `requests`, `prompt`, `completion` and `end`, kept 400 days (`llm-edge-proxy
+usage` reads them).
 Admission is one script call (`ADMIT`: below the budget, take the reservation), the end of a
 request another (`SETTLE`), each bounded by the Redis timeout; a failure is reported to the
 caller (None / False), whose failure policy decides. The connections are edge.ratelimit.redis's.
@@ -16,32 +17,35 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from edge.budgets.ledger import Row
+from edge.budgets.periods import PERIODS
 from edge.ratelimit.redis import Connections, close_pool
 
 KEEP_S: Final = 400 * 86_400
 
-# KEYS[1]: the record. ARGV: budget, reservation, seconds to keep.
+# KEYS[1]: the record. ARGV: budget, reservation, seconds to keep, the period's end.
 ADMIT: Final = """
 local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
 if spent >= tonumber(ARGV[1]) then return {0, tostring(spent)} end
 redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
+redis.call('HSET', KEYS[1], 'end', ARGV[4])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, tostring(spent)}
 """
-# ARGV: spent change, prompt, completion, seconds to keep.
+# ARGV: spent change, requests, prompt, completion, seconds to keep, the period's end.
 SETTLE: Final = """
 redis.call('HINCRBY', KEYS[1], 'spent', ARGV[1])
-redis.call('HINCRBY', KEYS[1], 'requests', 1)
-redis.call('HINCRBY', KEYS[1], 'prompt', ARGV[2])
-redis.call('HINCRBY', KEYS[1], 'completion', ARGV[3])
-redis.call('EXPIRE', KEYS[1], ARGV[4])
+redis.call('HINCRBY', KEYS[1], 'requests', ARGV[2])
+redis.call('HINCRBY', KEYS[1], 'prompt', ARGV[3])
+redis.call('HINCRBY', KEYS[1], 'completion', ARGV[4])
+redis.call('HSET', KEYS[1], 'end', ARGV[6])
+redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
 _SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT, SETTLE)}
 
 
-def record_key(prefix: str, name: str, period: int) -> str:
-    return f"{prefix}u:{name}:{period}"
+def record_key(prefix: str, name: str, kind: str, start: int) -> str:
+    return f"{prefix}u:{name}:{kind}:{start}"
 
 
 class RedisLedger:
@@ -67,21 +71,29 @@ class RedisLedger:
             self._connections = Connections(self._client.connection_pool)
 
     async def admit(
-        self, name: str, period: int, end: int, budget: int, reserve: int
+        self, name: str, kind: str, start: int, end: int, budget: int, reserve: int
     ) -> tuple[bool, int] | None:
-        reply = await self._run(ADMIT, record_key(self._prefix, name, period), budget, reserve,
-                                KEEP_S)  # fmt: skip
+        key = record_key(self._prefix, name, kind, start)
+        reply = await self._run(ADMIT, key, budget, reserve, KEEP_S, end)
         if reply is None:
             return None
         admitted, spent = reply
         return bool(int(admitted)), int(float(spent))
 
     async def settle(
-        self, name: str, period: int, charge: int, release: int, prompt: int, completion: int
+        self,
+        name: str,
+        kind: str,
+        start: int,
+        end: int,
+        spent: int,
+        prompt: int,
+        completion: int,
+        requests: int = 1,
     ) -> bool:
-        key = record_key(self._prefix, name, period)
-        reply = await self._run(SETTLE, key, charge - release, max(prompt, 0),
-                                max(completion, 0), KEEP_S)  # fmt: skip
+        key = record_key(self._prefix, name, kind, start)
+        reply = await self._run(SETTLE, key, spent, requests, max(prompt, 0),
+                                max(completion, 0), KEEP_S, end)  # fmt: skip
         return reply is not None
 
     async def _run(self, script: str, key: str, *args: Any) -> Any:
@@ -102,9 +114,6 @@ class RedisLedger:
     def snapshot(self, now: float, every_s: float) -> None:
         return None
 
-    def take_retired(self) -> list[Row]:
-        return []
-
     async def aclose(self) -> None:
         client, self._client = self._client, None
         connections, self._connections = self._connections, None
@@ -116,8 +125,9 @@ def read_rows(client: Any, prefix: str) -> list[Row]:
     rows = []
     for raw in client.scan_iter(match=f"{prefix}u:*", count=1000):
         key = raw.decode() if isinstance(raw, bytes) else raw
-        name, _, period = key[len(prefix) + 2 :].rpartition(":")
-        if not name or not period.isdigit():
+        rest, _, start = key[len(prefix) + 2 :].rpartition(":")
+        name, _, kind = rest.rpartition(":")
+        if not name or kind not in PERIODS or not start.isdigit():
             continue
         fields = {
             (k.decode() if isinstance(k, bytes) else k): int(float(v))
@@ -126,7 +136,9 @@ def read_rows(client: Any, prefix: str) -> list[Row]:
         rows.append(
             Row(
                 name,
-                int(period),
+                kind,
+                int(start),
+                fields.get("end", 0),
                 fields.get("spent", 0),
                 fields.get("requests", 0),
                 fields.get("prompt", 0),

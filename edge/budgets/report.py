@@ -22,31 +22,30 @@ from edge.budgets.ledger import Row, to_usd
 
 def rows_for(keys: Any, stored: list[Row], now: float, default_period: str) -> list[dict[str, Any]]:
     """One line per configured key for its current period (zeros when it has no record yet),
-    then any other name with a record for the current `default_period` (a key since removed
-    or renamed)."""
-    by_key = {(row.name, row.period): row for row in stored}
+    then any other name with a record of a current period (a key since removed or renamed)."""
+    by_key = {(row.name, row.kind, row.start): row for row in stored}
     lines = []
     named = set()
     for entry in sorted(keys.entries(), key=lambda e: e.identity):
         kind = entry.budget_period or default_period
         start, end = periods.bounds(kind, now)
-        row = by_key.get((entry.identity, start)) or Row(entry.identity, start)
+        row = by_key.get((entry.identity, kind, start)) or Row(entry.identity, kind, start, end)
         named.add(entry.identity)
-        lines.append(_line(row, kind, end, entry.budget_usd, True))
-    start, end = periods.bounds(default_period, now)
+        lines.append(_line(row, end, entry.budget_usd, True))
     for row in sorted(stored):
-        if row.name not in named and row.period == start:
-            lines.append(_line(row, default_period, end, None, False))
+        start, end = periods.bounds(row.kind, now)
+        if row.name not in named and row.start == start:
+            lines.append(_line(row, end, None, False))
     return lines
 
 
-def _line(row: Row, kind: str, end: int, budget: float | None, configured: bool) -> dict[str, Any]:
+def _line(row: Row, end: int, budget: float | None, configured: bool) -> dict[str, Any]:
     spent = to_usd(row.spent)
     return {
         "key": row.name,
         "configured": configured,
-        "period": kind,
-        "period_start": periods.iso(row.period),
+        "period": row.kind,
+        "period_start": periods.iso(row.start),
         "period_end": periods.iso(end),
         "spent_usd": round(spent, 9),
         "requests": row.requests,
@@ -109,22 +108,33 @@ def stored_rows(config: Any, state_dir: str | None) -> list[Row]:
 
         from edge.budgets.redis import read_rows
 
-        client = redis.Redis.from_url(config.redis_url, password=config.redis_password)
+        client = redis.Redis.from_url(
+            config.redis_url, password=config.redis_password, socket_timeout=10
+        )
         try:
             return read_rows(client, config.redis_key_prefix)
+        except redis.RedisError as exc:
+            raise OSError(f"cannot read the usage records in Redis: {exc}") from None
         finally:
             client.close()
-    from edge.budgets.store import FILE_NAME, Store
+    from edge.budgets.store import Store, file_name
 
     directory = state_dir or config.state_dir or config.state_directory
     if directory is None:
-        raise SystemExit(
-            "llm-edge-proxy usage: no state directory: set STATE_DIR (or systemd's "
-            "STATE_DIRECTORY), or pass --state-dir"
+        raise OSError(
+            "no state directory: set STATE_DIR (or systemd's STATE_DIRECTORY), or pass --state-dir"
         )
-    if not os.path.isdir(os.path.join(str(directory), FILE_NAME)):
-        return []  # the service has not written anything yet
-    store = Store.open(str(directory), readonly=True)
+    directory = str(directory)
+    if not os.path.isdir(directory):
+        raise OSError(f"the state directory {directory} is not a directory")
+    if not os.path.isdir(os.path.join(directory, file_name(config.instance))):
+        print(
+            f"llm-edge-proxy usage: no usage recorded yet in {directory} for "
+            f"INSTANCE_NAME={config.instance}",
+            file=sys.stderr,
+        )
+        return []
+    store = Store.open(directory, config.instance, readonly=True)
     try:
         return store.rows()
     finally:

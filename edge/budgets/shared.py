@@ -4,32 +4,45 @@ without gunicorn.
 Lifecycle as every host-wide table (edge.shm): the master creates the segment before forking,
 each worker attaches after, the lock is the kernel-released `flock`, held only for one
 synchronous read-modify-write of a slot. Taking it is bounded (`Segment.acquire`): when it
-cannot be had, or a key finds no slot, the caller is told (None) and applies the failure
-policy.
+cannot be had, or a key finds no slot, the caller is told (None / False) and applies the
+failure policy.
 
 A key's row for a period it has not met since the service started is read from the state
-store (`load`, outside the lock) before it is created, so spend outlives restarts. A row of an
-older period is replaced by the new period's, and its last figures are queued for the store
-(`take_retired`): they are final.
+store (`load`, outside the lock) before it is created, so spend outlives restarts.
 """
 
 from __future__ import annotations
 
 import hashlib
+import time
 from collections.abc import Callable
 
 from edge.budgets import ledger
-from edge.budgets.ledger import FULL, Fields, Ledger, Row, encode_name, row_of
+from edge.budgets.ledger import (
+    COMPLETION,
+    FULL,
+    PROMPT,
+    REQUESTS,
+    SPENT,
+    VERSION,
+    Fields,
+    Ledger,
+    Row,
+    clamp,
+    encode_name,
+    kind_number,
+    row_of,
+)
 from edge.shm import Segment
 
-Loader = Callable[[str, int], Row | None]
+Loader = Callable[[str, str, int], Row | None]
+Slot = tuple[bytes, bytes, int]  # digest, the name as stored, kind number
 
 
-def digest_of(identity: str) -> bytes:
-    return hashlib.blake2b(identity.encode(), digest_size=16, person=b"edge-budget").digest()
-
-
-_LOAD = -2  # `_locate`: read the period's baseline from the store first
+def digest_of(identity: str, kind: str, start: int) -> bytes:
+    """The slot digest of `identity`'s `kind` period starting at `start`."""
+    text = f"{identity}\0{kind}\0{start}".encode()
+    return hashlib.blake2b(text, digest_size=16, person=b"edge-budget").digest()
 
 
 class _Access:
@@ -38,9 +51,9 @@ class _Access:
 
     ledger: Ledger
     load: Loader | None
-    retired: list[Row]
-    _names: dict[str, tuple[bytes, bytes]]
+    _slots: dict[tuple[str, str, int], Slot]
     _offsets: dict[bytes, int]  # digest -> where its slot was last found
+    clock: Callable[[], float] = time.time
 
     def _acquire(self) -> bool:
         return True
@@ -48,80 +61,75 @@ class _Access:
     def _release(self) -> None:
         return None
 
-    def _named(self, name: str) -> tuple[bytes, bytes]:
-        """(digest, the name as stored) of `name`, memoised."""
-        found = self._names.get(name)
+    def _slot(self, name: str, kind: str, start: int) -> Slot:
+        """(digest, the name as stored, kind number) of a key's period, memoised."""
+        key = (name, kind, start)
+        found = self._slots.get(key)
         if found is None:
-            if len(self._names) > 65_536:
-                self._names.clear()
+            if len(self._slots) > 65_536:
+                self._slots.clear()
                 self._offsets.clear()
-            found = self._names[name] = (digest_of(name), encode_name(name))
+            found = self._slots[key] = (
+                digest_of(name, kind, start),
+                encode_name(name),
+                kind_number(kind),
+            )
         return found
 
-    def _locate(
-        self, digest: bytes, name: bytes, period: int, baseline: Row | None, loaded: bool
-    ) -> tuple[int, Fields | None]:
-        """Under the lock: the offset of the key's slot for `period` and its fields, the slot
-        made (from `baseline`) when it holds none or an older period's row (which is retired);
-        (_LOAD, None) when the store must be read first; (FULL, None) when there is no slot or
-        it holds a later period (a request that began before the boundary: dropped)."""
-        ledger = self.ledger
-        offset, fields = ledger.find(digest, self._offsets.get(digest, 0))
-        if offset == FULL or (fields is not None and fields[2] > period):
-            return FULL, None
-        if fields is not None and fields[2] == period:
+    def _open(self, name: str, kind: str, start: int, end: int) -> tuple[Slot, int, Fields] | None:
+        """Take the lock and find the key's slot for the period, made (from the store's
+        record, read outside the lock the first time) when missing; None, and no lock held,
+        when it cannot be had."""
+        slot = self._slot(name, kind, start)
+        digest = slot[0]
+        if not self._acquire():
+            return None
+        offset, fields = self.ledger.find(digest, self._offsets.get(digest, 0), self.clock())
+        if fields is not None:  # the common case
             self._offsets[digest] = offset
-            return offset, fields
-        if not loaded:
-            return _LOAD, None
-        if fields is not None:
-            self.retired.append(row_of(fields))
-        numbers = (period, 0, 0, 0, 0, 0) if baseline is None else tuple(baseline[1:])
-        ledger.put(offset, digest, name, *numbers)
-        return offset, (digest, name, *numbers, 0)  # type: ignore[return-value]
-
-    def _open(self, name: str, period: int) -> tuple[bytes, bytes, int, Fields] | None:
-        """Take the lock and find the key's slot for `period` (reading its baseline from the
-        store, outside the lock, the first time); None, and no lock held, when it cannot."""
-        digest, stored = self._names.get(name) or self._named(name)
-        if self._acquire():  # the common case: the key's slot holds this period
-            offset, fields = self.ledger.find(digest, self._offsets.get(digest, 0))
-            if fields is not None and fields[2] == period:
-                return digest, stored, offset, fields  # the lock still held
+            return slot, offset, fields
+        if offset == FULL:
             self._release()
+            return None
         baseline: Row | None = None
-        loaded = self.load is None  # nothing to read a baseline from
-        while True:
+        if self.load is not None:
+            self._release()
+            baseline = self.load(name, kind, start)
             if not self._acquire():
                 return None
-            try:
-                offset, fields = self._locate(digest, stored, period, baseline, loaded)
-            except BaseException:
+            offset, fields = self.ledger.find(digest, 0, self.clock())
+            if fields is not None:  # another process made it meanwhile
+                self._offsets[digest] = offset
+                return slot, offset, fields
+            if offset == FULL:
                 self._release()
-                raise
-            if fields is not None:
-                return digest, stored, offset, fields  # the lock still held
-            self._release()
-            if offset != _LOAD:
                 return None
-            assert self.load is not None
-            baseline = self.load(name, period)
-            loaded = True
+        numbers = (0, 0, 0, 0, 0) if baseline is None else baseline[4:]
+        try:
+            self.ledger.put(offset, digest, slot[1], slot[2], start, end, *numbers)
+        except BaseException:
+            self._release()
+            raise
+        self._offsets[digest] = offset
+        return slot, offset, (digest, slot[1], slot[2], start, end, *numbers, 0)
 
-    def admit(self, name: str, period: int, budget: int, reserve: int) -> tuple[bool, int] | None:
+    def admit(
+        self, name: str, kind: str, start: int, end: int, budget: int, reserve: int
+    ) -> tuple[bool, int] | None:
         """(admitted, spent before it) for a request of `name` against `budget` (nano-USD):
         admitted while the spend, reservations included, is below the budget, and then
         `reserve` is taken; None when the ledger could not be consulted."""
-        found = self._open(name, period)
+        found = self._open(name, kind, start, end)
         if found is None:
             return None
-        digest, stored, offset, fields = found
+        (digest, stored, number), offset, fields = found
         try:
-            spent = fields[3]
+            spent = fields[SPENT]
             if spent >= budget:
                 return False, spent
-            self.ledger.put(offset, digest, stored, period, spent + reserve, fields[4],
-                            fields[5], fields[6], fields[7] + 1)  # fmt: skip
+            self.ledger.put(offset, digest, stored, number, start, end, clamp(spent + reserve),
+                            fields[REQUESTS], fields[PROMPT], fields[COMPLETION],
+                            fields[VERSION] + 1)  # fmt: skip
             return True, spent
         finally:
             self._release()
@@ -129,38 +137,39 @@ class _Access:
     def settle(
         self,
         name: str,
-        period: int,
-        charge: int,
-        release: int,
+        kind: str,
+        start: int,
+        end: int,
+        spent: int,
         prompt: int,
         completion: int,
         requests: int = 1,
     ) -> bool:
-        """Record the end of `requests` requests: their `charge` spent, the `release` they
-        had reserved given back (no floor: a request may cost more than its estimate), their
-        tokens counted. False when it could not be."""
-        found = self._open(name, period)
+        """Record the end of `requests` requests: `spent` added (their cost less what they
+        had reserved: no floor, a request may cost more than its estimate), their tokens
+        counted. False when it could not be."""
+        found = self._open(name, kind, start, end)
         if found is None:
             return False
-        digest, stored, offset, fields = found
+        (digest, stored, number), offset, fields = found
         try:
             self.ledger.put(
-                offset, digest, stored, period, fields[3] + charge - release,
-                fields[4] + requests, fields[5] + (prompt if prompt > 0 else 0),
-                fields[6] + (completion if completion > 0 else 0), fields[7] + 1,
+                offset, digest, stored, number, start, end, clamp(fields[SPENT] + spent),
+                fields[REQUESTS] + requests, fields[PROMPT] + (prompt if prompt > 0 else 0),
+                fields[COMPLETION] + (completion if completion > 0 else 0), fields[VERSION] + 1,
             )  # fmt: skip
             return True
         finally:
             self._release()
 
-    def get(self, name: str, period: int) -> Row | None:
+    def get(self, name: str, kind: str, start: int) -> Row | None:
         if not self._acquire():
             return None
         try:
-            _, fields = self.ledger.find(self._named(name)[0])
+            _, fields = self.ledger.find(self._slot(name, kind, start)[0])
         finally:
             self._release()
-        return row_of(fields) if fields is not None and fields[2] == period else None
+        return None if fields is None else row_of(fields)
 
     def snapshot(self, now: float, every_s: float) -> bytes | None:
         """A copy of the table to flush, when this process is the one to flush now
@@ -177,21 +186,22 @@ class _Access:
     def _copy(self) -> bytes:
         raise NotImplementedError
 
-    def take_retired(self) -> list[Row]:
-        rows, self.retired = self.retired, []
-        return rows
-
 
 class LocalLedger(_Access):
     """A process's own ledger (no gunicorn: tests, a single process)."""
 
-    def __init__(self, slots: int = ledger.DEFAULT_SLOTS, load: Loader | None = None) -> None:
+    def __init__(
+        self,
+        slots: int = ledger.MIN_SLOTS,
+        load: Loader | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self._buffer = bytearray(ledger.size_for(slots))
         ledger.format_buffer(self._buffer, slots)
         self.ledger = Ledger(self._buffer)
         self.load = load
-        self.retired = []
-        self._names = {}
+        self.clock = clock
+        self._slots = {}
         self._offsets = {}
 
     def _copy(self) -> bytes:
@@ -204,13 +214,13 @@ class LocalLedger(_Access):
 class SharedLedger(Segment, _Access):
     """A process's attachment to the host's ledger."""
 
-    __slots__ = ("_lock_timeout_s", "_names", "_offsets", "ledger", "load", "retired")
+    __slots__ = ("_lock_timeout_s", "_offsets", "_slots", "clock", "ledger", "load")
 
     @classmethod
     def create(  # type: ignore[override]
         cls,
         name: str,
-        slots: int = ledger.DEFAULT_SLOTS,
+        slots: int = ledger.MIN_SLOTS,
         *,
         uid: int | None = None,
         gid: int | None = None,
@@ -238,8 +248,8 @@ class SharedLedger(Segment, _Access):
     def _setup(self, load: Loader | None, lock_timeout_s: float) -> None:
         self.ledger = Ledger(self.mm)
         self.load = load
-        self.retired = []
-        self._names = {}
+        self.clock = time.time
+        self._slots = {}
         self._offsets = {}
         self._lock_timeout_s = lock_timeout_s
 

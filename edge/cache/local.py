@@ -213,7 +213,7 @@ class LocalStore:
         cls, path: str, max_bytes: int, owners: tuple[int, ...], thorough: bool
     ) -> LocalStore:
         map_size = map_size_for(max_bytes)
-        _vet_directory(path, owners)
+        vet_directory(path, owners)
         if not thorough:
             # An unusable store is looked at again under the exclusive lock, then removed.
             with _locked(path, fcntl.LOCK_SH), contextlib.suppress(_Unusable):
@@ -473,7 +473,7 @@ def prepare(path: str, max_bytes: int, uid: int | None = None, gid: int | None =
     path = _clean(path)
     map_size_for(max_bytes)  # ValueError before anything is made
     owners = (os.geteuid(),) if uid is None else (os.geteuid(), uid)
-    _vet_directory(path, owners)
+    vet_directory(path, owners)
     chown = uid is not None or gid is not None
     if chown:
         os.chown(path, _id(uid), _id(gid), follow_symlinks=False)
@@ -649,8 +649,10 @@ def _adopted(path: str, map_size: int) -> None:
     )
 
 
-def _vet_directory(path: str, owners: tuple[int, ...]) -> None:
-    """Make the directory (0700) if missing; refuse one that is not safe to keep answers in."""
+def vet_directory(path: str, owners: tuple[int, ...], what: str = "cache directory") -> None:
+    """Make the directory (0700) if missing; refuse one that is not safe to keep answers (or
+    the usage store: edge.budgets) in: a symbolic link, not a directory, another user's, or
+    writable by group or others. `what` names it in the error."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -658,14 +660,14 @@ def _vet_directory(path: str, owners: tuple[int, ...]) -> None:
             os.mkdir(path, _DIR_MODE)
         st = os.lstat(path)
     if stat.S_ISLNK(st.st_mode):
-        raise OSError(f"cache directory {path} is a symbolic link: name the directory itself")
+        raise OSError(f"{what} {path} is a symbolic link: name the directory itself")
     if not stat.S_ISDIR(st.st_mode):
-        raise NotADirectoryError(f"cache directory {path} is not a directory")
+        raise NotADirectoryError(f"{what} {path} is not a directory")
     if st.st_uid not in owners:
-        raise PermissionError(f"cache directory {path} belongs to another user (uid {st.st_uid})")
+        raise PermissionError(f"{what} {path} belongs to another user (uid {st.st_uid})")
     if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
         raise PermissionError(
-            f"cache directory {path} is writable by group or others (mode "
+            f"{what} {path} is writable by group or others (mode "
             f"{stat.S_IMODE(st.st_mode):04o}): make it 0700"
         )
 

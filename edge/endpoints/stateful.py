@@ -79,6 +79,13 @@ class Stateful:
                 "This key is limited to some models and may not create batches.",
                 code="model_not_allowed",
             )
+        if self._path == "/batches" and key is not None and key.budget_usd is not None:
+            # Nor can a batch be priced or held to a budget before it runs.
+            raise Forbidden(
+                "This key has a budget and may not create batches (their cost cannot be held "
+                "to it).",
+                code="budget_not_applicable",
+            )
         limit = self._runtime.config.max_request_size
         headers = None
         if "POST_FORM" in self._methods:

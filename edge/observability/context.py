@@ -169,6 +169,7 @@ class RequestContext:
         "model",
         "parent_id",
         "prompt_tokens",
+        "relayed",
         "request_id",
         "route",
         "span",
@@ -196,7 +197,8 @@ class RequestContext:
         self.completion_tokens: int | None = None
         self.cached_tokens: int | None = None  # of prompt_tokens, read from a prompt cache
         self.cost_usd: float | None = None  # what the request cost (edge.cost), once known
-        self.budget: Any = None  # its budget reservation: (period, nano-USD) (edge.budgets)
+        self.budget: Any = None  # its budget reservation (edge.budgets.accounts)
+        self.relayed = 0  # data lines of a stream relayed (a budget's charge when cut short)
         self.cache: str | None = None  # the cache lookup's result (edge.cache.answers)
         self.error_code: str | None = None  # the code of an error the gateway answered
         self.trace_id: str | None = None

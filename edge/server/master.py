@@ -328,30 +328,32 @@ def _prepare_cache(settings: Settings, owner: dict[str, int]) -> Settings:
 
 
 def _prepare_budgets(settings: Settings, owner: dict[str, int]) -> Settings:
-    """The host's ledger of spend per key, and the state store checked (an unusable one
-    refuses the start: budgets must not silently start from zero)."""
+    """The host's ledger of spend per key (sized from the number of keys), and the state
+    store checked: its directory must be safe (as the cache's), an unusable store refuses the
+    start (budgets must not silently start from zero). With Redis, spend is kept there."""
+    from edge.budgets import ledger
     from edge.budgets.shared import SharedLedger
-    from edge.budgets.store import Store, StoreError
 
     config = settings.config
-    if config.state_dir is not None:
-        try:
-            Store.open(str(config.state_dir)).close()
-            _hand_over(config.state_dir, owner)
-        except (StoreError, OSError) as exc:
-            print(f"llm-edge-proxy: state directory: {exc}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-    name = _create_segment(
-        settings.ledger_table or segment_name(ledger_prefix(config), os.getpid()),
-        ledger_prefix(config),
-        lambda name: SharedLedger.create(name, **owner).close(),
-    )
     budgets = [e for e in settings.keys.entries() if e.budget_usd is not None]
-    if budgets and _removable_state_dir is not None:
-        log.warning(
-            "keys have budgets but no state directory is set (STATE_DIR, or systemd's "
-            "StateDirectory=): their spend is lost when the service stops",
-            extra={"directory": str(config.state_dir)},
+    if config.rate_limit_enabled and config.rate_limit_backend == "redis":
+        name = ""
+    else:
+        if budgets and _removable_state_dir is not None:
+            print(
+                "llm-edge-proxy: keys have budgets but no state directory is set: set STATE_DIR "
+                "(systemd: StateDirectory= sets STATE_DIRECTORY), or their spend would be lost "
+                "at every restart",
+                file=sys.stderr,
+                flush=True,
+            )
+            raise SystemExit(2)
+        _prepare_store(config, owner)
+        slots = ledger.slots_for(len(settings.keys))
+        name = _create_segment(
+            settings.ledger_table or segment_name(ledger_prefix(config), os.getpid()),
+            ledger_prefix(config),
+            lambda name: SharedLedger.create(name, slots, **owner).close(),
         )
     if budgets and not (settings.providers and settings.providers.priced):
         log.warning(
@@ -361,15 +363,31 @@ def _prepare_budgets(settings: Settings, owner: dict[str, int]) -> Settings:
     return dataclasses.replace(settings, ledger_table=name)
 
 
-def _hand_over(path: Path, owner: dict[str, int]) -> None:
-    """Give the state directory and the store to the workers' user (a master run as root)."""
-    if not owner:
-        return
-    for root, dirs, files in os.walk(path):
-        for name in [root, *(os.path.join(root, d) for d in dirs)]:
-            os.chown(name, owner.get("uid", -1), owner.get("gid", -1))
-        for name in files:
-            os.chown(os.path.join(root, name), owner.get("uid", -1), owner.get("gid", -1))
+def _prepare_store(config: Config, owner: dict[str, int]) -> None:
+    """Vet the state directory, open the instance's store once (made if missing), and hand
+    the directory and the store's files (never following a link) to the workers' user."""
+    from edge.budgets.store import Store, StoreError, file_name
+    from edge.cache.local import vet_directory
+
+    assert config.state_dir is not None
+    path = str(config.state_dir).rstrip("/") or "/"
+    uid, gid = owner.get("uid", -1), owner.get("gid", -1)
+    try:
+        owners = (os.geteuid(),) if uid == -1 else (os.geteuid(), uid)
+        vet_directory(path, owners, "state directory")
+        Store.open(path, config.instance).close()
+        if owner:
+            store = os.path.join(path, file_name(config.instance))
+            for name in (path, store, *(os.path.join(store, f) for f in ("data.mdb", "lock.mdb"))):
+                os.chown(name, uid, gid, follow_symlinks=False)
+    except (StoreError, OSError) as exc:
+        print(
+            f"llm-edge-proxy: state directory: {exc} (a damaged usage store can be moved aside; "
+            "its spend is then lost)",
+            file=sys.stderr,
+            flush=True,
+        )
+        raise SystemExit(2) from None
 
 
 def ledger_prefix(config: Config) -> str:
@@ -561,9 +579,9 @@ def _flush_ledger() -> None:
             snapshot = ledger.snapshot(0.0, 0.0)
         finally:
             ledger.close()
-        store = Store.open(str(settings.config.state_dir))
+        store = Store.open(str(settings.config.state_dir), settings.config.instance)
         try:
-            write_rows(store, snapshot, [])
+            write_rows(store, snapshot)
         finally:
             store.close()
     except Exception:

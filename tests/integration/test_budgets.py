@@ -98,6 +98,8 @@ def check_refusal(refused: openai.RateLimitError) -> None:
 def state(tmp_path, upstream):
     env = write_config(tmp_path, upstream, PAID_FOR * PER_REQUEST)
     env["STATE_DIR"] = str(tmp_path / "state")
+    # The store is the instance's: a restart on another port must keep the instance's name.
+    env["INSTANCE_NAME"] = f"budgets{os.getpid()}"
     return env
 
 

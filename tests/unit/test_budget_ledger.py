@@ -4,6 +4,7 @@ forward-only records, what a request is charged when it ends, and the usage repo
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 from types import SimpleNamespace
 
@@ -18,13 +19,11 @@ from edge.budgets.ledger import Ledger, Row, to_nano
 from edge.budgets.report import read_env_file, rows_for, table
 from edge.budgets.shared import LocalLedger, digest_of
 from edge.budgets.store import Store
-from edge.errors import QuotaExceeded
+from edge.cost import Price
+from edge.errors import ApiError, QuotaExceeded
+from edge.ratelimit.tokens import CHAT
 
 UTC = datetime.UTC
-
-
-def hold(books, *args):
-    books.hold(*args)
 
 
 def epoch(*parts: int) -> float:
@@ -65,6 +64,8 @@ def test_an_unknown_period_is_refused():
 
 # ---------------------------------------------------------------- the ledger
 
+M = ("month", 100, 200)  # a period: kind, start, end
+
 
 @given(
     st.integers(0, 10**12),
@@ -76,37 +77,52 @@ def test_a_budget_admits_exactly_the_requests_it_can_pay_for(budget, costs):
     local = LocalLedger(64)
     admitted = 0
     for cost in costs:
-        ok, spent = local.admit("k", 1, budget, cost)
+        ok, spent = local.admit("k", *M, budget, cost)
         if not ok:
             assert spent >= budget
             break
-        assert local.settle("k", 1, cost, cost, 1, 1)
+        assert local.settle("k", *M, cost - cost, 1, 1)
         admitted += 1
-    assert local.get("k", 1).spent == sum(costs[:admitted])  # whole nano-dollars: exact
+    assert local.get("k", *M[:2]).spent == sum(costs[:admitted])  # whole nano-dollars: exact
     # Each admitted request found the spend below the budget.
     assert all(sum(costs[:index]) < budget for index in range(admitted))
 
 
 def test_five_requests_of_a_fifth_of_the_budget_are_admitted_not_six():
-    price = 0.012
+    price, reserve = to_nano(0.012), to_nano(0.02)
     local = LocalLedger(64)
     results = []
     for _ in range(6):
-        ok, _ = local.admit("k", 1, to_nano(5 * price), to_nano(0.02))
+        ok, _ = local.admit("k", *M, 5 * price, reserve)
         results.append(ok)
         if ok:
-            local.settle("k", 1, to_nano(price), to_nano(0.02), 5, 7)
+            local.settle("k", *M, price - reserve, 5, 7)
     assert results == [True] * 5 + [False]
-    row = local.get("k", 1)
-    assert (row.requests, row.prompt, row.completion) == (5, 25, 35)
+    row = local.get("k", *M[:2])
+    assert (row.spent, row.requests, row.prompt, row.completion) == (5 * price, 5, 25, 35)
 
 
-def test_settling_has_no_floor_and_ignores_negative_tokens():
+def test_settling_has_no_floor_saturates_and_ignores_negative_tokens():
     local = LocalLedger(64)
-    local.admit("k", 1, budget=100, reserve=10)
-    local.settle("k", 1, charge=100, release=10, prompt=-5, completion=3)
-    row = local.get("k", 1)
+    local.admit("k", *M, budget=100, reserve=10)
+    local.settle("k", *M, spent=90, prompt=-5, completion=3)
+    row = local.get("k", *M[:2])
     assert row.spent == 100 and row.prompt == 0 and row.completion == 3 and row.version == 2
+    local.settle("k", *M, spent=ledger.LIMIT, prompt=0, completion=0)
+    local.settle("k", *M, spent=ledger.LIMIT, prompt=0, completion=0)
+    assert local.get("k", *M[:2]).spent == ledger.LIMIT
+
+
+def test_each_period_and_kind_is_a_slot_of_its_own():
+    """A request admitted before the boundary settles into its own period; a key whose period
+    kind changes meets a fresh record of the new kind."""
+    local = LocalLedger(64)
+    assert local.admit("k", "day", 100, 200, 50, 10) == (True, 0)
+    assert local.admit("k", "day", 200, 300, 50, 10) == (True, 0)  # the next day
+    assert local.settle("k", "day", 100, 200, 20 - 10, 1, 1)  # the first settles in its day
+    assert local.get("k", "day", 100).spent == 20
+    assert local.get("k", "day", 200).spent == 10
+    assert local.admit("k", "month", 0, 1000, 50, 5) == (True, 0)
 
 
 def fresh(slots: int = 64) -> Ledger:
@@ -115,28 +131,33 @@ def fresh(slots: int = 64) -> Ledger:
     return Ledger(buf)
 
 
-def test_a_torn_slot_reads_as_free_and_a_full_window_is_said():
+def test_a_torn_slot_reads_as_free_and_ended_periods_make_room():
     table = fresh(8)
-    digest = digest_of("a")
+    digest = digest_of("a", "month", 1)
     offset, row = table.find(digest)
     assert row is None
-    table.write(offset, digest, Row("a", 1, spent=5))
-    assert ledger.row_of(table.find(digest)[1]) == Row("a", 1, spent=5)
+    table.write(offset, digest, Row("a", "month", 1, 2, spent=5))
+    assert ledger.row_of(table.find(digest)[1]) == Row("a", "month", 1, 2, spent=5)
     table._buf[offset + 40] ^= 0xFF  # type: ignore[index]
     assert table.find(digest)[1] is None
-    for index in range(8):
-        other = digest_of(f"other-{index}")
-        table.write(ledger.HEADER_SIZE + index * ledger.SLOT_SIZE, other, Row("o", 1))
-    assert table.find(digest_of("newcomer")) == (ledger.FULL, None)
+    ends = [10_000 + index for index in range(8)]
+    for index, end in enumerate(ends):
+        other = digest_of(f"other-{index}", "day", 0)
+        table.write(ledger.HEADER_SIZE + index * ledger.SLOT_SIZE, other, Row("o", "day", 0, end))
+    newcomer = digest_of("newcomer", "day", 0)
+    assert table.find(newcomer, now=10_000) == (ledger.FULL, None)  # every period is live
+    # An hour after they ended, the one that ended first makes room.
+    offset, row = table.find(newcomer, now=10_003 + ledger.RETAIN_S)
+    assert row is None and offset == ledger.HEADER_SIZE
 
 
 def test_the_flush_is_claimed_once_per_interval_and_only_after_a_write():
     table = fresh()
     assert not table.claim_flush(100.0, 1.0)  # nothing written yet
-    digest = digest_of("a")
-    table.write(table.find(digest)[0], digest, Row("a", 1))
+    digest = digest_of("a", "month", 1)
+    table.write(table.find(digest)[0], digest, Row("a", "month", 1))
     assert table.claim_flush(100.0, 1.0)
-    table.write(table.find(digest)[0], digest, Row("a", 1, spent=1))
+    table.write(table.find(digest)[0], digest, Row("a", "month", 1, spent=1))
     assert not table.claim_flush(100.5, 1.0)  # claimed 0.5 s ago
     assert table.claim_flush(101.0, 1.0)
     assert not table.claim_flush(102.0, 1.0)  # nothing new
@@ -150,46 +171,52 @@ def test_a_ledger_buffer_is_checked():
         Ledger(bytearray(ledger.size_for(4)))  # no magic
 
 
+def test_the_table_is_sized_from_the_keys():
+    assert ledger.slots_for(10) == ledger.MIN_SLOTS
+    assert ledger.slots_for(10_000) == 80_000
+
+
 # ---------------------------------------------------------------- shared ledger and store
 
 
-def test_a_new_period_starts_from_the_store_and_the_old_one_is_retired(tmp_path):
-    store = Store.open(str(tmp_path))
-    store.put_newer([Row("a", 200, spent=70, requests=3, version=9)])
+def test_a_period_met_for_the_first_time_starts_from_the_store(tmp_path):
+    store = Store.open(str(tmp_path), "i")
+    store.put_newer([Row("a", "month", 100, 200, spent=70, requests=3, version=9)])
     local = LocalLedger(64, load=store.get)
-    assert local.admit("a", 100, budget=50, reserve=10) == (True, 0)
-    assert local.settle("a", 100, charge=20, release=10, prompt=1, completion=2)
-    # The next period: its baseline is read from the store; the old row is retired.
-    assert local.admit("a", 200, budget=100, reserve=10) == (True, 70)
-    assert local.take_retired() == [Row("a", 100, 20, 1, 1, 2, version=2)]
-    # A request that began in the old period settles nowhere (its period is gone).
-    assert not local.settle("a", 100, charge=5, release=0, prompt=0, completion=0)
-    assert local.admit("a", 200, budget=81, reserve=0) == (True, 80)
-    assert local.admit("a", 200, budget=80, reserve=0) == (False, 80)  # not below it
+    assert local.admit("a", *M, budget=100, reserve=10) == (True, 70)
+    assert local.get("a", *M[:2]) == Row("a", "month", 100, 200, 80, 3, 0, 0, 10)
+    assert local.admit("a", *M, budget=80, reserve=0) == (False, 80)  # not below it
     store.close()
 
 
-def test_the_store_keeps_only_newer_versions(tmp_path):
-    store = Store.open(str(tmp_path))
-    assert store.put_newer([Row("a", 1, spent=10, version=5), Row("b:c", 2**33, version=1)]) == 2
-    assert store.put_newer([Row("a", 1, spent=3, version=4)]) == 0  # a late, older snapshot
-    assert store.get("a", 1) == Row("a", 1, spent=10, version=5)
-    assert store.put_newer([Row("a", 1, spent=11, version=6)]) == 1
-    assert sorted(store.rows()) == [Row("a", 1, 11, 0, 0, 0, 6), Row("b:c", 2**33, version=1)]
+def test_the_store_keeps_only_newer_versions_per_instance(tmp_path):
+    store = Store.open(str(tmp_path), "i")
+    rows = [Row("a", "month", 1, 2, spent=10, version=5), Row("b:c", "day", 2**33, version=1)]
+    assert store.put_newer(rows) == 2
+    assert store.put_newer([Row("a", "month", 1, 2, spent=3, version=4)]) == 0  # late, older
+    assert store.get("a", "month", 1) == Row("a", "month", 1, 2, spent=10, version=5)
+    assert store.get("a", "day", 1) is None  # another kind
+    assert store.put_newer([Row("a", "month", 1, 2, spent=11, version=6)]) == 1
+    assert sorted(store.rows()) == sorted(
+        [Row("a", "month", 1, 2, 11, version=6), Row("b:c", "day", 2**33, version=1)]
+    )
     store.close()
-    reader = Store.open(str(tmp_path), readonly=True)
-    assert reader.get("a", 1).spent == 11
+    reader = Store.open(str(tmp_path), "i", readonly=True)
+    assert reader.get("a", "month", 1).spent == 11
     reader.close()
+    other = Store.open(str(tmp_path), "other")  # another instance's store
+    assert other.rows() == []
+    other.close()
 
 
 def test_a_snapshot_flushed_is_what_the_store_then_holds(tmp_path):
-    store = Store.open(str(tmp_path))
+    store = Store.open(str(tmp_path), "i")
     local = LocalLedger(64)
-    local.settle("a", 7, charge=to_nano(0.5), release=0, prompt=10, completion=20)
+    local.settle("a", *M, spent=to_nano(0.5), prompt=10, completion=20)
     snapshot = local.snapshot(1.0, 1.0)
     assert snapshot is not None and local.snapshot(1.5, 1.0) is None
-    assert write_rows(store, snapshot, []) == 1
-    assert store.get("a", 7) == Row("a", 7, to_nano(0.5), 1, 10, 20, 1)
+    assert write_rows(store, snapshot) == 1
+    assert store.get("a", "month", 100) == Row("a", "month", 100, 200, to_nano(0.5), 1, 10, 20, 1)
     store.close()
 
 
@@ -200,8 +227,6 @@ def accounts(clock: FakeClock, price: float | None = 1000.0) -> Accounts:
     config = SimpleNamespace(
         rate_limit_tpm_default_max_tokens=100, rate_limit_failure_policy="allow"
     )
-    from edge.cost import Price
-
     providers = SimpleNamespace(
         price_ceiling=lambda model: None if price is None else Price(price, price)
     )
@@ -211,62 +236,91 @@ def accounts(clock: FakeClock, price: float | None = 1000.0) -> Accounts:
 def context(budget: float | None, **fields):
     key = SimpleNamespace(identity="team", budget_usd=budget, budget_period="month")
     values = {"key": key, "budget": None, "cost_usd": None, "upstream": None, "cache": None,
-              "prompt_tokens": None, "completion_tokens": None, "error_code": None}  # fmt: skip
+              "prompt_tokens": None, "completion_tokens": None, "relayed": 0}  # fmt: skip
     values.update(fields)
     return SimpleNamespace(**values)
 
 
-def call(max_tokens: int = 10):
-    data = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}],
-            "max_tokens": max_tokens}  # fmt: skip
-    return SimpleNamespace(data=data, model="m", body=b"x" * 80)
+def call(max_tokens: int | None = 10, path: str = "/chat/completions", **more):
+    data = {"model": "m", "messages": [{"role": "user", "content": "x" * 40}], **more}
+    if max_tokens is not None:
+        data["max_tokens"] = max_tokens
+    return SimpleNamespace(data=data, model="m", body=b"x" * 80, path=path)
 
 
-PROMPT = SimpleNamespace(fields=("messages",), caps=("max_tokens",), batch=None, asks_usage=True)
+def spent(books: Accounts, clock: FakeClock) -> int:
+    row = books._ledger.get("team", "month", periods.start_of("month", clock.now))
+    return 0 if row is None else row.spent
 
 
 def test_a_hold_reserves_the_priced_estimate_and_the_end_settles_to_the_cost():
-    from edge.ratelimit.tokens import Prompt
-
     clock = FakeClock(epoch(2026, 12, 7))
     books = accounts(clock)
     ctx = context(1.0)
-    hold(books, ctx, call(10), Prompt("messages", caps=("max_tokens",)))
-    reserved = ctx.budget[1]
+    assert not books.hold(ctx, call(10), CHAT)
+    reserved = ctx.budget[3]
     assert reserved == to_nano((20 + 10) * 1000 / 1e6)  # 80 bytes / 4 in, 10 out
-    start = periods.start_of("month", clock.now)
-    assert books._ledger.get("team", start).spent == reserved
+    assert spent(books, clock) == reserved
     ctx.cost_usd = 0.004
     ctx.upstream = SimpleNamespace(working=1, error=None)
     books.finish(ctx, whole=True)
-    assert books._ledger.get("team", start).spent == to_nano(0.004)
+    assert spent(books, clock) == to_nano(0.004)
+
+
+def test_a_request_without_an_output_cap_is_sent_with_the_one_it_reserved_for():
+    books = accounts(FakeClock(epoch(2026, 12, 7)))
+    request = call(None)
+    assert books.hold(context(1.0), request, CHAT)  # the caller re-serialises the body
+    assert request.data["max_completion_tokens"] == 100  # RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS
 
 
 @pytest.mark.parametrize(
-    ("cost", "working", "error", "whole", "charged"),
+    ("request_", "code"),
     [
-        (0.004, 1, None, True, "cost"),
-        (None, 1, None, False, "reserve"),  # the client hung up before the usage came
-        (0.001, 1, "disconnect", False, "reserve"),  # broken off: at least the estimate
-        (0.5, 1, "disconnect", False, "cost"),  # ...or what it is seen to cost, if more
-        (None, 0, "connect", True, "nothing"),  # the upstream provably did no work
-        (None, None, None, True, "nothing"),  # never went upstream (refused before)
+        (call(10, background=True), None),
+        (call(10**15), "cost_exceeds_budget"),  # more than the whole budget (and past i64)
+        (call(10, n=10**12), "cost_exceeds_budget"),
+        (call(10, path="/images/generations"), "budget_not_applicable"),
+        (call(10, path="/audio/speech"), "budget_not_applicable"),
     ],
 )
-def test_what_a_request_is_charged_when_it_ends(cost, working, error, whole, charged):
-    from edge.ratelimit.tokens import Prompt
+def test_what_a_budget_cannot_hold_is_refused(request_, code):
+    books = accounts(FakeClock(epoch(2026, 12, 7)))
+    with pytest.raises(ApiError) as refused:
+        books.hold(context(1.0), request_, CHAT)
+    assert refused.value.status in (400, 403) and (code is None or refused.value.code == code)
 
+
+@pytest.mark.parametrize(
+    ("cost", "working", "error", "whole", "relayed", "charged"),
+    [
+        (0.004, 1, None, True, 0, "cost"),
+        (None, 1, None, False, 0, "reserve"),  # the client hung up before the usage came
+        (0.001, 1, "disconnect", False, 0, "reserve"),  # broken off: at least the estimate
+        (0.5, 1, "disconnect", False, 0, "cost"),  # ...or what it is seen to cost, if more
+        (None, 1, None, False, 500, "seen"),  # 500 events relayed before the hang-up
+        (None, 0, "connect", True, 0, "nothing"),  # the upstream provably did no work
+        (None, None, None, True, 0, "nothing"),  # never went upstream (refused before)
+        (0.004, 3, None, True, 0, "failover"),  # two attempts failed over from, maybe billed
+    ],
+)
+def test_what_a_request_is_charged_when_it_ends(cost, working, error, whole, relayed, charged):
     clock = FakeClock(epoch(2026, 12, 7))
     books = accounts(clock)
     ctx = context(1.0)
-    hold(books, ctx, call(10), Prompt("messages", caps=("max_tokens",)))
-    reserved = ctx.budget[1]
-    ctx.cost_usd = cost
+    books.hold(ctx, call(10), CHAT)
+    reserved = ctx.budget[3]
+    ctx.cost_usd, ctx.relayed = cost, relayed
     ctx.upstream = None if working is None else SimpleNamespace(working=working, error=error)
     books.finish(ctx, whole=whole)
-    spent = books._ledger.get("team", periods.start_of("month", clock.now)).spent
-    expected = {"cost": to_nano(cost or 0), "reserve": reserved, "nothing": 0}[charged]
-    assert spent == expected
+    expected = {
+        "cost": to_nano(cost or 0),
+        "reserve": reserved,
+        "seen": to_nano((20 + 500) * 1000 / 1e6),
+        "nothing": 0,
+        "failover": to_nano(0.004) + 2 * reserved,
+    }[charged]
+    assert spent(books, clock) == expected
 
 
 def test_over_budget_is_insufficient_quota_saying_when_it_resets():
@@ -274,33 +328,49 @@ def test_over_budget_is_insufficient_quota_saying_when_it_resets():
     books = accounts(clock)
     ctx = context(0.001)
     ctx.cost_usd, ctx.upstream = 0.002, SimpleNamespace(working=1, error=None)
-    hold(books, ctx, call(), None)
+    books.hold(ctx, call(), None)
     books.finish(ctx, whole=True)
     with pytest.raises(QuotaExceeded) as refused:
-        hold(books, context(0.001), call(), None)
+        books.hold(context(0.001), call(), None)
     assert refused.value.status == 429 and refused.value.code == "insufficient_quota"
     assert refused.value.headers == {"x-should-retry": "false"}
     assert "2027-01-01T00:00:00Z" in refused.value.message
     clock.now = epoch(2027, 1, 1)  # the calendar boundary, in UTC: a fresh budget
-    hold(books, context(0.001), call(), None)
+    books.hold(context(0.001), call(), None)
 
 
 @settings(max_examples=50)
 @given(st.lists(st.tuples(st.integers(0, 10**7), st.booleans()), max_size=30))
 def test_requests_in_flight_are_reserved_and_all_settle(requests):
-    """Holds taken while others are in flight: none is admitted once the spend with every
-    reservation reaches the budget, and when all have ended only their costs remain."""
-    books = accounts(FakeClock(epoch(2026, 12, 7)), price=None)
+    """Holds taken while others are in flight (unpriced: nothing reserved), all ended: only
+    their costs remain."""
+    clock = FakeClock(epoch(2026, 12, 7))
+    books = accounts(clock, price=None)
     held = []
     for cost, _ in requests:
         ctx = context(1e9)
-        hold(books, ctx, call(), None)
+        books.hold(ctx, call(), None)
         ctx.cost_usd, ctx.upstream = cost / 1e9, SimpleNamespace(working=1, error=None)
         held.append(ctx)
     for ctx, (_, whole) in zip(held, requests, strict=True):
         books.finish(ctx, whole=whole)
-    row = books._ledger.get("team", periods.start_of("month", epoch(2026, 12, 7)))
-    assert row is None or row.spent == sum(cost for cost, _ in requests)
+    assert spent(books, clock) == sum(cost for cost, _ in requests)
+
+
+def test_requests_without_a_reservation_are_counted_in_batches():
+    async def run() -> tuple[int, int]:
+        clock = FakeClock(epoch(2026, 12, 7))
+        books = accounts(clock)
+        for _ in range(5):
+            ctx = context(None, cost_usd=0.001, prompt_tokens=3, completion_tokens=4)
+            books.finish(ctx, whole=True)
+        before = spent(books, clock)
+        books.write_batch()
+        row = books._ledger.get("team", "month", periods.start_of("month", clock.now))
+        return before, row.requests
+
+    before, requests = asyncio.run(run())
+    assert before == 0 and requests == 5
 
 
 # ---------------------------------------------------------------- the report
@@ -317,9 +387,9 @@ def test_the_report_lists_every_configured_key_and_the_stored_strangers():
         ]
     )
     stored = [
-        Row("b", day, spent=to_nano(0.5), requests=2, prompt=3, completion=4),
-        Row("b", day - 86_400, spent=to_nano(9)),  # yesterday's
-        Row("gone", month, spent=to_nano(1)),
+        Row("b", "day", day, spent=to_nano(0.5), requests=2, prompt=3, completion=4),
+        Row("b", "day", day - 86_400, spent=to_nano(9)),  # yesterday's
+        Row("gone", "month", month, spent=to_nano(1)),
     ]
     lines = rows_for(keys, stored, now, "month")
     assert [line["key"] for line in lines] == ["a", "b", "gone"]
