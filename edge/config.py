@@ -506,6 +506,10 @@ SETTINGS: tuple[Setting, ...] = (
       "Output tokens reserved for a request that sets no output cap its API obeys (a "
       "reservation, not a limit: the request is settled to the usage the upstream reports, "
       "into debt if it used more)"),
+    S("KEY_MAX_PARALLEL", "key_max_parallel", integer(0, 1_000_000), "0",
+      "Requests a key may have in flight at once, host-wide, when it sets no `max_parallel` in "
+      "the keys file (`API_KEYS` and `API_KEY_HASHES` keys too); beyond → 429 "
+      "`too_many_parallel_requests`. 0: no cap"),
     # Response cache (behaviour in edge.cache)
     S("CACHE_BACKEND", "cache_backend", choice(*CACHE_BACKENDS), "off",
       "`off`, `local` (one store per host, shared by every worker, kept across reloads and "
@@ -662,6 +666,7 @@ class Config:
     redis_key_prefix: str
     rate_limit_tpm: int  # 0: no token limit unless a key sets its own `tpm`
     rate_limit_tpm_default_max_tokens: int
+    key_max_parallel: int  # 0: no cap unless a key sets its own `max_parallel`
     # Response cache (edge.cache)
     cache_backend: str
     cache_dir: Path | None  # the master sets the one it chose (edge.server.master)

@@ -32,6 +32,7 @@ class HostTables(NamedTuple):
     rate_limit: str
     breakers: str
     flights: str = ""  # the cache's requests in flight (edge.cache.flights); "" without cache
+    parallel: str = ""  # each key's requests in flight (edge.ratelimit.parallel)
 
 
 class Runtime:
@@ -48,6 +49,7 @@ class Runtime:
         owns_limiter: bool = False,
         cache: Any = None,
         tracing: Any = None,
+        parallel: Any = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -59,6 +61,12 @@ class Runtime:
         self._owns_limiter = owns_limiter  # shared memory or Redis: closed at shutdown
         self.cache = cache  # edge.cache.answers.ResponseCache, unless CACHE_BACKEND=off
         self.tracing = tracing  # edge.observability.tracing.Tracing, when spans are exported
+        # Each key's requests in flight (edge.ratelimit.parallel): host-wide, or this process's.
+        if parallel is None:
+            from edge.ratelimit.parallel import LocalParallel
+
+            parallel = LocalParallel()
+        self.parallel = parallel
         self.started = False
 
     @classmethod
@@ -73,7 +81,8 @@ class Runtime:
         """Every object of one worker. `keys` and `providers` are those the master validated
         (loaded here when None: a test, a single process). `tables` names the host-wide
         tables to attach; without them the rate limiter and the breakers are process-local,
-        the limiter's clock being `clock` (tests pass a fake one)."""
+        the limiter's clock being `clock` (tests pass a fake one), and each key's requests
+        in flight are counted in this process."""
         if keys is None:
             keys = KeyStore.load(config)
         if providers is None:
@@ -115,7 +124,12 @@ class Runtime:
             from edge.observability.tracing import Tracing
 
             tracing = Tracing(config, metrics)
-        return cls(config, keys, router, metrics, limiter, tokens, owns, cache, tracing)
+        parallel = None
+        if tables is not None and tables.parallel:  # also with RATE_LIMIT_BACKEND=redis
+            from edge.ratelimit.parallel import SharedParallel
+
+            parallel = SharedParallel.attach(tables.parallel, config.rate_limit_lock_timeout_s)
+        return cls(config, keys, router, metrics, limiter, tokens, owns, cache, tracing, parallel)
 
     @property
     def ready(self) -> bool:
@@ -148,6 +162,7 @@ class Runtime:
         if self.cache is not None:
             await self.cache.aclose()
         self.router.breakers.close()
+        self.parallel.close()
         if self.tracing is not None:  # the spans of the requests drained above
             await self.tracing.aclose()
         flush_access_log()  # uvicorn has drained the connections: every access line is out

@@ -94,5 +94,7 @@ def worker_app() -> Any:
     from edge.runtime import HostTables
 
     settings = master.current()
-    tables = HostTables(settings.table_name, settings.breaker_table, settings.flights_table)
+    tables = HostTables(
+        settings.table_name, settings.breaker_table, settings.flights_table, settings.parallel_table
+    )
     return create_app(settings.config, settings.keys, settings.providers, tables)
