@@ -22,6 +22,7 @@ The code map: the process model and one request's path, with the module that own
                                            context); the matched route (edge.endpoints.routes:
                                            which endpoint, which API); the key (edge.auth); the
                                            request limit (edge.ratelimit: shm table or Redis)
+                                           and the key's requests in flight (.parallel)
       → endpoint (edge.endpoints.openai, .passthrough, .anthropic; .body reads and validates)
       → edge.pipeline                      one path for every forwarding endpoint:
           → the response cache, edge.cache   a hit answered from the host's store (.local,

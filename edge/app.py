@@ -35,7 +35,7 @@ from edge.endpoints.passthrough import ModelRetrieve
 from edge.endpoints.routes import endpoint_table
 from edge.endpoints.stateful import STATEFUL_ROUTES, Stateful
 from edge.errors import OPENAI, ApiError, MethodNotAllowed, NotFound, from_http_status
-from edge.middleware import EdgeMiddleware
+from edge.middleware import PARALLEL_HELD, EdgeMiddleware
 from edge.ratelimit.tokens import CHAT, COMPLETION, EMBEDDINGS, RESPONSES
 from edge.routing.providers import Providers
 from edge.runtime import HostTables, Runtime
@@ -55,17 +55,29 @@ class EdgeApp(falcon.asgi.App):
     alone decide its fate (a Content-Length over the limit, a bad key) would wait for body
     bytes the client may never send. Handing Falcon an empty first chunk lets the middleware
     and handlers run as soon as the head is parsed; the body is then read on demand.
+
+    When a request is over (returned or raised: every path), the place it took among its key's
+    requests in flight (`max_parallel`) is given back here, in one place.
     """
 
-    __slots__ = ("runtime",)
+    __slots__ = ("release_slot", "runtime")
     runtime: Runtime
+    release_slot: Callable[[Any], None]  # EdgeMiddleware's: a key's request in flight given back
 
     # falcon.asgi.App's own __call__ ignores the same override: its WSGI base class has
     # another signature.
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:  # type: ignore[override]
-        if scope["type"] == "http":
-            receive = _head_first(receive)
-        await super().__call__(scope, receive, send)
+        if scope["type"] != "http":
+            await super().__call__(scope, receive, send)
+            return
+        try:
+            await super().__call__(scope, _head_first(receive), send)
+        finally:
+            # The request is over, whichever way: its key's place among the requests in flight,
+            # if it took one, is given back (edge.middleware).
+            ctx = scope.get(PARALLEL_HELD)
+            if ctx is not None:
+                self.release_slot(ctx)
 
 
 def _head_first(receive: Any) -> Any:
@@ -140,6 +152,7 @@ def create_app(
     app.add_error_handler(falcon.HTTPError, _falcon_error)
     app.add_error_handler(ApiError, _api_error)
     app.runtime = runtime
+    app.release_slot = edge.release_slot
     return app
 
 

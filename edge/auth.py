@@ -46,10 +46,11 @@ MAX_KEY_LENGTH = 1024
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
 _FILE_FIELDS = frozenset(
     {"name", "key", "sha256", "rpm", "burst", "tpm", "models", "expires_at", "budget_usd",
-     "budget_period"}
+     "budget_period", "max_parallel"}
 )  # fmt: skip
 MAX_PATTERNS = 256  # `models` entries per key
 MAX_PATTERN = 256  # characters of one (a model name is at most 256)
+MAX_PARALLEL = 1_000_000  # a key's `max_parallel` (KEY_MAX_PARALLEL has the same bound)
 MAX_NAMES_LOGGED = 50  # identities listed per kind of change in a reload's log line
 
 
@@ -72,6 +73,8 @@ class KeyEntry:
     # "week" or "month" (None in the file's entry: KEY_BUDGET_PERIOD, set by KeyStore.load).
     budget_usd: float | None = None
     budget_period: str | None = None
+    # Requests in flight at once, host-wide (edge.ratelimit.parallel); None: KEY_MAX_PARALLEL.
+    max_parallel: int | None = None
 
     def may_use(self, model: str) -> bool:
         """Whether the key may use `model` (its `models` patterns, when it has any)."""
@@ -264,6 +267,9 @@ def _read_keys_file(
                 variable, f"{where}: 'budget_period' must be one of {', '.join(PERIODS)}"
             )
         entry = KeyEntry(name, rate, burst, tpm, digest, models, allowed, expires, budget, period)
+        if "max_parallel" in item:
+            parallel = _max_parallel(item["max_parallel"], where, variable)
+            entry = dataclasses.replace(entry, max_parallel=parallel)
         result.append((digest, entry))
     if not warn:
         return result, ()
@@ -311,6 +317,15 @@ def _models(value: object, where: str, variable: str) -> tuple[str, ...]:
             f"(each 1 to {MAX_PATTERN} characters)",
         )
     return tuple(value)
+
+
+def _max_parallel(value: object, where: str, variable: str) -> int:
+    """A key's `max_parallel`: a whole number of requests in flight, 1 to MAX_PARALLEL."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_PARALLEL:
+        raise ConfigError(
+            variable, f"{where}: 'max_parallel' must be a whole number from 1 to {MAX_PARALLEL}"
+        )
+    return value
 
 
 def _expires_at(value: object, where: str, variable: str) -> float:

@@ -527,6 +527,10 @@ SETTINGS: tuple[Setting, ...] = (
       "the service: a warning at start when a key has a budget). Unused with "
       "`RATE_LIMIT_BACKEND=redis`, which keeps usage in Redis",
       shown="see meaning"),
+    S("KEY_MAX_PARALLEL", "key_max_parallel", integer(0, 1_000_000), "0",
+      "Requests a key may have in flight at once, host-wide, when it sets no `max_parallel` in "
+      "the keys file (`API_KEYS` and `API_KEY_HASHES` keys too); beyond → 429 "
+      "`too_many_parallel_requests`. 0: no cap"),
     # Response cache (behaviour in edge.cache)
     S("CACHE_BACKEND", "cache_backend", choice(*CACHE_BACKENDS), "off",
       "`off`, `local` (one store per host, shared by every worker, kept across reloads and "
@@ -690,6 +694,7 @@ class Config:
     key_budget_usd: float  # 0: no budget
     key_budget_period: str
     state_dir: Path | None  # the master sets the one it chose (edge.server.master)
+    key_max_parallel: int  # 0: no cap unless a key sets its own `max_parallel`
     # Response cache (edge.cache)
     cache_backend: str
     cache_dir: Path | None  # the master sets the one it chose (edge.server.master)

@@ -7,9 +7,16 @@ matched) and `process_response` at the end:
 - `process_resource`: the matched `Endpoint` (edge.endpoints.routes) is recorded, then the key
   is checked unless the endpoint is public, then its path parameters (400 if one names
   nothing), then a rate-limit token is taken if it is limited and the method is one it serves
-  (a 405 or Falcon's OPTIONS answer spends none);
+  (a 405 or Falcon's OPTIONS answer spends none), and then, for a key with a `max_parallel`
+  (or KEY_MAX_PARALLEL), one of its requests in flight (edge.ratelimit.parallel);
 - `process_response`: metrics and the access line. Streamed responses are finished when their
   `ResponseStream` closes, after the last byte.
+
+A key's place among its requests in flight is given back in one place, when the request is
+over: `EdgeApp.__call__` returns (after the last byte of a whole answer or a stream, an error's
+answer, a client hanging up) or raises (a response that could not start, a cancelled task). It
+finds the request under PARALLEL_HELD in the ASGI scope and calls `release_slot`, which gives
+back what `RequestContext.parallel` says is held, once; a request that took none gives none.
 
 A request that matches no route reaches the `unmatched` sink instead of `process_resource`: the
 key is checked (when auth is on), and it is answered 404 having spent no token.
@@ -37,9 +44,13 @@ from edge.observability.context import (
 from edge.observability.logs import log_access
 from edge.pipeline import ResponseStream, request_cost
 from edge.ratelimit import Decision, RateLimiter, headers
+from edge.ratelimit.base import ALLOW
+from edge.ratelimit.parallel import HELD, NO_LOCK
 
 if TYPE_CHECKING:  # the handlers hold the worker's Runtime
     from edge.runtime import Runtime
+
+PARALLEL_HELD = "edge.parallel_held"  # ASGI scope: the RequestContext of a request holding one
 
 
 class EdgeMiddleware:
@@ -54,6 +65,8 @@ class EdgeMiddleware:
         self._burst = config.rate_limit_burst
         self._policy = config.rate_limit_failure_policy
         self._limiter = runtime.limiter
+        self._parallel = runtime.parallel
+        self._default_parallel = config.key_max_parallel  # 0: no cap for keys that set none
         self._metrics = runtime.metrics
         self._spans = runtime.tracing  # exporting spans (edge.observability.tracing), or None
         self._accounts = runtime.accounts  # spend per key (edge.budgets), or None
@@ -90,6 +103,11 @@ class EdgeMiddleware:
             else:
                 decision = limiter.check(identity, rpm, burst)
             self._admit(resp, decision, rpm)
+            entry = ctx.key
+            if entry is not None:
+                cap = entry.max_parallel or self._default_parallel
+                if cap:
+                    self._hold(req, ctx, entry.identity, cap)
 
     async def process_response(
         self, req: Any, resp: Any, resource: Any, req_succeeded: bool
@@ -170,6 +188,43 @@ class EdgeMiddleware:
                 headers=sent,
             )
         resp.set_headers(sent)
+
+    def _hold(self, req: Any, ctx: RequestContext, identity: str, cap: int) -> None:
+        """Count the request among its key's requests in flight, or refuse it with 429 when
+        the key has `cap` of them (or, by the failure policy, when they cannot be counted)."""
+        parallel = self._parallel
+        digest = parallel.digest(identity)
+        got = parallel.take(digest, cap)
+        if got == HELD:
+            ctx.parallel = digest
+            req.scope[PARALLEL_HELD] = ctx
+            return
+        metrics = self._metrics
+        if got < 0:  # the table could not count it (lock timeout, no slot): the policy decides
+            event = "parallel_lock_timeout" if got == NO_LOCK else "parallel_table_full"
+            if metrics is not None:
+                metrics.limiter_failure(event, self._policy)
+            if self._policy == ALLOW:
+                return
+            message = "This key's requests in flight could not be counted. Try again in 1s."
+        else:
+            if metrics is not None:
+                metrics.parallel_limited.inc()
+            message = (
+                f"This key has {got} requests in flight, its limit (max_parallel) is {cap}. "
+                "Try again when one of them has finished."
+            )
+        sent: dict[str, str] = {}
+        headers.retry_after(1.0, sent)
+        raise RateLimited(message, code="too_many_parallel_requests", headers=sent)
+
+    def release_slot(self, ctx: RequestContext) -> None:
+        """Give back the request's place among its key's requests in flight, if it holds one
+        (at most once)."""
+        digest = ctx.parallel
+        if digest is not None:
+            ctx.parallel = None
+            self._parallel.release(digest)
 
     # -------------------------------------------------------------- finishing
 

@@ -33,6 +33,7 @@ class HostTables(NamedTuple):
     breakers: str
     flights: str = ""  # the cache's requests in flight (edge.cache.flights); "" without cache
     ledger: str = ""  # the spend per key (edge.budgets.shared); "" with the Redis backend
+    parallel: str = ""  # each key's requests in flight (edge.ratelimit.parallel)
 
 
 class Runtime:
@@ -50,6 +51,7 @@ class Runtime:
         cache: Any = None,
         tracing: Any = None,
         accounts: Any = None,
+        parallel: Any = None,
     ) -> None:
         self.config = config
         self.keys = keys
@@ -62,6 +64,12 @@ class Runtime:
         self.cache = cache  # edge.cache.answers.ResponseCache, unless CACHE_BACKEND=off
         self.tracing = tracing  # edge.observability.tracing.Tracing, when spans are exported
         self.accounts = accounts  # edge.budgets.accounts.Accounts, when keys are checked
+        # Each key's requests in flight (edge.ratelimit.parallel): host-wide, or this process's.
+        if parallel is None:
+            from edge.ratelimit.parallel import LocalParallel
+
+            parallel = LocalParallel()
+        self.parallel = parallel
         self.started = False
 
     @classmethod
@@ -76,7 +84,8 @@ class Runtime:
         """Every object of one worker. `keys` and `providers` are those the master validated
         (loaded here when None: a test, a single process). `tables` names the host-wide
         tables to attach; without them the rate limiter and the breakers are process-local,
-        the limiter's clock being `clock` (tests pass a fake one)."""
+        the limiter's clock being `clock` (tests pass a fake one), and each key's requests
+        in flight are counted in this process."""
         if keys is None:
             keys = KeyStore.load(config)
         if providers is None:
@@ -123,7 +132,15 @@ class Runtime:
         accounts = None
         if config.auth_enabled:
             accounts = _accounts(config, providers, tables, metrics)
-        return cls(config, keys, router, metrics, limiter, tokens, owns, cache, tracing, accounts)
+        parallel = None
+        if tables is not None and tables.parallel:  # also with RATE_LIMIT_BACKEND=redis
+            from edge.ratelimit.parallel import SharedParallel
+
+            parallel = SharedParallel.attach(tables.parallel, config.rate_limit_lock_timeout_s)
+        return cls(
+            config, keys, router, metrics, limiter, tokens, owns, cache, tracing, accounts,
+            parallel,
+        )  # fmt: skip
 
     @property
     def ready(self) -> bool:
@@ -160,6 +177,7 @@ class Runtime:
         self.router.breakers.close()
         if self.accounts is not None:  # the spend of the requests drained above
             await self.accounts.aclose()
+        self.parallel.close()
         if self.tracing is not None:  # the spans of the requests drained above
             await self.tracing.aclose()
         flush_access_log()  # uvicorn has drained the connections: every access line is out

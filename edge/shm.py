@@ -1,7 +1,8 @@
 """Host-wide shared memory: the segments every worker maps, their kernel-released lock, and
-where a key's slot is. The rate-limit table (edge.ratelimit.shm) and the breaker table
-(edge.routing.breaker) are both a `Segment` with a layout of their own; budgets and cache
-coalescing are meant to be the next.
+where a key's slot is. The rate-limit table (edge.ratelimit.shm), the breaker table
+(edge.routing.breaker), the cache's fills in flight (edge.cache.flights) and each key's requests
+in flight (edge.ratelimit.parallel) are each a `Segment` with a layout of their own; budgets are
+meant to be the next.
 
 Theory of operation
 -------------------

@@ -6,7 +6,9 @@ from pathlib import Path
 
 import pytest
 
-_TEST_TABLE = re.compile(r"llm-edge-proxy\.test\d+\.(?:breakers\.)?(\d+)(?:\.[0-9a-f]+)?")
+_TEST_TABLE = re.compile(
+    r"llm-edge-proxy\.test\d+\.(?:breakers\.|parallel\.)?(\d+)(?:\.[0-9a-f]+)?"
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -167,6 +167,7 @@ class RequestContext:
         "identity",
         "key",
         "model",
+        "parallel",
         "parent_id",
         "prompt_tokens",
         "relayed",
@@ -190,6 +191,9 @@ class RequestContext:
         self.route: Endpoint | None = None  # once the request is routed
         self.identity: str | None = None
         self.key: KeyEntry | None = None  # the key of an authenticated request
+        # The slot digest of the key's requests in flight while this request holds one of them
+        # (edge.ratelimit.parallel): set when taken, back to None when released (exactly once).
+        self.parallel: bytes | None = None
         self.model: str | None = None
         self.stream = False
         self.upstream: UpstreamOutcome | None = None  # see record_upstream

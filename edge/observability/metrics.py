@@ -239,9 +239,14 @@ class Metrics:
         self._rate_limited_family = counter("rate_limited", "Requests refused by the rate limiter.")
         self.limiter_events = counter(
             "rate_limiter_failures",
-            "Limiter decisions taken by the failure policy (lock timeout, table full, redis_*).",
+            "Limiter decisions taken by the failure policy (lock timeout, table full, redis_*; "
+            "parallel_*: the count of requests in flight per key).",
             "event", "policy",
         )  # fmt: skip
+        self._parallel_limited_family = counter(
+            "parallel_limited",
+            "Requests refused because their key had its max_parallel requests in flight.",
+        )
         self.upstream_requests = counter(
             "upstream_requests", "Upstream exchanges by outcome (2xx, 4xx, 5xx, error).",
             "outcome",
@@ -395,6 +400,7 @@ class Metrics:
         self._in_flight_family._value.get()
         self.in_flight = _fast(self._in_flight_family, ())
         self.rate_limited = _fast(self._rate_limited_family, ())
+        self.parallel_limited = _fast(self._parallel_limited_family, ())
         self.upstream_duration = _fast(self._upstream_duration_family, ())
         self.ttft = _fast(self._ttft_family, ())
         self.stream_duration = _fast(self._stream_duration_family, ())

@@ -48,6 +48,7 @@ class Settings:
     breaker_table: str = ""
     flights_table: str = ""  # the response cache's requests in flight; "" with the cache off
     ledger_table: str = ""  # the spend per key (edge.budgets.shared); "" with auth off
+    parallel_table: str = ""  # each key's requests in flight (edge.ratelimit.parallel)
 
 
 _current: Settings | None = None
@@ -115,6 +116,9 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         ),
         flights_table=_current.flights_table if _current else "",
         ledger_table=_current.ledger_table if _current else "",
+        parallel_table=(
+            _current.parallel_table if _current else segment_name(parallel_prefix(config), pid)
+        ),
     )
     return _current
 
@@ -270,6 +274,16 @@ def on_starting(server: Any) -> None:
         lambda name: SharedBreakers.create(name, **owner),
     )
     settings = _current = dataclasses.replace(settings, breaker_table=name)
+    from edge.ratelimit.parallel import SharedParallel, window_for
+
+    # Created whatever the keys are now: a HUP may give keys a max_parallel later.
+    window = window_for(config.default_workers())
+    name = _create_segment(
+        settings.parallel_table,
+        parallel_prefix(config),
+        lambda name: SharedParallel.create(name, window=window, **owner),
+    )
+    settings = _current = dataclasses.replace(settings, parallel_table=name)
     if config.cache_backend != "off":
         settings = _current = _prepare_cache(settings, owner)
     if config.auth_enabled:
@@ -392,6 +406,10 @@ def _prepare_store(config: Config, owner: dict[str, int]) -> None:
 
 def ledger_prefix(config: Config) -> str:
     return f"{SHM_PREFIX}.{config.instance}.ledger"
+
+
+def parallel_prefix(config: Config) -> str:
+    return f"{SHM_PREFIX}.{config.instance}.parallel"
 
 
 def flights_prefix(config: Config) -> str:
@@ -542,11 +560,13 @@ def _in_use(settings: Settings, fd: int) -> str:
 
 
 def child_exit(server: Any, worker: Any) -> None:
-    """Drop a dead worker's live gauges, and fold its counters and histograms (and those of any
-    earlier worker whose fold was skipped) into the archive files, so the directory stays at
-    one set of files per live worker plus the archives however many workers come and go."""
+    """Give back a dead worker's requests in flight (`reclaim_parallel`). Drop its live gauges,
+    and fold its counters and histograms (and those of any earlier worker whose fold was
+    skipped) into the archive files, so the directory stays at one set of files per live worker
+    plus the archives however many workers come and go."""
     from prometheus_client import multiprocess
 
+    reclaim_parallel(worker.pid)
     path = current().metrics_dir
     multiprocess.mark_process_dead(worker.pid, str(path))
     live = [os.getpid(), *getattr(server, "WORKERS", {})]
@@ -557,6 +577,34 @@ def child_exit(server: Any, worker: Any) -> None:
         return
     if removed is None:
         log.warning("metrics directory busy: a dead worker's files are folded at the next exit")
+
+
+def reclaim_parallel(pid: int) -> None:
+    """Free the holdings of worker `pid` (exited) in the table of requests in flight per key,
+    and of any other worker gone; a worker killed mid-request (SIGKILL included) holds none of
+    its key's places after this. Should the lock not be had, the first request they would
+    refuse frees them (edge.ratelimit.parallel)."""
+    name = current().parallel_table
+    if not name or name not in _segments:
+        return
+    from edge.ratelimit.parallel import reclaim_dead
+
+    try:
+        freed = reclaim_dead(name, pid)
+    except (OSError, ValueError):
+        log.exception("could not free a dead worker's requests in flight")
+        return
+    if freed > 0:
+        log.info(
+            "a worker ended with requests in flight: their keys' places are given back",
+            extra={"pid": pid, "requests": freed},
+        )
+    elif freed < 0:
+        log.warning(
+            "the table of requests in flight was busy: a dead worker's places are given back "
+            "when they are next needed",
+            extra={"pid": pid},
+        )
 
 
 def on_exit(server: Any) -> None:

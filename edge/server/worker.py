@@ -95,6 +95,10 @@ def worker_app() -> Any:
 
     settings = master.current()
     tables = HostTables(
-        settings.table_name, settings.breaker_table, settings.flights_table, settings.ledger_table
+        settings.table_name,
+        settings.breaker_table,
+        settings.flights_table,
+        ledger=settings.ledger_table,
+        parallel=settings.parallel_table,
     )
     return create_app(settings.config, settings.keys, settings.providers, tables)
