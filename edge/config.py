@@ -521,10 +521,11 @@ SETTINGS: tuple[Setting, ...] = (
       "The budget period of keys that set no `budget_period`: `day`, `week` (from Monday) or "
       "`month`, calendar periods in UTC"),
     S("STATE_DIR", "state_dir", file_name, None,
-      "Directory of the usage store (each key's spend, tokens and requests per period, read by "
-      "`llm-edge-proxy usage`). Default: `$STATE_DIRECTORY` (systemd `StateDirectory=`), else "
-      "a new private directory in the temp dir, removed at exit (spend then does not outlive "
-      "the service: a warning at start when a key has a budget). Unused with "
+      "Directory of the usage store, `usage.<INSTANCE_NAME>.lmdb` (each key's spend, tokens "
+      "and requests per period, read by `llm-edge-proxy usage`). Default: `$STATE_DIRECTORY` "
+      "(systemd `StateDirectory=`), else a new private directory in the temp dir, removed at "
+      "exit; keys with budgets then stop the start. Like the cache's, a directory the service "
+      "did not create must be its own and not writable by others. Unused with "
       "`RATE_LIMIT_BACKEND=redis`, which keeps usage in Redis",
       shown="see meaning"),
     S("KEY_MAX_PARALLEL", "key_max_parallel", integer(0, 1_000_000), "0",

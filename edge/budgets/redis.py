@@ -1,9 +1,10 @@
 """Spend per key in Redis (or Valkey), with `RATE_LIMIT_BACKEND=redis`: one record per key and
 period, shared by every host, so a budget holds across hosts.
 
-A record is the hash `<prefix>u:<identity>:<kind>:<period start>` with the fields `spent`
-(nano-USD), `requests`, `prompt`, `completion` and `end`, kept 400 days (`llm-edge-proxy
-usage` reads them).
+A record is the hash `<prefix>u:<digest of the identity>:<kind>:<period start>` with the fields
+`name` (the identity: a key name, or `key-…`), `spent` (nano-USD), `requests`, `prompt`,
+`completion` and `end`, kept 400 days (`llm-edge-proxy usage` reads them). Like the rate
+limiter's, Redis key names hold digests only.
 Admission is one script call (`ADMIT`: below the budget, take the reservation), the end of a
 request another (`SETTLE`), each bounded by the Redis timeout; a failure is reported to the
 caller (None / False), whose failure policy decides. The connections are edge.ratelimit.redis's.
@@ -22,22 +23,22 @@ from edge.ratelimit.redis import Connections, close_pool
 
 KEEP_S: Final = 400 * 86_400
 
-# KEYS[1]: the record. ARGV: budget, reservation, seconds to keep, the period's end.
+# KEYS[1]: the record. ARGV: budget, reservation, seconds to keep, the period's end, the name.
 ADMIT: Final = """
 local spent = tonumber(redis.call('HGET', KEYS[1], 'spent') or '0')
 if spent >= tonumber(ARGV[1]) then return {0, tostring(spent)} end
 redis.call('HINCRBY', KEYS[1], 'spent', ARGV[2])
-redis.call('HSET', KEYS[1], 'end', ARGV[4])
+redis.call('HSET', KEYS[1], 'end', ARGV[4], 'name', ARGV[5])
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 return {1, tostring(spent)}
 """
-# ARGV: spent change, requests, prompt, completion, seconds to keep, the period's end.
+# ARGV: spent change, requests, prompt, completion, seconds to keep, the period's end, the name.
 SETTLE: Final = """
 redis.call('HINCRBY', KEYS[1], 'spent', ARGV[1])
 redis.call('HINCRBY', KEYS[1], 'requests', ARGV[2])
 redis.call('HINCRBY', KEYS[1], 'prompt', ARGV[3])
 redis.call('HINCRBY', KEYS[1], 'completion', ARGV[4])
-redis.call('HSET', KEYS[1], 'end', ARGV[6])
+redis.call('HSET', KEYS[1], 'end', ARGV[6], 'name', ARGV[7])
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 """
@@ -45,7 +46,8 @@ _SHA = {script: hashlib.sha1(script.encode()).hexdigest() for script in (ADMIT, 
 
 
 def record_key(prefix: str, name: str, kind: str, start: int) -> str:
-    return f"{prefix}u:{name}:{kind}:{start}"
+    digest = hashlib.blake2b(name.encode(), digest_size=16, person=b"edge-usage").hexdigest()
+    return f"{prefix}u:{digest}:{kind}:{start}"
 
 
 class RedisLedger:
@@ -74,7 +76,7 @@ class RedisLedger:
         self, name: str, kind: str, start: int, end: int, budget: int, reserve: int
     ) -> tuple[bool, int] | None:
         key = record_key(self._prefix, name, kind, start)
-        reply = await self._run(ADMIT, key, budget, reserve, KEEP_S, end)
+        reply = await self._run(ADMIT, key, budget, reserve, KEEP_S, end, name)
         if reply is None:
             return None
         admitted, spent = reply
@@ -93,7 +95,7 @@ class RedisLedger:
     ) -> bool:
         key = record_key(self._prefix, name, kind, start)
         reply = await self._run(SETTLE, key, spent, requests, max(prompt, 0),
-                                max(completion, 0), KEEP_S, end)  # fmt: skip
+                                max(completion, 0), KEEP_S, end, name)  # fmt: skip
         return reply is not None
 
     async def _run(self, script: str, key: str, *args: Any) -> Any:
@@ -125,24 +127,26 @@ def read_rows(client: Any, prefix: str) -> list[Row]:
     rows = []
     for raw in client.scan_iter(match=f"{prefix}u:*", count=1000):
         key = raw.decode() if isinstance(raw, bytes) else raw
-        rest, _, start = key[len(prefix) + 2 :].rpartition(":")
-        name, _, kind = rest.rpartition(":")
-        if not name or kind not in PERIODS or not start.isdigit():
+        parts = key[len(prefix) + 2 :].split(":")
+        if len(parts) != 3:
             continue
+        _, kind, start = parts
         fields = {
-            (k.decode() if isinstance(k, bytes) else k): int(float(v))
+            (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
             for k, v in client.hgetall(key).items()
         }
+        name = fields.get("name", "")
+        if not name or kind not in PERIODS or not start.isdigit():
+            continue
+
+        def number(field: str, fields: dict[str, str] = fields) -> int:
+            try:
+                return int(float(fields.get(field, 0)))
+            except ValueError:
+                return 0
+
         rows.append(
-            Row(
-                name,
-                kind,
-                int(start),
-                fields.get("end", 0),
-                fields.get("spent", 0),
-                fields.get("requests", 0),
-                fields.get("prompt", 0),
-                fields.get("completion", 0),
-            )
-        )
+            Row(name, kind, int(start), number("end"), number("spent"), number("requests"),
+                number("prompt"), number("completion"))
+        )  # fmt: skip
     return rows

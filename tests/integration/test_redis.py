@@ -164,7 +164,8 @@ def test_two_hosts_share_one_bucket_and_keys_hold_only_digests(
         names = [line for line in raw.split("\r\n") if line and line[0] not in "*$"]
         assert names, raw
         for name in names:
-            assert name.startswith("llm-edge-proxy:b:"), name
+            # The buckets, and each key's usage this period (edge.budgets.redis).
+            assert name.startswith(("llm-edge-proxy:b:", "llm-edge-proxy:u:")), name
             assert key not in name and "sk-" not in name and "two-hosts" not in name
             ttl = shared_redis.command("PTTL", name)
             assert ttl.startswith(":") and int(ttl[1:]) > 0, (name, ttl)
