@@ -347,56 +347,48 @@ def limiter_bench(quick: bool) -> dict | None:
     return None
 
 
-def translate_bench(quick: bool) -> dict | None:
-    """bench/bench_translate.py: µs per streamed event translated, each direction."""
-    argv = [PYTHON, str(BENCH / "bench_translate.py"), *(["--n", "200"] if quick else [])]
+def micro_bench(
+    script: str, quick_n: str, quick: bool, pattern: str, fields: tuple[str, ...]
+) -> dict | None:
+    """Run one of bench/'s micro-benchmarks and read its figures: `pattern`'s groups, as
+    floats named `fields`; None (logged) when it fails or prints none."""
+    argv = [PYTHON, str(BENCH / script), *(["--n", quick_n] if quick else [])]
     try:
         done = subprocess.run(
             argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
         )
     except subprocess.TimeoutExpired:
         return None
-    match = re.search(r"to_openai ([\d.]+) µs to_anthropic ([\d.]+) µs", done.stdout)
+    match = re.search(pattern, done.stdout)
     if done.returncode != 0 or not match:
         last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        log(f"bench/bench_translate.py failed ({done.returncode}): {last}")
+        log(f"bench/{script} failed ({done.returncode}): {last}")
         return None
-    return {"to_openai_us": float(match.group(1)), "to_anthropic_us": float(match.group(2))}
+    return {field: float(value) for field, value in zip(fields, match.groups(), strict=True)}
+
+
+def translate_bench(quick: bool) -> dict | None:
+    """bench/bench_translate.py: µs per streamed event translated, each direction."""
+    return micro_bench(
+        "bench_translate.py", "200", quick, r"to_openai ([\d.]+) µs to_anthropic ([\d.]+) µs",
+        ("to_openai_us", "to_anthropic_us"),
+    )  # fmt: skip
 
 
 def budgets_bench(quick: bool) -> dict | None:
     """bench/bench_budgets.py: µs per request of the accounting alone and with a budget."""
-    argv = [PYTHON, str(BENCH / "bench_budgets.py"), *(["--n", "2000"] if quick else [])]
-    try:
-        done = subprocess.run(
-            argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return None
-    match = re.search(r"accounting ([\d.]+) µs budget ([\d.]+) µs", done.stdout)
-    if done.returncode != 0 or not match:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        log(f"bench/bench_budgets.py failed ({done.returncode}): {last}")
-        return None
-    return {"accounting_us": float(match.group(1)), "budget_us": float(match.group(2))}
+    return micro_bench(
+        "bench_budgets.py", "2000", quick, r"accounting ([\d.]+) µs budget ([\d.]+) µs",
+        ("accounting_us", "budget_us"),
+    )  # fmt: skip
 
 
 def routing_bench(quick: bool) -> dict | None:
     """bench/bench_routing.py: µs per request of Router.exchange, single upstream vs routing."""
-    script = BENCH / "bench_routing.py"
-    argv = [PYTHON, str(script), *(["--n", "5000"] if quick else [])]
-    try:
-        done = subprocess.run(
-            argv, cwd=ROOT, capture_output=True, text=True, timeout=300, check=False
-        )
-    except subprocess.TimeoutExpired:
-        return None
-    match = re.search(r"routing added p50 (-?[\d.]+) µs p99 (-?[\d.]+) µs", done.stdout)
-    if done.returncode != 0 or not match:
-        last = (done.stderr.strip().splitlines() or ["no output"])[-1]
-        log(f"bench/bench_routing.py failed ({done.returncode}): {last}")
-        return None
-    return {"p50_us": float(match.group(1)), "p99_us": float(match.group(2))}
+    return micro_bench(
+        "bench_routing.py", "5000", quick, r"routing added p50 (-?[\d.]+) µs p99 (-?[\d.]+) µs",
+        ("p50_us", "p99_us"),
+    )  # fmt: skip
 
 
 # ----------------------------------------------------------------------------- environment

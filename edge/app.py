@@ -36,6 +36,7 @@ from edge.endpoints.routes import endpoint_table
 from edge.endpoints.stateful import STATEFUL_ROUTES, Stateful
 from edge.errors import OPENAI, ApiError, MethodNotAllowed, NotFound, from_http_status
 from edge.middleware import PARALLEL_HELD, EdgeMiddleware
+from edge.pipeline import BUDGET_HELD
 from edge.ratelimit.tokens import CHAT, COMPLETION, EMBEDDINGS, RESPONSES
 from edge.routing.providers import Providers
 from edge.runtime import HostTables, Runtime
@@ -57,7 +58,8 @@ class EdgeApp(falcon.asgi.App):
     and handlers run as soon as the head is parsed; the body is then read on demand.
 
     When a request is over (returned or raised: every path), the place it took among its key's
-    requests in flight (`max_parallel`) is given back here, in one place.
+    requests in flight (`max_parallel`) is given back here, in one place, and a budget
+    reservation its answer's end did not settle is settled.
     """
 
     __slots__ = ("release_slot", "runtime")
@@ -78,6 +80,11 @@ class EdgeApp(falcon.asgi.App):
             ctx = scope.get(PARALLEL_HELD)
             if ctx is not None:
                 self.release_slot(ctx)
+            ctx = scope.get(BUDGET_HELD)
+            if ctx is not None and ctx.budget is not None:
+                # Its answer never ended (its start could not be sent: Falcon closed nothing),
+                # so its reservation was never settled: settled now, as a request cut short.
+                self.runtime.accounts.finish(ctx, False)
 
 
 def _head_first(receive: Any) -> Any:

@@ -36,6 +36,7 @@ if TYPE_CHECKING:  # the pipeline runs on the worker's Runtime
 
 JSON = "application/json"
 SSE = "text/event-stream"
+BUDGET_HELD = "edge.budget_held"  # ASGI scope: the RequestContext of a request holding a budget
 
 
 async def run(
@@ -94,8 +95,13 @@ async def _exchange(
             capped = await accounts.hold_async(ctx, call, prompt)
         else:
             capped = accounts.hold(ctx, call, prompt)
-        if capped and call.data is not None:  # sent with the cap the budget reserved for
+        req.scope[BUDGET_HELD] = ctx  # settled by EdgeApp if its answer never ends
+        if ctx.budget is not None and ctx.budget[3] and call.data is not None:
+            # Forwarded as parsed and priced (a field sent twice as the gateway read it), with
+            # the output cap the budget reserved for when it set none.
             call.body = reserialise(call.data)
+            if capped and lookup is not None:
+                lookup.store = False  # an answer cut at the cap is not everyone's answer
     if prompt is not None and call.data is not None:
         call.prompt = prompt
         if runtime.tokens is not None:

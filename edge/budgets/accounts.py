@@ -14,9 +14,11 @@ request goes upstream, settled to what it really cost when it ends, with no floo
   budget: 429 `insufficient_quota` with `x-should-retry: false` (edge.errors.QuotaExceeded).
   What a budget cannot hold is refused to a key that has one: a request that sets no output
   cap is sent with the one it was reserved for (RATE_LIMIT_TPM_DEFAULT_MAX_TOKENS), so the
-  provider cannot bill past it; `background` responses (their usage is never seen), images
-  and audio (no usage to price) and batches (edge.endpoints.stateful) are refused; a request
-  that may cost more than the whole budget is 400.
+  provider cannot bill past it, and a priced request is always forwarded as parsed; what makes
+  the provider bill input the gateway never sees (`background` responses, stored state such
+  as `previous_response_id`, server-side tools), images and audio (no usage to price) and
+  batches (edge.endpoints.stateful) are refused; a request that may cost more than the whole
+  budget is 400.
 - `finish`, once per request of any key when its answer has ended (edge.middleware): the
   request's cost (edge.cost, from the usage the provider reported) replaces its reservation.
   One whose usage never (wholly) arrived, the client gone or the upstream broken off, is
@@ -49,6 +51,7 @@ from typing import Any
 from edge.budgets import periods
 from edge.budgets.ledger import LIMIT, Ledger, to_nano, to_usd
 from edge.budgets.store import StoreError
+from edge.cache.answers import SERVED
 from edge.errors import BadRequest, Forbidden, QuotaExceeded, RateLimited
 from edge.ratelimit.base import DENY
 from edge.ratelimit.tokens import check_counts, estimate_input, estimate_output, output_cap
@@ -184,18 +187,19 @@ class Accounts:
             price = self._ceilings[call.model] = self._providers.price_ceiling(call.model)
         if price is None:
             return 0, 0, None, False
-        if data.get("background") is True:
-            raise BadRequest(
-                "This key has a budget, and 'background' responses cannot be held to it (their "
-                "usage is never seen); send the request without it.",
-                param="background",
-            )
+        _check_seen(data, call.path)
         check_counts(data)
         capped = False
-        if prompt.caps and output_cap(data, prompt) is None:
+        cap = output_cap(data, prompt) if prompt.caps else 1
+        if cap is None:
             # Sent with the cap it is reserved for: the provider cannot bill past it.
             data[prompt.caps[0]] = self._default_max
             capped = True
+        elif cap < 1:  # some compatible servers read 0 as "no limit"
+            raise BadRequest(
+                "This key has a budget: an output cap must be at least 1.",
+                param=next(name for name in prompt.caps if data.get(name) == cap),
+            )
         input_tokens = estimate_input(len(call.body or b""), data, prompt)
         output_tokens = estimate_output(data, prompt, self._default_max)
         reserve = to_nano(price.cost(input_tokens, output_tokens))
@@ -220,7 +224,7 @@ class Accounts:
         hold = ctx.budget
         usd = ctx.cost_usd
         outcome = ctx.upstream
-        from_cache = outcome is None and ctx.cache is not None and usd == 0.0
+        from_cache = ctx.cache in SERVED
         prompt = 0 if from_cache else ctx.prompt_tokens or 0
         completion = 0 if from_cache else ctx.completion_tokens or 0
         charge = 0 if usd is None else to_nano(usd)
@@ -373,6 +377,39 @@ class Accounts:
             await aclose()
         else:
             self._ledger.close()
+
+
+# What makes a provider bill input the gateway never sees, refused to a key with a budget: stored
+# conversation state and prompts (the Responses API), and tools the provider runs itself
+# (search, code, MCP, computer use), whose results it bills as input.
+_UNSEEN_FIELDS = ("previous_response_id", "conversation", "mcp_servers", "container",
+                  "web_search_options")  # fmt: skip
+_CLIENT_TOOLS = frozenset(("function", "custom"))
+
+
+def _check_seen(data: dict[str, Any], path: str) -> None:
+    """400 for a budgeted request whose bill depends on input the gateway cannot see (its
+    reservation could not cover it): `background` answers, stored state, server-side tools."""
+    if data.get("background") is True:
+        field = "background"
+    else:
+        field = next((name for name in _UNSEEN_FIELDS if data.get(name) is not None), "")
+        if not field and path == "/responses" and data.get("prompt") is not None:
+            field = "prompt"  # a stored prompt (on /completions, `prompt` is the input itself)
+        tools = data.get("tools")
+        if not field and isinstance(tools, list):
+            for tool in tools:
+                kind = tool.get("type") if isinstance(tool, dict) else None
+                if kind is not None and kind not in _CLIENT_TOOLS:
+                    field = "tools"
+                    break
+    if field:
+        raise BadRequest(
+            f"This key has a budget, and '{field}' makes the provider bill for input or work the "
+            "gateway never sees, which the budget cannot hold; send the request without it.",
+            param=field,
+            code="budget_not_applicable",
+        )
 
 
 def write_rows(store: Any, snapshot: bytes | None) -> int:

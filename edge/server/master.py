@@ -48,6 +48,7 @@ class Settings:
     breaker_table: str = ""
     flights_table: str = ""  # the response cache's requests in flight; "" with the cache off
     ledger_table: str = ""  # the spend per key (edge.budgets.shared); "" with auth off
+    ledger_slots: int = 0  # the slots it was made with (a reload may not outgrow them)
     parallel_table: str = ""  # each key's requests in flight (edge.ratelimit.parallel)
 
 
@@ -90,6 +91,10 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         print(f"llm-edge-proxy: configuration error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
     if _current is not None:  # a reload (at start, on_starting logs: logging is set up there)
+        problem = _budgets_problem(config, keys, _current)
+        if problem:
+            log.error("reload refused, keeping the running configuration", extra={"error": problem})
+            return _current
         _log_keys(keys, _current.keys)
     # Only digests are kept past this point: drop the plaintext keys before any fork.
     config = dataclasses.replace(config, api_keys=())
@@ -116,6 +121,7 @@ def load(environ: MutableMapping[str, str] | None = None) -> Settings:
         ),
         flights_table=_current.flights_table if _current else "",
         ledger_table=_current.ledger_table if _current else "",
+        ledger_slots=_current.ledger_slots if _current else 0,
         parallel_table=(
             _current.parallel_table if _current else segment_name(parallel_prefix(config), pid)
         ),
@@ -341,6 +347,29 @@ def _prepare_cache(settings: Settings, owner: dict[str, int]) -> Settings:
     return dataclasses.replace(settings, flights_table=name)
 
 
+def _budgets_problem(config: Config, keys: KeyStore, running: Settings) -> str | None:
+    """Why a reload's keys cannot be accounted for as the running service was set up: budgets
+    that appear with no state directory to keep their spend in, or more keys than the ledger
+    made at start has room for (a restart makes a larger one)."""
+    from edge.budgets import ledger
+
+    if not running.ledger_table:
+        return None  # Redis keeps the figures, or auth was off at start
+    if _removable_state_dir is not None and any(
+        entry.budget_usd is not None for entry in keys.entries()
+    ):
+        return (
+            "API_KEYS_FILE: keys have budgets but the service started without a state directory "
+            "(STATE_DIR): restart it with one"
+        )
+    if ledger.slots_for(len(keys)) > running.ledger_slots:
+        return (
+            f"API_KEYS_FILE: {len(keys)} keys are more than the usage ledger made at start has "
+            "room for: restart the service to grow it"
+        )
+    return None
+
+
 def _prepare_budgets(settings: Settings, owner: dict[str, int]) -> Settings:
     """The host's ledger of spend per key (sized from the number of keys), and the state
     store checked: its directory must be safe (as the cache's), an unusable store refuses the
@@ -350,9 +379,8 @@ def _prepare_budgets(settings: Settings, owner: dict[str, int]) -> Settings:
 
     config = settings.config
     budgets = [e for e in settings.keys.entries() if e.budget_usd is not None]
-    if config.rate_limit_enabled and config.rate_limit_backend == "redis":
-        name = ""
-    else:
+    name, slots = "", 0
+    if not (config.rate_limit_enabled and config.rate_limit_backend == "redis"):
         if budgets and _removable_state_dir is not None:
             print(
                 "llm-edge-proxy: keys have budgets but no state directory is set: set STATE_DIR "
@@ -363,7 +391,7 @@ def _prepare_budgets(settings: Settings, owner: dict[str, int]) -> Settings:
             )
             raise SystemExit(2)
         _prepare_store(config, owner)
-        slots = ledger.slots_for(len(settings.keys))
+        slots = max(ledger.slots_for(len(settings.keys)), settings.ledger_slots)
         name = _create_segment(
             settings.ledger_table or segment_name(ledger_prefix(config), os.getpid()),
             ledger_prefix(config),
@@ -374,7 +402,7 @@ def _prepare_budgets(settings: Settings, owner: dict[str, int]) -> Settings:
             "keys have budgets but no target in PROVIDERS_FILE has prices: nothing is spent "
             "against them"
         )
-    return dataclasses.replace(settings, ledger_table=name)
+    return dataclasses.replace(settings, ledger_table=name, ledger_slots=slots)
 
 
 def _prepare_store(config: Config, owner: dict[str, int]) -> None:

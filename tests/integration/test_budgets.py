@@ -236,3 +236,38 @@ def test_with_redis_the_budget_holds_on_a_second_instance(tmp_path, upstream):
         first.stop()
         second.stop()
         redis.stop()
+
+
+def test_what_a_budget_cannot_hold_is_capped_or_refused(tmp_path, upstream):
+    """A budgeted request without an output cap reaches the upstream with the one it reserved
+    for; input the gateway cannot see, and routes it cannot price, are refused with a clear
+    error; another key's request is forwarded as it came."""
+    env = write_config(tmp_path, upstream, 100.0)  # room for the default cap's reservation
+    server = Gunicorn(**env, STATE_DIR=str(tmp_path / "state"))
+    try:
+        request_id = f"capped-{os.urandom(4).hex()}"
+        sdk_client(server.url, PAYER).chat.completions.create(
+            model="priced",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-request-id": request_id},
+        )
+        assert json.loads(upstream.seen(request_id)["body"])["max_completion_tokens"] == 1024
+        free_id = f"uncapped-{os.urandom(4).hex()}"
+        sdk_client(server.url, FREE).chat.completions.create(
+            model="priced",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_headers={"x-request-id": free_id},
+        )
+        assert "max_completion_tokens" not in json.loads(upstream.seen(free_id)["body"])
+        with pytest.raises(openai.BadRequestError) as refused:
+            sdk_client(server.url, PAYER).chat.completions.create(
+                model="priced",
+                messages=[{"role": "user", "content": "hi"}],
+                tools=[{"type": "web_search"}],  # run by the provider, billed as input
+            )
+        assert refused.value.code == "budget_not_applicable"
+        with pytest.raises(openai.PermissionDeniedError) as denied:
+            sdk_client(server.url, PAYER).images.generate(model="priced", prompt="a cat")
+        assert denied.value.code == "budget_not_applicable"
+    finally:
+        server.stop()

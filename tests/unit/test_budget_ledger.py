@@ -282,6 +282,15 @@ def test_a_request_without_an_output_cap_is_sent_with_the_one_it_reserved_for():
         (call(10, n=10**12), "cost_exceeds_budget"),
         (call(10, path="/images/generations"), "budget_not_applicable"),
         (call(10, path="/audio/speech"), "budget_not_applicable"),
+        # Input or work the provider bills that the gateway never sees.
+        (call(10, path="/responses", previous_response_id="resp_1"), "budget_not_applicable"),
+        (call(10, path="/responses", conversation="conv_1"), "budget_not_applicable"),
+        (call(10, path="/responses", prompt={"id": "pmpt_1"}), "budget_not_applicable"),
+        (call(10, tools=[{"type": "web_search"}]), "budget_not_applicable"),
+        (call(10, tools=[{"type": "web_search_20250305", "name": "s"}]), "budget_not_applicable"),
+        (call(10, web_search_options={}), "budget_not_applicable"),
+        (call(10, mcp_servers=[{"url": "x"}]), "budget_not_applicable"),
+        (call(0), None),  # a cap of 0 is "no limit" to some servers
     ],
 )
 def test_what_a_budget_cannot_hold_is_refused(request_, code):
@@ -289,6 +298,13 @@ def test_what_a_budget_cannot_hold_is_refused(request_, code):
     with pytest.raises(ApiError) as refused:
         books.hold(context(1.0), request_, CHAT)
     assert refused.value.status in (400, 403) and (code is None or refused.value.code == code)
+
+
+def test_client_tools_and_a_completions_prompt_are_held_as_usual():
+    books = accounts(FakeClock(epoch(2026, 12, 7)))
+    tools = [{"type": "function", "function": {"name": "f"}}, {"name": "anthropic-style"}]
+    books.hold(context(1.0), call(10, tools=tools), CHAT)
+    books.hold(context(1.0), call(10, path="/completions", prompt="hi"), CHAT)
 
 
 @pytest.mark.parametrize(
