@@ -26,7 +26,10 @@ request goes upstream, settled to what it really cost when it ends, with no floo
   an output token per event relayed); one the upstream provably never worked on costs
   nothing; each attempt a failover moved on from that the upstream may bill costs another
   reservation. The request and its tokens are counted for `llm-edge-proxy usage`. Requests
-  that reserved nothing are counted in per-worker batches written every BATCH_S.
+  that reserved nothing, and refunds far from the budget's end (at least another reservation
+  of room left), are counted in per-worker batches written every BATCH_S: a delayed refund
+  only makes admission stricter for a moment; a charge above the reservation, or a refund near
+  the end, is written at once.
 
 Where the figures live: with the shared-memory rate limiter, in the host's ledger
 (edge.budgets.shared), copied once a second into the state store (edge.budgets.store); with
@@ -165,7 +168,10 @@ class Accounts:
                 f"{entry.budget_period} (spent ${to_usd(found[1]):.6f}). The budget resets at "
                 f"{periods.iso(period[2])}."
             )
-        ctx.budget = (*period, reserve, prompt_tokens, price)
+        # Room left after this request's reservation, for `finish` (a refund far from the
+        # budget's end may wait for the batch).
+        room = to_nano(ctx.key.budget_usd) - found[1] - reserve
+        ctx.budget = (*period, reserve, prompt_tokens, price, room)
 
     def _estimate(self, call: Any, prompt: Any, entry: Any) -> tuple[int, int, Any, bool]:
         """(the reservation in nano-USD, the input tokens estimated, the prices it is at,
@@ -234,7 +240,7 @@ class Accounts:
             self._add((entry.identity, kind, start, end), charge, 1, prompt, completion)
             return
         ctx.budget = None
-        kind, start, end, reserved, prompt_tokens, price = hold
+        kind, start, end, reserved, prompt_tokens, price, room = hold
         working = 0 if outcome is None else outcome.working
         if working > 0:
             if usd is None or not whole or outcome.error is not None:
@@ -249,7 +255,12 @@ class Accounts:
                 charge = max(charge, reserved, to_nano(seen))
             charge += (working - 1) * reserved  # attempts failed over from may be billed
         key = (entry.identity, kind, start, end)
-        if self.asynchronous:
+        if charge <= reserved and room > reserved:
+            # A refund (or nothing) far from the budget's end: it may wait for the batch, as
+            # a later refund only ever makes admission stricter, never looser. One locked write
+            # fewer per request.
+            self._add(key, charge - reserved, 1, prompt, completion)
+        elif self.asynchronous:
             self._spawn(self._settle_async(key, charge - reserved, 1, prompt, completion, 0))
         elif not self._settle(key, charge - reserved, 1, prompt, completion):
             self._retry(key, charge - reserved, 1, prompt, completion, 0)
