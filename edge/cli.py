@@ -17,7 +17,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0 if args[:1] in (["-h"], ["--help"]) else 2
     from edge.budgets import report
 
-    return report.main(args[1:])
+    try:
+        return report.main(args[1:])
+    except BrokenPipeError:  # `llm-edge-proxy usage | head`: the reader left, nothing to say
+        sys.stderr.close()
+        return 0
 
 
 if __name__ == "__main__":
