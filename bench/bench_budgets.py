@@ -87,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             return accounting(n)
 
         plain = statistics.median(asyncio.run(in_loop(args.n)) for _ in range(5))
+
         async def held_in_loop(n: int) -> float:  # as in a worker: refunds batched
             return budgeted(n)
 
