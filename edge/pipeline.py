@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -123,6 +123,8 @@ async def _exchange(
             hide_usage = ask_for_usage(call.data)
             if hide_usage:
                 call.body = reserialise(call.data)
+    if ctx.budget is not None and ctx.budget[3]:
+        call.charge = _charging(call.charge, runtime.accounts, ctx)
     if call.stream:
         call.on_event = usage.watcher(ctx)
         if ctx.span is not None:
@@ -148,6 +150,20 @@ async def _exchange(
     if reservation is not None:
         await reservation.settle(_used(reservation, ctx, 200 <= result.status < 300))
     return False
+
+
+def _charging(
+    tokens: Callable[[], Awaitable[None]] | None, accounts: Any, ctx: RequestContext
+) -> Callable[[], Awaitable[None]]:
+    """`Call.charge` for a request holding a budget: another reservation of the budget (and
+    another token estimate, under a token limit) for each attempt a failover may add."""
+
+    async def charge() -> None:
+        if tokens is not None:
+            await tokens()
+        await accounts.take_more(ctx)
+
+    return charge
 
 
 def _send_hit(resp: Any, ctx: RequestContext, cache: Any, found: Any) -> None:

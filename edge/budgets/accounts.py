@@ -171,7 +171,7 @@ class Accounts:
         # Room left after this request's reservation, for `finish` (a refund far from the
         # budget's end may wait for the batch).
         room = to_nano(ctx.key.budget_usd) - found[1] - reserve
-        ctx.budget = (*period, reserve, prompt_tokens, price, room)
+        ctx.budget = [*period, reserve, prompt_tokens, price, room, 1]  # 1: reservations taken
 
     def _estimate(self, call: Any, prompt: Any, entry: Any) -> tuple[int, int, Any, bool]:
         """(the reservation in nano-USD, the input tokens estimated, the prices it is at,
@@ -240,7 +240,7 @@ class Accounts:
             self._add((entry.identity, kind, start, end), charge, 1, prompt, completion)
             return
         ctx.budget = None
-        kind, start, end, reserved, prompt_tokens, price, room = hold
+        kind, start, end, reserved, prompt_tokens, price, room, taken = hold
         working = 0 if outcome is None else outcome.working
         if working > 0:
             if usd is None or not whole or outcome.error is not None:
@@ -255,15 +255,32 @@ class Accounts:
                 charge = max(charge, reserved, to_nano(seen))
             charge += (working - 1) * reserved  # attempts failed over from may be billed
         key = (entry.identity, kind, start, end)
-        if charge <= reserved and room > reserved:
+        held = reserved * taken  # the first reservation, and one per failover (`take_more`)
+        if charge <= held and room > held:
             # A refund (or nothing) far from the budget's end: it may wait for the batch, as
             # a later refund only ever makes admission stricter, never looser. One locked write
             # fewer per request.
-            self._add(key, charge - reserved, 1, prompt, completion)
+            self._add(key, charge - held, 1, prompt, completion)
         elif self.asynchronous:
-            self._spawn(self._settle_async(key, charge - reserved, 1, prompt, completion, 0))
-        elif not self._settle(key, charge - reserved, 1, prompt, completion):
-            self._retry(key, charge - reserved, 1, prompt, completion, 0)
+            self._spawn(self._settle_async(key, charge - held, 1, prompt, completion, 0))
+        elif not self._settle(key, charge - held, 1, prompt, completion):
+            self._retry(key, charge - held, 1, prompt, completion, 0)
+
+    async def take_more(self, ctx: Any) -> None:
+        """Another attempt may be billed (the router fails over after one whose request was
+        sent and not answered): take another reservation at once, past the budget if need be,
+        so concurrent requests see it (as the token limit's `Reservation.take_more`)."""
+        hold = ctx.budget
+        if hold is None or not hold[3]:
+            return
+        key = (ctx.key.identity, hold[0], hold[1], hold[2])
+        hold[7] += 1
+        if self.asynchronous:
+            done = await self._ledger.settle(*key, hold[3], 0, 0, 0)
+        else:
+            done = self._settle(key, hold[3], 0, 0, 0)
+        if not done:
+            self._retry(key, hold[3], 0, 0, 0, 0)
 
     def _add(self, key: tuple[str, str, int, int], spent: int, *counts: int) -> None:
         """Count into the batch (written within BATCH_S), or at once without an event loop."""

@@ -339,6 +339,23 @@ def test_what_a_request_is_charged_when_it_ends(cost, working, error, whole, rel
     assert spent(books, clock) == expected
 
 
+def test_a_failover_takes_another_reservation_at_once():
+    """Each attempt a failover adds is reserved when it is made (concurrent requests see it),
+    and the end settles the whole to the cost plus a reservation per attempt maybe billed."""
+    clock = FakeClock(epoch(2026, 12, 7))
+    books = accounts(clock)
+    ctx = context(1.0)
+    books.hold(ctx, call(10), CHAT)
+    reserved = ctx.budget[3]
+    asyncio.run(books.take_more(ctx))
+    asyncio.run(books.take_more(ctx))
+    assert spent(books, clock) == 3 * reserved
+    ctx.cost_usd = 0.004
+    ctx.upstream = SimpleNamespace(working=3, error=None)
+    books.finish(ctx, whole=True)
+    assert spent(books, clock) == to_nano(0.004) + 2 * reserved
+
+
 def test_over_budget_is_insufficient_quota_saying_when_it_resets():
     clock = FakeClock(epoch(2026, 12, 31, 23, 59))
     books = accounts(clock)
