@@ -357,22 +357,13 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
         row.result = "skipped" if "cache" not in settings.phases else "n/a"
     rows.append(row)
 
-    translate = raw.get("translate")
-    row = Row(f"OpenAI client on an Anthropic provider (translated), c={settings.connections}")
-    row.target = f"≤ {TRANSLATE_REQUEST_US:g} µs CPU per request over pass-through"
-    if translate:
-        on, off = translate["translated"], translate["pass-through"]
-        added = on["cpu_us_per_req"] - off["cpu_us_per_req"]
-        row.edge = f"{on['rps']:,.0f} req/s ({off['rps']:,.0f} passed through)"
-        row.result = (
-            f"{on['rps'] / off['rps']:.2f}× pass-through; CPU {added:+.1f} µs/req; errors "
-            f"{on['status']} / {on['socket_errors']}"
+    rows.append(
+        added_cpu_row(
+            f"OpenAI client on an Anthropic provider (translated), c={settings.connections}",
+            raw.get("translate"), "translated", "pass-through", "passed through",
+            TRANSLATE_REQUEST_US, "translate" in settings.phases,
         )
-        row.met = added <= TRANSLATE_REQUEST_US and on["status"] == 0
-    else:
-        row.edge = "n/a"
-        row.result = "skipped" if "translate" not in settings.phases else "n/a"
-    rows.append(row)
+    )  # fmt: skip
     events = raw.get("translate_events")
     row = Row("A streamed event translated (bench_translate.py)")
     row.target = f"≤ {TRANSLATE_EVENT_US:g} µs per event"
@@ -388,26 +379,13 @@ def build_rows(settings: Settings, raw: dict[str, Any]) -> list[Row]:
     rows.append(row)
 
     budgets = raw.get("budgets")
-    row = Row(f"Budgets and cost: a priced model and a key with a budget, c={settings.connections}")
-    row.target = f"≤ {BUDGET_REQUEST_US:g} µs CPU per request over unpriced"
-    if budgets:
-        on, off = budgets["budget"], budgets["unpriced"]
-        added = on["cpu_us_per_req"] - off["cpu_us_per_req"]
-        row.edge = f"{on['rps']:,.0f} req/s ({off['rps']:,.0f} unpriced)"
-        priced = budgets.get("priced")
-        costed = (
-            ""
-            if priced is None
-            else f" (of which cost alone {priced['cpu_us_per_req'] - off['cpu_us_per_req']:+.1f})"
-        )
-        row.result = (
-            f"{on['rps'] / off['rps']:.2f}× unpriced; CPU {added:+.1f} µs/req{costed}; errors "
-            f"{on['status']} / {on['socket_errors']}"
-        )
-        row.met = added <= BUDGET_REQUEST_US and on["status"] == 0
-    else:
-        row.edge = "n/a"
-        row.result = "skipped" if "budgets" not in settings.phases else "n/a"
+    row = added_cpu_row(
+        f"Budgets and cost: a priced model and a key with a budget, c={settings.connections}",
+        budgets, "budget", "unpriced", "unpriced", BUDGET_REQUEST_US, "budgets" in settings.phases,
+    )  # fmt: skip
+    if budgets and "priced" in budgets:  # what costing alone adds, of that
+        cost = budgets["priced"]["cpu_us_per_req"] - budgets["unpriced"]["cpu_us_per_req"]
+        row.result = row.result.replace(" µs/req;", f" µs/req (of which cost alone {cost:+.1f});")
     rows.append(row)
     micro = raw.get("budgets_micro")
     row = Row("Budget hold and settle, cost and usage counted (bench_budgets.py)")
@@ -467,6 +445,34 @@ TRACE_AIMS = (("1.0", 0.80), ("0.1", 0.95), ("0.0", 0.98))
 
 CACHE_HIT_RATIO = 2.0  # the hit path's throughput against the miss path's (issue #23)
 CACHE_LOOKUP_US = 15.0  # CPU a lookup may add to a miss, per request (issue #23)
+
+
+def added_cpu_row(
+    title: str,
+    runs: dict[str, Any] | None,
+    on: str,
+    off: str,
+    off_label: str,
+    aim_us: float,
+    ran: bool,
+) -> Row:
+    """A row comparing two edges of one phase: the CPU per request `on` adds over `off`
+    (aim: at most `aim_us`), and its throughput as a multiple of `off`'s."""
+    row = Row(title)
+    row.target = f"≤ {aim_us:g} µs CPU per request over {off}"
+    if not runs:
+        row.edge = "n/a"
+        row.result = "n/a" if ran else "skipped"
+        return row
+    first, base = runs[on], runs[off]
+    added = first["cpu_us_per_req"] - base["cpu_us_per_req"]
+    row.edge = f"{first['rps']:,.0f} req/s ({base['rps']:,.0f} {off_label})"
+    row.result = (
+        f"{first['rps'] / base['rps']:.2f}× {off}; CPU {added:+.1f} µs/req; errors "
+        f"{first['status']} / {first['socket_errors']}"
+    )
+    row.met = added <= aim_us and first["status"] == 0
+    return row
 
 
 def cache_figures(cache: dict[str, Any]) -> tuple[float, float]:

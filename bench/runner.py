@@ -720,6 +720,17 @@ def run_cache_phase(
     return best
 
 
+def interleaved(phase: str, edges: dict[str, Target], settings: Settings) -> dict[str, Any]:
+    """Throughput rounds over `edges` in turn (each answers first), the best of each kept."""
+    check_answers(list(edges.values()))
+    runs: dict[str, list[dict]] = {name: [] for name in edges}
+    for round_ in range(1, settings.rounds + 1):
+        for name, target in edges.items():
+            log(f"{phase}: {name} (round {round_}/{settings.rounds})")
+            runs[name].append(load_cpu(target, settings, settings.duration, round_ == 1))
+    return {name: best_throughput(results) for name, results in runs.items()}
+
+
 def run_translate_phase(
     settings: Settings, procs: Processes, out: Path, tmp: Path, direct: Target
 ) -> dict[str, Any]:
@@ -745,16 +756,10 @@ def run_translate_phase(
                 procs, out, port, direct.base + "/v1", f"benchedge-{kind}{port}",
                 "edge-translate.log", {"PROVIDERS_FILE": str(providers)},
             )  # fmt: skip
-        check_answers(list(edges.values()))
-        runs: dict[str, list[dict]] = {name: [] for name in edges}
-        for round_ in range(1, settings.rounds + 1):
-            for name, target in edges.items():
-                log(f"translate: {name} (round {round_}/{settings.rounds})")
-                runs[name].append(load_cpu(target, settings, settings.duration, round_ == 1))
+        return interleaved("translate", edges, settings)
     finally:
         for target in edges.values():
             procs.stop(target.proc)
-    return {name: best_throughput(results) for name, results in runs.items()}
 
 
 def run_budgets_phase(
@@ -790,16 +795,10 @@ def run_budgets_phase(
                 {"PROVIDERS_FILE": str(providers), "API_KEYS_FILE": str(keys), "API_KEYS": "",
                  "STATE_DIR": str(tmp / f"state-{name}")},
             )  # fmt: skip
-        check_answers(list(edges.values()))
-        runs: dict[str, list[dict]] = {name: [] for name in edges}
-        for round_ in range(1, settings.rounds + 1):
-            for name, target in edges.items():
-                log(f"budgets: {name} (round {round_}/{settings.rounds})")
-                runs[name].append(load_cpu(target, settings, settings.duration, round_ == 1))
+        return interleaved("budgets", edges, settings)
     finally:
         for target in edges.values():
             procs.stop(target.proc)
-    return {name: best_throughput(results) for name, results in runs.items()}
 
 
 TRACE_RATIOS = ("1.0", "0.1", "0.0")

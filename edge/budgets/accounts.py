@@ -123,25 +123,24 @@ class Accounts:
         entry = ctx.key
         kind = entry.budget_period
         start, end = self.period(kind, self._clock())
-        reserve, prompt_tokens, price, capped = self._estimate(call, prompt, entry)
+        budget = to_nano(entry.budget_usd)
+        reserve, prompt_tokens, price, capped = self._estimate(call, prompt, entry, budget)
         try:
-            found = self._ledger.admit(
-                entry.identity, kind, start, end, to_nano(entry.budget_usd), reserve
-            )
+            found = self._ledger.admit(entry.identity, kind, start, end, budget, reserve)
         except StoreError as exc:
             log.error("the usage store cannot be read", extra={"error": str(exc)})
             found = None
-        self._decide(ctx, found, (kind, start, end), reserve, prompt_tokens, price)
+        self._decide(ctx, found, (kind, start, end), budget, reserve, prompt_tokens, price)
         return capped
 
     async def hold_async(self, ctx: Any, call: Any, prompt: Any) -> bool:
         entry = ctx.key
         kind = entry.budget_period
         start, end = self.period(kind, self._clock())
-        reserve, prompt_tokens, price, capped = self._estimate(call, prompt, entry)
         budget = to_nano(entry.budget_usd)
+        reserve, prompt_tokens, price, capped = self._estimate(call, prompt, entry, budget)
         found = await self._ledger.admit(entry.identity, kind, start, end, budget, reserve)
-        self._decide(ctx, found, (kind, start, end), reserve, prompt_tokens, price)
+        self._decide(ctx, found, (kind, start, end), budget, reserve, prompt_tokens, price)
         return capped
 
     def _decide(
@@ -149,6 +148,7 @@ class Accounts:
         ctx: Any,
         found: tuple[bool, int] | None,
         period: Period,
+        budget: int,
         reserve: int,
         prompt_tokens: int,
         price: Any,
@@ -170,10 +170,12 @@ class Accounts:
             )
         # Room left after this request's reservation, for `finish` (a refund far from the
         # budget's end may wait for the batch).
-        room = to_nano(ctx.key.budget_usd) - found[1] - reserve
+        room = budget - found[1] - reserve
         ctx.budget = [*period, reserve, prompt_tokens, price, room, 1]  # 1: reservations taken
 
-    def _estimate(self, call: Any, prompt: Any, entry: Any) -> tuple[int, int, Any, bool]:
+    def _estimate(
+        self, call: Any, prompt: Any, entry: Any, budget: int
+    ) -> tuple[int, int, Any, bool]:
         """(the reservation in nano-USD, the input tokens estimated, the prices it is at,
         whether an output cap was added to the body) of a call by a key with a budget; 400 /
         403 for what a budget cannot hold (see the module docstring)."""
@@ -209,7 +211,6 @@ class Accounts:
         input_tokens = estimate_input(len(call.body or b""), data, prompt)
         output_tokens = estimate_output(data, prompt, self._default_max)
         reserve = to_nano(price.cost(input_tokens, output_tokens))
-        budget = to_nano(entry.budget_usd)
         if reserve > budget > 0 or reserve >= LIMIT:
             cap = next((name for name in prompt.caps if name in data), None)
             raise BadRequest(
